@@ -1,0 +1,106 @@
+"""Shared benchmark helpers: one ``bench()`` (sync, warm-up, repeats, median) and result files.
+
+Every benchmark prints ratios measured side by side in one run and can write JSON with the
+command, git SHA, device name and timestamp (STYLE.md, "benchmarks").
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def bench(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10, device=None) -> dict:
+    """Time fn(): warm-up calls, then `repeats` timed calls with a device sync around each.
+
+    Returns {"median_s", "min_s", "mean_s", "repeats"}.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "mean_s": statistics.fmean(times),
+        "repeats": repeats,
+    }
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, stderr=subprocess.DEVNULL
+        ).decode().strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def copy_bandwidth_gbs(nbytes: int = 256 << 20) -> float | None:
+    """Measured device-to-device copy bandwidth (read + write bytes / s), the roofline for
+    memory-bound kernels. None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src), warmup=5, repeats=20)
+    return 2 * nbytes / t["median_s"] / 1e9
+
+
+def result_record(name: str, rows: list[dict], **extra) -> dict:
+    return {
+        "benchmark": name,
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "git_sha": git_sha(),
+        "device": device_name(),
+        "torch": torch.__version__,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+        **extra,
+    }
+
+
+def write_json(path: str | os.PathLike, record: dict) -> None:
+    """Write (or merge by benchmark name into) a JSON results file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            data = {}
+    data[record["benchmark"]] = record
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def default_results_path() -> Path:
+    slug = "".join(c if c.isalnum() else "-" for c in device_name().lower()).strip("-")
+    return RESULTS_DIR / f"{slug}.json"

@@ -1,0 +1,212 @@
+"""Pure-torch references for every divgen kernel, with the same signatures as the Triton ops.
+
+They are the ground truth of the tests and the CPU path of the engine (DESIGN.md, "Kernels").
+
+Guided sampling (DESIGN.md, "The math")
+---------------------------------------
+For rows r with logits l_r [V] and log-probs ℓ_r = log_softmax(l_r), and a mixing matrix
+``mix`` [R, R] (diagonal 1 + Σ_n γ_{m,n}, off-diagonal −γ_{m,n}; identity = no guidance):
+
+    s_m(v) = Σ_n mix[m, n] · ℓ_n(v)                        guided scores
+    A_m    = { v : l_m(v) > −inf  and  l_m(v) ≥ max_u l_m(u) + log α }     α cutoff, own logits
+    x_m    = argmax_{v ∈ K_m} ( s_m(v) / T_m + G_m(v) )     Gumbel-max; T_m = 0: argmax s_m
+
+K_m ⊆ A_m applies top-k then top-p to softmax(s_m / T_m) restricted to A_m, both by threshold so
+ties are kept or dropped together: top-k keeps v iff fewer than k kept tokens score strictly
+higher; top-p keeps v iff the probability mass of tokens strictly more likely than v is < top_p.
+G_m(v) = −log(−log u_m(v)) with u_m(v) = ``uniform_noise(seed_m, step, v)`` unless ``noise``
+is injected. A contrasting row's −inf log-prob is read as ``LOGP_FLOOR`` so that
+0 · (−inf) never makes NaN; the row's own −inf tokens are outside A_m and never drawn.
+Ties in an argmax go to the smallest token id (torch.argmax's rule; the kernel matches it).
+"""
+from __future__ import annotations
+
+import torch
+
+# A contrasting row's log-prob of −inf is read as this (e^-100 ≈ 3.7e-44, below fp32 normals).
+LOGP_FLOOR = -100.0
+
+_MASK32 = 0xFFFFFFFF
+_FMIX_C1 = 0x85EBCA6B
+_FMIX_C2 = 0xC2B2AE35
+_GOLDEN = 0x9E3779B9
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser (a bijection on uint32), on int64 tensors holding uint32 values.
+
+    Products of two uint32 values overflow int64; torch wraps them modulo 2^64, which keeps the
+    low 32 bits exact, and the mask restores a non-negative uint32.
+    """
+    h = h ^ (h >> 16)
+    h = (h * _FMIX_C1) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * _FMIX_C2) & _MASK32
+    h = h ^ (h >> 16)
+    return h
+
+
+def noise_keys(seeds: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row 32-bit keys (k1, k2) [R] int64 derived from (seed, step).
+
+    seed is an int64 (both 32-bit halves are used); step is the decode step (tokens generated so
+    far by the row). The kernels compute the same keys on the host and pass them in.
+    """
+    seeds = seeds.to(torch.int64)
+    lo = seeds & _MASK32
+    hi = (seeds >> 32) & _MASK32
+    s = torch.full_like(lo, int(step) & _MASK32)
+    k1 = _fmix32(lo ^ _fmix32((s * _GOLDEN + hi) & _MASK32))
+    k2 = _fmix32((k1 + _GOLDEN) & _MASK32 ^ hi)
+    return k1, k2
+
+
+def hash_tokens(k1: torch.Tensor, k2: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Counter-based hash of (row key, token id) -> uint32 held in int64.
+
+    h = fmix32(fmix32(v ^ k1) ^ k2): for a fixed row this is a bijection of v, so two tokens never
+    share noise. Shapes: k1, k2 [R, 1] (or broadcastable), token_ids [..., V].
+    """
+    return _fmix32(_fmix32(token_ids ^ k1) ^ k2)
+
+
+def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
+    """uint32 -> uniform in (0, 1): (2·(h >> 9) + 1) / 2^24, exact in fp32, never 0 or 1."""
+    return ((h >> 9) * 2 + 1).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def uniform_noise(seeds: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
+    """The uniforms u[r, v] of the randomness contract, [R, V] fp32 in (0, 1).
+
+    A pure function of (seeds[r], step, v): independent of batch layout and device.
+    """
+    k1, k2 = noise_keys(seeds, step)
+    v = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
+    return uniform_from_hash(hash_tokens(k1[:, None], k2[:, None], v[None, :]))
+
+
+def _per_row(value, rows: int, dtype: torch.dtype, device, name: str) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    if t.dim() == 0:
+        return t.expand(rows)
+    if t.shape != (rows,):
+        raise ValueError(f"{name} must be a scalar or a tensor of shape [{rows}] (one per row), got {tuple(t.shape)}")
+    return t
+
+
+def check_guided_sample_args(logits, mix, seeds, temperature, alpha, top_k, top_p, noise):
+    """Validate arguments once, for the reference and the kernel alike. Returns per-row tensors."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError("logits must be a 2-D tensor [rows, vocab]")
+    rows, vocab = logits.shape
+    if rows == 0 or vocab == 0:
+        raise ValueError(f"logits must be non-empty, got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"logits must be fp32, fp16 or bf16, got {logits.dtype}")
+    if torch.isnan(logits).any():
+        raise ValueError("logits contain NaN: the model produced invalid scores (check the model weights and dtype)")
+    if mix is not None and (not isinstance(mix, torch.Tensor) or mix.shape != (rows, rows)):
+        shape = tuple(mix.shape) if isinstance(mix, torch.Tensor) else type(mix).__name__
+        raise ValueError(f"mix must be a [{rows}, {rows}] tensor (rows x rows), got {shape}")
+    if mix is not None and not torch.isfinite(mix).all():
+        raise ValueError("mix must be finite (guidance weights γ are finite numbers)")
+    if seeds is None or not isinstance(seeds, torch.Tensor) or seeds.shape != (rows,):
+        raise ValueError(f"seeds must be an int64 tensor of shape [{rows}]")
+    dev = logits.device
+    temperature = _per_row(temperature, rows, torch.float32, dev, "temperature")
+    alpha = _per_row(alpha, rows, torch.float32, dev, "alpha")
+    top_k = _per_row(top_k, rows, torch.int64, dev, "top_k")
+    top_p = _per_row(top_p, rows, torch.float32, dev, "top_p")
+    if not torch.isfinite(temperature).all() or (temperature < 0).any():
+        raise ValueError("temperature must be >= 0 (0 means greedy)")
+    if not ((alpha >= 0) & (alpha < 1)).all():
+        raise ValueError("alpha must be in [0, 1) (0 keeps every finite-logit token)")
+    if (top_k < 0).any():
+        raise ValueError("top_k must be >= 0 (0 disables top-k)")
+    if not ((top_p > 0) & (top_p <= 1)).all():
+        raise ValueError("top_p must be in (0, 1] (1 disables top-p)")
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor) or noise.shape != (rows, vocab):
+            raise ValueError(f"noise must be a [{rows}, {vocab}] tensor of uniforms in (0, 1)")
+        if not ((noise > 0) & (noise < 1)).all():
+            raise ValueError("noise must hold uniforms strictly inside (0, 1)")
+    if torch.isneginf(logits).all(dim=-1).any():
+        raise ValueError("a row has no finite logit: nothing can be sampled from it")
+    return temperature, alpha, top_k, top_p
+
+
+def guided_sample(
+    logits: torch.Tensor,
+    mix: torch.Tensor | None,
+    *,
+    seeds: torch.Tensor,
+    step: int,
+    temperature=1.0,
+    alpha=0.0,
+    top_k=0,
+    top_p=1.0,
+    noise: torch.Tensor | None = None,
+    return_logprobs: bool = False,
+):
+    """Guided sampling from logits, the reference.
+
+    Semantics:
+        lp = log_softmax(logits.float())                      # [R, V]
+        s = mix @ lp.clamp(min=LOGP_FLOOR)                    # [R, V]; mix None = identity
+        keep = isfinite(logits) & (logits >= logits.max(-1) + log(alpha))
+        keep &= top_k/top_p masks of softmax(s / T) over keep
+        tokens = argmax(where(keep, s / T - log(-log(u)), -inf))   # T == 0: argmax(where(keep, s))
+    Args:
+        logits: [R, V] fp32/fp16/bf16 next-token logits.
+        mix: [R, R] fp32 guidance mixing matrix, or None for plain per-row sampling.
+        seeds: [R] int64 per-row seeds; step: decode step (the noise counter).
+        temperature, alpha, top_k, top_p: scalar or [R] tensors.
+        noise: optional [R, V] uniforms in (0, 1) replacing the counter-based noise.
+        return_logprobs: also return [R] fp32, log-prob of each chosen token under the tempered,
+            cut distribution (for greedy rows, under the cut distribution at T = 1).
+    Returns: tokens [R] int64 (and logprobs [R] fp32). Nothing is modified in place.
+    """
+    temperature, alpha, top_k, top_p = check_guided_sample_args(
+        logits, mix, seeds, temperature, alpha, top_k, top_p, noise
+    )
+    rows, vocab = logits.shape
+    x = logits.float()                                                        # [R, V]
+    lp = torch.log_softmax(x, dim=-1)                                         # [R, V]
+    if mix is None:
+        s = lp
+    else:
+        s = mix.float() @ lp.clamp(min=LOGP_FLOOR)                            # [R, V]
+
+    row_max = x.max(dim=-1, keepdim=True).values                              # [R, 1]
+    log_alpha = torch.log(alpha)[:, None]                                     # -inf for alpha = 0
+    keep = torch.isfinite(x) & (x >= row_max + log_alpha)                     # [R, V]
+
+    greedy = temperature == 0                                                 # [R]
+    t_safe = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    z = torch.where(keep, s / t_safe, float("-inf"))                          # [R, V] tempered
+
+    if (top_k > 0).any():
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        kth = torch.sort(z, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [R, 1]
+        z = torch.where(z >= kth, z, float("-inf"))
+    if (top_p < 1).any():
+        p = torch.softmax(z, dim=-1)                                           # [R, V]
+        p_asc = torch.sort(p, dim=-1).values
+        cum_asc = torch.cumsum(p_asc, dim=-1)                                  # mass of tokens <= p
+        n_le = torch.searchsorted(p_asc, p, right=True)                        # [R, V], >= 1
+        mass_le = cum_asc.gather(1, n_le - 1)
+        mass_above = cum_asc[:, -1:] - mass_le                                 # strictly more likely
+        drop = (mass_above >= top_p[:, None]) & (top_p[:, None] < 1)
+        z = torch.where(drop, float("-inf"), z)
+
+    if noise is None:
+        u = uniform_noise(seeds.to(logits.device), step, vocab)
+    else:
+        u = noise.float()
+    gumbel = -torch.log(-torch.log(u))                                        # [R, V]
+    scores = torch.where(greedy[:, None], z, z + gumbel)
+    tokens = torch.argmax(scores, dim=-1)                                     # [R]
+    if not return_logprobs:
+        return tokens
+    logprobs = z.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
+    return tokens, logprobs
