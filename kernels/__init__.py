@@ -1,6 +1,53 @@
-"""divgen kernels: Triton ops with pure-torch twins of the same signature in ``reference``.
+"""divgen kernels: Triton ops, each with a pure-torch twin of the same signature in ``reference``.
 
-``guided_sample`` dispatches once per call on the logits' device: the Triton kernel on CUDA,
-the torch reference elsewhere (CPU, or CUDA without triton).
+Dispatch rule (one place, no hidden switches): a call runs the Triton kernel when its tensors are
+on a CUDA device and triton imports; otherwise the torch reference. ``DIVGEN_KERNELS=reference``
+forces the reference everywhere (for A/B comparisons in benchmarks); it is read on every call.
+Under ``TRITON_INTERPRET=1`` the Triton kernels also run on CPU tensors; tests call the kernel
+modules directly for that.
 """
-from divgen.kernels.reference import uniform_noise  # noqa: F401
+from __future__ import annotations
+
+import os
+
+import torch
+
+from divgen.kernels import reference
+from divgen.kernels.reference import uniform_noise
+
+__all__ = ["guided_sample", "add_lora", "uses_triton", "uniform_noise", "reference"]
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def uses_triton(device: torch.device | str) -> bool:
+    """True when ops on tensors of this device run as Triton kernels."""
+    if os.environ.get("DIVGEN_KERNELS", "") == "reference":
+        return False
+    return torch.device(device).type == "cuda" and _triton_available()
+
+
+def guided_sample(logits, mix, *, seeds, step, temperature=1.0, alpha=0.0, top_k=0, top_p=1.0,
+                  noise=None, return_logprobs=False):
+    """Guided sampling; see ``divgen.kernels.reference.guided_sample`` for the semantics."""
+    if uses_triton(logits.device):
+        from divgen.kernels.guided_sample import guided_sample as impl
+    else:
+        impl = reference.guided_sample
+    return impl(logits, mix, seeds=seeds, step=step, temperature=temperature, alpha=alpha,
+                top_k=top_k, top_p=top_p, noise=noise, return_logprobs=return_logprobs)
+
+
+def add_lora(y, x, lora_a, lora_b, indices, scales):
+    """Multi-LoRA ``y += scale · (x @ A[idx]ᵀ) @ B[idx]ᵀ`` per row; see ``reference.add_lora``."""
+    if uses_triton(x.device):
+        from divgen.kernels.lora import add_lora as impl
+    else:
+        impl = reference.add_lora
+    return impl(y, x, lora_a, lora_b, indices, scales)

@@ -210,3 +210,8 @@ def guided_sample(
         return tokens
     logprobs = z.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
     return tokens, logprobs
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-LoRA (BGMV/SGMV style). Owned by the LoRA kernel work; the signature below is fixed.
+# ----------------------------------------------------------------------------------------------
