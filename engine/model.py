@@ -173,7 +173,9 @@ def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, str]:
 def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None) -> LoadedModel:
     """Load a causal LM for decoding: None/"default" (embedded SmolLM2), a HF dir, or a .gguf file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # weight-loading bars are noise for a CLI user
     model_dir, name = resolve_model_dir(path)
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)

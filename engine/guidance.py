@@ -1,0 +1,168 @@
+"""Guidance specs: which rows are contrasted, and with what weights γ_{m,n} (DESIGN.md table).
+
+A ``Guidance`` names a guidance group per row and a rule. ``mixing_matrix`` turns it into the
+[A, A] mix over the A rows still active — diagonal 1 + Σ_n γ_{m,n}, off-diagonal −γ_{m,n} —
+so the guided scores are ``s = mix @ log_softmax(logits)``. Weights are recomputed by the same
+rule whenever a row finishes and leaves its group; a group with one active row is plain sampling.
+
+| method      | γ_{m,n} over the active rows n ≠ m of m's group                                 |
+|-------------|----------------------------------------------------------------------------------|
+| corrsynth   | (g − 1) / (K − 1), K = active rows in the group                                  |
+| m-corrsynth | γ / #{n: y_n ≠ y_m} across labels,  δ / #{n ≠ m: y_n = y_m} within a label       |
+| cfg         | (g − 1) / #shadows of m for each active shadow n of leader m; shadows get none   |
+| explicit    | the user's matrix, restricted to active rows of the same group                   |
+
+CFG shadow rows carry a negative prompt, are forwarded every step, take their leader's sampled
+token (so they share its history), and are never returned as samples.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from divgen.engine.errors import DivgenError
+
+MAX_WEIGHT = 100.0  # g, γ, δ above this make the guided scores meaningless (and overflow bf16)
+METHODS = ("corrsynth", "m-corrsynth", "cfg", "explicit")
+
+
+def _check_weight(name: str, value: float, low: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < low or value > MAX_WEIGHT:
+        raise DivgenError(f"{name} must be in [{low:g}, {MAX_WEIGHT:g}], got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How the rows of one decode batch are contrasted. Per-row lists have one entry per row."""
+
+    method: str                                 # one of METHODS
+    groups: tuple[int, ...]                     # guidance group id of each row
+    scale: float = 1.0                          # g (corrsynth, cfg)
+    gamma: float = 0.0                          # cross-label weight (m-corrsynth)
+    delta: float = 0.0                          # intra-label weight (m-corrsynth)
+    labels: tuple | None = None                 # label of each row (m-corrsynth)
+    shadow_of: tuple[int | None, ...] | None = None   # cfg: leader row of each shadow row
+    gammas: torch.Tensor | None = None          # explicit [R, R] γ matrix
+
+    # ---- constructors (validate once, with messages that name the fix) ----
+    @classmethod
+    def corrsynth(cls, groups, scale: float) -> "Guidance":
+        groups = tuple(int(g) for g in groups)
+        scale = _check_weight("guidance scale g", scale, 1.0)
+        sizes = {g: groups.count(g) for g in set(groups)}
+        small = [g for g, n in sizes.items() if n < 2]
+        if small:
+            raise DivgenError(f"CorrSynth needs at least 2 rows per group; group {small[0]} has 1 (use fewgen for 1 row)")
+        return cls("corrsynth", groups, scale=scale)
+
+    @classmethod
+    def m_corrsynth(cls, groups, labels, gamma: float, delta: float) -> "Guidance":
+        groups = tuple(int(g) for g in groups)
+        if len(labels) != len(groups):
+            raise DivgenError(f"m-corrsynth needs one label per row: {len(labels)} labels for {len(groups)} rows")
+        gamma = _check_weight("gamma (cross-label weight)", gamma, 0.0)
+        delta = _check_weight("delta (intra-label weight)", delta, 0.0)
+        for g in set(groups):
+            if groups.count(g) < 2:
+                raise DivgenError(f"M-CorrSynth needs at least 2 rows per group; group {g} has 1")
+        return cls("m-corrsynth", groups, gamma=gamma, delta=delta, labels=tuple(labels))
+
+    @classmethod
+    def cfg(cls, groups, shadow_of, scale: float) -> "Guidance":
+        groups = tuple(int(g) for g in groups)
+        shadow_of = tuple(None if s is None else int(s) for s in shadow_of)
+        if len(shadow_of) != len(groups):
+            raise DivgenError("cfg needs shadow_of with one entry per row (None for rows that are samples)")
+        scale = _check_weight("guidance scale g", scale, 1.0)
+        for row, leader in enumerate(shadow_of):
+            if leader is None:
+                continue
+            if not (0 <= leader < len(groups)) or shadow_of[leader] is not None:
+                raise DivgenError(f"row {row}: shadow_of must point at a sample row, got {leader}")
+            if groups[leader] != groups[row]:
+                raise DivgenError(f"row {row}: a shadow row must be in its leader's group")
+        return cls("cfg", groups, scale=scale, shadow_of=shadow_of)
+
+    @classmethod
+    def explicit(cls, groups, gammas: torch.Tensor) -> "Guidance":
+        groups = tuple(int(g) for g in groups)
+        gammas = torch.as_tensor(gammas, dtype=torch.float32)
+        rows = len(groups)
+        if gammas.shape != (rows, rows):
+            raise DivgenError(f"explicit guidance needs a [{rows}, {rows}] γ matrix, got {tuple(gammas.shape)}")
+        if not torch.isfinite(gammas).all() or gammas.abs().max() > MAX_WEIGHT:
+            raise DivgenError(f"explicit γ values must be finite and within ±{MAX_WEIGHT:g}")
+        return cls("explicit", groups, gammas=gammas)
+
+    # ---- derived ----
+    @property
+    def rows(self) -> int:
+        return len(self.groups)
+
+    def is_shadow(self, row: int) -> bool:
+        return self.shadow_of is not None and self.shadow_of[row] is not None
+
+    def leader(self, row: int) -> int:
+        return self.shadow_of[row] if self.is_shadow(row) else row
+
+    def gamma_matrix(self, active: list[int]) -> torch.Tensor:
+        """γ over the active rows (original row ids, batch order) -> [A, A] fp32, zero diagonal."""
+        a = len(active)
+        gam = torch.zeros(a, a, dtype=torch.float32)
+        pos = {row: i for i, row in enumerate(active)}
+        by_group: dict[int, list[int]] = {}
+        for row in active:
+            by_group.setdefault(self.groups[row], []).append(row)
+        for members in by_group.values():
+            if len(members) < 2:
+                continue  # a group with one active row is plain sampling
+            if self.method == "corrsynth":
+                w = (self.scale - 1.0) / (len(members) - 1)
+                for m in members:
+                    for n in members:
+                        if n != m:
+                            gam[pos[m], pos[n]] = w
+            elif self.method == "m-corrsynth":
+                for m in members:
+                    same = [n for n in members if n != m and self.labels[n] == self.labels[m]]
+                    cross = [n for n in members if self.labels[n] != self.labels[m]]
+                    for n in same:
+                        gam[pos[m], pos[n]] = self.delta / len(same)
+                    for n in cross:
+                        gam[pos[m], pos[n]] = self.gamma / len(cross)
+            elif self.method == "cfg":
+                for m in members:
+                    if self.is_shadow(m):
+                        continue
+                    shadows = [n for n in members if self.shadow_of[n] == m]
+                    for n in shadows:
+                        gam[pos[m], pos[n]] = (self.scale - 1.0) / len(shadows)
+            elif self.method == "explicit":
+                for m in members:
+                    for n in members:
+                        if n != m:
+                            gam[pos[m], pos[n]] = float(self.gammas[m, n])
+            else:
+                raise DivgenError(f"unknown guidance method {self.method!r}: use one of {', '.join(METHODS)}")
+        return gam
+
+
+def mix_from_gammas(gam: torch.Tensor) -> torch.Tensor:
+    """[A, A] γ (zero diagonal) -> mix with diagonal 1 + Σ_n γ_{m,n} and off-diagonal −γ_{m,n}."""
+    mix = -gam.clone()
+    mix += torch.diag(1.0 + gam.sum(dim=1))
+    return mix
+
+
+def mixing_matrix(guidance: Guidance | None, active: list[int], device=None) -> torch.Tensor | None:
+    """The mix for the active rows, or None when no row is guided (plain sampling)."""
+    if guidance is None:
+        return None
+    gam = guidance.gamma_matrix(active)
+    if not bool((gam != 0).any()):
+        return None
+    return mix_from_gammas(gam).to(device if device is not None else "cpu")

@@ -1,0 +1,110 @@
+"""Per-row sampling parameters and the one sampling entry point of the engine.
+
+``SamplingParams`` is a dataclass of per-row tensors with short-circuit flags (vLLM's
+SamplingMetadata habit). ``Sampler`` turns the logits of one decode step into tokens:
+
+1. all rows greedy and no guidance  -> argmax (no noise, no softmax);
+2. otherwise                        -> ``divgen.kernels.guided_sample`` (Triton on CUDA, the torch
+   reference elsewhere), with the guidance ``mix`` of the rows now in the batch.
+
+min-p is the α cutoff: keeping v with p(v) ≥ min_p · max p is keeping ℓ(v) ≥ max ℓ + log α.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from divgen import kernels
+from divgen.engine.errors import DivgenError
+
+
+def _as_list(value, rows: int, name: str) -> list:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if len(value) != rows:
+            raise DivgenError(f"{name} has {len(value)} values but there are {rows} rows: give one per row or a scalar")
+        return list(value)
+    return [value] * rows
+
+
+@dataclass
+class SamplingParams:
+    """Per-row sampling parameters, all tensors of shape [R] on the decode device."""
+
+    temperature: torch.Tensor   # [R] fp32, 0 = greedy
+    top_k: torch.Tensor         # [R] int64, 0 = off
+    top_p: torch.Tensor         # [R] fp32, 1 = off
+    alpha: torch.Tensor         # [R] fp32 plausibility cutoff (min-p), 0 = off
+    seeds: torch.Tensor         # [R] int64
+    all_greedy: bool            # short-circuit: every row is greedy
+    no_cutoffs: bool            # short-circuit: no top-k / top-p / α on any row
+
+    @classmethod
+    def make(cls, rows: int, *, temperature=1.0, top_k=0, top_p=1.0, alpha=0.0, seeds=0,
+             device: torch.device | str = "cpu") -> "SamplingParams":
+        """Validate user values (scalars or one per row) and build the tensors.
+
+        ``seeds`` as an int gives row i the seed ``seeds + i``.
+        """
+        temps = [float(t) for t in _as_list(temperature, rows, "temperature")]
+        ks = [int(k) for k in _as_list(top_k, rows, "top_k")]
+        ps = [float(p) for p in _as_list(top_p, rows, "top_p")]
+        alphas = [float(a) for a in _as_list(alpha, rows, "alpha")]
+        if isinstance(seeds, int):
+            seed_list = [seeds + i for i in range(rows)]
+        else:
+            seed_list = [int(s) for s in _as_list(seeds, rows, "seeds")]
+        for t in temps:
+            if not (t >= 0 and t != float("inf")):
+                raise DivgenError(f"temperature must be >= 0 (0 is greedy), got {t}")
+        for k in ks:
+            if k < 0:
+                raise DivgenError(f"top_k must be >= 0 (0 disables it), got {k}")
+        for p in ps:
+            if not (0 < p <= 1):
+                raise DivgenError(f"top_p must be in (0, 1] (1 disables it), got {p}")
+        for a in alphas:
+            if not (0 <= a < 1):
+                raise DivgenError(f"alpha (min-p) must be in [0, 1) (0 disables it), got {a}")
+        for s in seed_list:
+            if not (-(2 ** 63) <= s < 2 ** 63):
+                raise DivgenError(f"seed must fit in a signed 64-bit integer, got {s}")
+        return cls(
+            temperature=torch.tensor(temps, dtype=torch.float32, device=device),
+            top_k=torch.tensor(ks, dtype=torch.int64, device=device),
+            top_p=torch.tensor(ps, dtype=torch.float32, device=device),
+            alpha=torch.tensor(alphas, dtype=torch.float32, device=device),
+            seeds=torch.tensor(seed_list, dtype=torch.int64, device=device),
+            all_greedy=all(t == 0 for t in temps),
+            no_cutoffs=all(k == 0 for k in ks) and all(p == 1 for p in ps) and all(a == 0 for a in alphas),
+        )
+
+    def select(self, index: torch.Tensor) -> "SamplingParams":
+        """The parameters of a subset of rows (index [R'] int64, in the new batch order)."""
+        temperature = self.temperature[index]
+        top_k, top_p, alpha = self.top_k[index], self.top_p[index], self.alpha[index]
+        return SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, alpha=alpha, seeds=self.seeds[index],
+            all_greedy=self.all_greedy, no_cutoffs=self.no_cutoffs,
+        )
+
+
+class Sampler:
+    """Logits of one decode step -> next tokens.
+
+    Steps: (1) all-greedy without guidance and cutoffs short-circuits to argmax; (2) otherwise
+    ``divgen.kernels.guided_sample`` applies the guidance mix, the α cutoff, temperature,
+    top-k/top-p and Gumbel-max with counter-based noise of (seed, step, token).
+    """
+
+    def __call__(self, logits: torch.Tensor, params: SamplingParams, step: int,
+                 mix: torch.Tensor | None = None) -> torch.Tensor:
+        # logits [R, V] -> tokens [R] int64
+        if params.all_greedy and params.no_cutoffs and mix is None:
+            return torch.argmax(logits, dim=-1)
+        return kernels.guided_sample(
+            logits, mix, seeds=params.seeds, step=step, temperature=params.temperature,
+            alpha=params.alpha, top_k=params.top_k, top_p=params.top_p,
+        )
