@@ -215,3 +215,193 @@ def guided_sample(
 # ----------------------------------------------------------------------------------------------
 # Multi-LoRA (BGMV/SGMV style). Owned by the LoRA kernel work; the signature below is fixed.
 # ----------------------------------------------------------------------------------------------
+# Every row i of a batch may use its own adapter j = indices[i] (or none, j = -1):
+#
+#     t[i] = scales[j] · lora_a[j] @ x[i]          shrink: [H_in] -> [R], fp32
+#     y[i] += lora_b[j] @ t[i]                     expand: [R] -> [H_out], in place
+#
+# Adapters of different ranks are stacked by zero-padding A's rows and B's columns to the max
+# rank R; the padding adds exact zeros. The reference groups rows by adapter (Punica's
+# ``sgmv_ref_impl`` habit: one dense matmul per segment) and computes in fp32, rounding y once.
+
+LORA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"shape {tuple(t.shape)} {t.dtype}"
+    return type(t).__name__
+
+
+def _check_lora_indices(indices, rows: int, device) -> None:
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.shape[0] != rows:
+        raise ValueError(f"indices must be a 1-D integer tensor [{rows}] (one adapter slot per row, -1 = "
+                         f"no adapter), got {_describe(indices)}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"indices must be int64 (or int32), got {indices.dtype}")
+    if indices.device != device:
+        raise ValueError(f"indices are on {indices.device} but x/y are on {device}; move them to {device}")
+
+
+def check_lora_index_range(indices: torch.Tensor, num_adapters: int) -> None:
+    """Raise unless every index is in [-1, num_adapters). Reads the values: a host sync on CUDA."""
+    if indices.numel() == 0:
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < -1 or hi >= num_adapters:
+        raise ValueError(f"indices must be in [-1, {num_adapters}) (adapter slot, -1 = no adapter; "
+                         f"{num_adapters} adapters are stacked), got values in [{lo}, {hi}]")
+
+
+def check_lora_shrink_args(x, lora_a, indices, scales) -> None:
+    """Shapes, dtypes and devices of ``lora_shrink``'s arguments (not index values)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor [N, H_in] (tokens x hidden), got {_describe(x)}")
+    if x.dtype not in LORA_DTYPES:
+        raise ValueError(f"x must be fp32, bf16 or fp16, got {x.dtype}")
+    if not isinstance(lora_a, torch.Tensor) or lora_a.dim() != 3:
+        raise ValueError(f"lora_a must be a 3-D tensor [L, R, H_in] (stacked lora_A.weight), got {_describe(lora_a)}")
+    if lora_a.shape[2] != x.shape[1]:
+        raise ValueError(f"lora_a is [L, R, H_in] = {list(lora_a.shape)} but x has H_in = {x.shape[1]}: "
+                         "the adapters were trained for a layer of another input size")
+    if lora_a.dtype != x.dtype:
+        raise ValueError(f"dtype mismatch: lora_a is {lora_a.dtype} but x is {x.dtype}; cast the adapter "
+                         "weights to the model dtype")
+    if lora_a.device != x.device:
+        raise ValueError(f"lora_a is on {lora_a.device} but x is on {x.device}; move it to {x.device}")
+    _check_lora_indices(indices, x.shape[0], x.device)
+    num_adapters = lora_a.shape[0]
+    if not isinstance(scales, torch.Tensor) or scales.shape != (num_adapters,):
+        raise ValueError(f"scales must be a 1-D tensor [{num_adapters}] (lora_alpha / r per adapter), "
+                         f"got {_describe(scales)}")
+    if not scales.is_floating_point():
+        raise ValueError(f"scales must be a floating tensor (fp32), got {scales.dtype}")
+    if scales.device != x.device:
+        raise ValueError(f"scales are on {scales.device} but x is on {x.device}; move them to {x.device}")
+
+
+def _check_lora_output(y, lora_b) -> None:
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        raise ValueError(f"y must be a 2-D tensor [N, H_out] (tokens x hidden), got {_describe(y)}")
+    if y.dtype not in LORA_DTYPES:
+        raise ValueError(f"y must be fp32, bf16 or fp16, got {y.dtype}")
+    if not isinstance(lora_b, torch.Tensor) or lora_b.dim() != 3:
+        raise ValueError(f"lora_b must be a 3-D tensor [L, H_out, R] (stacked lora_B.weight), got {_describe(lora_b)}")
+    if lora_b.shape[1] != y.shape[1]:
+        raise ValueError(f"lora_b is [L, H_out, R] = {list(lora_b.shape)} but y has H_out = {y.shape[1]}: "
+                         "the adapters were trained for a layer of another output size")
+    if lora_b.dtype != y.dtype:
+        raise ValueError(f"dtype mismatch: lora_b is {lora_b.dtype} but y is {y.dtype}; cast the adapter "
+                         "weights to the model dtype")
+    if lora_b.device != y.device:
+        raise ValueError(f"lora_b is on {lora_b.device} but y is on {y.device}; move it to {y.device}")
+
+
+def check_lora_expand_args(y, t, lora_b, indices) -> None:
+    """Shapes, dtypes and devices of ``lora_expand``'s arguments (not index values)."""
+    _check_lora_output(y, lora_b)
+    rows, rank = y.shape[0], lora_b.shape[2]
+    if not isinstance(t, torch.Tensor) or t.shape != (rows, rank):
+        raise ValueError(f"t must be a [{rows}, {rank}] tensor (N x R, the output of lora_shrink), got {_describe(t)}")
+    if t.dtype != torch.float32:
+        raise ValueError(f"t must be fp32 (lora_shrink's output), got {t.dtype}")
+    if t.device != y.device:
+        raise ValueError(f"t is on {t.device} but y is on {y.device}; move it to {y.device}")
+    _check_lora_indices(indices, rows, y.device)
+
+
+def check_add_lora_args(y, x, lora_a, lora_b, indices, scales) -> None:
+    """Shapes, dtypes and devices of ``add_lora``'s arguments (not index values)."""
+    check_lora_shrink_args(x, lora_a, indices, scales)
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must be a 2-D tensor [{x.shape[0]}, H_out] (one row per row of x), got {_describe(y)}")
+    if y.dtype != x.dtype:
+        raise ValueError(f"dtype mismatch: y is {y.dtype} but x is {x.dtype}; both must be the layer's dtype")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}; move it to {x.device}")
+    _check_lora_output(y, lora_b)
+    if lora_b.shape[0] != lora_a.shape[0]:
+        raise ValueError(f"lora_a stacks {lora_a.shape[0]} adapters but lora_b stacks {lora_b.shape[0]}")
+    if lora_b.shape[2] != lora_a.shape[1]:
+        raise ValueError(f"rank mismatch: lora_a is [L, R, H_in] = {list(lora_a.shape)} but lora_b is "
+                         f"[L, H_out, R] = {list(lora_b.shape)}; pad both to the same max rank")
+
+
+def _rows_by_adapter(indices: torch.Tensor):
+    """Yield (adapter j, row ids [n_j]) for every adapter used in the batch (host sync)."""
+    for j in torch.unique(indices[indices >= 0]).tolist():
+        yield j, (indices == j).nonzero(as_tuple=True)[0]
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per-row adapter down-projection, scaled.
+
+    Semantics:
+        t = zeros(N, R, fp32)
+        for i in range(N):
+            j = indices[i]
+            if j >= 0:
+                t[i] = scales[j] * (lora_a[j] @ x[i])
+
+    Args:
+        x:       [N, H_in]     fp32 / bf16 / fp16
+        lora_a:  [L, R, H_in]  same dtype as x (stacked lora_A.weight, rank zero-padded to R)
+        indices: [N] int64     adapter slot per row, -1 = no adapter
+        scales:  [L] fp32      lora_alpha / r per adapter
+    Returns:
+        t: [N, R] fp32, new tensor (rows with index -1 are 0). Nothing is modified in place.
+    """
+    check_lora_shrink_args(x, lora_a, indices, scales)
+    check_lora_index_range(indices, lora_a.shape[0])
+    t = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)  # [N, R]
+    for j, rows in _rows_by_adapter(indices):
+        t[rows] = scales[j].float() * (x[rows].float() @ lora_a[j].float().T)
+    return t
+
+
+def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Per-row adapter up-projection, added into y in place.
+
+    Semantics:
+        for i in range(N):
+            j = indices[i]
+            if j >= 0:
+                y[i] += lora_b[j] @ t[i]          # in fp32, rounded to y's dtype once
+
+    Args:
+        y:       [N, H_out]     fp32 / bf16 / fp16, modified IN PLACE
+        t:       [N, R] fp32    output of ``lora_shrink``
+        lora_b:  [L, H_out, R]  same dtype as y (stacked lora_B.weight, rank zero-padded to R)
+        indices: [N] int64      adapter slot per row, -1 = no adapter (row left untouched)
+    Returns:
+        y (the same tensor).
+    """
+    check_lora_expand_args(y, t, lora_b, indices)
+    check_lora_index_range(indices, lora_b.shape[0])
+    for j, rows in _rows_by_adapter(indices):
+        y[rows] = (y[rows].float() + t[rows] @ lora_b[j].float().T).to(y.dtype)
+    return y
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+             indices: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Multi-LoRA delta of one linear layer, every row with its own adapter (or none).
+
+    Semantics:
+        for i in range(N):
+            j = indices[i]
+            if j >= 0:
+                y[i] += scales[j] * (lora_b[j] @ (lora_a[j] @ x[i]))
+
+    Args:
+        y:       [N, H_out]     same dtype as x, modified IN PLACE
+        x:       [N, H_in]      fp32 / bf16 / fp16 (N = rows x new positions, flattened)
+        lora_a:  [L, R, H_in]   stacked lora_A.weight, rank zero-padded to the max rank R
+        lora_b:  [L, H_out, R]  stacked lora_B.weight
+        indices: [N] int64      adapter slot per row, -1 = no adapter (row left untouched)
+        scales:  [L] fp32       lora_alpha / r per adapter
+    Returns:
+        y (the same tensor). The intermediate x @ Aᵀ stays in fp32; y is rounded once.
+    """
+    check_add_lora_args(y, x, lora_a, lora_b, indices, scales)
+    return lora_expand(y, lora_shrink(x, lora_a, indices, scales), lora_b, indices)
