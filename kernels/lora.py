@@ -1,0 +1,332 @@
+"""Multi-LoRA shrink / expand (BGMV/SGMV style): every row of a batch with its own adapter.
+
+Derivation
+----------
+For row i with adapter j = indices[i] (-1 = none), a LoRA linear layer adds
+
+    y[i] += scales[j] · B_j (A_j x[i])        A_j = lora_a[j] [R, H_in],  B_j = lora_b[j] [H_out, R]
+
+Computed as two thin matmuls through the rank-R bottleneck (R ≪ H): shrink t = scale · x Aᵀ
+([N, H_in] -> [N, R], fp32) and expand y += t Bᵀ ([N, R] -> [N, H_out]). Rows that share an
+adapter share its weights, so rows are grouped by adapter and each program multiplies a block
+of same-adapter rows by one adapter's weight tile with ``tl.dot``.
+
+Grouping (no host sync): the wrapper sorts ``indices`` on the device (``torch.sort``, stable)
+and finds each adapter's segment of the sorted order with ``torch.searchsorted`` against
+0..L, giving ``seg_start`` [L + 1]; rows of adapter j are ``order[seg_start[j]:seg_start[j+1]]``.
+Nothing is read back to the host, so a call can be captured in a CUDA graph. Rows with index -1
+(and, unchecked on CUDA, any index outside [0, L)) fall in no segment and are never touched.
+The grid is ``(cdiv(N, BLOCK_M), L, …)``: program (m, j) takes the m-th block of adapter j's
+segment and returns at once when the segment is shorter — at most L·cdiv(N, BLOCK_M) programs,
+of which about cdiv(N, BLOCK_M) + (adapters used) do work.
+
+Bytes (the floor; both halves are memory-bound for R ≪ H): shrink reads x once per segment
+block and A_j once per block of its segment, writes N·R fp32; expand reads t, B_j per block and
+reads + writes y. For decode (N small) the adapter weights dominate: ≈ (adapters used)·R·
+(H_in + H_out) elements; for prefill the activations dominate: ≈ N·(H_in + 2·H_out).
+
+Split-K (decode): with few rows there are only (adapters used) shrink programs, each reading
+all of A_j [R, H_in]. ``add_lora`` then splits H_in over SPLIT_K programs that write fp32
+partials t_s [SPLIT_K, N, R]; the expand kernel sums the partials as it loads t, so there are
+no atomics, the result is deterministic, and it is still one launch pair.
+
+Precision: products accumulate in fp32 (bf16/fp16 operands go to ``tl.dot`` as they are;
+fp32 operands use ``input_precision="ieee"``, not tf32). t stays fp32; y is loaded, the delta
+added in fp32, and rounded to y's dtype once — the same arithmetic as ``reference.add_lora``
+up to summation order. The Triton interpreter (TRITON_INTERPRET=1, CPU tests) computes
+``tl.dot`` on bf16 inputs wrongly, so under it the operands are cast to fp32 first.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from divgen.kernels.reference import (
+    check_add_lora_args,
+    check_lora_expand_args,
+    check_lora_index_range,
+    check_lora_shrink_args,
+)
+
+__all__ = ["lora_shrink", "lora_expand", "add_lora"]
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, t_ptr, scales_ptr, order_ptr, seg_start_ptr,
+    H_in, R, K_PER_SPLIT,
+    stride_xn, stride_xh,
+    stride_al, stride_ar, stride_ah,
+    stride_ts, stride_tn, stride_tr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (m, j, s): t_s[rows] = scales[j] · x[rows, K_s] @ A_j[:, K_s]ᵀ for the m-th block
+    of adapter j's rows and the s-th slice K_s of H_in."""
+    pid_m = tl.program_id(0)
+    lora = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    seg_lo = tl.load(seg_start_ptr + lora)
+    seg_hi = tl.load(seg_start_ptr + lora + 1)
+    first = seg_lo + pid_m * BLOCK_M
+    if first >= seg_hi:  # adapter j has fewer rows than this block's start
+        return
+
+    offs_m = first + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seg_hi
+    rows = tl.load(order_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)      # [BLOCK_M]
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, H_in)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xn + (k_lo + offs_k)[None, :] * stride_xh  # [BLOCK_M, BLOCK_K]
+    a_ptrs = (a_ptr + lora.to(tl.int64) * stride_al
+              + offs_r[None, :] * stride_ar + (k_lo + offs_k)[:, None] * stride_ah)    # [BLOCK_K, BLOCK_R] = A_jᵀ
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        mask_k = offs_k < k_hi - k0
+        xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if DOT_IN_FP32:
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        acc = tl.dot(xt, at, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xh
+        a_ptrs += BLOCK_K * stride_ah
+
+    acc = acc * tl.load(scales_ptr + lora).to(tl.float32)
+    t_ptrs = t_ptr + pid_k * stride_ts + rows[:, None] * stride_tn + offs_r[None, :] * stride_tr
+    tl.store(t_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _lora_expand_kernel(
+    t_ptr, b_ptr, y_ptr, order_ptr, seg_start_ptr,
+    H_out, R, SPLIT_K,
+    stride_ts, stride_tn, stride_tr,
+    stride_bl, stride_bh, stride_br,
+    stride_yn, stride_yh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Program (m, n, j): y[rows, cols] += (Σ_s t_s[rows]) @ B_j[cols]ᵀ for the m-th block of
+    adapter j's rows and the n-th block of H_out."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    lora = tl.program_id(2)
+    seg_lo = tl.load(seg_start_ptr + lora)
+    seg_hi = tl.load(seg_start_ptr + lora + 1)
+    first = seg_lo + pid_m * BLOCK_M
+    if first >= seg_hi:
+        return
+
+    offs_m = first + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seg_hi
+    rows = tl.load(order_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)      # [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < H_out
+    b_base = b_ptr + lora.to(tl.int64) * stride_bl
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        t_ptrs = t_ptr + rows[:, None] * stride_tn + offs_r[None, :] * stride_tr   # [BLOCK_M, BLOCK_R]
+        tt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in range(0, SPLIT_K):  # sum shrink's split-K partials (SPLIT_K = 1: plain t)
+            tt += tl.load(t_ptrs + s * stride_ts, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        bt = tl.load(b_base + offs_n[None, :] * stride_bh + offs_r[:, None] * stride_br,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N] = B_jᵀ
+        acc = tl.dot(tt, bt, acc, input_precision="ieee")
+
+    y_ptrs = y_ptr + rows[:, None] * stride_yn + offs_n[None, :] * stride_yh
+    mask = mask_m[:, None] & mask_n[None, :]
+    y_old = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y_old + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrappers: check, group rows by adapter on the device, launch.
+# ---------------------------------------------------------------------------------------------
+
+_BLOCK_K = 128          # shrink: H_in tile
+_BLOCK_N = 128          # expand: H_out tile
+_MIN_DOT = 16           # tl.dot needs every block dimension >= 16
+_MAX_BLOCK_R = 64       # rank tile; larger ranks loop over it
+_SPLIT_K_MIN_SLICE = 512  # split-K: no slice of H_in shorter than this
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _block_m(rows: int) -> int:
+    """Rows per program: small for decode (segments are a few rows), larger for prefill."""
+    if rows <= 256:
+        return 16
+    return 32 if rows <= 2048 else 64
+
+
+def _block_r(rank: int) -> int:
+    return min(max(_MIN_DOT, triton.next_power_of_2(rank)), _MAX_BLOCK_R)
+
+
+def _default_split_k(rows: int, h_in: int) -> int:
+    """Split H_in across programs only in decode, where few row blocks leave the GPU idle."""
+    if rows > 64:
+        return 1
+    return max(1, min(8, h_in // _SPLIT_K_MIN_SLICE))
+
+
+def _segments(indices: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows sorted by adapter (``order`` [N] int64) and each adapter's segment of that order
+    (``seg_start`` [L + 1] int64: adapter j owns order[seg_start[j]:seg_start[j + 1]]).
+    Device-only: no value is read back to the host."""
+    sorted_idx, order = torch.sort(indices, stable=True)
+    bounds = torch.arange(num_adapters + 1, dtype=sorted_idx.dtype, device=indices.device)
+    seg_start = torch.searchsorted(sorted_idx, bounds).to(torch.int64)
+    return order, seg_start
+
+
+def _shrink_partials(x, lora_a, scales, order, seg_start, split_k: int) -> torch.Tensor:
+    """Launch the shrink kernel; returns fp32 partials [split_k, N, R] (rows with -1 are 0)."""
+    rows, h_in = x.shape
+    num_adapters, rank, _ = lora_a.shape
+    t = torch.zeros(split_k, rows, rank, dtype=torch.float32, device=x.device)    # [S, N, R]
+    if rows == 0 or num_adapters == 0 or rank == 0:
+        return t
+    if rank > 128:
+        raise ValueError(f"lora_shrink supports ranks up to 128 (one tile), got R = {rank}")
+    block_m = _block_m(rows)
+    k_tiles = triton.cdiv(h_in, _BLOCK_K)
+    split_k = max(1, min(split_k, k_tiles))
+    k_per_split = triton.cdiv(k_tiles, split_k) * _BLOCK_K
+    grid = (triton.cdiv(rows, block_m), num_adapters, triton.cdiv(h_in, k_per_split))
+    fp32 = x.dtype == torch.float32
+    _lora_shrink_kernel[grid](
+        x, lora_a, t, scales, order, seg_start,
+        h_in, rank, k_per_split,
+        x.stride(0), x.stride(1),
+        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        t.stride(0), t.stride(1), t.stride(2),
+        BLOCK_M=block_m, BLOCK_K=_BLOCK_K, BLOCK_R=max(_MIN_DOT, triton.next_power_of_2(rank)),
+        DOT_IN_FP32=fp32 or _interpreting(),
+        DOT_PRECISION="ieee" if fp32 or _interpreting() else "tf32",
+        num_warps=4,
+    )
+    return t
+
+
+def _expand_from_partials(y, t_parts, lora_b, order, seg_start) -> torch.Tensor:
+    """Launch the expand kernel: y[i] += lora_b[j] @ Σ_s t_parts[s, i], in place."""
+    rows, h_out = y.shape
+    num_adapters, _, rank = lora_b.shape
+    if rows == 0 or num_adapters == 0 or rank == 0 or h_out == 0:
+        return y
+    block_m = _block_m(rows)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(h_out, _BLOCK_N), num_adapters)
+    _lora_expand_kernel[grid](
+        t_parts, lora_b, y, order, seg_start,
+        h_out, rank, t_parts.shape[0],
+        t_parts.stride(0), t_parts.stride(1), t_parts.stride(2),
+        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        y.stride(0), y.stride(1),
+        BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_R=_block_r(rank),
+        num_warps=4,
+    )
+    return y
+
+
+def _check_index_values(indices: torch.Tensor, num_adapters: int) -> None:
+    # Reading index values back costs a host sync per call and breaks CUDA-graph capture, so on
+    # CUDA it is left to the caller (the engine builds indices once per batch); there an index
+    # outside [-1, L) falls in no segment and its row is left untouched.
+    if indices.device.type != "cuda":
+        check_lora_index_range(indices, num_adapters)
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per-row adapter down-projection, scaled (Triton).
+
+    Semantics:
+        t = zeros(N, R, fp32)
+        for i in range(N):
+            j = indices[i]
+            if j >= 0:
+                t[i] = scales[j] * (lora_a[j] @ x[i])
+
+    Args:
+        x:       [N, H_in]     fp32 / bf16 / fp16
+        lora_a:  [L, R, H_in]  same dtype as x (stacked lora_A.weight, rank zero-padded to R ≤ 128)
+        indices: [N] int64     adapter slot per row, -1 = no adapter (checked to be < L except on CUDA)
+        scales:  [L] fp32      lora_alpha / r per adapter
+    Returns:
+        t: [N, R] fp32, new tensor (rows with index -1 are 0). Nothing is modified in place.
+    """
+    check_lora_shrink_args(x, lora_a, indices, scales)
+    _check_index_values(indices, lora_a.shape[0])
+    order, seg_start = _segments(indices, lora_a.shape[0])
+    return _shrink_partials(x, lora_a, scales, order, seg_start, split_k=1)[0]
+
+
+def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Per-row adapter up-projection, added into y in place (Triton).
+
+    Semantics:
+        for i in range(N):
+            j = indices[i]
+            if j >= 0:
+                y[i] += lora_b[j] @ t[i]          # in fp32, rounded to y's dtype once
+
+    Args:
+        y:       [N, H_out]     fp32 / bf16 / fp16, modified IN PLACE (any strides)
+        t:       [N, R] fp32    output of ``lora_shrink``
+        lora_b:  [L, H_out, R]  same dtype as y (stacked lora_B.weight, rank zero-padded to R)
+        indices: [N] int64      adapter slot per row, -1 = no adapter (row left untouched)
+    Returns:
+        y (the same tensor).
+    """
+    check_lora_expand_args(y, t, lora_b, indices)
+    _check_index_values(indices, lora_b.shape[0])
+    order, seg_start = _segments(indices, lora_b.shape[0])
+    return _expand_from_partials(y, t.unsqueeze(0), lora_b, order, seg_start)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+             indices: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Multi-LoRA delta of one linear layer, every row with its own adapter or none (Triton).
+
+    One sort + one shrink launch + one expand launch; no host sync on CUDA.
+
+    Semantics:
+        for i in range(N):
+            j = indices[i]
+            if j >= 0:
+                y[i] += scales[j] * (lora_b[j] @ (lora_a[j] @ x[i]))
+
+    Args:
+        y:       [N, H_out]     same dtype as x, modified IN PLACE (any strides)
+        x:       [N, H_in]      fp32 / bf16 / fp16 (N = rows x new positions, flattened)
+        lora_a:  [L, R, H_in]   stacked lora_A.weight, rank zero-padded to the max rank R ≤ 128
+        lora_b:  [L, H_out, R]  stacked lora_B.weight
+        indices: [N] int64      adapter slot per row, -1 = no adapter (row left untouched)
+        scales:  [L] fp32       lora_alpha / r per adapter
+    Returns:
+        y (the same tensor). The intermediate x @ Aᵀ stays in fp32; y is rounded once.
+    """
+    return _add_lora(y, x, lora_a, lora_b, indices, scales, split_k=None)
+
+
+def _add_lora(y, x, lora_a, lora_b, indices, scales, *, split_k: int | None):
+    """``add_lora`` with the split-K choice exposed (None: the decode/prefill heuristic)."""
+    check_add_lora_args(y, x, lora_a, lora_b, indices, scales)
+    _check_index_values(indices, lora_a.shape[0])
+    if split_k is None:
+        split_k = _default_split_k(x.shape[0], x.shape[1])
+    order, seg_start = _segments(indices, lora_a.shape[0])
+    t_parts = _shrink_partials(x, lora_a, scales, order, seg_start, split_k)      # [S, N, R]
+    return _expand_from_partials(y, t_parts, lora_b, order, seg_start)
