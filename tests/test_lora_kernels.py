@@ -334,3 +334,9 @@ def test_lora_expand_rejects_bad_t(impl):
     with pytest.raises(ValueError, match=r"indices must be in \[-1, 2\)"):
         IMPLS[impl].lora_expand(p["y"], torch.zeros(4, 4, device=DEVICE), p["lora_b"],
                                 torch.tensor([0, 5, 0, 0], device=DEVICE))
+
+
+def test_kernel_rejects_rank_above_one_tile():
+    p = make_problem(2, torch.tensor([0, -1]), 1, [130], torch.float32, h_in=16, h_out=16, seed=6)
+    with pytest.raises(ValueError, match="ranks up to 128"):
+        lora.add_lora(p["y"].clone(), p["x"], p["lora_a"], p["lora_b"], p["indices"], p["scales"])
