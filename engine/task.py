@@ -1,0 +1,646 @@
+"""Task files for ``divgen synth``: schema, validation, few-shot pools and prompts.
+
+A task file (YAML or JSON) says what dataset to generate. Every field, with its default:
+
+    name: my_task                 # free text, shown in logs (not part of the fingerprint)
+    model: default                # embedded SmolLM2-135M-Instruct, a HF directory or a .gguf file
+    chat: true                    # wrap prompts in the model's chat template
+    system: null                  # optional system message (chat only)
+    labels:                       # at least one; names unique
+      - name: world               # the label written to the output
+        verbalization: world news # how the prompt names it (default: the name)
+        source_label: "1"         # its value in the few-shot file's label column (default: the name)
+        examples: []              # optional inline few-shot examples (texts)
+    prompt: "{examples}Write a news article about {verbalization}."
+                                  # placeholders: {verbalization}, {label}, {examples}
+    few_shot:
+      file: null                  # CSV (label + text, or label,title,description) or JSONL; relative
+                                  # paths resolve against the task file's folder
+      every: 10                   # fixed split by data-row index: rows i with i % every == 0 are the
+                                  # few-shot pool; the other rows are never shown (keep them for
+                                  # evaluation). every: 1 uses every row.
+      per_prompt: 2               # examples shown in each prompt
+      header: "Examples of {verbalization}:\\n"   # placeholders as in prompt
+      template: "- {text}\\n"      # one example; placeholders {text}, {index} (1-based) and the above
+      footer: "\\n"
+    per_label: 50                 # examples to generate per label (or a mapping label -> count)
+    max_new_tokens: 64
+    stop: []                      # stop strings (the text is cut before them)
+    ignore_eos: false
+    method: corrsynth             # fewgen | cfg | corrsynth | m-corrsynth
+    methods:                      # parameters of each method (the one named by `method` is used)
+      corrsynth: {g: 2.0}         # g >= 1: γ = (g − 1)/(K − 1) between the K rows of a group
+      m-corrsynth: {gamma: 1.0, delta: 0.5}   # cross-label γ >= 0, intra-label δ >= 0
+      cfg: {g: 2.0}               # g >= 1, the other labels' prompts are the negative prompts
+      fewgen: {}
+    sampling: {temperature: 1.0, top_p: 1.0, top_k: 0, alpha: 0.0}   # alpha ∈ [0, 1): plausibility cutoff
+    rows_per_group: null          # rows decoded in lockstep per group (default: one per label);
+                                  # labels are assigned round-robin; >= 2 for corrsynth/m-corrsynth
+    seed: 0
+
+Unknown fields are errors (they are usually typos); every error names the field and the fix.
+
+Few-shot examples for the row of label y in group g are drawn from y's pool by a generator
+seeded with (seed, g, y), so a group always sees the same prompts and a resumed run rebuilds
+them exactly. For AG News (../shared/data/ag_news_test.csv, 7,600 rows) ``every: 10`` gives a
+pool of 760 rows (data rows 0, 10, 20, ...; 190 per label); rows with index % 10 != 0 are the
+held-out evaluation rows.
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import html
+import json
+import random
+import re
+import string
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from divgen.engine.errors import DivgenError
+
+METHODS = ("fewgen", "cfg", "corrsynth", "m-corrsynth")
+SHIPPED_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+PROMPT_FIELDS = ("verbalization", "label", "examples")
+EXAMPLE_FIELDS = ("verbalization", "label", "text", "index")
+
+DEFAULT_METHOD_PARAMS = {
+    "fewgen": {},
+    "corrsynth": {"g": 2.0},
+    "m-corrsynth": {"gamma": 1.0, "delta": 0.5},
+    "cfg": {"g": 2.0},
+}
+MAX_WEIGHT = 100.0  # the engine's bound on g, γ, δ
+
+
+# ----------------------------------------------------------------------------------------------
+# The schema
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Label:
+    name: str                          # written to the output
+    verbalization: str                 # how prompts name the label
+    source_label: str                  # value in the few-shot file's label column
+    examples: tuple[str, ...] = ()     # inline few-shot examples
+
+
+@dataclass(frozen=True)
+class FewShot:
+    file: Path | None = None           # CSV / JSONL of labelled texts, or None
+    every: int = 10                    # rows i with i % every == 0 are the pool
+    per_prompt: int = 2                # examples per prompt
+    header: str = "Examples of {verbalization}:\n"
+    template: str = "- {text}\n"
+    footer: str = "\n"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0           # 0 = greedy
+    top_p: float = 1.0                 # 1 = off
+    top_k: int = 0                     # 0 = off
+    alpha: float = 0.0                 # plausibility cutoff (min-p) in [0, 1)
+
+
+@dataclass(frozen=True)
+class Task:
+    labels: tuple[Label, ...]
+    prompt: str
+    name: str = "task"
+    path: Path | None = None           # the file it was read from (relative paths resolve here)
+    model: str = "default"
+    chat: bool = True
+    system: str | None = None
+    few_shot: FewShot = field(default_factory=FewShot)
+    per_label: tuple[int, ...] = ()    # target count per label, in label order
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    method: str = "corrsynth"
+    methods: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_METHOD_PARAMS.items()})
+    sampling: Sampling = field(default_factory=Sampling)
+    rows_per_group: int | None = None  # None = one row per label
+    seed: int = 0
+
+    # ---- derived ----
+    @property
+    def label_names(self) -> list[str]:
+        return [lab.name for lab in self.labels]
+
+    @property
+    def params(self) -> dict:
+        """The active method's parameters."""
+        return dict(self.methods.get(self.method, {}))
+
+    @property
+    def group_rows(self) -> int:
+        """Sample rows per group (CFG adds shadow rows on top of these)."""
+        return self.rows_per_group if self.rows_per_group is not None else len(self.labels)
+
+    def target(self) -> dict[str, int]:
+        return dict(zip(self.label_names, self.per_label))
+
+    def content(self) -> dict:
+        """Everything that decides the generated texts (the fingerprint's input), JSON-ready.
+
+        Not included: name, per-label counts (a larger count extends a file) and batch size
+        (texts do not depend on batch layout)."""
+        return {
+            "model": self.model,
+            "chat": self.chat,
+            "system": self.system,
+            "labels": [{"name": l.name, "verbalization": l.verbalization, "source_label": l.source_label}
+                       for l in self.labels],
+            "prompt": self.prompt,
+            "few_shot": {"every": self.few_shot.every, "per_prompt": self.few_shot.per_prompt,
+                         "header": self.few_shot.header, "template": self.few_shot.template,
+                         "footer": self.few_shot.footer},
+            "max_new_tokens": self.max_new_tokens,
+            "stop": list(self.stop),
+            "ignore_eos": self.ignore_eos,
+            "method": self.method,
+            "params": self.params,
+            "sampling": {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
+                         "top_k": self.sampling.top_k, "alpha": self.sampling.alpha},
+            "rows_per_group": self.group_rows,
+            "seed": self.seed,
+        }
+
+    def with_overrides(self, **overrides) -> "Task":
+        """A copy with command-line overrides applied (None = keep) and validated again.
+
+        Keys: method, per_label, max_new_tokens, seed, model, few_shot_file, rows_per_group,
+        g, gamma, delta, temperature, top_p, top_k, alpha."""
+        o = {k: v for k, v in overrides.items() if v is not None}
+        task = self
+        if "method" in o:
+            task = replace(task, method=_check_method(o.pop("method"), "--method"))
+        if "per_label" in o:
+            n = _int(o.pop("per_label"), "--per-label", low=1)
+            task = replace(task, per_label=tuple(n for _ in task.labels))
+        if "max_new_tokens" in o:
+            task = replace(task, max_new_tokens=_int(o.pop("max_new_tokens"), "--max-new-tokens", low=1))
+        if "seed" in o:
+            task = replace(task, seed=_int(o.pop("seed"), "--seed"))
+        if "model" in o:
+            task = replace(task, model=str(o.pop("model")))
+        if "few_shot_file" in o:
+            task = replace(task, few_shot=replace(task.few_shot, file=Path(o.pop("few_shot_file")).expanduser()))
+        if "rows_per_group" in o:
+            task = replace(task, rows_per_group=_int(o.pop("rows_per_group"), "--rows-per-group", low=1))
+        methods = {k: dict(v) for k, v in task.methods.items()}
+        for key in ("g", "gamma", "delta"):
+            if key in o:
+                methods.setdefault(task.method, {})[key] = o.pop(key)
+        task = replace(task, methods=methods)
+        sampling = {k: o.pop(k) for k in ("temperature", "top_p", "top_k", "alpha") if k in o}
+        if sampling:
+            task = replace(task, sampling=replace(task.sampling, **sampling))
+        if o:
+            raise DivgenError(f"unknown override(s): {', '.join(sorted(o))}")
+        return validate(task, flags=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and validating
+# ----------------------------------------------------------------------------------------------
+TOP_FIELDS = {"name", "model", "chat", "system", "labels", "prompt", "few_shot", "per_label",
+              "max_new_tokens", "stop", "ignore_eos", "method", "methods", "sampling",
+              "rows_per_group", "seed"}
+LABEL_FIELDS = {"name", "verbalization", "source_label", "examples"}
+FEW_SHOT_FIELDS = {"file", "every", "per_prompt", "header", "template", "footer"}
+SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "alpha"}
+METHOD_FIELDS = {"fewgen": set(), "corrsynth": {"g"}, "m-corrsynth": {"gamma", "delta"}, "cfg": {"g"}}
+
+
+class _Where:
+    """Prefixes error messages with the task file, so every message says where to look."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def error(self, field_name: str, msg: str) -> DivgenError:
+        return DivgenError(f"task {self.source}: field '{field_name}' {msg}")
+
+
+def resolve_task_path(spec: str | Path) -> Path:
+    """A task argument -> a file: a path, or the name of a shipped task (``ag_news``)."""
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return p
+    shipped = SHIPPED_TASKS_DIR / f"{spec}.yaml"
+    if not p.suffix and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(f.stem for f in SHIPPED_TASKS_DIR.glob("*.yaml")))
+    if p.exists():
+        raise DivgenError(f"task {p} is not a file: pass a YAML or JSON task file")
+    raise DivgenError(f"task file {p} does not exist: pass a YAML/JSON task file or a shipped task ({names})")
+
+
+def load_task(spec: str | Path) -> Task:
+    """Read and validate a task file (YAML or JSON) or a shipped task name."""
+    path = resolve_task_path(spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DivgenError(f"cannot read task file {path}: {exc}") from exc
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DivgenError(f"task file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise DivgenError(f"task file {path} is not valid YAML: {exc}") from exc
+    return task_from_dict(data, path=path)
+
+
+def task_from_dict(data, path: Path | None = None) -> Task:
+    """Build and validate a Task from parsed YAML/JSON. Errors name the field."""
+    w = _Where(str(path) if path else "(inline)")
+    if not isinstance(data, dict):
+        raise DivgenError(f"task {w.source} must be a mapping of fields (name, labels, prompt, ...)")
+    _no_unknown(data, TOP_FIELDS, "", w)
+    labels = _labels(data.get("labels"), w)
+    if "prompt" not in data:
+        raise w.error("prompt", "is missing: give a template such as 'Write a news article about {verbalization}.'")
+    few_shot = _few_shot(data.get("few_shot"), path, w)
+    method = data.get("method", "corrsynth")
+    if not isinstance(method, str) or method not in METHODS:
+        raise w.error("method", f"must be one of {', '.join(METHODS)}, got {method!r}")
+    methods = {k: dict(v) for k, v in DEFAULT_METHOD_PARAMS.items()}
+    raw_methods = data.get("methods") or {}
+    if not isinstance(raw_methods, dict):
+        raise w.error("methods", "must be a mapping of method name -> parameters")
+    for name, params in raw_methods.items():
+        if name not in METHODS:
+            raise w.error(f"methods.{name}", f"is not a method: use one of {', '.join(METHODS)}")
+        params = params or {}
+        if not isinstance(params, dict):
+            raise w.error(f"methods.{name}", "must be a mapping of parameters")
+        _no_unknown(params, METHOD_FIELDS[name], f"methods.{name}.", w)
+        methods[name].update(params)
+    raw_sampling = data.get("sampling") or {}
+    if not isinstance(raw_sampling, dict):
+        raise w.error("sampling", "must be a mapping (temperature, top_p, top_k, alpha)")
+    _no_unknown(raw_sampling, SAMPLING_FIELDS, "sampling.", w)
+    stop = data.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise w.error("stop", "must be a list of non-empty strings")
+    per_label = _per_label(data.get("per_label", 50), labels, w)
+    task = Task(
+        labels=labels,
+        prompt=data["prompt"],
+        name=str(data.get("name", path.stem if path else "task")),
+        path=path,
+        model=str(data.get("model", "default") or "default"),
+        chat=data.get("chat", True),
+        system=data.get("system"),
+        few_shot=few_shot,
+        per_label=per_label,
+        max_new_tokens=data.get("max_new_tokens", 64),
+        stop=tuple(stop),
+        ignore_eos=data.get("ignore_eos", False),
+        method=method,
+        methods=methods,
+        sampling=Sampling(**{**Sampling().__dict__, **raw_sampling}),
+        rows_per_group=data.get("rows_per_group"),
+        seed=data.get("seed", 0),
+    )
+    return validate(task, where=w)
+
+
+def validate(task: Task, where: _Where | None = None, flags: bool = False) -> Task:
+    """Check every value; return the task with numbers normalised. ``flags``: name CLI flags."""
+    w = where or _Where(str(task.path) if task.path else "(inline)")
+
+    def err(name: str, flag: str | None, msg: str) -> DivgenError:
+        if flags and flag:
+            return DivgenError(f"{flag} (task field '{name}') {msg}")
+        return w.error(name, msg)
+
+    if not isinstance(task.chat, bool):
+        raise err("chat", None, f"must be true or false, got {task.chat!r}")
+    if task.system is not None and not isinstance(task.system, str):
+        raise err("system", None, "must be a string or null")
+    if not isinstance(task.ignore_eos, bool):
+        raise err("ignore_eos", None, f"must be true or false, got {task.ignore_eos!r}")
+    _check_template(task.prompt, PROMPT_FIELDS, "prompt", w)
+    used = _template_fields(task.prompt)
+    if not used & {"verbalization", "label"} and not (task.few_shot.file or any(l.examples for l in task.labels)):
+        raise w.error("prompt", "must mention {verbalization} or {label} (or show label-specific {examples}): "
+                                "otherwise every label gets the same prompt")
+    max_new = _int(task.max_new_tokens, "max_new_tokens", low=1, where=w, flag="--max-new-tokens" if flags else None)
+    seed = _int(task.seed, "seed", where=w, flag="--seed" if flags else None)
+    if not -(2 ** 62) <= seed < 2 ** 62:
+        raise err("seed", "--seed", f"must be within ±2^62, got {seed}")
+    rows = task.rows_per_group
+    if rows is not None:
+        rows = _int(rows, "rows_per_group", low=1, where=w, flag="--rows-per-group" if flags else None)
+    k = len(task.labels)
+    group_rows = rows if rows is not None else k
+    if task.method in ("corrsynth", "m-corrsynth") and group_rows < 2:
+        raise err("rows_per_group", "--rows-per-group",
+                  f"is {group_rows}: {task.method} contrasts rows decoded together and needs at least 2 rows per "
+                  "group (add a label, set rows_per_group >= 2, or use method fewgen)")
+    if task.method == "cfg" and k < 2:
+        raise err("method", "--method", "cfg needs at least 2 labels: the other labels' prompts are the negative prompts")
+    params = task.params
+    flag_of = {"g": "--g", "gamma": "--gamma", "delta": "--delta"}
+    checked = {}
+    for key, value in params.items():
+        low = 1.0 if key == "g" else 0.0
+        v = _float(value, f"methods.{task.method}.{key}", where=w, flag=flag_of[key] if flags else None)
+        if not low <= v <= MAX_WEIGHT:
+            what = {"g": "guidance scale g", "gamma": "γ (cross-label weight)", "delta": "δ (intra-label weight)"}[key]
+            raise err(f"methods.{task.method}.{key}", flag_of[key],
+                      f"({what}) must be in [{low:g}, {MAX_WEIGHT:g}], got {v:g}")
+        checked[key] = v
+    methods = {**task.methods, task.method: checked}
+    s = task.sampling
+    temperature = _float(s.temperature, "sampling.temperature", where=w, flag="--temperature" if flags else None)
+    top_p = _float(s.top_p, "sampling.top_p", where=w, flag="--top-p" if flags else None)
+    top_k = _int(s.top_k, "sampling.top_k", low=0, where=w, flag="--top-k" if flags else None)
+    alpha = _float(s.alpha, "sampling.alpha", where=w, flag="--alpha" if flags else None)
+    if not 0 <= temperature <= 100:
+        raise err("sampling.temperature", "--temperature", f"must be in [0, 100] (0 is greedy), got {temperature:g}")
+    if not 0 < top_p <= 1:
+        raise err("sampling.top_p", "--top-p", f"must be in (0, 1] (1 disables it), got {top_p:g}")
+    if not 0 <= alpha < 1:
+        raise err("sampling.alpha", "--alpha", f"(plausibility cutoff α) must be in [0, 1) (0 disables it), got {alpha:g}")
+    fs = task.few_shot
+    if fs.file is not None and not Path(fs.file).is_file():
+        raise err("few_shot.file", "--few-shot", f"names {fs.file}, which is not a file: give the path of a CSV or JSONL "
+                                               "few-shot file (e.g. ../shared/data/ag_news_test.csv)")
+    return replace(
+        task, max_new_tokens=max_new, seed=seed, rows_per_group=rows, methods=methods,
+        sampling=Sampling(temperature=temperature, top_p=top_p, top_k=top_k, alpha=alpha),
+    )
+
+
+def _no_unknown(data: dict, allowed: set, prefix: str, w: _Where) -> None:
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(sorted(allowed)) or 'none'})"
+            raise w.error(f"{prefix}{key}", f"is not a task field{hint}")
+
+
+def _labels(raw, w: _Where) -> tuple[Label, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise w.error("labels", "must be a non-empty list of labels, e.g. [{name: positive}, {name: negative}]")
+    labels = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict):
+            raise w.error(f"labels[{i}]", "must be a label name or a mapping with 'name'")
+        _no_unknown(item, LABEL_FIELDS, f"labels[{i}].", w)
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise w.error(f"labels[{i}].name", "must be a non-empty string")
+        verbal = item.get("verbalization", name)
+        if not isinstance(verbal, str) or not verbal.strip():
+            raise w.error(f"labels[{i}].verbalization", "must be a non-empty string")
+        source = item.get("source_label", name)
+        if isinstance(source, bool) or not isinstance(source, (str, int)):
+            raise w.error(f"labels[{i}].source_label", "must be a string or an integer")
+        examples = item.get("examples") or []
+        if not isinstance(examples, list) or not all(isinstance(e, str) and e.strip() for e in examples):
+            raise w.error(f"labels[{i}].examples", "must be a list of non-empty texts")
+        labels.append(Label(name=name.strip(), verbalization=verbal.strip(), source_label=str(source),
+                            examples=tuple(e.strip() for e in examples)))
+    names = [l.name for l in labels]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise w.error("labels", f"has duplicate label name(s) {', '.join(dup)}: names must be unique")
+    with_examples = [l.name for l in labels if l.examples]
+    if with_examples and len(with_examples) != len(labels):
+        missing = [l.name for l in labels if not l.examples]
+        raise w.error("labels[].examples", f"are given for {', '.join(with_examples)} but not for "
+                                           f"{', '.join(missing)}: give inline examples for every label or none")
+    return tuple(labels)
+
+
+def _few_shot(raw, path: Path | None, w: _Where) -> FewShot:
+    if raw is None:
+        return FewShot()
+    if not isinstance(raw, dict):
+        raise w.error("few_shot", "must be a mapping (file, every, per_prompt, header, template, footer)")
+    _no_unknown(raw, FEW_SHOT_FIELDS, "few_shot.", w)
+    file = raw.get("file")
+    if file is not None:
+        if not isinstance(file, str) or not file.strip():
+            raise w.error("few_shot.file", "must be a path or null")
+        p = Path(file).expanduser()
+        if not p.is_absolute() and path is not None:
+            p = path.parent / p
+        if not p.is_file():
+            raise w.error("few_shot.file", f"names {p}, which is not a file: fix the path (relative paths "
+                                           "resolve against the task file's folder) or set it to null")
+        file = p
+    every = _int(raw.get("every", 10), "few_shot.every", low=1, where=w)
+    per_prompt = _int(raw.get("per_prompt", 2), "few_shot.per_prompt", low=0, where=w)
+    out = {"file": file, "every": every, "per_prompt": per_prompt}
+    for key, fields in (("header", PROMPT_FIELDS[:2]), ("template", EXAMPLE_FIELDS), ("footer", PROMPT_FIELDS[:2])):
+        value = raw.get(key, getattr(FewShot, key))
+        if not isinstance(value, str):
+            raise w.error(f"few_shot.{key}", "must be a string")
+        _check_template(value, fields, f"few_shot.{key}", w)
+        out[key] = value
+    if "{text}" not in out["template"]:
+        raise w.error("few_shot.template", "must contain {text} (where the example goes)")
+    return FewShot(**out)
+
+
+def _per_label(raw, labels: tuple[Label, ...], w: _Where) -> tuple[int, ...]:
+    names = [l.name for l in labels]
+    if isinstance(raw, dict):
+        for key in raw:
+            if key not in names:
+                raise w.error(f"per_label.{key}", f"names an unknown label: labels are {', '.join(names)}")
+        return tuple(_int(raw.get(n, 0), f"per_label.{n}", low=0, where=w) for n in names)
+    n = _int(raw, "per_label", low=1, where=w)
+    return tuple(n for _ in names)
+
+
+def _template_fields(template: str) -> set[str]:
+    try:
+        return {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError:
+        return set()
+
+
+def _check_template(template, allowed, name: str, w: _Where) -> None:
+    if not isinstance(template, str) or not template.strip() and name == "prompt":
+        raise w.error(name, "must be a non-empty string")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise w.error(name, f"is not a valid template ({exc}): write literal braces as {{{{ and }}}}") from exc
+    for _, f, spec, conv in parsed:
+        if f is None:
+            continue
+        if f not in allowed or spec or conv:
+            raise w.error(name, f"uses the placeholder {{{f}}}: allowed are {', '.join('{' + a + '}' for a in allowed)}")
+
+
+def _check_method(method, name: str) -> str:
+    if method not in METHODS:
+        close = difflib.get_close_matches(str(method), METHODS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise DivgenError(f"{name} {method!r} is not a method: use one of {', '.join(METHODS)}{hint}")
+    return method
+
+
+def _int(value, name: str, low: int | None = None, where: _Where | None = None, flag: str | None = None) -> int:
+    def fail(msg):
+        return DivgenError(f"{flag} (task field '{name}') {msg}") if flag else (
+            where.error(name, msg) if where else DivgenError(f"{name} {msg}"))
+
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise fail(f"must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise fail(f"must be >= {low}, got {value}")
+    return int(value)
+
+
+def _float(value, name: str, where: _Where | None = None, flag: str | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        msg = f"must be a finite number, got {value!r}"
+        if flag:
+            raise DivgenError(f"{flag} (task field '{name}') {msg}")
+        raise where.error(name, msg) if where else DivgenError(f"{name} {msg}")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Few-shot pools
+# ----------------------------------------------------------------------------------------------
+_ENTITY_FIXES = [(re.compile(r"(?<!&)#(\d+);"), r"&#\1;"), (re.compile(r"(?<![&\w])(quot|amp|lt|gt);"), r"&\1;")]
+
+
+def clean_source_text(text: str) -> str:
+    """Normalise a corpus text: AG News' bare entities ('#39;', 'quot;'), HTML tags, backslashes."""
+    for pattern, repl in _ENTITY_FIXES:
+        text = pattern.sub(repl, text)
+    text = html.unescape(html.unescape(text))
+    text = re.sub(r"<[^>]*>", " ", text).replace("\\", " ")
+    return " ".join(text.split())
+
+
+def _row_text(row: dict, where: str) -> str:
+    if row.get("text") is not None:
+        return clean_source_text(str(row["text"]))
+    if row.get("title") is not None or row.get("description") is not None:
+        title = clean_source_text(str(row.get("title") or ""))
+        desc = clean_source_text(str(row.get("description") or ""))
+        if title and desc:
+            return f"{title}{'' if title[-1] in '.!?:' else '.'} {desc}"
+        return title or desc
+    raise DivgenError(f"{where} has no 'text' column (or 'title'/'description'): give labelled texts")
+
+
+def read_labelled_file(path: Path) -> list[tuple[str, str]]:
+    """(label, text) of every data row of a CSV (header: label + text, or label,title,description)
+    or a JSONL file ({"label", "text"} per line), in file order."""
+    path = Path(path)
+    rows: list[tuple[str, str]] = []
+    try:
+        if path.suffix.lower() in (".jsonl", ".json"):
+            with path.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DivgenError(f"few-shot file {path} line {n} is not JSON ({exc.msg})") from exc
+                    if not isinstance(obj, dict) or "label" not in obj:
+                        raise DivgenError(f"few-shot file {path} line {n} needs a 'label' field")
+                    rows.append((str(obj["label"]), _row_text(obj, f"few-shot file {path} line {n}")))
+        else:
+            with path.open(encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or "label" not in reader.fieldnames:
+                    raise DivgenError(f"few-shot file {path} needs a header row with a 'label' column "
+                                      "and 'text' (or 'title','description')")
+                for row in reader:
+                    rows.append((str(row["label"]).strip(), _row_text(row, f"few-shot file {path}")))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DivgenError(f"cannot read few-shot file {path}: {exc}") from exc
+    return rows
+
+
+def few_shot_pool(task: Task) -> dict[str, list[str]]:
+    """The few-shot examples each label may show: inline examples, then the file's pool rows
+    (data-row index i with i % every == 0). Empty lists when the task is zero-shot."""
+    pool = {l.name: list(l.examples) for l in task.labels}
+    fs = task.few_shot
+    if fs.file is not None:
+        rows = read_labelled_file(fs.file)
+        by_source: dict[str, list[str]] = {}
+        for i, (label, text) in enumerate(rows):
+            if i % fs.every == 0 and text:
+                by_source.setdefault(label, []).append(text)
+        for lab in task.labels:
+            found = by_source.get(lab.source_label, [])
+            if not found:
+                present = ", ".join(sorted(by_source)) or "none"
+                raise DivgenError(
+                    f"few-shot file {fs.file} has no pool rows for label '{lab.name}' (source_label "
+                    f"'{lab.source_label}'); labels in the file's pool: {present}. Fix labels[].source_label "
+                    "or use a file that covers every label"
+                )
+            pool[lab.name].extend(found)
+    if fs.per_prompt == 0:
+        return {name: [] for name in pool}
+    return pool
+
+
+def pool_digest(pool: dict[str, list[str]]) -> str:
+    """A short hash of the pool's content (part of the task fingerprint)."""
+    return hashlib.sha256(json.dumps(pool, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def fingerprint(task: Task, pool: dict[str, list[str]]) -> str:
+    """Hash of everything that decides the texts: a changed task gets a different fingerprint."""
+    content = {**task.content(), "few_shot_pool": pool_digest(pool)}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------
+def pick_examples(task: Task, pool: dict[str, list[str]], group: int, label: str) -> list[str]:
+    """The few-shot examples shown to `label`'s rows in `group`: a sample without replacement
+    from the label's pool, by a generator seeded with (seed, group, label)."""
+    items = pool.get(label, [])
+    k = min(task.few_shot.per_prompt, len(items))
+    if k == 0:
+        return []
+    rng = random.Random(f"divgen-few-shot/{task.seed}/{group}/{label}")
+    return [items[i] for i in sorted(rng.sample(range(len(items)), k))]
+
+
+def render_prompt(task: Task, label: Label, examples: list[str]) -> str:
+    """The user message for one row (before the chat template)."""
+    names = {"verbalization": label.verbalization, "label": label.name}
+    block = ""
+    if examples:
+        fs = task.few_shot
+        block = fs.header.format(**names)
+        block += "".join(fs.template.format(text=e, index=i + 1, **names) for i, e in enumerate(examples))
+        block += fs.footer.format(**names)
+    return task.prompt.format(examples=block, **names)
