@@ -32,3 +32,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def embedded_lm():
+    """The embedded SmolLM2-135M-Instruct, loaded once for the whole session (CPU, fp32)."""
+    from divgen.engine.model import load_model
+
+    return load_model(None, device="cpu")
