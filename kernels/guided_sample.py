@@ -1,0 +1,662 @@
+"""Fused guided sampling (CorrSynth, CFG, plain) from logits, in Triton.
+
+Same signature and same tokens as ``divgen.kernels.reference.guided_sample`` (DESIGN.md, "The
+math"); the reference's docstring is the contract. Layout of this file: derivation → kernels →
+host side (block form of ``mix``, launch plan, wrapper).
+
+Derivation
+----------
+For a row m of a guidance group G(m) (the rows that ``mix`` couples to m, found as connected
+components of its non-zero pattern), with W the group's block of ``mix``:
+
+    ℓ_n(v)  = (l_n(v) − max_n) − log Σ_u exp(l_n(u) − max_n)            log_softmax
+    s_m(v)  = Σ_{n ∈ G(m)} W[m, n] · max(ℓ_n(v), FLOOR)                 guided scores
+    z_m(v)  = s_m(v) / T_m   if l_m(v) finite and l_m(v) ≥ max_m + log α_m,   else −inf
+    x_m     = argmax_v z'_m(v) + G_m(v)     (T_m = 0: no G; z' = z after top-k / top-p)
+
+FLOOR is ``LOGP_FLOOR`` when a ``mix`` is given and −inf when ``mix`` is None (the reference
+clamps only when it mixes; −inf then changes nothing).
+
+1. Before z can be formed only two numbers per row are needed, (max_n, log Σ exp): pass 1 reads
+   the logits once and keeps an online (max, Σ exp) per (row, vocabulary chunk). Every later
+   kernel combines the ≤ 64 chunk partials of its rows itself (no extra launch).
+2. z of all rows of a group at token v needs the group's g logits at v. A program owns a
+   (group, vocabulary chunk): it reads each of the g rows once and forms all g guided rows.
+   Cost g·V multiply-adds per row; entries of ``mix`` across groups are zero and never touched,
+   so there is no R·R·V work.
+3. Gumbel-max needs no softmax: pass 2 keeps a running (best score, smallest token id) per row
+   and chunk; a tiny kernel reduces the chunks (ties → smallest token id, as torch.argmax). The
+   log-prob of the choice needs log Σ exp z', accumulated online in the same pass.
+4. top-k and top-p are thresholds on z: keep v iff the measure of tokens strictly above z(v) is
+   below a bound (count < k; probability mass < top_p · total). The exact threshold is found
+   without sorting, by bisection over the order-preserving int32 keys of fp32 values: a counting
+   pass measures 15 pivots at once and narrows the key interval 16×, so 8 passes pin it. Mass is
+   accumulated with an online max (like softmax), so its normaliser needs no extra pass.
+5. Noise: u = (2·(h >> 9) + 1) / 2^24 with h = fmix32(fmix32(v ^ k1) ^ k2), in uint32 inside
+   the kernel; the row keys (k1, k2) come from ``reference.noise_keys`` on the host, so the bits
+   equal ``reference.uniform_noise`` exactly.
+
+Passes over the logits (each reads every row once; the kernels are memory-bound):
+    basic path (guidance, α, temperature, greedy rows, log-probs)     2   (stats, sample)
+    + top-k on any row                                              + 8   counting passes
+    + top-p on any row                                              + 8   counting passes
+Launches: 3, plus 2 per counting pass (count, narrow). The host side syncs a few times (argument
+checks, the block form of ``mix``); ``launch_guided_sample`` reruns a prepared plan without them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from divgen.kernels.reference import LOGP_FLOOR, check_guided_sample_args, noise_keys
+
+NUM_PIVOTS = 16            # measure columns per counting pass: 0 = total, 1..15 = pivots
+THRESHOLD_PASSES = 8       # 32 key bits / log2(NUM_PIVOTS) bits per pass
+KEY_BELOW_ALL = -(2**31) - 1   # an int64 below every int32 key: the bisection's first lower end
+MAX_CHUNKS = 64            # vocabulary chunks per group (later kernels combine them in one tile)
+MAX_GROUP_ROWS = 256       # rows in one guidance group
+TILE_ELEMS_CUDA = 4096     # G_BLOCK · BLOCK_V per tile on a GPU (32 fp32 registers a thread)
+TILE_ELEMS_CPU = 1024      # smaller tiles under TRITON_INTERPRET=1 (vocabulary splits in tests)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fmix32(h):
+    """murmur3's finaliser on uint32: shifts are logical, products wrap modulo 2^32."""
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    h = h ^ (h >> 16)
+    return h
+
+
+@triton.jit
+def _uniform(key1, key2, token):
+    """uint32 row keys and token ids -> the uniforms of ``reference.uniform_noise``, fp32."""
+    h = _fmix32(_fmix32(token ^ key1) ^ key2)
+    return ((h >> 9) * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _ordered_key(z):
+    """fp32 -> int32 with the same order (−0.0 first made +0.0 so that equal values share a key)."""
+    z = tl.where(z == 0.0, 0.0, z)
+    bits = z.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _group_rows(group_rows_ptr, group_size_ptr, group, G_BLOCK: tl.constexpr):
+    """Row ids [G_BLOCK] of a group (0 where padded), the mask of real rows, and the group size."""
+    gi = tl.arange(0, G_BLOCK)
+    size = tl.load(group_size_ptr + group)
+    row_mask = gi < size
+    rows = tl.load(group_rows_ptr + group * G_BLOCK + gi, mask=row_mask, other=0)
+    return rows, row_mask, size
+
+
+@triton.jit
+def _row_stats(part_max_ptr, part_sum_ptr, rows, row_mask, num_chunks, C_BLOCK: tl.constexpr):
+    """Combine pass-1 chunk partials: per-row max logit and log Σ exp(l − max), each [G_BLOCK]."""
+    c = tl.arange(0, C_BLOCK)
+    offs = rows[:, None] * num_chunks + c[None, :]
+    mask = row_mask[:, None] & (c < num_chunks)[None, :]
+    pmax = tl.load(part_max_ptr + offs, mask=mask, other=float("-inf"))     # [G_BLOCK, C_BLOCK]
+    psum = tl.load(part_sum_ptr + offs, mask=mask, other=0.0)
+    row_max = tl.max(pmax, axis=1)
+    ref = tl.where(row_max == float("-inf"), 0.0, row_max)
+    total = tl.sum(psum * tl.exp(pmax - ref[:, None]), axis=1)
+    return row_max, tl.log(tl.where(row_mask, total, 1.0))          # padded rows: 0, not log 0
+
+
+@triton.jit
+def _guided_scores(
+    logits_ptr, stride_logits,
+    group_rows_ptr, weights_ptr, group, size,
+    row_max, row_logsum, cutoff, t_safe, logp_floor,
+    cols, col_mask,
+    G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """z [G_BLOCK, BLOCK_V] of a group's rows at tokens ``cols``: guided, α-cut, tempered.
+
+    Each of the group's rows is read once; W[:, n] scales row n's clamped log-probs into every
+    row's scores. A row's own logits (for the α test) are picked out of the same loads.
+    """
+    gi = tl.arange(0, G_BLOCK)
+    s = tl.zeros([G_BLOCK, BLOCK_V], dtype=tl.float32)
+    own = tl.full([G_BLOCK, BLOCK_V], float("-inf"), dtype=tl.float32)
+    for n in range(0, size):
+        row_n = tl.load(group_rows_ptr + group * G_BLOCK + n).to(tl.int64)
+        x_n = tl.load(logits_ptr + row_n * stride_logits + cols, mask=col_mask,
+                      other=float("-inf")).to(tl.float32)                       # [BLOCK_V]
+        is_n = gi == n
+        max_n = tl.max(tl.where(is_n, row_max, float("-inf")), axis=0)
+        logsum_n = tl.sum(tl.where(is_n, row_logsum, 0.0), axis=0)
+        logp_n = tl.maximum((x_n - max_n) - logsum_n, logp_floor)
+        w_n = tl.load(weights_ptr + (group * G_BLOCK + gi) * G_BLOCK + n)         # W[:, n], 0-padded
+        s += w_n[:, None] * logp_n[None, :]
+        own = tl.where(is_n[:, None], x_n[None, :], own)
+    keep = (own > float("-inf")) & (own < float("inf")) & (own >= (row_max + cutoff)[:, None])
+    return tl.where(keep, tl.math.div_rn(s, t_safe[:, None]), float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Grid of the per-tile kernels: (groups, vocabulary chunks).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _stats_kernel(
+    logits_ptr, stride_logits,
+    group_rows_ptr, group_size_ptr,
+    part_max_ptr, part_sum_ptr,                                   # out: [R, num_chunks] fp32
+    vocab, chunk_len, num_chunks,
+    G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Pass 1: per (row, chunk) max logit and Σ exp(l − max), online over the chunk's tiles."""
+    group = tl.program_id(0)
+    chunk = tl.program_id(1)
+    rows, row_mask, size = _group_rows(group_rows_ptr, group_size_ptr, group, G_BLOCK)
+    row_base = rows.to(tl.int64) * stride_logits
+    run_max = tl.full([G_BLOCK], float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros([G_BLOCK], dtype=tl.float32)
+    v_begin = chunk * chunk_len
+    v_end = tl.minimum(v_begin + chunk_len, vocab)
+    for start in range(v_begin, v_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = row_mask[:, None] & (cols < v_end)[None, :]
+        x = tl.load(logits_ptr + row_base[:, None] + cols[None, :], mask=mask,
+                    other=float("-inf")).to(tl.float32)                       # [G_BLOCK, BLOCK_V]
+        new_max = tl.maximum(run_max, tl.max(x, axis=1))
+        ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - ref) + tl.sum(tl.exp(x - ref[:, None]), axis=1)
+        run_max = new_max
+    tl.store(part_max_ptr + rows * num_chunks + chunk, run_max, mask=row_mask)
+    tl.store(part_sum_ptr + rows * num_chunks + chunk, run_sum, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["pivot_step"])
+def _threshold_count_kernel(
+    logits_ptr, stride_logits,
+    group_rows_ptr, group_size_ptr, weights_ptr,
+    part_max_ptr, part_sum_ptr,
+    cutoff_ptr, t_safe_ptr, lo_top_k_ptr,
+    lo_ptr, pivot_step,
+    measure_ptr, measure_max_ptr,        # out: [R, num_chunks, NUM_PIVOTS], [R, num_chunks]
+    vocab, chunk_len, num_chunks, logp_floor,
+    G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, C_BLOCK: tl.constexpr,
+    NUM_PIVOTS: tl.constexpr, MASS: tl.constexpr, APPLY_TOP_K: tl.constexpr,
+):
+    """A counting pass of the threshold bisection, per (row, chunk).
+
+    Pivot j of row r is lo[r] + j · pivot_step. Column 0 measures every token, column j the tokens
+    whose key is > pivot j. MASS: the measure is Σ exp(z − chunk max) over z after the top-k cut
+    (top-p), with the chunk max written beside it; otherwise it is a count of tokens (top-k).
+    """
+    group = tl.program_id(0)
+    chunk = tl.program_id(1)
+    rows, row_mask, size = _group_rows(group_rows_ptr, group_size_ptr, group, G_BLOCK)
+    row_max, row_logsum = _row_stats(part_max_ptr, part_sum_ptr, rows, row_mask, num_chunks, C_BLOCK)
+    cutoff = tl.load(cutoff_ptr + rows, mask=row_mask, other=0.0)
+    t_safe = tl.load(t_safe_ptr + rows, mask=row_mask, other=1.0)
+    lo = tl.load(lo_ptr + rows, mask=row_mask, other=0)                          # [G_BLOCK] int64
+    if APPLY_TOP_K:
+        key_top_k = tl.load(lo_top_k_ptr + rows, mask=row_mask, other=0) + 1
+    j = tl.arange(0, NUM_PIVOTS)
+    acc = tl.zeros([G_BLOCK, NUM_PIVOTS], dtype=tl.float32)
+    run_max = tl.full([G_BLOCK], float("-inf"), dtype=tl.float32)
+    v_begin = chunk * chunk_len
+    v_end = tl.minimum(v_begin + chunk_len, vocab)
+    for start in range(v_begin, v_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        z = _guided_scores(logits_ptr, stride_logits, group_rows_ptr, weights_ptr, group, size,
+                           row_max, row_logsum, cutoff, t_safe, logp_floor, cols, col_mask,
+                           G_BLOCK, BLOCK_V)
+        key = _ordered_key(z).to(tl.int64)
+        if APPLY_TOP_K:
+            z = tl.where(key >= key_top_k[:, None], z, float("-inf"))
+            key = _ordered_key(z).to(tl.int64)
+        if MASS:
+            new_max = tl.maximum(run_max, tl.max(z, axis=1))
+            ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+            acc = acc * tl.exp(run_max - ref)[:, None]
+            run_max = new_max
+            w = tl.exp(z - ref[:, None])                                     # 0 where z = −inf
+        else:
+            w = tl.where(col_mask[None, :] & row_mask[:, None], 1.0, 0.0)
+        acc += tl.where(j[None, :] == 0, tl.sum(w, axis=1)[:, None], 0.0)
+        for p in tl.static_range(1, NUM_PIVOTS):
+            pivot = lo + pivot_step.to(tl.int64) * p
+            above = tl.sum(tl.where(key > pivot[:, None], w, 0.0), axis=1)
+            acc += tl.where(j[None, :] == p, above[:, None], 0.0)
+    offs = (rows[:, None] * num_chunks + chunk) * NUM_PIVOTS + j[None, :]
+    tl.store(measure_ptr + offs, acc, mask=row_mask[:, None])
+    if MASS:
+        tl.store(measure_max_ptr + rows * num_chunks + chunk, run_max, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["pivot_step"])
+def _threshold_narrow_kernel(
+    measure_ptr, measure_max_ptr, bound_ptr, lo_ptr, pivot_step, num_chunks,
+    C_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr, MASS: tl.constexpr,
+):
+    """Per row: F(pivot j) = measure above pivot j; lo += pivot_step · #{j ≥ 1 : F(j) ≥ bound}.
+
+    F is non-increasing in j (sums of the same terms in the same order, fewer of them), so this
+    moves lo to the last pivot that still fails "F < bound": the threshold stays in (lo, lo + step].
+    """
+    r = tl.program_id(0)
+    c = tl.arange(0, C_BLOCK)
+    j = tl.arange(0, NUM_PIVOTS)
+    cmask = c < num_chunks
+    meas = tl.load(measure_ptr + (r * num_chunks + c[:, None]) * NUM_PIVOTS + j[None, :],
+                   mask=cmask[:, None], other=0.0)                                # [C_BLOCK, NP]
+    bound = tl.load(bound_ptr + r)
+    if MASS:
+        cmax = tl.load(measure_max_ptr + r * num_chunks + c, mask=cmask, other=float("-inf"))
+        top = tl.max(cmax, axis=0)
+        meas = meas * tl.exp(cmax - top)[:, None]
+        above = tl.sum(meas, axis=0)                                              # [NP]
+        bound = bound * tl.sum(tl.where(j == 0, above, 0.0), axis=0)             # top_p · total
+    else:
+        above = tl.sum(meas, axis=0)
+    fails = tl.sum(tl.where((j > 0) & (above >= bound), 1, 0), axis=0)
+    lo = tl.load(lo_ptr + r)
+    tl.store(lo_ptr + r, lo + fails.to(tl.int64) * pivot_step.to(tl.int64))
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, stride_logits, noise_ptr, stride_noise,
+    group_rows_ptr, group_size_ptr, weights_ptr,
+    part_max_ptr, part_sum_ptr,
+    cutoff_ptr, t_safe_ptr, greedy_ptr, key1_ptr, key2_ptr, lo_top_k_ptr, lo_top_p_ptr,
+    best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, z_sum_ptr,   # out: [R, num_chunks]
+    vocab, chunk_len, num_chunks, logp_floor,
+    G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, C_BLOCK: tl.constexpr,
+    HAS_NOISE: tl.constexpr, ANY_SAMPLED: tl.constexpr, HAS_TOP_K: tl.constexpr,
+    HAS_TOP_P: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
+):
+    """Pass 2: per (row, chunk) the Gumbel-max winner (score, token) and the log-prob partials."""
+    group = tl.program_id(0)
+    chunk = tl.program_id(1)
+    rows, row_mask, size = _group_rows(group_rows_ptr, group_size_ptr, group, G_BLOCK)
+    row_max, row_logsum = _row_stats(part_max_ptr, part_sum_ptr, rows, row_mask, num_chunks, C_BLOCK)
+    cutoff = tl.load(cutoff_ptr + rows, mask=row_mask, other=0.0)
+    t_safe = tl.load(t_safe_ptr + rows, mask=row_mask, other=1.0)
+    greedy = tl.load(greedy_ptr + rows, mask=row_mask, other=1) != 0
+    key1 = tl.load(key1_ptr + rows, mask=row_mask, other=0).to(tl.uint32, bitcast=True)
+    key2 = tl.load(key2_ptr + rows, mask=row_mask, other=0).to(tl.uint32, bitcast=True)
+    if HAS_TOP_K:
+        key_top_k = tl.load(lo_top_k_ptr + rows, mask=row_mask, other=0) + 1
+    if HAS_TOP_P:
+        key_top_p = tl.load(lo_top_p_ptr + rows, mask=row_mask, other=0) + 1
+    best = tl.full([G_BLOCK], float("-inf"), dtype=tl.float32)
+    best_token = tl.zeros([G_BLOCK], dtype=tl.int32) + vocab
+    best_z = tl.full([G_BLOCK], float("-inf"), dtype=tl.float32)
+    z_max = tl.full([G_BLOCK], float("-inf"), dtype=tl.float32)
+    z_sum = tl.zeros([G_BLOCK], dtype=tl.float32)
+    v_begin = chunk * chunk_len
+    v_end = tl.minimum(v_begin + chunk_len, vocab)
+    for start in range(v_begin, v_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        z = _guided_scores(logits_ptr, stride_logits, group_rows_ptr, weights_ptr, group, size,
+                           row_max, row_logsum, cutoff, t_safe, logp_floor, cols, col_mask,
+                           G_BLOCK, BLOCK_V)
+        if HAS_TOP_K:
+            z = tl.where(_ordered_key(z).to(tl.int64) >= key_top_k[:, None], z, float("-inf"))
+        if HAS_TOP_P:
+            z = tl.where(_ordered_key(z).to(tl.int64) >= key_top_p[:, None], z, float("-inf"))
+        if ANY_SAMPLED:
+            if HAS_NOISE:
+                u = tl.load(noise_ptr + rows.to(tl.int64)[:, None] * stride_noise + cols[None, :],
+                            mask=row_mask[:, None] & col_mask[None, :], other=0.5).to(tl.float32)
+            else:
+                u = _uniform(key1[:, None], key2[:, None], cols.to(tl.uint32)[None, :])
+            score = tl.where(greedy[:, None], z, z - tl.log(-tl.log(u)))
+        else:
+            score = z
+        tile_best = tl.max(score, axis=1)
+        tile_token = tl.min(tl.where(score == tile_best[:, None], cols[None, :], vocab), axis=1)
+        better = tile_best > best                 # strict: an earlier tile keeps a tie
+        if RETURN_LOGPROBS:
+            tile_z = tl.max(tl.where(cols[None, :] == tile_token[:, None], z, float("-inf")), axis=1)
+            best_z = tl.where(better, tile_z, best_z)
+            new_max = tl.maximum(z_max, tl.max(z, axis=1))
+            ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+            z_sum = z_sum * tl.exp(z_max - ref) + tl.sum(tl.exp(z - ref[:, None]), axis=1)
+            z_max = new_max
+        best = tl.where(better, tile_best, best)
+        best_token = tl.where(better, tile_token, best_token)
+    out = rows * num_chunks + chunk
+    tl.store(best_score_ptr + out, best, mask=row_mask)
+    tl.store(best_token_ptr + out, best_token, mask=row_mask)
+    if RETURN_LOGPROBS:
+        tl.store(best_z_ptr + out, best_z, mask=row_mask)
+        tl.store(z_max_ptr + out, z_max, mask=row_mask)
+        tl.store(z_sum_ptr + out, z_sum, mask=row_mask)
+
+
+@triton.jit
+def _select_kernel(
+    best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, z_sum_ptr,
+    tokens_ptr, logprobs_ptr,                                        # out: [R] int64, [R] fp32
+    rows_total, vocab, num_chunks,
+    BLOCK_R: tl.constexpr, C_BLOCK: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
+):
+    """Reduce the chunk winners of BLOCK_R rows: max score, ties → smallest token id."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, C_BLOCK)
+    rmask = r < rows_total
+    mask = rmask[:, None] & (c < num_chunks)[None, :]
+    offs = r[:, None] * num_chunks + c[None, :]
+    score = tl.load(best_score_ptr + offs, mask=mask, other=float("-inf"))        # [BLOCK_R, C]
+    token = tl.load(best_token_ptr + offs, mask=mask, other=vocab)
+    top = tl.max(score, axis=1)
+    is_top = score == top[:, None]
+    chosen = tl.min(tl.where(is_top, token, vocab), axis=1)
+    tl.store(tokens_ptr + r, chosen.to(tl.int64), mask=rmask)
+    if RETURN_LOGPROBS:
+        z_chosen = tl.max(tl.where(is_top & (token == chosen[:, None]),
+                                   tl.load(best_z_ptr + offs, mask=mask, other=float("-inf")),
+                                   float("-inf")), axis=1)
+        cmax = tl.load(z_max_ptr + offs, mask=mask, other=float("-inf"))
+        csum = tl.load(z_sum_ptr + offs, mask=mask, other=0.0)
+        zmax = tl.where(rmask, tl.max(cmax, axis=1), 0.0)           # padded rows: 0, not −inf
+        total = tl.sum(csum * tl.exp(cmax - zmax[:, None]), axis=1)
+        lse = zmax + tl.log(tl.where(rmask, total, 1.0))
+        tl.store(logprobs_ptr + r, z_chosen - lse, mask=rmask)
+
+
+@triton.jit
+def _uniform_noise_kernel(key1_ptr, key2_ptr, out_ptr, vocab, BLOCK_V: tl.constexpr):
+    """u[r, v] for a [R, vocab] output: the in-kernel noise, exposed for tests and tools."""
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    key1 = tl.load(key1_ptr + r).to(tl.uint32, bitcast=True)
+    key2 = tl.load(key2_ptr + r).to(tl.uint32, bitcast=True)
+    u = _uniform(key1, key2, cols.to(tl.uint32))
+    tl.store(out_ptr + r.to(tl.int64) * vocab + cols, u, mask=cols < vocab)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockMix:
+    """Block form of the dense ``mix``: groups of coupled rows and each group's block of weights."""
+    group_rows: torch.Tensor    # [NG, G_BLOCK] int32, a group's row ids (ascending), 0-padded
+    group_size: torch.Tensor    # [NG] int32
+    weights: torch.Tensor       # [NG, G_BLOCK, G_BLOCK] fp32, weights[g, i, j] = mix[row i, row j]
+    g_block: int                # next power of two >= the largest group
+    logp_floor: float           # LOGP_FLOOR when mixing, −inf for mix None (as the reference)
+
+    @property
+    def num_groups(self) -> int:
+        return self.group_size.shape[0]
+
+
+def block_form(mix: torch.Tensor | None, rows: int, device: torch.device | str) -> BlockMix:
+    """Split ``mix`` [R, R] into groups: the connected components of its non-zero pattern.
+
+    Rows of a group need not be contiguous (a CFG shadow row may sit anywhere); the kernels
+    gather them by id. mix None: R groups of one row with weight 1. Reads ``mix`` on the host.
+    """
+    if mix is None:
+        groups = [[r] for r in range(rows)]
+        dense = None
+    else:
+        dense = mix.detach().to("cpu", torch.float32)                      # [R, R]
+        coupled = (dense != 0) | (dense != 0).T
+        coupled |= torch.eye(rows, dtype=torch.bool)
+        label = torch.arange(rows)
+        while True:   # every row takes the smallest row id it reaches: its component's first row
+            reached = torch.where(coupled, label[None, :], rows).min(dim=1).values
+            new = torch.minimum(label, reached)
+            new = new[new]                                                 # pointer jumping
+            if torch.equal(new, label):
+                break
+            label = new
+        groups = [torch.nonzero(label == first).flatten().tolist() for first in label.unique().tolist()]
+    largest = max(len(g) for g in groups)
+    if largest > MAX_GROUP_ROWS:
+        raise ValueError(f"mix couples {largest} rows into one guidance group; the kernel handles up to "
+                         f"{MAX_GROUP_ROWS} (split the batch into smaller groups)")
+    g_block = triton.next_power_of_2(largest)
+    group_rows = torch.zeros(len(groups), g_block, dtype=torch.int32)
+    group_size = torch.tensor([len(g) for g in groups], dtype=torch.int32)
+    weights = torch.zeros(len(groups), g_block, g_block, dtype=torch.float32)
+    for i, g in enumerate(groups):
+        idx = torch.tensor(g)
+        group_rows[i, : len(g)] = idx.to(torch.int32)
+        weights[i, : len(g), : len(g)] = 1.0 if dense is None else dense[idx[:, None], idx[None, :]]
+    return BlockMix(
+        group_rows=group_rows.to(device), group_size=group_size.to(device), weights=weights.to(device),
+        g_block=g_block, logp_floor=float("-inf") if mix is None else LOGP_FLOOR,
+    )
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_v: int       # tokens per tile (power of two)
+    chunk_len: int     # tokens per program (a multiple of block_v)
+    num_chunks: int    # programs per group along the vocabulary (≤ MAX_CHUNKS)
+
+
+def launch_config(vocab: int, num_groups: int, g_block: int, device: torch.device,
+                  block_v: int | None = None, num_chunks: int | None = None) -> LaunchConfig:
+    """Tile and vocabulary split. On a GPU: enough (group, chunk) programs to fill the SMs ~4×."""
+    on_cuda = device.type == "cuda"
+    if block_v is None:
+        tile = TILE_ELEMS_CUDA if on_cuda else TILE_ELEMS_CPU
+        block_v = min(max(16, tile // g_block), triton.next_power_of_2(vocab))
+    if block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    tiles = triton.cdiv(vocab, block_v)
+    if num_chunks is None:
+        if on_cuda:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            num_chunks = triton.cdiv(4 * sms, num_groups)
+        else:
+            num_chunks = 1
+    num_chunks = max(1, min(num_chunks, tiles, MAX_CHUNKS))
+    chunk_len = triton.cdiv(tiles, num_chunks) * block_v
+    return LaunchConfig(block_v=block_v, chunk_len=chunk_len, num_chunks=triton.cdiv(vocab, chunk_len))
+
+
+@dataclass(frozen=True)
+class GuidedSamplePlan:
+    """Everything the kernels read, prepared (checked, converted, on the device) once."""
+    logits: torch.Tensor        # [R, V] fp32/fp16/bf16, unit stride along V
+    noise: torch.Tensor | None  # [R, V] fp32 injected uniforms, or None for the counter noise
+    block: BlockMix
+    config: LaunchConfig
+    cutoff: torch.Tensor        # [R] fp32, log α (−inf for α = 0)
+    t_safe: torch.Tensor        # [R] fp32, T (1 for greedy rows)
+    greedy: torch.Tensor        # [R] int32, T == 0
+    key1: torch.Tensor          # [R] int32 bits of the uint32 noise keys
+    key2: torch.Tensor
+    k_bound: torch.Tensor       # [R] fp32, min(k, V), +inf where top-k is off
+    p_bound: torch.Tensor       # [R] fp32, top_p, +inf where top-p is off
+    any_sampled: bool
+    has_top_k: bool
+    has_top_p: bool
+
+
+def _uint32_as_int32(k: torch.Tensor) -> torch.Tensor:
+    return torch.where(k >= 2**31, k - 2**32, k).to(torch.int32)
+
+
+def plan_guided_sample(logits, mix, *, seeds, step, temperature=1.0, alpha=0.0, top_k=0, top_p=1.0,
+                       noise=None, block_v: int | None = None,
+                       num_chunks: int | None = None) -> GuidedSamplePlan:
+    """Check the arguments (as the reference does) and prepare the kernels' inputs."""
+    temperature, alpha, top_k, top_p = check_guided_sample_args(
+        logits, mix, seeds, temperature, alpha, top_k, top_p, noise
+    )
+    rows, vocab = logits.shape
+    device = logits.device
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    block = block_form(mix, rows, device)
+    config = launch_config(vocab, block.num_groups, block.g_block, device, block_v, num_chunks)
+    key1, key2 = noise_keys(seeds.to(device), step)
+    greedy = temperature == 0
+    inf = torch.full_like(temperature, float("inf"))
+    return GuidedSamplePlan(
+        logits=logits,
+        noise=None if noise is None else noise.to(device=device, dtype=torch.float32).contiguous(),
+        block=block,
+        config=config,
+        cutoff=torch.log(alpha).contiguous(),
+        t_safe=torch.where(greedy, torch.ones_like(temperature), temperature).contiguous(),
+        greedy=greedy.to(torch.int32).contiguous(),
+        key1=_uint32_as_int32(key1).contiguous(),
+        key2=_uint32_as_int32(key2).contiguous(),
+        k_bound=torch.where(top_k > 0, top_k.clamp(max=vocab).to(torch.float32), inf).contiguous(),
+        p_bound=torch.where(top_p < 1, top_p, inf).contiguous(),
+        any_sampled=bool((~greedy).any()),
+        has_top_k=bool((top_k > 0).any()),
+        has_top_p=bool((top_p < 1).any()),
+    )
+
+
+def _find_threshold(plan: GuidedSamplePlan, row_stats, bound: torch.Tensor, *, mass: bool,
+                    lo_top_k: torch.Tensor | None) -> torch.Tensor:
+    """Bisect the int32 key of a row's top-k (mass=False) or top-p threshold; returns lo [R] int64.
+
+    The rows keep token v iff key(z(v)) ≥ lo + 1.
+    """
+    logits, block, cfg = plan.logits, plan.block, plan.config
+    rows, vocab = logits.shape
+    part_max, part_sum = row_stats
+    c_block = triton.next_power_of_2(cfg.num_chunks)
+    lo = torch.full((rows,), KEY_BELOW_ALL, dtype=torch.int64, device=logits.device)
+    measure = torch.empty(rows, cfg.num_chunks, NUM_PIVOTS, dtype=torch.float32, device=logits.device)
+    measure_max = torch.empty(rows, cfg.num_chunks, dtype=torch.float32, device=logits.device)
+    bits_per_pass = NUM_PIVOTS.bit_length() - 1
+    for p in range(THRESHOLD_PASSES):
+        pivot_step = 1 << (32 - bits_per_pass * (p + 1))
+        _threshold_count_kernel[(block.num_groups, cfg.num_chunks)](
+            logits, logits.stride(0),
+            block.group_rows, block.group_size, block.weights,
+            part_max, part_sum,
+            plan.cutoff, plan.t_safe, lo if lo_top_k is None else lo_top_k,
+            lo, pivot_step,
+            measure, measure_max,
+            vocab, cfg.chunk_len, cfg.num_chunks, block.logp_floor,
+            G_BLOCK=block.g_block, BLOCK_V=cfg.block_v, C_BLOCK=c_block,
+            NUM_PIVOTS=NUM_PIVOTS, MASS=mass, APPLY_TOP_K=lo_top_k is not None,
+        )
+        _threshold_narrow_kernel[(rows,)](
+            measure, measure_max, bound, lo, pivot_step, cfg.num_chunks,
+            C_BLOCK=c_block, NUM_PIVOTS=NUM_PIVOTS, MASS=mass,
+        )
+    return lo
+
+
+def launch_guided_sample(plan: GuidedSamplePlan, return_logprobs: bool = False):
+    """Run the kernels of a prepared plan (no host syncs, no checks). Returns as guided_sample."""
+    logits, block, cfg = plan.logits, plan.block, plan.config
+    rows, vocab = logits.shape
+    dev = logits.device
+    grid = (block.num_groups, cfg.num_chunks)
+    c_block = triton.next_power_of_2(cfg.num_chunks)
+
+    part_max = torch.empty(rows, cfg.num_chunks, dtype=torch.float32, device=dev)
+    part_sum = torch.empty_like(part_max)
+    _stats_kernel[grid](
+        logits, logits.stride(0), block.group_rows, block.group_size, part_max, part_sum,
+        vocab, cfg.chunk_len, cfg.num_chunks, G_BLOCK=block.g_block, BLOCK_V=cfg.block_v,
+    )
+    lo_top_k = lo_top_p = None
+    if plan.has_top_k:
+        lo_top_k = _find_threshold(plan, (part_max, part_sum), plan.k_bound, mass=False, lo_top_k=None)
+    if plan.has_top_p:
+        lo_top_p = _find_threshold(plan, (part_max, part_sum), plan.p_bound, mass=True, lo_top_k=lo_top_k)
+
+    best_score = torch.empty(rows, cfg.num_chunks, dtype=torch.float32, device=dev)
+    best_token = torch.empty(rows, cfg.num_chunks, dtype=torch.int32, device=dev)
+    best_z, z_max, z_sum = (torch.empty_like(best_score) for _ in range(3))
+    noise = plan.noise
+    _sample_kernel[grid](
+        logits, logits.stride(0), logits if noise is None else noise, 0 if noise is None else noise.stride(0),
+        block.group_rows, block.group_size, block.weights,
+        part_max, part_sum,
+        plan.cutoff, plan.t_safe, plan.greedy, plan.key1, plan.key2,
+        part_max if lo_top_k is None else lo_top_k, part_max if lo_top_p is None else lo_top_p,
+        best_score, best_token, best_z, z_max, z_sum,
+        vocab, cfg.chunk_len, cfg.num_chunks, block.logp_floor,
+        G_BLOCK=block.g_block, BLOCK_V=cfg.block_v, C_BLOCK=c_block,
+        HAS_NOISE=noise is not None, ANY_SAMPLED=plan.any_sampled, HAS_TOP_K=plan.has_top_k,
+        HAS_TOP_P=plan.has_top_p, RETURN_LOGPROBS=return_logprobs,
+    )
+    tokens = torch.empty(rows, dtype=torch.int64, device=dev)
+    logprobs = torch.empty(rows, dtype=torch.float32, device=dev)
+    block_r = max(1, min(triton.next_power_of_2(rows), 4096 // c_block, 64))
+    _select_kernel[(triton.cdiv(rows, block_r),)](
+        best_score, best_token, best_z, z_max, z_sum, tokens, logprobs,
+        rows, vocab, cfg.num_chunks,
+        BLOCK_R=block_r, C_BLOCK=c_block, RETURN_LOGPROBS=return_logprobs,
+    )
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
+def guided_sample(
+    logits: torch.Tensor,
+    mix: torch.Tensor | None,
+    *,
+    seeds: torch.Tensor,
+    step: int,
+    temperature=1.0,
+    alpha=0.0,
+    top_k=0,
+    top_p=1.0,
+    noise: torch.Tensor | None = None,
+    return_logprobs: bool = False,
+):
+    """Guided sampling from logits, fused (the twin of ``reference.guided_sample``).
+
+    Semantics:
+        lp = log_softmax(logits.float())                      # [R, V]
+        s = mix @ lp.clamp(min=LOGP_FLOOR)                    # [R, V]; mix None: s = lp
+        keep = isfinite(logits) & (logits >= logits.max(-1) + log(alpha))
+        keep &= top_k/top_p masks of softmax(s / T) over keep
+        tokens = argmax(where(keep, s / T - log(-log(u)), -inf))   # T == 0: argmax(where(keep, s))
+        u = uniform_noise(seeds, step, V) unless noise is given
+    Args:
+        logits: [R, V] fp32/fp16/bf16 next-token logits.
+        mix: [R, R] guidance mixing matrix or None. Read as blocks: the connected components of its
+            non-zero pattern (rows of a group may be anywhere in the batch, up to 256 a group).
+        seeds: [R] int64 per-row seeds; step: decode step (the noise counter).
+        temperature, alpha, top_k, top_p: scalar or [R] tensors (0 temperature = greedy row).
+        noise: optional [R, V] uniforms in (0, 1) replacing the counter-based noise.
+        return_logprobs: also return [R] fp32, log-prob of each chosen token under the tempered,
+            cut distribution (for greedy rows, under the cut distribution at T = 1).
+    Returns: tokens [R] int64 (and logprobs [R] fp32). Nothing is modified in place.
+    Raises: ValueError for the reference's bad arguments and for a guidance group over 256 rows.
+    """
+    plan = plan_guided_sample(logits, mix, seeds=seeds, step=step, temperature=temperature, alpha=alpha,
+                              top_k=top_k, top_p=top_p, noise=noise)
+    return launch_guided_sample(plan, return_logprobs)
+
+
+def uniform_noise(seeds: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
+    """The kernels' uniforms u [R, V] fp32, computed on the device by the same code as the sampler.
+
+    Equal bit for bit to ``reference.uniform_noise`` (a test checks it).
+    """
+    key1, key2 = noise_keys(seeds, step)
+    rows = seeds.shape[0]
+    out = torch.empty(rows, vocab_size, dtype=torch.float32, device=seeds.device)
+    block_v = min(1024, triton.next_power_of_2(vocab_size))
+    _uniform_noise_kernel[(rows, triton.cdiv(vocab_size, block_v))](
+        _uint32_as_int32(key1), _uint32_as_int32(key2), out, vocab_size, BLOCK_V=block_v
+    )
+    return out
