@@ -528,11 +528,14 @@ def _float(value, name: str, where: _Where | None = None, flag: str | None = Non
 # ----------------------------------------------------------------------------------------------
 # Few-shot pools
 # ----------------------------------------------------------------------------------------------
-_ENTITY_FIXES = [(re.compile(r"(?<!&)#(\d+);"), r"&#\1;"), (re.compile(r"(?<![&\w])(quot|amp|lt|gt);"), r"&\1;")]
+# AG News lost the '&' of its HTML entities to a space ("doesn #39;t", "Johnson  amp; Johnson").
+_ENTITY_FIXES = [(re.compile(r" (#\d+|quot|amp|lt|gt);"), r"&\1;"),
+                 (re.compile(r"(?<![&\w])(#\d+|quot|amp|lt|gt);"), r"&\1;")]
 
 
 def clean_source_text(text: str) -> str:
-    """Normalise a corpus text: AG News' bare entities ('#39;', 'quot;'), HTML tags, backslashes."""
+    """Normalise a corpus text: AG News' damaged entities (' #39;' -> "'", ' quot;' -> '"'),
+    HTML tags, backslashes, runs of whitespace."""
     for pattern, repl in _ENTITY_FIXES:
         text = pattern.sub(repl, text)
     text = html.unescape(html.unescape(text))
