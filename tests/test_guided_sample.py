@@ -1,0 +1,542 @@
+"""Guided sampling: the Triton kernel (under TRITON_INTERPRET=1 on CPU) and the torch reference,
+both against an independent float64 numpy implementation of DESIGN.md "The math".
+
+Habits from FlashInfer's sampling tests: odd vocabulary sizes, −inf logits, "masked tokens are
+never drawn", sample frequencies against the exact distribution, exact token equality when the
+noise is injected. Kernel runs are kept small (the interpreter costs milliseconds a program).
+"""
+import importlib
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import divgen.kernels as kernels
+from divgen.kernels import reference
+
+# Importing a submodule makes Python bind it as an attribute of its package, which would shadow
+# the dispatch function ``divgen.kernels.guided_sample`` for every later test: put it back.
+_dispatch = kernels.guided_sample
+gs = importlib.import_module("divgen.kernels.guided_sample")
+kernels.guided_sample = _dispatch
+
+# ---- shapes, dtypes, tolerances ---------------------------------------------------------------
+VOCAB_SIZES = (111, 989)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ROWS = 6
+LAYOUTS = ("plain", "identity", "corrsynth", "mixed_sizes", "cfg_interleaved")
+LOGPROB_ATOL = 1e-4          # fp32 log-probs of the same cut distribution, different sum orders
+LOGPROB_RTOL = 1e-5
+LOGP_FLOOR = reference.LOGP_FLOOR
+NEG_INF = float("-inf")
+CHI2_Z = 4.75                # normal quantile of the chi-square bound: false alarm ≈ 1e-6
+
+# scalar and per-row parameter sets (ROWS rows); temperature 0 marks a greedy row
+SCALAR_PARAMS = dict(temperature=0.8, alpha=0.02)
+PER_ROW_PARAMS = dict(
+    temperature=torch.tensor([0.0, 0.7, 1.3, 0.0, 1.0, 0.4]),
+    alpha=torch.tensor([0.0, 0.05, 0.001, 0.2, 0.0, 0.01]),
+)
+TOP_SETTINGS = {
+    "top_k": dict(top_k=5),
+    "top_p": dict(top_p=0.7),
+    "both_per_row": dict(top_k=torch.tensor([0, 3, 1, 500, 8, 2]),
+                         top_p=torch.tensor([0.9, 1.0, 0.5, 0.3, 1.0, 0.8])),
+}
+
+# statistical test: one K-CorrSynth group, γ = (g − 1)/(K − 1)
+STAT_VOCAB = 111
+STAT_K = 4
+STAT_SCALE = 3.0
+STAT_T = 2.0
+STAT_ALPHA = 0.1
+STAT_REFERENCE_COPIES, STAT_REFERENCE_STEPS = 128, 24     # 3072 draws a row
+STAT_KERNEL_COPIES, STAT_KERNEL_STEPS = 8, 16             # 128 draws a row
+
+
+# ---- independent implementation (float64 numpy, plain loops over the formulas) ----------------
+def log_softmax64(x: np.ndarray) -> np.ndarray:
+    out = np.full_like(x, -np.inf)
+    for r in range(x.shape[0]):
+        finite = np.isfinite(x[r])
+        top = x[r][finite].max()
+        out[r] = x[r] - top - math.log(np.exp(x[r][finite] - top).sum())
+    return out
+
+
+def scores_from_mix(lp: np.ndarray, mix) -> np.ndarray:
+    """s_m(v) = Σ_n mix[m, n] · max(ℓ_n(v), FLOOR); mix None: s = ℓ (no floor)."""
+    if mix is None:
+        return lp.copy()
+    mix = np.asarray(mix, dtype=np.float64)
+    floored = np.maximum(lp, LOGP_FLOOR)
+    s = np.zeros_like(lp)
+    for m in range(lp.shape[0]):
+        for n in range(lp.shape[0]):
+            if mix[m, n] != 0:
+                s[m] += mix[m, n] * floored[n]
+    return s
+
+
+def scores_from_gammas(lp: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    """DESIGN.md: s_m = ℓ_m + Σ_{n≠m} γ_{m,n} (ℓ_m − ℓ_n), a contrasting −inf read as FLOOR."""
+    floored = np.maximum(lp, LOGP_FLOOR)
+    s = floored.copy()
+    for m in range(lp.shape[0]):
+        for n in range(lp.shape[0]):
+            if n != m:
+                s[m] += gamma[m, n] * (floored[m] - floored[n])
+    return s
+
+
+def alpha_set(x_row: np.ndarray, alpha: float) -> np.ndarray:
+    """A_m = { v : ℓ_m(v) finite, ℓ_m(v) ≥ max ℓ_m + log α }, on the row's own logits."""
+    finite = np.isfinite(x_row)
+    if alpha == 0:
+        return finite
+    return finite & (x_row >= x_row[finite].max() + math.log(alpha))
+
+
+def cut_scores(s_row, keep, temperature, top_k, top_p) -> np.ndarray:
+    """z = s / T on the α set (T = 1 for greedy), then top-k and top-p by threshold."""
+    t = temperature if temperature > 0 else 1.0
+    z = np.where(keep, s_row / t, -np.inf)
+    if top_k > 0:
+        above = np.array([(z > z[v]).sum() for v in range(z.size)])
+        z = np.where(above < top_k, z, -np.inf)
+    if top_p < 1:
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        mass_above = np.array([p[p > p[v]].sum() for v in range(z.size)])
+        z = np.where(mass_above < top_p, z, -np.inf)
+    return z
+
+
+def per_row(value, rows):
+    t = torch.as_tensor(value, dtype=torch.float64)
+    return [float(t)] * rows if t.dim() == 0 else [float(v) for v in t]
+
+
+def independent_sample(logits, mix, u, temperature=1.0, alpha=0.0, top_k=0, top_p=1.0):
+    """Tokens and log-probs of guided Gumbel-max sampling with uniforms u, in float64."""
+    x = logits.double().numpy()
+    rows = x.shape[0]
+    s = scores_from_mix(log_softmax64(x), None if mix is None else mix.double().numpy())
+    temps, alphas = per_row(temperature, rows), per_row(alpha, rows)
+    ks, ps = per_row(top_k, rows), per_row(top_p, rows)
+    gumbel = -np.log(-np.log(u.double().numpy()))
+    tokens, logprobs = [], []
+    for m in range(rows):
+        z = cut_scores(s[m], alpha_set(x[m], alphas[m]), temps[m], int(ks[m]), ps[m])
+        score = z if temps[m] == 0 else z + gumbel[m]
+        token = int(np.argmax(score))                       # first maximum: smallest token id
+        tokens.append(token)
+        top = z.max()
+        logprobs.append(z[token] - top - math.log(np.exp(z - top).sum()))
+    return torch.tensor(tokens), torch.tensor(logprobs, dtype=torch.float32)
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+def corrsynth_block(k: int, scale: float) -> torch.Tensor:
+    """K-CorrSynth weights γ = (g − 1)/(K − 1): diagonal 1 + Σγ, off-diagonal −γ."""
+    if k == 1:
+        return torch.ones(1, 1)
+    gamma = (scale - 1) / (k - 1)
+    return torch.full((k, k), -gamma) + torch.eye(k) * (1 + gamma * (k - 1) + gamma)
+
+
+def make_mix(layout: str, rows: int = ROWS):
+    if layout == "plain":
+        return None
+    if layout == "identity":
+        return torch.eye(rows)
+    if layout == "corrsynth":
+        return torch.block_diag(corrsynth_block(2, 2.0), corrsynth_block(4, 3.0))
+    if layout == "mixed_sizes":
+        return torch.block_diag(corrsynth_block(1, 1.0), corrsynth_block(3, 2.0), corrsynth_block(2, 1.5))
+    if layout == "cfg_interleaved":          # row m is guided by its shadow m + 3 (CFG, g = 1.5)
+        mix = torch.eye(rows)
+        for m in range(rows // 2):
+            mix[m, m], mix[m, m + rows // 2] = 1.5, -0.5
+        return mix
+    raise AssertionError(layout)
+
+
+def make_logits(rows: int, vocab: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random logits with −inf entries: ~10% scattered, and one row with only 3 finite tokens."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g) * 2.0
+    x[torch.rand(rows, vocab, generator=g) < 0.1] = NEG_INF
+    x[rows - 1, :] = NEG_INF
+    x[rows - 1, torch.randperm(vocab, generator=g)[:3]] = torch.randn(3, generator=g)
+    return x.to(dtype)
+
+
+def make_seeds(rows: int, offset: int = 0) -> torch.Tensor:
+    return torch.tensor([(r + offset) * 0x9E3779B97F4A7C15 % 2**63 - 2**62 for r in range(rows)],
+                        dtype=torch.int64)
+
+
+def make_noise(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(rows, vocab, generator=g).clamp(1e-6, 1 - 1e-6)
+
+
+def assert_same_samples(got, want):
+    tokens, logprobs = got
+    want_tokens, want_logprobs = want
+    assert torch.equal(tokens, want_tokens), f"tokens {tokens.tolist()} != {want_tokens.tolist()}"
+    torch.testing.assert_close(logprobs, want_logprobs, atol=LOGPROB_ATOL, rtol=LOGPROB_RTOL)
+
+
+# ---- (a) exact equality with injected noise ---------------------------------------------------
+EXACT_CASES = [(layout, dtype, VOCAB_SIZES[i % 2])
+               for i, (layout, dtype) in enumerate(itertools.product(LAYOUTS, DTYPES))]
+
+
+@pytest.mark.parametrize("layout,dtype,vocab", EXACT_CASES)
+def test_injected_noise_kernel_equals_reference_equals_independent(layout, dtype, vocab):
+    logits = make_logits(ROWS, vocab, dtype, seed=vocab)
+    mix = make_mix(layout)
+    noise = make_noise(ROWS, vocab, seed=7)
+    seeds = make_seeds(ROWS)
+    for params in (SCALAR_PARAMS, PER_ROW_PARAMS):
+        want = independent_sample(logits, mix, noise, **params)
+        ref = reference.guided_sample(logits, mix, seeds=seeds, step=3, noise=noise, return_logprobs=True,
+                                      **params)
+        assert_same_samples(ref, want)
+        kern = gs.guided_sample(logits, mix, seeds=seeds, step=3, noise=noise, return_logprobs=True, **params)
+        assert_same_samples(kern, ref)
+        assert torch.equal(gs.guided_sample(logits, mix, seeds=seeds, step=3, noise=noise, **params), ref[0])
+
+
+@pytest.mark.parametrize("layout,dtype", [("corrsynth", torch.float32), ("plain", torch.bfloat16),
+                                          ("mixed_sizes", torch.float16)])
+@pytest.mark.parametrize("top", sorted(TOP_SETTINGS))
+def test_top_k_top_p_kernel_equals_reference_equals_independent(top, layout, dtype):
+    """Plain rows put the thresholds among negative scores, guided rows often among positive."""
+    logits = make_logits(ROWS, VOCAB_SIZES[0], dtype, seed=11)
+    mix = make_mix(layout)
+    noise = make_noise(ROWS, VOCAB_SIZES[0], seed=5)
+    params = dict(PER_ROW_PARAMS, **TOP_SETTINGS[top])
+    want = independent_sample(logits, mix, noise, **params)
+    ref = reference.guided_sample(logits, mix, seeds=make_seeds(ROWS), step=0, noise=noise,
+                                  return_logprobs=True, **params)
+    assert_same_samples(ref, want)
+    kern = gs.guided_sample(logits, mix, seeds=make_seeds(ROWS), step=0, noise=noise, return_logprobs=True,
+                            **params)
+    assert_same_samples(kern, ref)
+
+
+def test_top_k_top_p_keep_ties_and_plain_rows():
+    """Ties at the top-k threshold are kept together; plain rows (mix None) through the cut path."""
+    vocab = VOCAB_SIZES[0]
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(3))
+    logits[:, 10:14] = 5.0                       # 4 tied leaders: top_k = 2 keeps all four
+    logits[2, 50:] = NEG_INF
+    noise = make_noise(3, vocab, seed=9)
+    params = dict(temperature=torch.tensor([1.0, 0.0, 0.5]), top_k=torch.tensor([2, 2, 0]),
+                  top_p=torch.tensor([1.0, 0.95, 0.6]))
+    want = independent_sample(logits, None, noise, **params)
+    ref = reference.guided_sample(logits, None, seeds=make_seeds(3), step=1, noise=noise, return_logprobs=True,
+                                  **params)
+    assert_same_samples(ref, want)
+    assert_same_samples(gs.guided_sample(logits, None, seeds=make_seeds(3), step=1, noise=noise,
+                                         return_logprobs=True, **params), ref)
+
+
+@pytest.mark.parametrize("block_v,num_chunks", [(16, 7), (32, 2), (None, None)])
+def test_vocabulary_split_and_ties_go_to_the_smallest_token(block_v, num_chunks):
+    """Chunked programs + final reduction: tied maxima in different chunks → smallest token id."""
+    vocab = VOCAB_SIZES[0]
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(1))
+    logits[:, [20, 57, 100]] = 9.0               # three equal maxima, in different 16-token tiles
+    noise = torch.full((4, vocab), 0.5)          # equal Gumbel noise: sampled rows tie as well
+    mix = torch.block_diag(torch.eye(2), corrsynth_block(2, 1.0))   # γ = 0: guided = plain
+    params = dict(temperature=torch.tensor([0.0, 1.0, 0.0, 0.7]))
+    plan = gs.plan_guided_sample(logits, mix, seeds=make_seeds(4), step=0, noise=noise, block_v=block_v,
+                                 num_chunks=num_chunks, **params)
+    tokens, logprobs = gs.launch_guided_sample(plan, return_logprobs=True)
+    assert tokens.tolist() == [20, 20, 20, 20]
+    ref = reference.guided_sample(logits, mix, seeds=make_seeds(4), step=0, noise=noise, return_logprobs=True,
+                                  **params)
+    assert_same_samples((tokens, logprobs), ref)
+
+
+def test_vocabulary_split_with_top_k_top_p():
+    vocab = VOCAB_SIZES[0]
+    logits = make_logits(2, vocab, torch.float16, seed=4)
+    mix = corrsynth_block(2, 2.0)
+    noise = make_noise(2, vocab, seed=4)
+    params = dict(temperature=0.9, top_k=torch.tensor([7, 0]), top_p=torch.tensor([0.8, 0.6]))
+    plan = gs.plan_guided_sample(logits, mix, seeds=make_seeds(2), step=0, noise=noise, block_v=32,
+                                 num_chunks=2, **params)
+    assert plan.config.num_chunks == 2
+    ref = reference.guided_sample(logits, mix, seeds=make_seeds(2), step=0, noise=noise, return_logprobs=True,
+                                  **params)
+    assert_same_samples(gs.launch_guided_sample(plan, return_logprobs=True), ref)
+
+
+# ---- (b) the kernel's noise bits --------------------------------------------------------------
+def python_uniform(seed: int, step: int, token: int) -> float:
+    """The randomness contract with Python integers (an independent check of the reference)."""
+    m = 0xFFFFFFFF
+
+    def fmix(h):
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & m
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & m
+        return h ^ (h >> 16)
+
+    lo, hi = seed & m, (seed >> 32) & m
+    k1 = fmix(lo ^ fmix(((step & m) * 0x9E3779B9 + hi) & m))
+    k2 = fmix(((k1 + 0x9E3779B9) & m) ^ hi)
+    h = fmix(fmix(token ^ k1) ^ k2)
+    return (2 * (h >> 9) + 1) / 2**24
+
+
+@pytest.mark.parametrize("step", [0, 1, 12345, 2**32 + 7])
+def test_kernel_noise_bits_equal_reference(step):
+    seeds = torch.cat([make_seeds(5), torch.tensor([0, -1, 2**63 - 1], dtype=torch.int64)])
+    want = reference.uniform_noise(seeds, step, VOCAB_SIZES[1])
+    got = gs.uniform_noise(seeds, step, VOCAB_SIZES[1])
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert want.min() > 0 and want.max() < 1
+    for r, v in [(0, 0), (5, 988), (6, 500), (7, 1)]:
+        assert want[r, v].item() == python_uniform(int(seeds[r]), step, v)
+
+
+def test_counter_noise_kernel_equals_reference():
+    """Without injected noise the kernel draws its own uniforms: the same tokens as the reference."""
+    logits = make_logits(ROWS, VOCAB_SIZES[1], torch.bfloat16, seed=2)
+    mix = make_mix("mixed_sizes")
+    for step in range(3):
+        kern = gs.guided_sample(logits, mix, seeds=make_seeds(ROWS), step=step, **PER_ROW_PARAMS)
+        ref = reference.guided_sample(logits, mix, seeds=make_seeds(ROWS), step=step, **PER_ROW_PARAMS)
+        assert torch.equal(kern, ref)
+
+
+# ---- (c) statistics against the exact guided distribution -------------------------------------
+def stat_logits() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    shared = rng.normal(0.0, 1.0, STAT_VOCAB)
+    return shared + rng.normal(0.0, 1.0, (STAT_K, STAT_VOCAB))     # [K, V] one label per row
+
+
+def exact_distribution(x: np.ndarray, gamma_sign=1.0, alpha_on_guided=False, inverse_t=False) -> np.ndarray:
+    """p_m ∝ exp(s_m / T) on A_m (DESIGN.md), or one of three deliberate mistakes."""
+    k = x.shape[0]
+    gamma = gamma_sign * (STAT_SCALE - 1) / (k - 1) * (1 - np.eye(k))
+    lp = log_softmax64(x)
+    s = scores_from_gammas(lp, gamma)
+    t = 1 / STAT_T if inverse_t else STAT_T
+    out = np.zeros_like(x)
+    for m in range(k):
+        keep = alpha_set(s[m] if alpha_on_guided else x[m], STAT_ALPHA)
+        z = np.where(keep, s[m] / t, -np.inf)
+        out[m] = np.exp(z - z.max())
+        out[m] /= out[m].sum()
+    return out
+
+
+def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
+    """Pearson's statistic over cells with expected count ≥ 5 plus one pooled cell of the rest."""
+    n = counts.sum()
+    expected = n * probs
+    big = expected >= 5
+    obs = list(counts[big]) + [counts[~big].sum()]
+    exp = list(expected[big]) + [expected[~big].sum()]
+    if exp[-1] == 0:
+        if obs[-1] > 0:
+            return math.inf, len(obs) - 1            # draws where the distribution has no mass
+        obs, exp = obs[:-1], exp[:-1]
+    return float(sum((o - e) ** 2 / e for o, e in zip(obs, exp))), len(obs) - 1
+
+
+def chi_square_bound(df: int) -> float:
+    """Upper CHI2_Z-sigma quantile of χ²(df) (Wilson–Hilferty)."""
+    c = 2 / (9 * df)
+    return df * (1 - c + CHI2_Z * math.sqrt(c)) ** 3
+
+
+def group_draws(sample_fn, copies: int, steps: int) -> np.ndarray:
+    """counts [K, V] of draws from `copies` independent copies of the group over `steps` steps."""
+    x = torch.tensor(stat_logits(), dtype=torch.float32)
+    logits = x.repeat(copies, 1)
+    mix = torch.block_diag(*[corrsynth_block(STAT_K, STAT_SCALE)] * copies)
+    seeds = make_seeds(copies * STAT_K, offset=1000)
+    counts = np.zeros((STAT_K, STAT_VOCAB), dtype=np.int64)
+    for step in range(steps):
+        tokens = sample_fn(logits, mix, seeds=seeds, step=step, temperature=STAT_T, alpha=STAT_ALPHA)
+        for r, tok in enumerate(tokens.tolist()):
+            counts[r % STAT_K, tok] += 1
+    return counts
+
+
+def assert_matches_exact_and_rejects_mistakes(counts: np.ndarray):
+    x = stat_logits()
+    exact = exact_distribution(x)
+    assert ((counts > 0) <= (exact > 0)).all(), "a token outside the α set (or masked) was drawn"
+
+    def stat(probs):
+        pairs = [chi_square(counts[m], probs[m]) for m in range(STAT_K)]
+        total, df = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+        return total, chi_square_bound(df)
+
+    value, bound = stat(exact)
+    assert value <= bound, f"χ² {value:.1f} > {bound:.1f}: frequencies do not follow the guided distribution"
+    mistakes = {
+        "flipped γ sign": exact_distribution(x, gamma_sign=-1.0),
+        "α on the guided scores": exact_distribution(x, alpha_on_guided=True),
+        "1/T instead of T": exact_distribution(x, inverse_t=True),
+    }
+    for name, wrong in mistakes.items():
+        value, bound = stat(wrong)
+        assert value > bound, f"the test could not tell the distribution from one with {name}"
+
+
+def test_reference_frequencies_match_exact_guided_distribution():
+    assert_matches_exact_and_rejects_mistakes(
+        group_draws(reference.guided_sample, STAT_REFERENCE_COPIES, STAT_REFERENCE_STEPS))
+
+
+def test_kernel_frequencies_match_exact_guided_distribution():
+    def both(*args, **kw):
+        tokens = gs.guided_sample(*args, **kw)
+        assert torch.equal(tokens, reference.guided_sample(*args, **kw))   # same counter noise
+        return tokens
+
+    assert_matches_exact_and_rejects_mistakes(group_draws(both, STAT_KERNEL_COPIES, STAT_KERNEL_STEPS))
+
+
+# ---- (d) never outside the α set, never a masked token ----------------------------------------
+def trap_logits(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CFG pair (row 0 guided by its shadow row 1) and a plain row 2, with traps for wrong cuts.
+
+    Row 0: token 3 is −inf; token 4 is finite but below the α cut, and −inf in row 1, so the floor
+    gives it a huge guided score: drawn at once if α were tested on guided scores or skipped.
+    Row 2 (plain, T = 50, α = 0): half its tokens are −inf; read as the floor they would take
+    about one draw in eight at that temperature.
+    """
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, vocab, generator=g)
+    x[0, 3] = NEG_INF
+    x[0, 4], x[1, 4] = -6.0, NEG_INF
+    x[2, 1::2] = NEG_INF
+    mix = torch.block_diag(torch.tensor([[3.0, -2.0], [0.0, 1.0]]), torch.ones(1, 1))
+    return x, mix
+
+
+@pytest.mark.parametrize("impl,copies,steps", [("reference", 32, 50), ("kernel", 4, 8)])
+def test_masked_and_cut_tokens_are_never_drawn(impl, copies, steps):
+    vocab = VOCAB_SIZES[0]
+    x, mix = trap_logits(vocab)
+    alpha = torch.tensor([0.05, 0.0, 0.0]).repeat(copies)
+    temperature = torch.tensor([1.5, 1.0, 50.0]).repeat(copies)
+    allowed = [torch.tensor(alpha_set(x[r].double().numpy(), float(alpha[r]))) for r in range(3)]
+    assert not allowed[0][3] and not allowed[0][4] and allowed[0].sum() > 3
+    assert not allowed[2][1::2].any()
+    fn = reference.guided_sample if impl == "reference" else gs.guided_sample
+    seen = torch.zeros(3, vocab, dtype=torch.bool)
+    for step in range(steps):
+        tokens = fn(x.repeat(copies, 1), torch.block_diag(*[mix] * copies), seeds=make_seeds(3 * copies),
+                    step=step, temperature=temperature, alpha=alpha)
+        for r in range(3):
+            seen[r, tokens[r::3]] = True
+    for r in range(3):
+        outside = torch.nonzero(seen[r] & ~allowed[r]).flatten().tolist()
+        assert not outside, f"row {r} drew tokens outside its α set / masked: {outside}"
+        assert seen[r].sum() > 1
+
+
+# ---- (e) greedy = argmax of the guided scores on the α set ------------------------------------
+@pytest.mark.parametrize("layout", ["plain", "corrsynth", "cfg_interleaved"])
+def test_greedy_is_argmax_of_guided_scores_in_alpha_set(layout):
+    vocab = VOCAB_SIZES[0]
+    logits = make_logits(ROWS, vocab, torch.float32, seed=21)
+    logits[1, 7] = NEG_INF                                       # contrast −inf: floor boosts it
+    mix = make_mix(layout)
+    alpha = torch.tensor([0.0, 0.3, 0.01, 0.1, 0.0, 0.5])
+    x = logits.double().numpy()
+    s = scores_from_mix(log_softmax64(x), None if mix is None else mix.double().numpy())
+    want = [int(np.argmax(np.where(alpha_set(x[m], float(alpha[m])), s[m], -np.inf))) for m in range(ROWS)]
+    for fn in (reference.guided_sample, gs.guided_sample):
+        tokens = fn(logits, mix, seeds=make_seeds(ROWS), step=0, temperature=0.0, alpha=alpha)
+        assert tokens.tolist() == want
+
+
+# ---- (f) a row's token does not depend on where it sits ---------------------------------------
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+def test_token_does_not_depend_on_batch_position(impl):
+    fn = reference.guided_sample if impl == "reference" else gs.guided_sample
+    logits = make_logits(ROWS, VOCAB_SIZES[1], torch.float16, seed=5)
+    mix = make_mix("mixed_sizes")
+    seeds = make_seeds(ROWS)
+    params = PER_ROW_PARAMS
+    tokens = fn(logits, mix, seeds=seeds, step=4, **params)
+    perm = torch.tensor([4, 2, 0, 5, 3, 1])                      # groups and their rows reordered
+    permuted = fn(logits[perm], mix[perm][:, perm], seeds=seeds[perm], step=4,
+                  **{k: v[perm] for k, v in params.items()})
+    assert torch.equal(permuted, tokens[perm])
+    alone = [1, 2, 3]                                            # one group decoded on its own
+    solo = fn(logits[alone], mix[alone][:, alone], seeds=seeds[alone], step=4,
+              **{k: v[alone] for k, v in params.items()})
+    assert torch.equal(solo, tokens[alone])
+
+
+# ---- (g) bad arguments ------------------------------------------------------------------------
+def _nan_logits():
+    x = make_logits(2, 11, torch.float32, seed=0)
+    x[0, 3] = float("nan")
+    return x
+
+
+BAD_ARGUMENTS = {
+    "alpha_one": (dict(alpha=1.0), "alpha"),
+    "alpha_negative": (dict(alpha=torch.tensor([0.1, -0.1])), "alpha"),
+    "temperature_negative": (dict(temperature=-0.5), "temperature"),
+    "top_p_zero": (dict(top_p=0.0), "top_p"),
+    "top_p_above_one": (dict(top_p=1.5), "top_p"),
+    "top_k_negative": (dict(top_k=-1), "top_k"),
+    "per_row_wrong_length": (dict(temperature=torch.ones(3)), "temperature"),
+    "mix_wrong_shape": (dict(mix=torch.eye(3)), "mix"),
+    "mix_not_finite": (dict(mix=torch.tensor([[1.0, float("inf")], [0.0, 1.0]])), "mix"),
+    "nan_logits": (dict(logits=_nan_logits()), "NaN"),
+    "row_all_masked": (dict(logits=torch.tensor([[0.0] * 11, [NEG_INF] * 11])), "no finite"),
+    "seeds_wrong_shape": (dict(seeds=torch.zeros(3, dtype=torch.int64)), "seeds"),
+    "noise_out_of_range": (dict(noise=torch.zeros(2, 11)), "noise"),
+}
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_bad_arguments_raise_clear_value_errors(case, impl):
+    fn = reference.guided_sample if impl == "reference" else gs.guided_sample
+    overrides, message = BAD_ARGUMENTS[case]
+    args = dict(logits=make_logits(2, 11, torch.float32, seed=0)[:, :], mix=torch.eye(2),
+                seeds=make_seeds(2), step=0)
+    args["logits"][1, :] = torch.arange(11.0)                    # both rows finite
+    args.update(overrides)
+    logits, mix = args.pop("logits"), args.pop("mix")
+    with pytest.raises(ValueError, match=message):
+        fn(logits, mix, **args)
+
+
+def test_kernel_rejects_oversized_group(monkeypatch):
+    monkeypatch.setattr(gs, "MAX_GROUP_ROWS", 2)
+    logits = make_logits(ROWS, 11, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="guidance group"):
+        gs.guided_sample(logits, make_mix("mixed_sizes"), seeds=make_seeds(ROWS), step=0)
+
+
+def test_block_form_finds_interleaved_groups():
+    block = gs.block_form(make_mix("cfg_interleaved"), ROWS, "cpu")
+    assert block.group_size.tolist() == [2, 2, 2]
+    assert block.group_rows.tolist() == [[0, 3], [1, 4], [2, 5]]
+    assert block.weights[0].tolist() == [[1.5, -0.5], [0.0, 1.0]]
+    assert block.logp_floor == LOGP_FLOOR
+    plain = gs.block_form(None, ROWS, "cpu")
+    assert plain.num_groups == ROWS and plain.g_block == 1 and plain.logp_floor == NEG_INF
