@@ -51,8 +51,10 @@ def register(subparsers) -> None:
                     "on a fixed-size random subset), distinct-n, mean pairwise embedding cosine similarity "
                     "(all-MiniLM-L6-v2), label counts, mean length, exact-duplicate rate.",
     )
-    m.add_argument("file", help="JSONL file with 'text' and 'label' fields (e.g. from divgen synth)")
-    m.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    m.add_argument("file", nargs="+", help="JSONL file(s) with 'text' and 'label' fields (e.g. from divgen synth); "
+                   "several files are compared side by side, one row each")
+    m.add_argument("--json", action="store_true", help="print the metrics as JSON (a list for several files)")
+    m.add_argument("--markdown", action="store_true", help="with several files: a Markdown table")
     m.add_argument("--self-bleu-sample", type=int, default=None,
                    help="texts per Self-BLEU subset (default 200; 0 = all texts)")
     m.add_argument("--sample-seed", type=int, default=0, help="seed of the Self-BLEU subset (default 0)")
@@ -81,17 +83,28 @@ def run_synth_command(args) -> int:
 
 
 def run_metrics_command(args) -> int:
-    from divgen.engine.metrics import DEFAULT_SELF_BLEU_SAMPLE, compute_metrics, format_table, read_examples
+    from pathlib import Path
+
+    from divgen.engine.metrics import (
+        DEFAULT_SELF_BLEU_SAMPLE, compute_metrics, format_comparison, format_table, read_examples,
+    )
 
     sample = DEFAULT_SELF_BLEU_SAMPLE if args.self_bleu_sample is None else args.self_bleu_sample
     if sample < 0:
         raise DivgenError(f"--self-bleu-sample must be >= 0 (0 = all texts), got {sample}")
-    texts, labels = read_examples(args.file)
-    result = compute_metrics(texts, labels, self_bleu_sample=sample, sample_seed=args.sample_seed,
-                             embeddings=not args.no_embeddings)
-    result["file"] = str(args.file)
+    loaded = [(path, *read_examples(path)) for path in args.file]   # every file is checked first
+    results = []
+    for path, texts, labels in loaded:
+        result = compute_metrics(texts, labels, self_bleu_sample=sample, sample_seed=args.sample_seed,
+                                 embeddings=not args.no_embeddings)
+        result["file"] = str(path)
+        results.append(result)
     if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2, ensure_ascii=False))
+    elif len(results) == 1:
+        print(format_table(results[0]))
     else:
-        print(format_table(result))
+        print(format_comparison([(Path(r["file"]).stem, r) for r in results], markdown=args.markdown))
+        print(f"\nOverall columns over all texts; '(label)' columns averaged over labels. Self-BLEU on at most "
+              f"{sample or 'all'} texts per set (seed {args.sample_seed}); dup = exact-duplicate rate.")
     return 0

@@ -248,6 +248,50 @@ def _fmt(v, digits=3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _mean_over_labels(result: dict, key: str, order: str | None = None):
+    values = []
+    for m in result["labels"].values():
+        v = m[key] if order is None else (m[key] or {}).get(order)
+        if v is not None:
+            values.append(v)
+    return sum(values) / len(values) if values else None
+
+
+COMPARE_HEAD = ["set", "n", "words", "dup", "dist-1", "dist-2", "dist-3", "sBLEU-2", "sBLEU-4", "cosine",
+                "sBLEU-4 (label)", "cosine (label)"]
+
+
+def comparison_rows(named: list[tuple[str, dict]]) -> list[list[str]]:
+    """One row per set: overall metrics, then Self-BLEU-4 and cosine averaged over its labels."""
+    rows = []
+    for name, r in named:
+        m = r["overall"]
+        sb = m["self_bleu"] or {}
+        rows.append([name, str(m["count"]), _fmt(m["mean_words"], 1), _fmt(m["duplicate_rate"]),
+                     *[_fmt(m["distinct"][str(k)]) for k in (1, 2, 3)], _fmt(sb.get("2")), _fmt(sb.get("4")),
+                     _fmt(m["cosine"]), _fmt(_mean_over_labels(r, "self_bleu", "4")),
+                     _fmt(_mean_over_labels(r, "cosine"))])
+    return rows
+
+
+def format_comparison(named: list[tuple[str, dict]], markdown: bool = False) -> str:
+    """Several sets side by side (one row each); ``markdown`` gives a GitHub table."""
+    rows = comparison_rows(named)
+    if markdown:
+        out = ["| " + " | ".join(COMPARE_HEAD) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COMPARE_HEAD) - 1)) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out)
+    return _plain_table(COMPARE_HEAD, rows)
+
+
+def _plain_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [head, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 def format_table(result: dict) -> str:
     """A plain-text table: one row per label and one for all texts."""
     head = ["set", "n", "words", "dup", "dist-1", "dist-2", "dist-3", "dist-4",
@@ -258,10 +302,7 @@ def format_table(result: dict) -> str:
         rows.append([name, str(m["count"]), _fmt(m["mean_words"], 1), _fmt(m["duplicate_rate"]),
                      *[_fmt(m["distinct"][str(k)]) for k in ORDERS],
                      *[_fmt(sb.get(str(k))) for k in ORDERS], _fmt(m["cosine"])])
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [head, *rows]]
-    lines.insert(1, "-" * len(lines[0]))
+    lines = [_plain_table(head, rows)]
     s = result["settings"]
     lines.append(f"Self-BLEU on a random subset of at most {s['self_bleu_sample'] or 'all'} texts per set "
                  f"(seed {s['sample_seed']}); dup = exact-duplicate rate; words = mean words per text; "

@@ -20,8 +20,9 @@ Steps of ``run_synth``:
    step, token), so a group decodes to the same text whatever batch it lands in.
 4. Write the batch's records in one append + fsync; a kill loses at most the batch in flight.
 
-Prompts: the row of label y in group g shows the few-shot examples ``pick_examples(task, pool, g,
-y)``; FewGen and CorrSynth therefore see exactly the same prompts, group by group.
+Prompts: slot s (label y) of group g shows the few-shot examples ``pick_examples(task, pool, g, s,
+y)``; FewGen and CorrSynth therefore see exactly the same prompts, slot by slot. A CFG shadow of
+that slot for label y' shows ``pick_examples(task, pool, g, s, y')`` (y''s prompt for this slot).
 """
 from __future__ import annotations
 
@@ -286,17 +287,17 @@ class BatchRows:
 
 
 class PromptCache:
-    """Formatted prompt of (group, label), built once per group."""
+    """Formatted prompt of (group, slot, label), built once."""
 
     def __init__(self, task: Task, lm, pool):
         self.task, self.lm, self.pool = task, lm, pool
         self._cache: dict = {}
 
-    def __call__(self, group: int, label: int) -> str:
-        key = (group, label)
+    def __call__(self, group: int, slot: int, label: int) -> str:
+        key = (group, slot, label)
         if key not in self._cache:
             lab = self.task.labels[label]
-            text = render_prompt(self.task, lab, pick_examples(self.task, self.pool, group, lab.name))
+            text = render_prompt(self.task, lab, pick_examples(self.task, self.pool, group, slot, lab.name))
             self._cache[key] = self.lm.format_prompt(text, chat=self.task.chat, system=self.task.system)
         return self._cache[key]
 
@@ -314,11 +315,11 @@ def rows_for_groups(task: Task, groups: list[list[Slot]], missing: set, prompt: 
             seed = row_seed(task.seed, sl.group, sl.slot)
             if task.method in ("fewgen", "cfg") and not todo:
                 continue                      # independent of the other rows: skip it entirely
-            leader = b.add(prompt(sl.group, sl.label), seed, sl.group, sl.label, sl, todo)
+            leader = b.add(prompt(sl.group, sl.slot, sl.label), seed, sl.group, sl.label, sl, todo)
             if task.method == "cfg":
                 for other in range(k):
                     if other != sl.label:
-                        b.add(prompt(sl.group, other), seed, sl.group, other, None, False, shadow_of=leader)
+                        b.add(prompt(sl.group, sl.slot, other), seed, sl.group, other, None, False, shadow_of=leader)
     return b
 
 

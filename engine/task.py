@@ -30,19 +30,22 @@ A task file (YAML or JSON) says what dataset to generate. Every field, with its 
     method: corrsynth             # fewgen | cfg | corrsynth | m-corrsynth
     methods:                      # parameters of each method (the one named by `method` is used)
       corrsynth: {g: 2.0}         # g >= 1: γ = (g − 1)/(K − 1) between the K rows of a group
-      m-corrsynth: {gamma: 1.0, delta: 0.5}   # cross-label γ >= 0, intra-label δ >= 0
+      m-corrsynth: {gamma: 1.0, delta: 0.5, rows_per_group: 8}
+                                  # cross-label γ >= 0, intra-label δ >= 0; any method may set
+                                  # its own rows_per_group (overrides the top-level one)
       cfg: {g: 2.0}               # g >= 1, the other labels' prompts are the negative prompts
       fewgen: {}
     sampling: {temperature: 1.0, top_p: 1.0, top_k: 0, alpha: 0.0}   # alpha ∈ [0, 1): plausibility cutoff
-    rows_per_group: null          # rows decoded in lockstep per group (default: one per label);
-                                  # labels are assigned round-robin; >= 2 for corrsynth/m-corrsynth
+    rows_per_group: null          # sample rows decoded in lockstep per group (default: one per
+                                  # label); labels are assigned round-robin; >= 2 for corrsynth and
+                                  # m-corrsynth. CFG adds K − 1 shadow rows per sample row.
     seed: 0
 
 Unknown fields are errors (they are usually typos); every error names the field and the fix.
 
-Few-shot examples for the row of label y in group g are drawn from y's pool by a generator
-seeded with (seed, g, y), so a group always sees the same prompts and a resumed run rebuilds
-them exactly. For AG News (../shared/data/ag_news_test.csv, 7,600 rows) ``every: 10`` gives a
+Few-shot examples for slot s (label y) of group g are drawn from y's pool by a generator seeded
+with (seed, g, s, y), so a row always sees the same prompt and a resumed run rebuilds it exactly;
+two rows of one label in a group see different examples. For AG News (../shared/data/ag_news_test.csv, 7,600 rows) ``every: 10`` gives a
 pool of 760 rows (data rows 0, 10, 20, ...; 190 per label); rows with index % 10 != 0 are the
 held-out evaluation rows.
 """
@@ -137,6 +140,9 @@ class Task:
     @property
     def group_rows(self) -> int:
         """Sample rows per group (CFG adds shadow rows on top of these)."""
+        per_method = self.methods.get(self.method, {}).get("rows_per_group")
+        if per_method is not None:
+            return per_method
         return self.rows_per_group if self.rows_per_group is not None else len(self.labels)
 
     def target(self) -> dict[str, int]:
@@ -188,10 +194,8 @@ class Task:
             task = replace(task, model=str(o.pop("model")))
         if "few_shot_file" in o:
             task = replace(task, few_shot=replace(task.few_shot, file=Path(o.pop("few_shot_file")).expanduser()))
-        if "rows_per_group" in o:
-            task = replace(task, rows_per_group=_int(o.pop("rows_per_group"), "--rows-per-group", low=1))
         methods = {k: dict(v) for k, v in task.methods.items()}
-        for key in ("g", "gamma", "delta"):
+        for key in ("g", "gamma", "delta", "rows_per_group"):
             if key in o:
                 methods.setdefault(task.method, {})[key] = o.pop(key)
         task = replace(task, methods=methods)
@@ -212,7 +216,8 @@ TOP_FIELDS = {"name", "model", "chat", "system", "labels", "prompt", "few_shot",
 LABEL_FIELDS = {"name", "verbalization", "source_label", "examples"}
 FEW_SHOT_FIELDS = {"file", "every", "per_prompt", "header", "template", "footer"}
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "alpha"}
-METHOD_FIELDS = {"fewgen": set(), "corrsynth": {"g"}, "m-corrsynth": {"gamma", "delta"}, "cfg": {"g"}}
+METHOD_FIELDS = {"fewgen": {"rows_per_group"}, "corrsynth": {"g", "rows_per_group"},
+                 "m-corrsynth": {"gamma", "delta", "rows_per_group"}, "cfg": {"g", "rows_per_group"}}
 
 
 class _Where:
@@ -344,19 +349,28 @@ def validate(task: Task, where: _Where | None = None, flags: bool = False) -> Ta
         raise err("seed", "--seed", f"must be within ±2^62, got {seed}")
     rows = task.rows_per_group
     if rows is not None:
-        rows = _int(rows, "rows_per_group", low=1, where=w, flag="--rows-per-group" if flags else None)
+        rows = _int(rows, "rows_per_group", low=1, where=w)
+    params = task.params
+    rows_field = "rows_per_group"
+    if params.get("rows_per_group") is not None:
+        rows_field = f"methods.{task.method}.rows_per_group"
+        params["rows_per_group"] = _int(params["rows_per_group"], rows_field, low=1, where=w,
+                                        flag="--rows-per-group" if flags else None)
     k = len(task.labels)
-    group_rows = rows if rows is not None else k
+    group_rows = params.get("rows_per_group") or (rows if rows is not None else k)
     if task.method in ("corrsynth", "m-corrsynth") and group_rows < 2:
-        raise err("rows_per_group", "--rows-per-group",
+        raise err(rows_field, "--rows-per-group",
                   f"is {group_rows}: {task.method} contrasts rows decoded together and needs at least 2 rows per "
                   "group (add a label, set rows_per_group >= 2, or use method fewgen)")
     if task.method == "cfg" and k < 2:
         raise err("method", "--method", "cfg needs at least 2 labels: the other labels' prompts are the negative prompts")
-    params = task.params
     flag_of = {"g": "--g", "gamma": "--gamma", "delta": "--delta"}
     checked = {}
     for key, value in params.items():
+        if key == "rows_per_group":
+            if value is not None:
+                checked[key] = value
+            continue
         low = 1.0 if key == "g" else 0.0
         v = _float(value, f"methods.{task.method}.{key}", where=w, flag=flag_of[key] if flags else None)
         if not low <= v <= MAX_WEIGHT:
@@ -626,14 +640,14 @@ def fingerprint(task: Task, pool: dict[str, list[str]]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Prompts
 # ----------------------------------------------------------------------------------------------
-def pick_examples(task: Task, pool: dict[str, list[str]], group: int, label: str) -> list[str]:
-    """The few-shot examples shown to `label`'s rows in `group`: a sample without replacement
-    from the label's pool, by a generator seeded with (seed, group, label)."""
+def pick_examples(task: Task, pool: dict[str, list[str]], group: int, slot: int, label: str) -> list[str]:
+    """The few-shot examples of `label` shown in row `slot` of `group`: a sample without
+    replacement from the label's pool, by a generator seeded with (seed, group, slot, label)."""
     items = pool.get(label, [])
     k = min(task.few_shot.per_prompt, len(items))
     if k == 0:
         return []
-    rng = random.Random(f"divgen-few-shot/{task.seed}/{group}/{label}")
+    rng = random.Random(f"divgen-few-shot/{task.seed}/{group}/{slot}/{label}")
     return [items[i] for i in sorted(rng.sample(range(len(items)), k))]
 
 

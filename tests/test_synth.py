@@ -94,7 +94,7 @@ def test_cfg_rows_are_leader_plus_other_labels_prompts(lm):
     for leader in [i for i, s in enumerate(b.shadow_of) if s is None]:
         shadows = [i for i, s in enumerate(b.shadow_of) if s == leader]
         assert sorted(b.labels[i] for i in shadows) == sorted(set(range(4)) - {b.labels[leader]})
-        assert all(b.prompts[i] == prompt(0, b.labels[i]) for i in shadows)
+        assert all(b.prompts[i] == prompt(0, b.slots[leader].slot, b.labels[i]) for i in shadows)
     gam = guidance.gamma_matrix(list(range(16)))
     assert float(gam[0].sum()) == pytest.approx(task.params["g"] - 1)
     # FewGen and CorrSynth see the same prompts, group by group

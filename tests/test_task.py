@@ -65,6 +65,7 @@ BAD_FIELDS = [
     ({"sampling": {"top_p": 0}}, "'sampling.top_p'"),
     ({"sampling": {"temperature": -1}}, "'sampling.temperature'"),
     ({"rows_per_group": 1}, "'rows_per_group'"),
+    ({"method": "m-corrsynth", "methods": {"m-corrsynth": {"rows_per_group": 1}}}, "'methods.m-corrsynth.rows_per_group'"),
     ({"per_label": {"pos": 2, "neutral": 1}}, "'per_label.neutral'"),
     ({"per_label": 0}, "'per_label'"),
     ({"max_new_tokens": 0}, "'max_new_tokens'"),
@@ -112,6 +113,14 @@ def test_bad_override_names_the_flag(overrides, needle):
     with pytest.raises(DivgenError) as err:
         task_from_dict(make()).with_overrides(**overrides)
     assert needle in str(err.value)
+
+
+def test_rows_per_group_per_method():
+    task = load_task("ag_news")
+    assert task.group_rows == 4                                   # corrsynth: one row per label
+    assert task.with_overrides(method="m-corrsynth").group_rows == 8
+    assert task.with_overrides(method="m-corrsynth", rows_per_group=12).group_rows == 12
+    assert task.with_overrides(method="cfg").group_rows == 4
 
 
 def test_overrides_apply():
@@ -170,11 +179,12 @@ def test_clean_source_text_fixes_ag_news_entities():
 def test_prompts_are_deterministic_per_group_and_label(tmp_path):
     task = load_task("sentiment")
     pool = few_shot_pool(task)
-    a = pick_examples(task, pool, 3, "positive")
-    assert a == pick_examples(task, pool, 3, "positive") and len(a) == 2
+    a = pick_examples(task, pool, 3, 0, "positive")
+    assert a == pick_examples(task, pool, 3, 0, "positive") and len(a) == 2
     assert set(a) <= set(pool["positive"])
-    groups = {tuple(pick_examples(task, pool, g, "positive")) for g in range(20)}
-    assert len(groups) > 1                       # different groups see different examples
+    groups = {tuple(pick_examples(task, pool, g, 0, "positive")) for g in range(20)}
+    slots = {tuple(pick_examples(task, pool, 3, s, "positive")) for s in range(20)}
+    assert len(groups) > 1 and len(slots) > 1    # different rows see different examples
     text = render_prompt(task, task.labels[0], a)
     assert all(e in text for e in a) and "positive review" in text
     zero = task_from_dict(make(prompt="{examples}Write a {verbalization} review."))
