@@ -1,0 +1,151 @@
+"""Influence of training examples on query losses, over the LoRA parameters θ of one adapter.
+
+For a LoRA adapter trained on the whole set (θ*), training loss R(θ) = mean_z L(z, θ) and a query q
+with loss L(q, θ) (its response's mean NLL), the influence-function score used to partition is
+
+    score(z, q) = ∇L(q)ᵀ (H + λI)⁻¹ ∇L(z),      H = ∇²R(θ*)                         (method "lissa")
+
+i.e. minus Koh & Liang's I_up,loss(z, q): the predicted *decrease* of q's loss when z is
+up-weighted, so a larger score means z helps q more. The cheaper option drops the Hessian:
+
+    score(z, q) = cos(∇L(z), ∇L(q))                                                   (method "gradsim")
+
+(H + λI)⁻¹ v comes from LiSSA (Agarwal et al. 2017, as used by Koh & Liang and the SPA paper):
+
+    h₀ = v,   h_j = v + h_{j-1} − (H_j h_{j-1} + λ h_{j-1}) / s,      (H + λI)⁻¹ v ≈ h_J / s
+
+with H_j the Hessian of the loss on a random mini-batch (Hessian-vector products by double
+backprop, exact, no Gauss-Newton approximation) and s a scale larger than H's largest eigenvalue
+(``scale="auto"``: 1.5 × a power-iteration estimate of |λ_max| + λ). The fixed point solves
+(H + λI) h / s = v exactly; the iteration converges when every eigenvalue of (H + λI)/s is in
+(0, 2). ``repeats`` independent runs are averaged. All K query vectors share each mini-batch's
+gradient graph.
+
+The double backward needs attention without fused kernels: the model is switched to eager
+attention for the Hessian-vector products and back afterwards.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from divgen.engine.errors import DivgenError
+from divgen.engine.spa.finetune import Encoded, TrainableLora, collate, per_example_loss
+
+
+@dataclass
+class LissaConfig:
+    """LiSSA settings (see the module docstring)."""
+
+    depth: int = 20                 # recursion steps J per repeat
+    repeats: int = 1                # independent runs averaged
+    batch_size: int = 4             # examples per Hessian-vector product
+    damping: float = 0.01           # λ, added to H
+    scale: float | str = "auto"     # s; "auto" = 1.5 × (power-iteration |λ_max| + λ)
+    power_iterations: int = 8       # for scale="auto"
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.depth < 1 or self.repeats < 1 or self.batch_size < 1:
+            raise DivgenError("LiSSA depth, repeats and batch size must be >= 1")
+        if self.damping < 0:
+            raise DivgenError(f"--lissa-damping must be >= 0, got {self.damping}")
+        if self.scale != "auto" and not float(self.scale) > 0:
+            raise DivgenError(f"--lissa-scale must be > 0 or 'auto', got {self.scale}")
+
+
+@contextmanager
+def eager_attention(model: nn.Module):
+    """Run attention as plain matmuls (twice differentiable) inside the block."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "_attn_implementation", None)
+    if config is None or old in (None, "eager"):
+        yield
+        return
+    setter = getattr(model, "set_attn_implementation", None)
+    try:
+        if setter is not None:
+            setter("eager")
+        else:
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        if setter is not None:
+            setter(old)
+        else:
+            config._attn_implementation = old
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def example_gradient(model: nn.Module, lora: TrainableLora, item: Encoded, pad_id: int, device) -> torch.Tensor:
+    """∇θ L(z) of one example, flattened [P] fp32."""
+    params = lora.parameters()
+    loss = per_example_loss(model, collate([item], pad_id, device))[0]
+    return flat(torch.autograd.grad(loss, params)).float()
+
+
+def hvp(model: nn.Module, lora: TrainableLora, items: list[Encoded], vectors: torch.Tensor, pad_id: int,
+        device) -> torch.Tensor:
+    """H v for every row v of ``vectors`` [K, P], H = Hessian of the mean loss of ``items``. Returns [K, P]."""
+    params = lora.parameters()
+    loss = per_example_loss(model, collate(items, pad_id, device)).mean()
+    grads = flat(torch.autograd.grad(loss, params, create_graph=True))
+    out = []
+    for k in range(vectors.shape[0]):
+        hv = torch.autograd.grad(grads @ vectors[k].to(grads.dtype), params, retain_graph=k + 1 < vectors.shape[0])
+        out.append(flat(hv).float())
+    return torch.stack(out)
+
+
+def _minibatch(gen: torch.Generator, n: int, size: int) -> list[int]:
+    return torch.randperm(n, generator=gen)[: min(size, n)].tolist()
+
+
+def estimate_scale(model, lora, items, cfg: LissaConfig, pad_id, device) -> float:
+    """1.5 × (|largest eigenvalue| of H on one mini-batch, by power iteration, + damping)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    batch = [items[i] for i in _minibatch(gen, len(items), cfg.batch_size)]
+    v = torch.randn(1, lora.num_parameters(), generator=gen)
+    v = v / v.norm()
+    eig = 0.0
+    for _ in range(cfg.power_iterations):
+        hv = hvp(model, lora, batch, v.to(device), pad_id, device).cpu()
+        eig = float(hv.norm())
+        if eig == 0:
+            break
+        v = hv / eig
+    return 1.5 * (abs(eig) + cfg.damping) if eig > 0 else 1.0
+
+
+def lissa(model: nn.Module, lora: TrainableLora, items: list[Encoded], vectors: torch.Tensor, cfg: LissaConfig,
+          pad_id: int, device, progress: bool = True) -> torch.Tensor:
+    """(H + λI)⁻¹ v for every row of ``vectors`` [K, P] by LiSSA. Returns [K, P] fp32."""
+    from tqdm import tqdm
+
+    cfg.check()
+    with eager_attention(model):
+        scale = estimate_scale(model, lora, items, cfg, pad_id, device) if cfg.scale == "auto" else float(cfg.scale)
+        v = vectors.float().to(device)
+        total = torch.zeros_like(v)
+        bar = tqdm(total=cfg.depth * cfg.repeats, desc="LiSSA", unit="hvp", file=sys.stderr, disable=not progress,
+                   leave=False)
+        for rep in range(cfg.repeats):
+            gen = torch.Generator().manual_seed(cfg.seed * 9973 + rep)
+            h = v.clone()
+            for _ in range(cfg.depth):
+                batch = [items[i] for i in _minibatch(gen, len(items), cfg.batch_size)]
+                h = v + h - (hvp(model, lora, batch, h, pad_id, device) + cfg.damping * h) / scale
+                if not torch.isfinite(h).all() or float(h.norm()) > 1e6 * float(v.norm()) * cfg.depth:
+                    raise DivgenError(f"LiSSA diverged (scale {scale:.3g}, damping {cfg.damping}): raise "
+                                      "--lissa-damping or --lissa-scale")
+                bar.update(1)
+            total += h / scale
+        bar.close()
+    return total / cfg.repeats
