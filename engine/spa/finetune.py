@@ -62,7 +62,7 @@ class TrainableLora:
     def __init__(self, model: nn.Module, config: LoraConfig, seed: int = 0):
         self.model = model
         self.config = config
-        self.paths = target_module_paths(model, config)
+        self.paths = sorted(target_module_paths(model, config))
         gen = torch.Generator().manual_seed(int(seed))
         self._frozen = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
