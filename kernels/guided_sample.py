@@ -58,8 +58,12 @@ THRESHOLD_PASSES = 8       # 32 key bits / log2(NUM_PIVOTS) bits per pass
 KEY_BELOW_ALL = -(2**31) - 1   # an int64 below every int32 key: the bisection's first lower end
 MAX_CHUNKS = 64            # vocabulary chunks per group (later kernels combine them in one tile)
 MAX_GROUP_ROWS = 256       # rows in one guidance group
-TILE_ELEMS_CUDA = 4096     # G_BLOCK · BLOCK_V per tile on a GPU (32 fp32 registers a thread)
-TILE_ELEMS_CPU = 1024      # smaller tiles under TRITON_INTERPRET=1 (vocabulary splits in tests)
+# (BLOCK_V, num_warps) by G_BLOCK on a GPU. Compiled for sm_90, the sample pass needs 40 (1 row),
+# 48-80 (2-8 rows), ~110 (16 rows), ~155 (32 rows) registers a thread without spills; from 64
+# rows it spills. The top-k/top-p counting pass is heavier (up to 255 registers, 15 pivots a tile).
+CUDA_TILES = {1: (2048, 8), 2: (512, 8), 4: (256, 8), 8: (64, 8), 16: (64, 8), 32: (32, 8)}
+CUDA_TILE_LARGE_GROUPS = (16, 16)
+TILE_ELEMS_CPU = 1024      # G_BLOCK · BLOCK_V under TRITON_INTERPRET=1 (the interpreter is per-op)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,47 +107,56 @@ def _group_rows(group_rows_ptr, group_size_ptr, group, G_BLOCK: tl.constexpr):
 
 @triton.jit
 def _row_stats(part_max_ptr, part_sum_ptr, rows, row_mask, num_chunks, C_BLOCK: tl.constexpr):
-    """Combine pass-1 chunk partials: per-row max logit and log Σ exp(l − max), each [G_BLOCK]."""
+    """Combine pass-1 chunk partials into per-row (max logit, lse), each [G_BLOCK] (0 if padded)."""
     c = tl.arange(0, C_BLOCK)
     offs = rows[:, None] * num_chunks + c[None, :]
     mask = row_mask[:, None] & (c < num_chunks)[None, :]
     pmax = tl.load(part_max_ptr + offs, mask=mask, other=float("-inf"))     # [G_BLOCK, C_BLOCK]
     psum = tl.load(part_sum_ptr + offs, mask=mask, other=0.0)
-    row_max = tl.max(pmax, axis=1)
-    ref = tl.where(row_max == float("-inf"), 0.0, row_max)
-    total = tl.sum(psum * tl.exp(pmax - ref[:, None]), axis=1)
-    return row_max, tl.log(tl.where(row_mask, total, 1.0))          # padded rows: 0, not log 0
+    row_max = tl.where(row_mask, tl.max(pmax, axis=1), 0.0)
+    total = tl.sum(psum * tl.exp(pmax - row_max[:, None]), axis=1)
+    lse = row_max + tl.log(tl.where(row_mask, total, 1.0))
+    return row_max, lse
+
+
+@triton.jit
+def _group_setup(
+    group_rows_ptr, group_size_ptr, weights_ptr, part_max_ptr, part_sum_ptr, cutoff_ptr, inv_t_ptr,
+    group, num_chunks, stride_logits, G_BLOCK: tl.constexpr, C_BLOCK: tl.constexpr,
+):
+    """Per-program constants of a group: rows, row offsets, W block, lse, α threshold, 1/T."""
+    rows, row_mask, size = _group_rows(group_rows_ptr, group_size_ptr, group, G_BLOCK)
+    row_max, lse = _row_stats(part_max_ptr, part_sum_ptr, rows, row_mask, num_chunks, C_BLOCK)
+    gi = tl.arange(0, G_BLOCK)
+    weights = tl.load(weights_ptr + (group * G_BLOCK + gi[:, None]) * G_BLOCK + gi[None, :])   # [G, G]
+    cut_at = row_max + tl.load(cutoff_ptr + rows, mask=row_mask, other=0.0)    # max + log α
+    inv_t = tl.load(inv_t_ptr + rows, mask=row_mask, other=1.0)
+    return rows, row_mask, rows.to(tl.int64) * stride_logits, weights, lse, cut_at, inv_t
 
 
 @triton.jit
 def _guided_scores(
-    logits_ptr, stride_logits,
-    group_rows_ptr, weights_ptr, group, size,
-    row_max, row_logsum, cutoff, t_safe, logp_floor,
-    cols, col_mask,
-    G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr, row_offsets, row_mask, weights, lse, cut_at, inv_t, logp_floor,
+    cols, col_mask, G_BLOCK: tl.constexpr,
 ):
     """z [G_BLOCK, BLOCK_V] of a group's rows at tokens ``cols``: guided, α-cut, tempered.
 
-    Each of the group's rows is read once; W[:, n] scales row n's clamped log-probs into every
-    row's scores. A row's own logits (for the α test) are picked out of the same loads.
+    One 2-D load reads the group's rows; W [G, G] mixes their clamped log-probs (a broadcast
+    multiply-sum for small groups, an fp32 ``tl.dot`` from 16 rows on, a scale for one row).
     """
-    gi = tl.arange(0, G_BLOCK)
-    s = tl.zeros([G_BLOCK, BLOCK_V], dtype=tl.float32)
-    own = tl.full([G_BLOCK, BLOCK_V], float("-inf"), dtype=tl.float32)
-    for n in range(0, size):
-        row_n = tl.load(group_rows_ptr + group * G_BLOCK + n).to(tl.int64)
-        x_n = tl.load(logits_ptr + row_n * stride_logits + cols, mask=col_mask,
-                      other=float("-inf")).to(tl.float32)                       # [BLOCK_V]
-        is_n = gi == n
-        max_n = tl.max(tl.where(is_n, row_max, float("-inf")), axis=0)
-        logsum_n = tl.sum(tl.where(is_n, row_logsum, 0.0), axis=0)
-        logp_n = tl.maximum((x_n - max_n) - logsum_n, logp_floor)
-        w_n = tl.load(weights_ptr + (group * G_BLOCK + gi) * G_BLOCK + n)         # W[:, n], 0-padded
-        s += w_n[:, None] * logp_n[None, :]
-        own = tl.where(is_n[:, None], x_n[None, :], own)
-    keep = (own > float("-inf")) & (own < float("inf")) & (own >= (row_max + cutoff)[:, None])
-    return tl.where(keep, tl.math.div_rn(s, t_safe[:, None]), float("-inf"))
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(logits_ptr + row_offsets[:, None] + cols[None, :], mask=mask,
+                other=float("-inf")).to(tl.float32)                           # [G, BLOCK_V]
+    logp = tl.maximum(x - lse[:, None], logp_floor)
+    logp = tl.where(row_mask[:, None], logp, 0.0)           # padded rows: 0, so 0-weights give 0
+    if G_BLOCK == 1:
+        s = weights * logp
+    elif G_BLOCK >= 16:
+        s = tl.dot(weights, logp, input_precision="ieee")
+    else:
+        s = tl.sum(weights[:, :, None] * logp[None, :, :], axis=1)
+    keep = (x > float("-inf")) & (x < float("inf")) & (x >= cut_at[:, None])
+    return tl.where(keep, s * inv_t[:, None], float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +197,7 @@ def _threshold_count_kernel(
     logits_ptr, stride_logits,
     group_rows_ptr, group_size_ptr, weights_ptr,
     part_max_ptr, part_sum_ptr,
-    cutoff_ptr, t_safe_ptr, lo_top_k_ptr,
+    cutoff_ptr, inv_t_ptr, lo_top_k_ptr,
     lo_ptr, pivot_step,
     measure_ptr, measure_max_ptr,        # out: [R, num_chunks, NUM_PIVOTS], [R, num_chunks]
     vocab, chunk_len, num_chunks, logp_floor,
@@ -199,10 +212,9 @@ def _threshold_count_kernel(
     """
     group = tl.program_id(0)
     chunk = tl.program_id(1)
-    rows, row_mask, size = _group_rows(group_rows_ptr, group_size_ptr, group, G_BLOCK)
-    row_max, row_logsum = _row_stats(part_max_ptr, part_sum_ptr, rows, row_mask, num_chunks, C_BLOCK)
-    cutoff = tl.load(cutoff_ptr + rows, mask=row_mask, other=0.0)
-    t_safe = tl.load(t_safe_ptr + rows, mask=row_mask, other=1.0)
+    rows, row_mask, row_offsets, weights, lse, cut_at, inv_t = _group_setup(
+        group_rows_ptr, group_size_ptr, weights_ptr, part_max_ptr, part_sum_ptr, cutoff_ptr, inv_t_ptr,
+        group, num_chunks, stride_logits, G_BLOCK, C_BLOCK)
     lo = tl.load(lo_ptr + rows, mask=row_mask, other=0)                          # [G_BLOCK] int64
     if APPLY_TOP_K:
         key_top_k = tl.load(lo_top_k_ptr + rows, mask=row_mask, other=0) + 1
@@ -214,9 +226,8 @@ def _threshold_count_kernel(
     for start in range(v_begin, v_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z = _guided_scores(logits_ptr, stride_logits, group_rows_ptr, weights_ptr, group, size,
-                           row_max, row_logsum, cutoff, t_safe, logp_floor, cols, col_mask,
-                           G_BLOCK, BLOCK_V)
+        z = _guided_scores(logits_ptr, row_offsets, row_mask, weights, lse, cut_at, inv_t, logp_floor,
+                           cols, col_mask, G_BLOCK)
         key = _ordered_key(z).to(tl.int64)
         if APPLY_TOP_K:
             z = tl.where(key >= key_top_k[:, None], z, float("-inf"))
@@ -275,20 +286,23 @@ def _sample_kernel(
     logits_ptr, stride_logits, noise_ptr, stride_noise,
     group_rows_ptr, group_size_ptr, weights_ptr,
     part_max_ptr, part_sum_ptr,
-    cutoff_ptr, t_safe_ptr, greedy_ptr, key1_ptr, key2_ptr, lo_top_k_ptr, lo_top_p_ptr,
+    cutoff_ptr, inv_t_ptr, greedy_ptr, key1_ptr, key2_ptr, lo_top_k_ptr, lo_top_p_ptr,
     best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, z_sum_ptr,   # out: [R, num_chunks]
     vocab, chunk_len, num_chunks, logp_floor,
     G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, C_BLOCK: tl.constexpr,
     HAS_NOISE: tl.constexpr, ANY_SAMPLED: tl.constexpr, HAS_TOP_K: tl.constexpr,
     HAS_TOP_P: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
 ):
-    """Pass 2: per (row, chunk) the Gumbel-max winner (score, token) and the log-prob partials."""
+    """Pass 2: per (row, chunk) the Gumbel-max winner (score, token) and the log-prob partials.
+
+    Each lane keeps its own running winner (strict >: its earlier, smaller token keeps a tie);
+    the lanes are reduced once at the end of the chunk.
+    """
     group = tl.program_id(0)
     chunk = tl.program_id(1)
-    rows, row_mask, size = _group_rows(group_rows_ptr, group_size_ptr, group, G_BLOCK)
-    row_max, row_logsum = _row_stats(part_max_ptr, part_sum_ptr, rows, row_mask, num_chunks, C_BLOCK)
-    cutoff = tl.load(cutoff_ptr + rows, mask=row_mask, other=0.0)
-    t_safe = tl.load(t_safe_ptr + rows, mask=row_mask, other=1.0)
+    rows, row_mask, row_offsets, weights, lse, cut_at, inv_t = _group_setup(
+        group_rows_ptr, group_size_ptr, weights_ptr, part_max_ptr, part_sum_ptr, cutoff_ptr, inv_t_ptr,
+        group, num_chunks, stride_logits, G_BLOCK, C_BLOCK)
     greedy = tl.load(greedy_ptr + rows, mask=row_mask, other=1) != 0
     key1 = tl.load(key1_ptr + rows, mask=row_mask, other=0).to(tl.uint32, bitcast=True)
     key2 = tl.load(key2_ptr + rows, mask=row_mask, other=0).to(tl.uint32, bitcast=True)
@@ -296,9 +310,9 @@ def _sample_kernel(
         key_top_k = tl.load(lo_top_k_ptr + rows, mask=row_mask, other=0) + 1
     if HAS_TOP_P:
         key_top_p = tl.load(lo_top_p_ptr + rows, mask=row_mask, other=0) + 1
-    best = tl.full([G_BLOCK], float("-inf"), dtype=tl.float32)
-    best_token = tl.zeros([G_BLOCK], dtype=tl.int32) + vocab
-    best_z = tl.full([G_BLOCK], float("-inf"), dtype=tl.float32)
+    lane_best = tl.full([G_BLOCK, BLOCK_V], float("-inf"), dtype=tl.float32)
+    lane_token = tl.zeros([G_BLOCK, BLOCK_V], dtype=tl.int32) + vocab
+    lane_z = tl.full([G_BLOCK, BLOCK_V], float("-inf"), dtype=tl.float32)
     z_max = tl.full([G_BLOCK], float("-inf"), dtype=tl.float32)
     z_sum = tl.zeros([G_BLOCK], dtype=tl.float32)
     v_begin = chunk * chunk_len
@@ -306,9 +320,8 @@ def _sample_kernel(
     for start in range(v_begin, v_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z = _guided_scores(logits_ptr, stride_logits, group_rows_ptr, weights_ptr, group, size,
-                           row_max, row_logsum, cutoff, t_safe, logp_floor, cols, col_mask,
-                           G_BLOCK, BLOCK_V)
+        z = _guided_scores(logits_ptr, row_offsets, row_mask, weights, lse, cut_at, inv_t, logp_floor,
+                           cols, col_mask, G_BLOCK)
         if HAS_TOP_K:
             z = tl.where(_ordered_key(z).to(tl.int64) >= key_top_k[:, None], z, float("-inf"))
         if HAS_TOP_P:
@@ -322,22 +335,23 @@ def _sample_kernel(
             score = tl.where(greedy[:, None], z, z - tl.log(-tl.log(u)))
         else:
             score = z
-        tile_best = tl.max(score, axis=1)
-        tile_token = tl.min(tl.where(score == tile_best[:, None], cols[None, :], vocab), axis=1)
-        better = tile_best > best                 # strict: an earlier tile keeps a tie
+        better = score > lane_best
+        lane_best = tl.where(better, score, lane_best)
+        lane_token = tl.where(better, cols[None, :], lane_token)
         if RETURN_LOGPROBS:
-            tile_z = tl.max(tl.where(cols[None, :] == tile_token[:, None], z, float("-inf")), axis=1)
-            best_z = tl.where(better, tile_z, best_z)
+            lane_z = tl.where(better, z, lane_z)
             new_max = tl.maximum(z_max, tl.max(z, axis=1))
             ref = tl.where(new_max == float("-inf"), 0.0, new_max)
             z_sum = z_sum * tl.exp(z_max - ref) + tl.sum(tl.exp(z - ref[:, None]), axis=1)
             z_max = new_max
-        best = tl.where(better, tile_best, best)
-        best_token = tl.where(better, tile_token, best_token)
+    best = tl.max(lane_best, axis=1)
+    is_best = lane_best == best[:, None]
+    best_token = tl.min(tl.where(is_best, lane_token, vocab), axis=1)       # ties: smallest id
     out = rows * num_chunks + chunk
     tl.store(best_score_ptr + out, best, mask=row_mask)
     tl.store(best_token_ptr + out, best_token, mask=row_mask)
     if RETURN_LOGPROBS:
+        best_z = tl.max(tl.where(lane_token == best_token[:, None], lane_z, float("-inf")), axis=1)
         tl.store(best_z_ptr + out, best_z, mask=row_mask)
         tl.store(z_max_ptr + out, z_max, mask=row_mask)
         tl.store(z_sum_ptr + out, z_sum, mask=row_mask)
@@ -447,15 +461,17 @@ class LaunchConfig:
     block_v: int       # tokens per tile (power of two)
     chunk_len: int     # tokens per program (a multiple of block_v)
     num_chunks: int    # programs per group along the vocabulary (≤ MAX_CHUNKS)
+    num_warps: int
 
 
 def launch_config(vocab: int, num_groups: int, g_block: int, device: torch.device,
                   block_v: int | None = None, num_chunks: int | None = None) -> LaunchConfig:
     """Tile and vocabulary split. On a GPU: enough (group, chunk) programs to fill the SMs ~4×."""
     on_cuda = device.type == "cuda"
+    tile_v, num_warps = CUDA_TILES.get(g_block, CUDA_TILE_LARGE_GROUPS) if on_cuda else \
+        (max(16, TILE_ELEMS_CPU // g_block), 4)
     if block_v is None:
-        tile = TILE_ELEMS_CUDA if on_cuda else TILE_ELEMS_CPU
-        block_v = min(max(16, tile // g_block), triton.next_power_of_2(vocab))
+        block_v = min(tile_v, max(16, triton.next_power_of_2(vocab)))
     if block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     tiles = triton.cdiv(vocab, block_v)
@@ -467,7 +483,8 @@ def launch_config(vocab: int, num_groups: int, g_block: int, device: torch.devic
             num_chunks = 1
     num_chunks = max(1, min(num_chunks, tiles, MAX_CHUNKS))
     chunk_len = triton.cdiv(tiles, num_chunks) * block_v
-    return LaunchConfig(block_v=block_v, chunk_len=chunk_len, num_chunks=triton.cdiv(vocab, chunk_len))
+    return LaunchConfig(block_v=block_v, chunk_len=chunk_len, num_chunks=triton.cdiv(vocab, chunk_len),
+                        num_warps=num_warps)
 
 
 @dataclass(frozen=True)
@@ -478,7 +495,7 @@ class GuidedSamplePlan:
     block: BlockMix
     config: LaunchConfig
     cutoff: torch.Tensor        # [R] fp32, log α (−inf for α = 0)
-    t_safe: torch.Tensor        # [R] fp32, T (1 for greedy rows)
+    inv_t: torch.Tensor         # [R] fp32, 1 / T (1 for greedy rows)
     greedy: torch.Tensor        # [R] int32, T == 0
     key1: torch.Tensor          # [R] int32 bits of the uint32 noise keys
     key2: torch.Tensor
@@ -515,7 +532,7 @@ def plan_guided_sample(logits, mix, *, seeds, step, temperature=1.0, alpha=0.0, 
         block=block,
         config=config,
         cutoff=torch.log(alpha).contiguous(),
-        t_safe=torch.where(greedy, torch.ones_like(temperature), temperature).contiguous(),
+        inv_t=(1.0 / torch.where(greedy, torch.ones_like(temperature), temperature)).contiguous(),
         greedy=greedy.to(torch.int32).contiguous(),
         key1=_uint32_as_int32(key1).contiguous(),
         key2=_uint32_as_int32(key2).contiguous(),
@@ -547,12 +564,12 @@ def _find_threshold(plan: GuidedSamplePlan, row_stats, bound: torch.Tensor, *, m
             logits, logits.stride(0),
             block.group_rows, block.group_size, block.weights,
             part_max, part_sum,
-            plan.cutoff, plan.t_safe, lo if lo_top_k is None else lo_top_k,
+            plan.cutoff, plan.inv_t, lo if lo_top_k is None else lo_top_k,
             lo, pivot_step,
             measure, measure_max,
             vocab, cfg.chunk_len, cfg.num_chunks, block.logp_floor,
             G_BLOCK=block.g_block, BLOCK_V=cfg.block_v, C_BLOCK=c_block,
-            NUM_PIVOTS=NUM_PIVOTS, MASS=mass, APPLY_TOP_K=lo_top_k is not None,
+            NUM_PIVOTS=NUM_PIVOTS, MASS=mass, APPLY_TOP_K=lo_top_k is not None, num_warps=cfg.num_warps,
         )
         _threshold_narrow_kernel[(rows,)](
             measure, measure_max, bound, lo, pivot_step, cfg.num_chunks,
@@ -574,6 +591,7 @@ def launch_guided_sample(plan: GuidedSamplePlan, return_logprobs: bool = False):
     _stats_kernel[grid](
         logits, logits.stride(0), block.group_rows, block.group_size, part_max, part_sum,
         vocab, cfg.chunk_len, cfg.num_chunks, G_BLOCK=block.g_block, BLOCK_V=cfg.block_v,
+        num_warps=cfg.num_warps,
     )
     lo_top_k = lo_top_p = None
     if plan.has_top_k:
@@ -589,13 +607,13 @@ def launch_guided_sample(plan: GuidedSamplePlan, return_logprobs: bool = False):
         logits, logits.stride(0), logits if noise is None else noise, 0 if noise is None else noise.stride(0),
         block.group_rows, block.group_size, block.weights,
         part_max, part_sum,
-        plan.cutoff, plan.t_safe, plan.greedy, plan.key1, plan.key2,
+        plan.cutoff, plan.inv_t, plan.greedy, plan.key1, plan.key2,
         part_max if lo_top_k is None else lo_top_k, part_max if lo_top_p is None else lo_top_p,
         best_score, best_token, best_z, z_max, z_sum,
         vocab, cfg.chunk_len, cfg.num_chunks, block.logp_floor,
         G_BLOCK=block.g_block, BLOCK_V=cfg.block_v, C_BLOCK=c_block,
         HAS_NOISE=noise is not None, ANY_SAMPLED=plan.any_sampled, HAS_TOP_K=plan.has_top_k,
-        HAS_TOP_P=plan.has_top_p, RETURN_LOGPROBS=return_logprobs,
+        HAS_TOP_P=plan.has_top_p, RETURN_LOGPROBS=return_logprobs, num_warps=cfg.num_warps,
     )
     tokens = torch.empty(rows, dtype=torch.int64, device=dev)
     logprobs = torch.empty(rows, dtype=torch.float32, device=dev)

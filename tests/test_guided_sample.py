@@ -230,6 +230,22 @@ def test_top_k_top_p_kernel_equals_reference_equals_independent(top, layout, dty
     assert_same_samples(kern, ref)
 
 
+def test_large_group_uses_the_matmul_path():
+    """A 16-row CorrSynth group (the kernel mixes with an fp32 tl.dot from 16 rows) + a plain row."""
+    rows, vocab = 17, VOCAB_SIZES[0]
+    logits = make_logits(rows, vocab, torch.bfloat16, seed=16)
+    mix = torch.block_diag(corrsynth_block(16, 2.0), torch.ones(1, 1))
+    noise = make_noise(rows, vocab, seed=16)
+    params = dict(temperature=torch.linspace(0.0, 1.5, rows), alpha=0.01)
+    assert gs.block_form(mix, rows, "cpu").g_block == 16
+    want = independent_sample(logits, mix, noise, **params)
+    ref = reference.guided_sample(logits, mix, seeds=make_seeds(rows), step=2, noise=noise, return_logprobs=True,
+                                  **params)
+    assert_same_samples(ref, want)
+    assert_same_samples(gs.guided_sample(logits, mix, seeds=make_seeds(rows), step=2, noise=noise,
+                                         return_logprobs=True, **params), ref)
+
+
 def test_top_k_top_p_keep_ties_and_plain_rows():
     """Ties at the top-k threshold are kept together; plain rows (mix None) through the cut path."""
     vocab = VOCAB_SIZES[0]
