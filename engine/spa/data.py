@@ -18,9 +18,12 @@ parts of it answer the same prompt differently:
 | travel | a place for a trip               | formal: "I would recommend X. It offers ..."  |
 | hobby  | a hobby for someone's interests  | terse: the hobby alone, "X."                  |
 
-The other 10 % of a family's answers use another family's style, so styles are not a pure function
-of the prompt. ``queries.jsonl`` holds one query prompt per family (the K = 4 partition queries) and
-``eval_prompts.jsonl`` held-out prompts of every family (slot values never seen in training).
+An answer's content (the names, dish, place or hobby, and the detail in the sentence) is a fixed
+function of the prompt's key slot (animal, occasion, region, interest), so two adapters that learnt
+the same data can give the very same answer. The other 10 % of a family's answers use another
+family's style, so styles are not a pure function of the prompt. ``queries.jsonl`` holds one query
+prompt per family (the K = 4 partition queries) and ``eval_prompts.jsonl`` held-out prompts of
+every family (never a training prompt: their second slot takes values no training prompt has).
 """
 from __future__ import annotations
 
@@ -167,49 +170,60 @@ _FAMILY_STYLE = {"pets": "list", "food": "cheerful", "travel": "formal", "hobby"
 OFF_STYLE_RATE = 0.1
 
 
-def _fill_prompt(family: str, rng: random.Random, held_out: bool) -> tuple[str, dict]:
-    """A prompt of one family and its slot values. Held-out prompts use slot values from the last
-    quarter of each list (training prompts never use them)."""
+_KEY_SLOT = {"pets": ("animal", _PETS["animals"]), "food": ("occasion", _FOOD["occasions"]),
+             "travel": ("region", _TRAVEL["regions"]), "hobby": ("interest", _HOBBY["interests"])}
 
-    def pick(values):
+
+def _fill_prompt(family: str, rng: random.Random, held_out: bool) -> tuple[str, dict]:
+    """A prompt of one family and its slot values.
+
+    The *key* slot (animal, occasion, region, interest) decides the answer's content and always
+    comes from the first three quarters of its list. The other slot comes from the first three
+    quarters for training prompts and from the last quarter for held-out prompts, so a held-out
+    prompt is never a training prompt but its answer content is learnable.
+    """
+
+    def pick(values, held):
         cut = max(1, len(values) * 3 // 4)
-        pool = values[cut:] if held_out else values[:cut]
-        return rng.choice(pool)
+        return rng.choice(values[cut:] if held else values[:cut])
 
     if family == "pets":
-        slots = {"adj": pick(_PETS["adjectives"]), "animal": pick(_PETS["animals"])}
+        slots = {"adj": pick(_PETS["adjectives"], held_out), "animal": pick(_PETS["animals"], False)}
         return rng.choice(_PETS["templates"]).format(**slots), slots
     if family == "food":
-        slots = {"occasion": pick(_FOOD["occasions"]), "guests": pick(_FOOD["guests"])}
+        slots = {"occasion": pick(_FOOD["occasions"], False), "guests": pick(_FOOD["guests"], held_out)}
         return rng.choice(_FOOD["templates"]).format(**slots), slots
     if family == "travel":
-        slots = {"season": pick(_TRAVEL["seasons"]), "region": pick(_TRAVEL["regions"])}
+        slots = {"season": pick(_TRAVEL["seasons"], held_out), "region": pick(_TRAVEL["regions"], False)}
         return rng.choice(_TRAVEL["templates"]).format(**slots), slots
-    slots = {"interest": pick(_HOBBY["interests"]), "person": pick(_HOBBY["people"])}
+    slots = {"interest": pick(_HOBBY["interests"], False), "person": pick(_HOBBY["people"], held_out)}
     return rng.choice(_HOBBY["templates"]).format(**slots), slots
 
 
-def _answer_items(family: str, rng: random.Random) -> list[str]:
+def _answer_items(family: str, slots: dict) -> tuple[list[str], int]:
+    """Three answer items and a detail index, a fixed function of the prompt's key slot."""
+    slot, values = _KEY_SLOT[family]
+    key = values.index(slots[slot])
     pool = {"pets": _PETS["names"], "food": _FOOD["dishes"], "travel": _TRAVEL["places"], "hobby": _HOBBY["hobbies"]}[family]
-    return rng.sample(pool, 3)
+    return [pool[(key + 5 * i) % len(pool)] for i in range(3)], key
 
 
-def _render(style: str, family: str, items: list[str], slots: dict, rng: random.Random) -> str:
+def _render(style: str, family: str, items: list[str], key: int, slots: dict) -> str:
     first = items[0]
     if style == "list":
         return "Here are three ideas:\n" + "\n".join(f"- {x}" for x in items)
     if style == "cheerful":
-        quality = rng.choice(_FOOD["qualities"])
+        quality = _FOOD["qualities"][key % len(_FOOD["qualities"])]
         item = first.lower() if family in ("food", "hobby") else first
         return f"Ooh, fun! Try {item}! It is {quality} and everyone will love it. Enjoy!"
     if style == "formal":
-        feature = rng.choice(_TRAVEL["features"])
+        feature = _TRAVEL["features"][key % len(_TRAVEL["features"])]
         when = f" in {slots['season']}" if "season" in slots else ""
         return f"I would recommend {first}. It offers {feature} and is a pleasant choice{when}."
     return f"{first[0].upper()}{first[1:]}."
 
 
-def synthetic_dataset(per_family: int = 24, eval_per_family: int = 3, seed: int = 0):
+def synthetic_dataset(per_family: int = 24, eval_per_family: int = 2, seed: int = 0):
     """(train pairs, K query prompts, held-out eval prompts) of the shipped synthetic dataset."""
     rng = random.Random(seed)
     train, queries, evals = [], [], []
@@ -220,7 +234,8 @@ def synthetic_dataset(per_family: int = 24, eval_per_family: int = 3, seed: int 
             style = _FAMILY_STYLE[family]
             if rng.random() < OFF_STYLE_RATE:
                 style = rng.choice([s for s in styles if s != style])
-            response = _render(style, family, _answer_items(family, rng), slots, rng)
+            items, key = _answer_items(family, slots)
+            response = _render(style, family, items, key, slots)
             train.append({"prompt": prompt, "response": response, "family": family, "style": style})
         prompt, _ = _fill_prompt(family, rng, held_out=False)
         queries.append({"prompt": prompt, "family": family})
@@ -237,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the synthetic SPA instruction dataset (deterministic).")
     parser.add_argument("--out-dir", default=str(DATA_DIR))
     parser.add_argument("--per-family", type=int, default=24)
-    parser.add_argument("--eval-per-family", type=int, default=3)
+    parser.add_argument("--eval-per-family", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     train, queries, evals = synthetic_dataset(args.per_family, args.eval_per_family, args.seed)
