@@ -9,24 +9,28 @@ Derivation
 For a row m of a guidance group G(m) (the rows that ``mix`` couples to m, found as connected
 components of its non-zero pattern), with W the group's block of ``mix``:
 
-    ℓ_n(v)  = (l_n(v) − max_n) − log Σ_u exp(l_n(u) − max_n)            log_softmax
-    s_m(v)  = Σ_{n ∈ G(m)} W[m, n] · max(ℓ_n(v), FLOOR)                 guided scores
-    z_m(v)  = s_m(v) / T_m   if l_m(v) finite and l_m(v) ≥ max_m + log α_m,   else −inf
+    ℓ_n(v)  = l_n(v) − lse_n,   lse_n = max_n + log Σ_u exp(l_n(u) − max_n)     log_softmax
+    s_m(v)  = Σ_{n ∈ G(m)} W[m, n] · max(ℓ_n(v), FLOOR)                        guided scores
+    z_m(v)  = s_m(v) · (1 / T_m)   if l_m(v) finite and l_m(v) ≥ max_m + log α_m,   else −inf
     x_m     = argmax_v z'_m(v) + G_m(v)     (T_m = 0: no G; z' = z after top-k / top-p)
 
 FLOOR is ``LOGP_FLOOR`` when a ``mix`` is given and −inf when ``mix`` is None (the reference
 clamps only when it mixes; −inf then changes nothing).
 
-1. Before z can be formed only two numbers per row are needed, (max_n, log Σ exp): pass 1 reads
-   the logits once and keeps an online (max, Σ exp) per (row, vocabulary chunk). Every later
-   kernel combines the ≤ 64 chunk partials of its rows itself (no extra launch).
+1. Before z can be formed only two numbers per row are needed, (max_n, lse_n): pass 1 reads the
+   logits once and keeps an online (max, Σ exp) per (row, vocabulary chunk). Every later kernel
+   combines the ≤ 64 chunk partials of its rows itself (no extra launch).
 2. z of all rows of a group at token v needs the group's g logits at v. A program owns a
-   (group, vocabulary chunk): it reads each of the g rows once and forms all g guided rows.
-   Cost g·V multiply-adds per row; entries of ``mix`` across groups are zero and never touched,
-   so there is no R·R·V work.
-3. Gumbel-max needs no softmax: pass 2 keeps a running (best score, smallest token id) per row
-   and chunk; a tiny kernel reduces the chunks (ties → smallest token id, as torch.argmax). The
-   log-prob of the choice needs log Σ exp z', accumulated online in the same pass.
+   (group, vocabulary chunk): one 2-D load per tile reads the g rows, and W mixes them in
+   registers (broadcast multiply-sum below 16 rows, an fp32 ``tl.dot`` from 16 on). Cost g·V
+   multiply-adds per row; entries of ``mix`` across groups are zero and never touched, so there
+   is no R·R·V work. The α test reads the same tile (a row's own logits).
+3. Gumbel-max needs no softmax: pass 2 keeps a running (best score, smallest token id) per lane,
+   reduced per (row, chunk) at the end; a tiny kernel reduces the chunks (ties → smallest token
+   id, as torch.argmax). The log-prob of the choice needs log Σ exp z', accumulated online in the
+   same pass. Two exact shortcuts: a tile with no token in any row's α set is skipped after its
+   load, and a tile whose max z plus the largest possible noise (16.64 for 24-bit uniforms)
+   cannot reach any row's best so far skips the noise. With α > 0 most tiles are skipped.
 4. top-k and top-p are thresholds on z: keep v iff the measure of tokens strictly above z(v) is
    below a bound (count < k; probability mass < top_p · total). The exact threshold is found
    without sorting, by bisection over the order-preserving int32 keys of fp32 values: a counting
@@ -34,14 +38,24 @@ clamps only when it mixes; −inf then changes nothing).
    accumulated with an online max (like softmax), so its normaliser needs no extra pass.
 5. Noise: u = (2·(h >> 9) + 1) / 2^24 with h = fmix32(fmix32(v ^ k1) ^ k2), in uint32 inside
    the kernel; the row keys (k1, k2) come from ``reference.noise_keys`` on the host, so the bits
-   equal ``reference.uniform_noise`` exactly.
+   equal ``reference.uniform_noise`` exactly (``uniform_noise`` below exposes them).
 
-Passes over the logits (each reads every row once; the kernels are memory-bound):
+Passes over the logits (each reads the group's rows once):
     basic path (guidance, α, temperature, greedy rows, log-probs)     2   (stats, sample)
     + top-k on any row                                              + 8   counting passes
     + top-p on any row                                              + 8   counting passes
-Launches: 3, plus 2 per counting pass (count, narrow). The host side syncs a few times (argument
-checks, the block form of ``mix``); ``launch_guided_sample`` reruns a prepared plan without them.
+Launches: 3, plus 2 per counting pass (count, narrow); no host syncs between them, so
+``launch_guided_sample`` can be captured in a CUDA graph. The host side of ``guided_sample``
+syncs a few times (argument checks incl. a NaN scan, the block form of ``mix``).
+
+Cost (sm_90 PTX, counted): pass 1 ~20 instructions a logit; pass 2 ~20 for a greedy or skipped
+logit, ~110 for a sampled one (the hash and two libdevice-accurate logs, kept accurate so that
+−log(u) stays exact near u = 1). Pass 2 over fully sampled rows (α = 0, flat z) is therefore
+compute-bound, not memory-bound.
+
+Equality with the reference: with the same noise the tokens are those of the reference except
+where two scores lie within float rounding (~1e-6 relative) of each other: s is summed in another
+order, 1/T multiplies instead of dividing, and the GPU's log differs from torch's in the last bit.
 """
 from __future__ import annotations
 
@@ -56,6 +70,7 @@ from divgen.kernels.reference import LOGP_FLOOR, check_guided_sample_args, noise
 NUM_PIVOTS = 16            # measure columns per counting pass: 0 = total, 1..15 = pivots
 THRESHOLD_PASSES = 8       # 32 key bits / log2(NUM_PIVOTS) bits per pass
 KEY_BELOW_ALL = -(2**31) - 1   # an int64 below every int32 key: the bisection's first lower end
+GUMBEL_MAX = 17.0              # > −log(−log(1 − 2^-24)) = 16.64, the largest Gumbel of the noise
 MAX_CHUNKS = 64            # vocabulary chunks per group (later kernels combine them in one tile)
 MAX_GROUP_ROWS = 256       # rows in one guidance group
 # (BLOCK_V, num_warps) by G_BLOCK on a GPU. Compiled for sm_90, the sample pass needs 40 (1 row),
@@ -135,18 +150,26 @@ def _group_setup(
 
 
 @triton.jit
-def _guided_scores(
-    logits_ptr, row_offsets, row_mask, weights, lse, cut_at, inv_t, logp_floor,
-    cols, col_mask, G_BLOCK: tl.constexpr,
-):
-    """z [G_BLOCK, BLOCK_V] of a group's rows at tokens ``cols``: guided, α-cut, tempered.
-
-    One 2-D load reads the group's rows; W [G, G] mixes their clamped log-probs (a broadcast
-    multiply-sum for small groups, an fp32 ``tl.dot`` from 16 rows on, a scale for one row).
-    """
+def _load_tile(logits_ptr, row_offsets, row_mask, cols, col_mask):
+    """The group's logits at ``cols``, [G_BLOCK, BLOCK_V] fp32 (−inf where masked): one 2-D load."""
     mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(logits_ptr + row_offsets[:, None] + cols[None, :], mask=mask,
-                other=float("-inf")).to(tl.float32)                           # [G, BLOCK_V]
+    return tl.load(logits_ptr + row_offsets[:, None] + cols[None, :], mask=mask,
+                   other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _alpha_keep(x, cut_at):
+    """The α set on the rows' own logits: finite and ≥ max + log α."""
+    return (x > float("-inf")) & (x < float("inf")) & (x >= cut_at[:, None])
+
+
+@triton.jit
+def _guided_scores(x, keep, row_mask, weights, lse, inv_t, logp_floor, G_BLOCK: tl.constexpr):
+    """z [G_BLOCK, BLOCK_V] of a group's rows from their logits x: guided, α-cut, tempered.
+
+    W [G, G] mixes the rows' clamped log-probs: a broadcast multiply-sum for small groups, an fp32
+    ``tl.dot`` from 16 rows on, a scale for one row.
+    """
     logp = tl.maximum(x - lse[:, None], logp_floor)
     logp = tl.where(row_mask[:, None], logp, 0.0)           # padded rows: 0, so 0-weights give 0
     if G_BLOCK == 1:
@@ -155,7 +178,6 @@ def _guided_scores(
         s = tl.dot(weights, logp, input_precision="ieee")
     else:
         s = tl.sum(weights[:, :, None] * logp[None, :, :], axis=1)
-    keep = (x > float("-inf")) & (x < float("inf")) & (x >= cut_at[:, None])
     return tl.where(keep, s * inv_t[:, None], float("-inf"))
 
 
@@ -209,6 +231,9 @@ def _threshold_count_kernel(
     Pivot j of row r is lo[r] + j · pivot_step. Column 0 measures every token, column j the tokens
     whose key is > pivot j. MASS: the measure is Σ exp(z − chunk max) over z after the top-k cut
     (top-p), with the chunk max written beside it; otherwise it is a count of tokens (top-k).
+    Only finite z are measured, so a tile with no token in any row's α set is skipped after its
+    load. (Counting the −inf tokens too, as the reference's sort does, would only move a threshold
+    that lies at or below −inf, which keeps every finite z either way.)
     """
     group = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -226,25 +251,27 @@ def _threshold_count_kernel(
     for start in range(v_begin, v_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z = _guided_scores(logits_ptr, row_offsets, row_mask, weights, lse, cut_at, inv_t, logp_floor,
-                           cols, col_mask, G_BLOCK)
-        key = _ordered_key(z).to(tl.int64)
-        if APPLY_TOP_K:
-            z = tl.where(key >= key_top_k[:, None], z, float("-inf"))
+        x = _load_tile(logits_ptr, row_offsets, row_mask, cols, col_mask)
+        keep = _alpha_keep(x, cut_at)
+        if tl.max(keep.to(tl.int32)) > 0:
+            z = _guided_scores(x, keep, row_mask, weights, lse, inv_t, logp_floor, G_BLOCK)
             key = _ordered_key(z).to(tl.int64)
-        if MASS:
-            new_max = tl.maximum(run_max, tl.max(z, axis=1))
-            ref = tl.where(new_max == float("-inf"), 0.0, new_max)
-            acc = acc * tl.exp(run_max - ref)[:, None]
-            run_max = new_max
-            w = tl.exp(z - ref[:, None])                                     # 0 where z = −inf
-        else:
-            w = tl.where(col_mask[None, :] & row_mask[:, None], 1.0, 0.0)
-        acc += tl.where(j[None, :] == 0, tl.sum(w, axis=1)[:, None], 0.0)
-        for p in tl.static_range(1, NUM_PIVOTS):
-            pivot = lo + pivot_step.to(tl.int64) * p
-            above = tl.sum(tl.where(key > pivot[:, None], w, 0.0), axis=1)
-            acc += tl.where(j[None, :] == p, above[:, None], 0.0)
+            if APPLY_TOP_K:
+                z = tl.where(key >= key_top_k[:, None], z, float("-inf"))
+                key = _ordered_key(z).to(tl.int64)
+            if MASS:
+                new_max = tl.maximum(run_max, tl.max(z, axis=1))
+                ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+                acc = acc * tl.exp(run_max - ref)[:, None]
+                run_max = new_max
+                w = tl.exp(z - ref[:, None])                                 # 0 where z = −inf
+            else:
+                w = tl.where(z > float("-inf"), 1.0, 0.0)
+            acc += tl.where(j[None, :] == 0, tl.sum(w, axis=1)[:, None], 0.0)
+            for p in tl.static_range(1, NUM_PIVOTS):
+                pivot = lo + pivot_step.to(tl.int64) * p
+                above = tl.sum(tl.where(key > pivot[:, None], w, 0.0), axis=1)
+                acc += tl.where(j[None, :] == p, above[:, None], 0.0)
     offs = (rows[:, None] * num_chunks + chunk) * NUM_PIVOTS + j[None, :]
     tl.store(measure_ptr + offs, acc, mask=row_mask[:, None])
     if MASS:
@@ -291,12 +318,14 @@ def _sample_kernel(
     vocab, chunk_len, num_chunks, logp_floor,
     G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, C_BLOCK: tl.constexpr,
     HAS_NOISE: tl.constexpr, ANY_SAMPLED: tl.constexpr, HAS_TOP_K: tl.constexpr,
-    HAS_TOP_P: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
+    HAS_TOP_P: tl.constexpr, RETURN_LOGPROBS: tl.constexpr, GUMBEL_MAX: tl.constexpr,
 ):
     """Pass 2: per (row, chunk) the Gumbel-max winner (score, token) and the log-prob partials.
 
     Each lane keeps its own running winner (strict >: its earlier, smaller token keeps a tie);
-    the lanes are reduced once at the end of the chunk.
+    the lanes are reduced once at the end of the chunk. Two exact shortcuts: a tile with no token
+    in any row's α set is skipped after its load, and the noise of a tile is not computed when no
+    z + max-noise of it reaches a row's best score so far (both common with α > 0 or peaked z).
     """
     group = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -317,33 +346,45 @@ def _sample_kernel(
     z_sum = tl.zeros([G_BLOCK], dtype=tl.float32)
     v_begin = chunk * chunk_len
     v_end = tl.minimum(v_begin + chunk_len, vocab)
+    row_best = tl.full([G_BLOCK], float("-inf"), dtype=tl.float32)
     for start in range(v_begin, v_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z = _guided_scores(logits_ptr, row_offsets, row_mask, weights, lse, cut_at, inv_t, logp_floor,
-                           cols, col_mask, G_BLOCK)
-        if HAS_TOP_K:
-            z = tl.where(_ordered_key(z).to(tl.int64) >= key_top_k[:, None], z, float("-inf"))
-        if HAS_TOP_P:
-            z = tl.where(_ordered_key(z).to(tl.int64) >= key_top_p[:, None], z, float("-inf"))
-        if ANY_SAMPLED:
-            if HAS_NOISE:
-                u = tl.load(noise_ptr + rows.to(tl.int64)[:, None] * stride_noise + cols[None, :],
-                            mask=row_mask[:, None] & col_mask[None, :], other=0.5).to(tl.float32)
+        x = _load_tile(logits_ptr, row_offsets, row_mask, cols, col_mask)
+        keep = _alpha_keep(x, cut_at)
+        if tl.max(keep.to(tl.int32)) > 0:          # else every z of the tile is −inf: nothing to do
+            z = _guided_scores(x, keep, row_mask, weights, lse, inv_t, logp_floor, G_BLOCK)
+            if HAS_TOP_K:
+                z = tl.where(_ordered_key(z).to(tl.int64) >= key_top_k[:, None], z, float("-inf"))
+            if HAS_TOP_P:
+                z = tl.where(_ordered_key(z).to(tl.int64) >= key_top_p[:, None], z, float("-inf"))
+            tile_max = tl.max(z, axis=1)
+            if RETURN_LOGPROBS:
+                new_max = tl.maximum(z_max, tile_max)
+                ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+                z_sum = z_sum * tl.exp(z_max - ref) + tl.sum(tl.exp(z - ref[:, None]), axis=1)
+                z_max = new_max
+            # a row's winner can change only if z + noise can beat its best so far (noise ≤ 16.64)
+            if ANY_SAMPLED:
+                can_win = (tile_max > float("-inf")) & (tile_max + GUMBEL_MAX > row_best)
             else:
-                u = _uniform(key1[:, None], key2[:, None], cols.to(tl.uint32)[None, :])
-            score = tl.where(greedy[:, None], z, z - tl.log(-tl.log(u)))
-        else:
-            score = z
-        better = score > lane_best
-        lane_best = tl.where(better, score, lane_best)
-        lane_token = tl.where(better, cols[None, :], lane_token)
-        if RETURN_LOGPROBS:
-            lane_z = tl.where(better, z, lane_z)
-            new_max = tl.maximum(z_max, tl.max(z, axis=1))
-            ref = tl.where(new_max == float("-inf"), 0.0, new_max)
-            z_sum = z_sum * tl.exp(z_max - ref) + tl.sum(tl.exp(z - ref[:, None]), axis=1)
-            z_max = new_max
+                can_win = (tile_max > float("-inf")) & (tile_max > row_best)
+            if tl.max(can_win.to(tl.int32)) > 0:
+                if ANY_SAMPLED:
+                    if HAS_NOISE:
+                        u = tl.load(noise_ptr + rows.to(tl.int64)[:, None] * stride_noise + cols[None, :],
+                                    mask=row_mask[:, None] & col_mask[None, :], other=0.5).to(tl.float32)
+                    else:
+                        u = _uniform(key1[:, None], key2[:, None], cols.to(tl.uint32)[None, :])
+                    score = tl.where(greedy[:, None], z, z - tl.log(-tl.log(u)))
+                else:
+                    score = z
+                better = score > lane_best
+                lane_best = tl.where(better, score, lane_best)
+                lane_token = tl.where(better, cols[None, :], lane_token)
+                if RETURN_LOGPROBS:
+                    lane_z = tl.where(better, z, lane_z)
+                row_best = tl.max(lane_best, axis=1)
     best = tl.max(lane_best, axis=1)
     is_best = lane_best == best[:, None]
     best_token = tl.min(tl.where(is_best, lane_token, vocab), axis=1)       # ties: smallest id
@@ -613,7 +654,8 @@ def launch_guided_sample(plan: GuidedSamplePlan, return_logprobs: bool = False):
         vocab, cfg.chunk_len, cfg.num_chunks, block.logp_floor,
         G_BLOCK=block.g_block, BLOCK_V=cfg.block_v, C_BLOCK=c_block,
         HAS_NOISE=noise is not None, ANY_SAMPLED=plan.any_sampled, HAS_TOP_K=plan.has_top_k,
-        HAS_TOP_P=plan.has_top_p, RETURN_LOGPROBS=return_logprobs, num_warps=cfg.num_warps,
+        HAS_TOP_P=plan.has_top_p, RETURN_LOGPROBS=return_logprobs, GUMBEL_MAX=GUMBEL_MAX,
+        num_warps=cfg.num_warps,
     )
     tokens = torch.empty(rows, dtype=torch.int64, device=dev)
     logprobs = torch.empty(rows, dtype=torch.float32, device=dev)

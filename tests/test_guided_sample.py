@@ -281,12 +281,31 @@ def test_vocabulary_split_and_ties_go_to_the_smallest_token(block_v, num_chunks)
     assert_same_samples((tokens, logprobs), ref)
 
 
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 3.0])
+def test_small_tiles_skipping_is_exact(temperature):
+    """16-token tiles: tiles outside every α set, and tiles whose z + max noise cannot reach a
+    row's best (most of them at T = 0.05), are skipped by the kernel; tokens must not change."""
+    vocab = VOCAB_SIZES[0]
+    logits = make_logits(ROWS, vocab, torch.float32, seed=30)
+    mix = make_mix("mixed_sizes")
+    noise = make_noise(ROWS, vocab, seed=30)
+    params = dict(temperature=torch.full((ROWS,), temperature), alpha=torch.tensor([0.0, 0.3, 0.0, 0.01, 0.5, 0.0]))
+    params["temperature"][2] = 0.0
+    plan = gs.plan_guided_sample(logits, mix, seeds=make_seeds(ROWS), step=0, noise=noise, block_v=16,
+                                 num_chunks=2, **params)
+    ref = reference.guided_sample(logits, mix, seeds=make_seeds(ROWS), step=0, noise=noise, return_logprobs=True,
+                                  **params)
+    assert_same_samples(gs.launch_guided_sample(plan, return_logprobs=True), ref)
+    assert_same_samples(ref, independent_sample(logits, mix, noise, **params))
+
+
 def test_vocabulary_split_with_top_k_top_p():
     vocab = VOCAB_SIZES[0]
     logits = make_logits(2, vocab, torch.float16, seed=4)
     mix = corrsynth_block(2, 2.0)
     noise = make_noise(2, vocab, seed=4)
-    params = dict(temperature=0.9, top_k=torch.tensor([7, 0]), top_p=torch.tensor([0.8, 0.6]))
+    params = dict(temperature=0.9, alpha=torch.tensor([0.0, 0.02]), top_k=torch.tensor([7, 40]),
+                  top_p=torch.tensor([0.8, 0.6]))
     plan = gs.plan_guided_sample(logits, mix, seeds=make_seeds(2), step=0, noise=noise, block_v=32,
                                  num_chunks=2, **params)
     assert plan.config.num_chunks == 2
