@@ -18,7 +18,7 @@ setup(
         "divgen.kernels": "kernels",
         "divgen.bindings": "bindings",
     },
-    package_data={"divgen.engine": ["tasks/*.yaml"]},
+    package_data={"divgen.engine": ["tasks/*.yaml"], "divgen.engine.spa": ["data/*.jsonl"]},
     # torch is deliberately a range: the Makefile installs the CPU build first on machines
     # without CUDA, and a satisfied range installs nothing more.
     install_requires=[
