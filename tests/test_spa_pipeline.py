@@ -255,3 +255,24 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     assert code == 2 and "not a LoRA adapter directory" in capsys.readouterr().err
     code = cli_main(["spa", "adapt", "--out", str(tmp_path / "o")])
     assert code == 2 and "--partitions" in capsys.readouterr().err
+
+
+def test_cli_influence_partition_resumes_to_identical_scores(tiny_dir, files, tmp_path):
+    out = tmp_path / "infl"
+    argv = ["spa", "partition", "--data", str(files / "train.jsonl"), "--queries", str(files / "queries.jsonl"),
+            "--method", "influence", "--out", str(out), "--model", str(tiny_dir), "--steps", "2", "--batch-size", "2",
+            "--lr", "0.05", "--lissa-depth", "3", "--lissa-batch", "2", "--query-max-new-tokens", "4", "--quiet"]
+    assert cli_main(argv) == 0
+    record = json.loads((out / "partitions.json").read_text())
+    assert record["options"]["influence"] == "lissa" and record["k"] == 2 and min(record["sizes"]) >= 1
+    responses = [json.loads(line) for line in (out / "query_responses.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in responses] == QUERIES          # queries had no response: greedy ones were made
+    first = [json.loads(line)["scores"] for line in (out / "scores.jsonl").read_text().splitlines()]
+    # simulate a kill half-way through the example gradients, then rerun the same command
+    state = torch.load(out / ".influence_state.pt", weights_only=False)
+    for i in list(state["scores"])[len(state["scores"]) // 2:]:
+        del state["scores"][i]
+    torch.save(state, out / ".influence_state.pt")
+    assert cli_main(argv) == 0
+    again = [json.loads(line)["scores"] for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert again == first

@@ -18,9 +18,9 @@ parts of it answer the same prompt differently:
 | travel | a place for a trip               | formal: "I would recommend X. It offers ..."  |
 | hobby  | a hobby for someone's interests  | terse: the hobby alone, "X."                  |
 
-An answer's content (the names, dish, place or hobby, and the detail in the sentence) is a fixed
-function of the prompt's key slot (animal, occasion, region, interest), so two adapters that learnt
-the same data can give the very same answer. The other 10 % of a family's answers use another
+An answer's content (the names, dish, place or hobby, and the detail in the sentence) is fixed per
+family, so two adapters that learnt the same data give the very same answer, and adapters that
+learnt different families answer differently. The other 10 % of a family's answers use another
 family's style, so styles are not a pure function of the prompt. ``queries.jsonl`` holds one query
 prompt per family (the K = 4 partition queries) and ``eval_prompts.jsonl`` held-out prompts of
 every family (never a training prompt: their second slot takes values no training prompt has).
@@ -170,17 +170,12 @@ _FAMILY_STYLE = {"pets": "list", "food": "cheerful", "travel": "formal", "hobby"
 OFF_STYLE_RATE = 0.1
 
 
-_KEY_SLOT = {"pets": ("animal", _PETS["animals"]), "food": ("occasion", _FOOD["occasions"]),
-             "travel": ("region", _TRAVEL["regions"]), "hobby": ("interest", _HOBBY["interests"])}
-
-
 def _fill_prompt(family: str, rng: random.Random, held_out: bool) -> tuple[str, dict]:
     """A prompt of one family and its slot values.
 
-    The *key* slot (animal, occasion, region, interest) decides the answer's content and always
-    comes from the first three quarters of its list. The other slot comes from the first three
-    quarters for training prompts and from the last quarter for held-out prompts, so a held-out
-    prompt is never a training prompt but its answer content is learnable.
+    The first slot (animal, occasion, region, interest) always comes from the first three quarters
+    of its list; the second from the first three quarters for training prompts and from the last
+    quarter for held-out prompts, so a held-out prompt is never a training prompt.
     """
 
     def pick(values, held):
@@ -201,10 +196,9 @@ def _fill_prompt(family: str, rng: random.Random, held_out: bool) -> tuple[str, 
 
 
 def _answer_items(family: str, slots: dict) -> tuple[list[str], int]:
-    """Three answer items and a detail index, a fixed function of the prompt's key slot."""
-    slot, values = _KEY_SLOT[family]
-    key = values.index(slots[slot])
+    """Three answer items and a detail index: fixed per family (the family decides the content)."""
     pool = {"pets": _PETS["names"], "food": _FOOD["dishes"], "travel": _TRAVEL["places"], "hobby": _HOBBY["hobbies"]}[family]
+    key = FAMILIES.index(family)
     return [pool[(key + 5 * i) % len(pool)] for i in range(3)], key
 
 
