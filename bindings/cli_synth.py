@@ -40,9 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, help="nucleus cutoff in (0, 1]")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="rows decoded per engine call (default 64); does not change the texts")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bar (default: shown when stderr is a terminal)")
-    p.add_argument("--progress", dest="progress", action="store_true", help="always show the progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no progress bar (default: a bar with examples/s on stderr)")
     p.set_defaults(func=run_synth_command)
 
     m = subparsers.add_parser(

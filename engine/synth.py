@@ -469,7 +469,8 @@ def _generate_into(task, lm, fd, groups, missing, pool, fp, batch_rows, progress
               "rows_per_group": task.group_rows}
     disable = (not sys.stderr.isatty()) if progress is None else (not progress)
     bar = tqdm(total=len(missing), desc=f"synth {task.method}", unit="ex", file=sys.stderr,
-               disable=disable, dynamic_ncols=True, smoothing=0.1)
+               disable=disable, dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
     s = task.sampling
     try:
         for batch in batches:
