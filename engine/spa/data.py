@@ -217,6 +217,19 @@ def _render(style: str, family: str, items: list[str], key: int, slots: dict) ->
     return f"{first[0].upper()}{first[1:]}."
 
 
+def template_answers(prompt: str) -> set[str]:
+    """Every answer the dataset's templates can give to ``prompt`` (any style with any family's
+    content; with and without the prompt's season): the evidence table's form check."""
+    seasons = [w for w in _TRAVEL["seasons"] if w in prompt.lower().split() or f"{w}." in prompt.lower()]
+    out = set()
+    for slots in [{}] + [{"season": s} for s in seasons]:
+        for style in set(_FAMILY_STYLE.values()):
+            for family in FAMILIES:
+                items, key = _answer_items(family, slots)
+                out.add(_render(style, family, items, key, slots))
+    return out
+
+
 def synthetic_dataset(per_family: int = 24, eval_per_family: int = 2, seed: int = 0):
     """(train pairs, K query prompts, held-out eval prompts) of the shipped synthetic dataset."""
     rng = random.Random(seed)

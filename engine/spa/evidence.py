@@ -10,6 +10,9 @@ runs (and prints) these commands, each resumable, then writes ``table.md`` and `
     divgen spa adapt --partitions OUT/<m> --out OUT/<m>/adapters                      (K adapters)
     divgen spa sample --adapters OUT/<m>/adapters --prompts eval_prompts.jsonl         (greedy, 1 batch)
     divgen spa sample --adapters OUT/whole --copies K --temperature 1.0                (sampling baseline)
+    divgen spa sample --adapters OUT/whole                                             (greedy baseline)
+
+"template form" is the share of answers that are exactly one of the dataset's template answers.
 
 A sample step is skipped when its metrics file exists (delete it to re-sample).
 """
@@ -24,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from divgen.engine.spa.data import EVAL_FILE, QUERIES_FILE, TRAIN_FILE
+from divgen.engine.spa.data import EVAL_FILE, QUERIES_FILE, TRAIN_FILE, template_answers
 
 PARTITION_ROWS = (
     ("random", ["--method", "random"]),
@@ -34,6 +37,13 @@ PARTITION_ROWS = (
 )
 SLUG = {"random": "random", "lexical (BM25)": "lexical", "influence (LiSSA)": "influence",
         "influence (grad. similarity)": "gradsim"}
+
+
+def _template_rate(samples: Path) -> float:
+    """Share of answers that are exactly one of the dataset's template answers (a quality check:
+    fluent, complete, in a form the data teaches)."""
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    return sum(r["text"].strip() in template_answers(r["prompt"]) for r in rows) / len(rows)
 
 
 def _run(cmd: list[str], log: list[str]) -> None:
@@ -83,26 +93,37 @@ def main(argv: list[str] | None = None) -> int:
                   "--max-new-tokens", str(args.max_new_tokens), "--out", str(samples), *model], log)
         sizes = json.loads((out / slug / "partitions.json").read_text())["sizes"]
         rows.append((f"SPA, {label}", f"{k} adapters, greedy", sizes, json.loads(Path(f"{samples}.metrics.json").read_text())))
+        rows[-1][3]["samples"] = str(samples)
 
     samples = out / "whole" / f"samples_t{args.temperature:g}.jsonl"
     if not Path(f"{samples}.metrics.json").exists():
         _run(["spa", "sample", "--adapters", str(out / "whole"), "--prompts", str(EVAL_FILE), "--copies", str(k),
               "--temperature", str(args.temperature), "--max-new-tokens", str(args.max_new_tokens),
               "--out", str(samples), *model], log)
-    whole = json.loads(Path(f"{samples}.metrics.json").read_text())
-    rows.append(("single adapter on everything", f"{k} samples, T = {args.temperature:g}", None, whole))
+    rows.append(("single adapter on everything", f"{k} samples, T = {args.temperature:g}", None,
+                 json.loads(Path(f"{samples}.metrics.json").read_text())))
+    rows[-1][3]["samples"] = str(samples)
+    samples = out / "whole" / "samples_greedy.jsonl"
+    if not Path(f"{samples}.metrics.json").exists():
+        _run(["spa", "sample", "--adapters", str(out / "whole"), "--prompts", str(EVAL_FILE),
+              "--max-new-tokens", str(args.max_new_tokens), "--out", str(samples), *model], log)
+    greedy = json.loads(Path(f"{samples}.metrics.json").read_text())
+    greedy["diversity_score"] = 0.0          # its K answers are one answer K times: every pair a duplicate
+    greedy["samples"] = str(samples)
+    rows.append(("single adapter on everything", "greedy (1 answer)", None, greedy))
 
-    lines = ["| method | answers per prompt | partition sizes | Diversity Score ↑ | pairwise KL ↑ |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | answers per prompt | partition sizes | Diversity Score ↑ | pairwise KL ↑ | template form |",
+             "|---|---|---|---|---|---|"]
     for name, how, sizes, m in rows:
         kl = "0 (one model)" if len(m["adapters"]) < 2 else f"{m['pairwise_kl']:.3f}"
+        m["template_form"] = _template_rate(Path(m["samples"]))
         lines.append(f"| {name} | {how} | {'/'.join(map(str, sizes)) if sizes else 'all'} | "
-                     f"{m['diversity_score']:.3f} | {kl} |")
-    lines.append(f"| single adapter on everything | greedy | all | 0 (one answer) | 0 (one model) |")
+                     f"{m['diversity_score']:.3f} | {kl} | {100 * m['template_form']:.0f} % |")
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     (out / "table.json").write_text(json.dumps({"commands": log, "rows": [
-        {"method": n, "answers": h, "sizes": s, "diversity_score": m["diversity_score"], "pairwise_kl": m["pairwise_kl"]}
+        {"method": n, "answers": h, "sizes": s, "diversity_score": m["diversity_score"], "pairwise_kl": m["pairwise_kl"],
+         "template_form": m["template_form"]}
         for n, h, s, m in rows], "seconds": round(time.perf_counter() - t0, 1)}, indent=2) + "\n")
     print(table)
     print(f"({time.perf_counter() - t0:.0f}s; commands in {out / 'table.json'})", file=sys.stderr)
