@@ -56,7 +56,7 @@ class MultiLoraLinear(nn.Module):
         indices = self._owner[0].token_indices(x)
         if indices is None:                       # every row on the base model
             return y
-        y2 = y.reshape(-1, y.shape[-1])            # [N, H_out], a view of y (fresh and contiguous)
+        y2 = y.view(-1, y.shape[-1])               # [N, H_out]; a view, so add_lora's in-place add lands in y
         kernels.add_lora(y2, x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b, indices, self.scales)
         return y
 
