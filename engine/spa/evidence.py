@@ -1,6 +1,6 @@
 """The README's SPA table, end to end through the `divgen spa` CLI on the shipped synthetic data.
 
-    python -m divgen.engine.spa.evidence --out runs/spa-evidence      # ~25 min on a busy 2-core CPU
+    python -m divgen.engine.spa.evidence --out runs/spa-evidence      # ~23 min on a busy 2-core CPU
 
 runs (and prints) these commands, each resumable, then writes ``table.md`` and ``table.json``:
 
