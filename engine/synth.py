@@ -370,6 +370,9 @@ class SynthReport:
 
 def prepare(task: Task, out: Path):
     """Everything that can fail on user input, before the model loads and before any write."""
+    if task.model != "default" and not Path(task.model).expanduser().exists():
+        raise DivgenError(f"model {task.model} does not exist: pass a local HF model directory or .gguf file "
+                          "(--model or the task's 'model' field), or 'default' for the embedded model")
     pool = few_shot_pool(task)
     fp = fingerprint(task, pool)
     content = task.content()

@@ -189,6 +189,7 @@ def _task_file(tmp_path: Path, **fields) -> Path:
     (["--method", "m-corrsynth", "--delta", "-1"], "--delta"),
     (["--rows-per-group", "1"], "--rows-per-group"),
     (["--few-shot", "/nonexistent.csv"], "--few-shot"),
+    (["--model", "/nonexistent/model"], "does not exist"),
 ])
 def test_cli_bad_input_exits_2_and_keeps_output(tmp_path, capsys, args, needle):
     out = tmp_path / "keep.jsonl"
