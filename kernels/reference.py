@@ -33,16 +33,18 @@ _GOLDEN = 0x9E3779B9
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finaliser (a bijection on uint32), on int64 tensors holding uint32 values.
+    """murmur3's 32-bit finaliser (a bijection on uint32), IN PLACE on an int64 tensor holding
+    uint32 values; returns h.
 
     Products of two uint32 values overflow int64; torch wraps them modulo 2^64, which keeps the
-    low 32 bits exact, and the mask restores a non-negative uint32.
+    low 32 bits exact, and the mask restores a non-negative uint32. In-place ops keep the CPU
+    cost of hashing a whole vocabulary per step low (this is the engine's CPU sampler).
     """
-    h = h ^ (h >> 16)
-    h = (h * _FMIX_C1) & _MASK32
-    h = h ^ (h >> 13)
-    h = (h * _FMIX_C2) & _MASK32
-    h = h ^ (h >> 16)
+    h.bitwise_xor_(h >> 16)
+    h.mul_(_FMIX_C1).bitwise_and_(_MASK32)
+    h.bitwise_xor_(h >> 13)
+    h.mul_(_FMIX_C2).bitwise_and_(_MASK32)
+    h.bitwise_xor_(h >> 16)
     return h
 
 
@@ -57,7 +59,7 @@ def noise_keys(seeds: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tens
     hi = (seeds >> 32) & _MASK32
     s = torch.full_like(lo, int(step) & _MASK32)
     k1 = _fmix32(lo ^ _fmix32((s * _GOLDEN + hi) & _MASK32))
-    k2 = _fmix32((k1 + _GOLDEN) & _MASK32 ^ hi)
+    k2 = _fmix32(((k1 + _GOLDEN) & _MASK32) ^ hi)
     return k1, k2
 
 
@@ -67,12 +69,13 @@ def hash_tokens(k1: torch.Tensor, k2: torch.Tensor, token_ids: torch.Tensor) -> 
     h = fmix32(fmix32(v ^ k1) ^ k2): for a fixed row this is a bijection of v, so two tokens never
     share noise. Shapes: k1, k2 [R, 1] (or broadcastable), token_ids [..., V].
     """
-    return _fmix32(_fmix32(token_ids ^ k1) ^ k2)
+    h = _fmix32(token_ids ^ k1)                       # a fresh tensor: safe to hash in place
+    return _fmix32(h.bitwise_xor_(k2))
 
 
 def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
     """uint32 -> uniform in (0, 1): (2·(h >> 9) + 1) / 2^24, exact in fp32, never 0 or 1."""
-    return ((h >> 9) * 2 + 1).to(torch.float32) * (1.0 / 16777216.0)
+    return (h >> 9).mul_(2).add_(1).to(torch.float32).mul_(1.0 / 16777216.0)
 
 
 def uniform_noise(seeds: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
@@ -83,30 +86,6 @@ def uniform_noise(seeds: torch.Tensor, step: int, vocab_size: int) -> torch.Tens
     k1, k2 = noise_keys(seeds, step)
     v = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
     return uniform_from_hash(hash_tokens(k1[:, None], k2[:, None], v[None, :]))
-
-
-# The counter-based uniforms lie in [2^-24, 1 - 2^-24], so the Gumbel noise is bounded:
-# G ∈ [g(2^-24), g(1 - 2^-24)] ≈ [-2.85, 17.33]. A token whose tempered score is more than the
-# span below the row's best cannot win the Gumbel-max, so its noise need not be computed.
-_U_MIN = torch.tensor(1.0 / 16777216.0)
-_GUMBEL_SPAN = float(-torch.log(-torch.log(1.0 - _U_MIN)) + torch.log(-torch.log(_U_MIN)))
-
-
-def _gumbel_scores_on_candidates(z: torch.Tensor, greedy: torch.Tensor, seeds: torch.Tensor, step: int):
-    """z + G(seed, step, v) on the tokens that can still win, -inf elsewhere; z on greedy rows.
-
-    Exactly the argmax of z + G over all tokens (the bound above, plus a rounding margin), at a
-    fraction of the hashing cost on CPU where most of the vocabulary is far below the best score.
-    """
-    best = z.max(dim=-1, keepdim=True).values                                 # [R, 1]
-    margin = 1e-3 + 1e-5 * best.abs()
-    cand = (z >= best - _GUMBEL_SPAN - margin) & ~greedy[:, None]             # [R, V]
-    rows, cols = cand.nonzero(as_tuple=True)
-    k1, k2 = noise_keys(seeds, step)
-    u = uniform_from_hash(hash_tokens(k1[rows], k2[rows], cols))
-    scores = torch.where(greedy[:, None], z, float("-inf"))
-    scores[rows, cols] = z[rows, cols] - torch.log(-torch.log(u))
-    return scores
 
 
 def _per_row(value, rows: int, dtype: torch.dtype, device, name: str) -> torch.Tensor:
@@ -223,11 +202,9 @@ def guided_sample(
         drop = (mass_above >= top_p[:, None]) & (top_p[:, None] < 1)
         z = torch.where(drop, float("-inf"), z)
 
-    if noise is None:
-        scores = _gumbel_scores_on_candidates(z, greedy, seeds.to(logits.device), step)
-    else:
-        gumbel = -torch.log(-torch.log(noise.float()))                        # [R, V]
-        scores = torch.where(greedy[:, None], z, z + gumbel)
+    u = uniform_noise(seeds.to(logits.device), step, vocab) if noise is None else noise.float()
+    gumbel = u.log().neg_().log_().neg_()                                     # [R, V] −log(−log u)
+    scores = torch.where(greedy[:, None], z, z + gumbel)
     tokens = torch.argmax(scores, dim=-1)                                     # [R]
     if not return_logprobs:
         return tokens
