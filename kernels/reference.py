@@ -333,6 +333,12 @@ def _rows_by_adapter(indices: torch.Tensor):
         yield j, (indices == j).nonzero(as_tuple=True)[0]
 
 
+# Up to this many rows (decode steps), gathering each row's adapter and doing one batched matmul
+# beats a loop of small per-adapter matmuls on CPU; above it (prefill) the gathered weights
+# would be large, so rows are grouped per adapter instead.
+GATHER_MAX_ROWS = 64
+
+
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Per-row adapter down-projection, scaled.
 
@@ -353,6 +359,11 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor, sc
     """
     check_lora_shrink_args(x, lora_a, indices, scales)
     check_lora_index_range(indices, lora_a.shape[0])
+    if x.shape[0] <= GATHER_MAX_ROWS:  # decode: one batched matmul over gathered adapters
+        slot, used = indices.clamp(min=0), (indices >= 0)
+        a = lora_a[slot].float()                                                     # [N, R, H_in]
+        t = torch.bmm(a, x.float()[:, :, None])[:, :, 0]                             # [N, R]
+        return t * (scales.float()[slot] * used)[:, None]
     t = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)  # [N, R]
     for j, rows in _rows_by_adapter(indices):
         t[rows] = scales[j].float() * (x[rows].float() @ lora_a[j].float().T)
@@ -378,6 +389,12 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, indices:
     """
     check_lora_expand_args(y, t, lora_b, indices)
     check_lora_index_range(indices, lora_b.shape[0])
+    if y.shape[0] <= GATHER_MAX_ROWS:  # decode: one batched matmul over gathered adapters
+        slot, used = indices.clamp(min=0), (indices >= 0)
+        b = lora_b[slot].float()                                                     # [N, H_out, R]
+        updated = (y.float() + torch.bmm(b, t[:, :, None])[:, :, 0]).to(y.dtype)     # [N, H_out]
+        y.copy_(torch.where(used[:, None], updated, y))   # rows with -1 keep their exact bits
+        return y
     for j, rows in _rows_by_adapter(indices):
         y[rows] = (y[rows].float() + t[rows] @ lora_b[j].float().T).to(y.dtype)
     return y
