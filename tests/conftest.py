@@ -40,3 +40,13 @@ def embedded_lm():
     from divgen.engine.model import load_model
 
     return load_model(None, device="cpu")
+
+
+def single_thread():
+    """One torch thread for a module: the SPA tests' matmuls are tiny, and on a busy 2-core CPU
+    two OpenMP threads wait on each other far longer than they compute. Test modules opt in with
+    ``one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,6 +5,8 @@ its logits compared with the multi-LoRA path's."""
 import json
 
 import pytest
+
+from conftest import single_thread
 import torch
 
 from divgen.bindings.cli import main as cli_main
@@ -14,13 +16,7 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a busy 2-core CPU, two OpenMP threads wait on each other far longer than they compute."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _lines(path, n):

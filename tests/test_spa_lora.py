@@ -9,6 +9,8 @@
 import json
 
 import pytest
+
+from conftest import single_thread
 import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -33,13 +35,7 @@ SCENARIOS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: intra-op threads only add synchronisation (badly so on a busy 2-core CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def tiny_config(hidden=32, layers=2, **kw):

@@ -3,6 +3,8 @@ guarantees, and LiSSA against an exact inverse-Hessian solve on a model small en
 import math
 
 import pytest
+
+from conftest import single_thread
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -14,13 +16,7 @@ from divgen.engine.spa.partition import assign, bm25_scores, normalise, random_s
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: intra-op threads only add synchronisation (badly so on a busy 2-core CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 # ---------------------------------------------------------------------------------------------

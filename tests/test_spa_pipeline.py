@@ -14,6 +14,8 @@ import math
 import shutil
 
 import pytest
+
+from conftest import single_thread
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -38,13 +40,7 @@ PAIRS = [
 QUERIES = ["Name a pet hamster.", "What should I cook for dinner?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: intra-op threads only add synchronisation (badly so on a busy 2-core CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 @pytest.fixture(scope="module")
