@@ -42,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import bench, copy_bandwidth_gbs, default_results_path, result_record, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_common_args, apply_common_args, bench, copy_bandwidth_gbs, default_results_path, result_record, write_json,
+)
 from divgen.kernels import reference  # noqa: E402
 
 ROWS = (4, 16, 64, 256)
@@ -174,24 +176,13 @@ def check_targets(results) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run (CPU: reference and hf only)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--rows", type=int, nargs="+", default=None)
     ap.add_argument("--vocabs", type=int, nargs="+", default=None)
     ap.add_argument("--groups", type=int, nargs="+", default=None)
     ap.add_argument("--modes", nargs="+", default=sorted(MODES), choices=sorted(MODES))
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: 1 with --quick, as shared CPUs make spinning "
-                         "thread pools noisy; torch's default otherwise)")
-    ap.add_argument("--output-json", nargs="?", const="auto", default=None,
-                    help="write results (default path: benchmarks/results/<device>.json)")
+    add_common_args(ap)
     args = ap.parse_args()
-    threads = args.threads if args.threads is not None else (1 if args.quick else None)
-    if threads:
-        torch.set_num_threads(threads)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = apply_common_args(args)
     use_kernel = device.type == "cuda"
     rows_list = args.rows or (QUICK_ROWS if args.quick else ROWS)
     vocabs = args.vocabs or (QUICK_VOCABS if args.quick else VOCABS)

@@ -104,3 +104,23 @@ def write_json(path: str | os.PathLike, record: dict) -> None:
 def default_results_path() -> Path:
     slug = "".join(c if c.isalnum() else "-" for c in device_name().lower()).strip("-")
     return RESULTS_DIR / f"{slug}.json"
+
+
+def add_common_args(ap) -> None:
+    """The options every kernel benchmark shares (--quick must already be defined)."""
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: 1 with --quick, as shared CPUs make spinning "
+                         "thread pools noisy; torch's default otherwise)")
+    ap.add_argument("--output-json", nargs="?", const="auto", default=None,
+                    help="write results (default path: benchmarks/results/<device>.json)")
+
+
+def apply_common_args(args) -> torch.device:
+    """Set the CPU thread count from the shared options and return the device to run on."""
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
