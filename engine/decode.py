@@ -126,6 +126,15 @@ class _StopChecker:
         return ids, text
 
 
+def _leader_positions(guidance: Guidance | None, active: list[int], device) -> torch.Tensor | None:
+    """For CFG: batch position of each row's leader (itself for sample rows), [B] int64; else None.
+    Rebuilt only when the batch changes, not every step."""
+    if guidance is None or guidance.shadow_of is None:
+        return None
+    pos = {r: i for i, r in enumerate(active)}
+    return torch.tensor([pos[guidance.leader(r)] for r in active], dtype=torch.int64, device=device)
+
+
 def _supports_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -208,13 +217,12 @@ def generate(
     generated: dict[int, list[int]] = {r: [] for r in range(n_rows)}
     finished: dict[int, GenerationResult] = {}
     mix = mixing_matrix(guidance, active, device)
+    leaders = _leader_positions(guidance, active, device)
     seed_of = params_all.seeds.tolist()
 
     for step in range(max_new_tokens):
         tokens = sampler(logits, params, step, mix)          # [B]
-        if guidance is not None and guidance.shadow_of is not None:
-            pos = {r: i for i, r in enumerate(active)}
-            leaders = torch.tensor([pos[guidance.leader(r)] for r in active], device=device)
+        if leaders is not None:
             tokens = tokens[leaders]                         # shadows take their leader's token
         token_list = tokens.tolist()
 
@@ -246,6 +254,7 @@ def generate(
             index = torch.tensor(active, dtype=torch.int64, device=device)
             params = params_all.select(index)
             mix = mixing_matrix(guidance, active, device)
+            leaders = _leader_positions(guidance, active, device)
             for listener in listeners:
                 listener.set_batch(index)
 
