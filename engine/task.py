@@ -63,6 +63,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from divgen.engine.errors import DivgenError
+from divgen.engine.jsonl import iter_jsonl_objects
 
 METHODS = ("fewgen", "cfg", "corrsynth", "m-corrsynth")
 SHIPPED_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -576,17 +577,10 @@ def read_labelled_file(path: Path) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     try:
         if path.suffix.lower() in (".jsonl", ".json"):
-            with path.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DivgenError(f"few-shot file {path} line {n} is not JSON ({exc.msg})") from exc
-                    if not isinstance(obj, dict) or "label" not in obj:
-                        raise DivgenError(f"few-shot file {path} line {n} needs a 'label' field")
-                    rows.append((str(obj["label"]), _row_text(obj, f"few-shot file {path} line {n}")))
+            for n, obj in iter_jsonl_objects(path, "few-shot"):
+                if "label" not in obj:
+                    raise DivgenError(f"few-shot file {path} line {n} needs a 'label' field")
+                rows.append((str(obj["label"]), _row_text(obj, f"few-shot file {path} line {n}")))
         else:
             with path.open(encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from divgen.engine.errors import DivgenError
+from divgen.engine.jsonl import iter_jsonl_objects
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TRAIN_FILE = DATA_DIR / "train.jsonl"
@@ -54,20 +55,7 @@ class Example:
 # ---------------------------------------------------------------------------------------------
 
 def _read_jsonl(path: Path, what: str) -> list[dict]:
-    if not path.exists():
-        raise DivgenError(f"{what} file {path} does not exist: pass a JSONL file")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DivgenError(f"{path}:{n} is not valid JSON ({exc.msg}): one JSON object per line") from exc
-            if not isinstance(obj, dict):
-                raise DivgenError(f"{path}:{n} is not a JSON object: write {{\"prompt\": ...}} per line")
-            rows.append(obj)
+    rows = [obj for _, obj in iter_jsonl_objects(path, what)]
     if not rows:
         raise DivgenError(f"{what} file {path} is empty: it needs at least one line")
     return rows
