@@ -3,21 +3,35 @@
 The top-level folders are installed as one namespace (see DESIGN.md, "Layout"):
 engine/ -> divgen.engine, kernels/ -> divgen.kernels, bindings/ -> divgen.bindings.
 """
+import os
+
 from setuptools import setup
+
+# Top-level folder -> package name (DESIGN.md, "Layout"). Every folder below them that holds an
+# __init__.py is a subpackage, found here so that a new subpackage needs no edit of this file.
+ROOTS = {"divgen": "divgen", "engine": "divgen.engine", "kernels": "divgen.kernels", "bindings": "divgen.bindings"}
+
+
+def package_dirs() -> dict[str, str]:
+    found = {}
+    for folder, name in ROOTS.items():
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            if "__init__.py" in filenames:
+                rel = os.path.relpath(dirpath, folder)
+                found[name if rel == "." else name + "." + rel.replace(os.sep, ".")] = dirpath
+    return found
+
+
+PACKAGE_DIRS = package_dirs()
 
 setup(
     name="divgen",
     version="0.1.0",
     description="Fast decoding for diverse generation: CorrSynth, CFG, FewGen and SPA multi-LoRA",
     python_requires=">=3.10",
-    packages=["divgen", "divgen.engine", "divgen.engine.spa", "divgen.kernels", "divgen.bindings"],
-    package_dir={
-        "divgen": "divgen",
-        "divgen.engine": "engine",
-        "divgen.engine.spa": "engine/spa",
-        "divgen.kernels": "kernels",
-        "divgen.bindings": "bindings",
-    },
+    packages=sorted(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
     package_data={"divgen.engine": ["tasks/*.yaml"], "divgen.engine.spa": ["data/*.jsonl"]},
     # torch is deliberately a range: the Makefile installs the CPU build first on machines
     # without CUDA, and a satisfied range installs nothing more.
