@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 def task_for(files: list[str], task_arg: str | None):
     """The task: --task, else the one a synth sidecar names."""
-    from divgen.engine.task import load_task
+    from divgen.engine.synth.task import load_task
 
     if task_arg:
         return load_task(task_arg)

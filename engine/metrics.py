@@ -38,6 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 from divgen.engine.errors import DivgenError
+from divgen.engine.jsonl import read_jsonl
 
 DEFAULT_SELF_BLEU_SAMPLE = 200
 ORDERS = (1, 2, 3, 4)
@@ -68,22 +69,9 @@ def read_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DivgenError(f"{path} is not a file: give a JSONL file written by `divgen synth`")
-    try:
-        data = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DivgenError(f"cannot read {path}: {exc}") from exc
-    lines = data.split("\n")
     records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if n == len(lines):          # no newline after it: a torn last line
-                break
-            raise DivgenError(f"{path} line {n} is not JSON ({exc.msg}): give a JSONL file, one object per line") from exc
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+    for n, rec in read_jsonl(path, "metrics input", tail="torn-if-invalid").records:
+        if not isinstance(rec.get("text"), str):
             raise DivgenError(f"{path} line {n} has no 'text' string: each line needs 'text' (and 'label')")
         records.append(rec)
     if not records:
@@ -124,7 +112,7 @@ def set_context(path: str | Path, records: list[dict], few_shot_file: str | Path
             if not source or not Path(source).is_file():
                 raise DivgenError(f"{path}: its records name few-shot rows by index but the few-shot file "
                                   f"{source or '(none in the sidecar)'} is not there: pass --few-shot FILE")
-            from divgen.engine.task import read_labelled_file
+            from divgen.engine.synth.few_shot import read_labelled_file
 
             rows = [text for _, text in read_labelled_file(Path(source))]
         examples = []

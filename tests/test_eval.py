@@ -21,7 +21,7 @@ from divgen.engine.eval.data import read_real, split, thin
 from divgen.engine.eval.evaluate import accuracy_and_macro_f1, real_subset
 from divgen.engine.eval.probe import DEFAULT_L2, train_probe
 from divgen.engine.metrics import embed
-from divgen.engine.task import load_task
+from divgen.engine.synth.task import load_task
 from conftest import single_thread
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)

@@ -4,7 +4,7 @@
   ``label``) holds the task's ``source_label`` values (AG News: 1..4), mapped to the task's label
   names. The text is ``--text-column`` when given; else a ``text`` column; else ``title`` and
   ``description`` joined (AG News). Texts are normalised like few-shot examples
-  (``task.clean_source_text``).
+  (``synth.few_shot.clean_source_text``).
 * The split is fixed by data-row index i (0-based, header excluded): rows with
   ``i % every == 0`` (the task's ``few_shot.every``, 10 for AG News) are the *pool* — the only
   rows a prompt, the judge or the real-data ceiling may see; all other rows are the *test* rows.
@@ -20,7 +20,8 @@ from pathlib import Path
 from divgen.engine.errors import DivgenError
 from divgen.engine.jsonl import iter_jsonl_objects
 from divgen.engine.metrics import read_records
-from divgen.engine.task import Task, clean_source_text
+from divgen.engine.synth.few_shot import clean_source_text
+from divgen.engine.synth.task import Task
 
 
 @dataclass
