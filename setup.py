@@ -48,6 +48,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.12"],
+        "plot": ["matplotlib>=3.5"],          # experiments/sweep.py draws its PNG with it
     },
     entry_points={"console_scripts": ["divgen=divgen.bindings.cli:main"]},
 )
