@@ -56,7 +56,7 @@ def _cfg(method: str, **kw) -> dict:
 
 # Gemma 3 270M (a base model): assembled once from its PyPI chunks, completion-style task file.
 GEMMA_GGUF = Path.home() / ".cache" / "divgen" / "gemma-3-270m-q4_k_m.gguf"
-GEMMA = {"model": str(GEMMA_GGUF), "model_name": "gemma3-270m", "per_label": 25,
+GEMMA = {"model": str(GEMMA_GGUF), "model_name": "gemma3-270m", "per_label": 16,
          "task": str(ROOT / "experiments" / "tasks" / "ag_news_base.yaml")}
 
 
@@ -170,6 +170,25 @@ def diversity(texts, labels, examples, phrases) -> dict:
             "copy_rate": o["copy_rate"], "degenerate_rate": o["degenerate_rate"]}
 
 
+EQUAL_WORDS = 20
+
+
+def equal_length_self_bleu(texts, labels) -> dict:
+    """Per-label Self-BLEU-4 at equal length: only texts of >= 20 words, cut to their first 20
+    (the guided methods' texts are shorter, and Self-BLEU depends on length)."""
+    from divgen.engine.metrics import self_bleu, tokenize
+
+    per, kept = [], 0
+    for lab in sorted(set(labels)):
+        cut = [tokenize(" ".join(t.split()[:EQUAL_WORDS])) for t, l in zip(texts, labels)
+               if l == lab and len(t.split()) >= EQUAL_WORDS]
+        kept += len(cut)
+        sb = self_bleu(cut)
+        if sb:
+            per.append(sb[4])
+    return {"self_bleu_4_label_len20": sum(per) / len(per) if per else None, "texts_len20": kept}
+
+
 def score(cfg: dict, data: Path, runs: Path, finetune: bool) -> dict | None:
     """Diversity, copies, fidelity and students of one generated set (and of its filtered copy)."""
     from divgen.engine.eval.evaluate import evaluate
@@ -208,12 +227,20 @@ def score(cfg: dict, data: Path, runs: Path, finetune: bool) -> dict | None:
             "generate_seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else None,
         }
         dest.write_text(json.dumps(result, indent=2))
+    if "self_bleu_4_label_len20" not in result["diversity"]:
+        records = read_records(src)
+        result["diversity"].update(equal_length_self_bleu([r["text"] for r in records], [r["label"] for r in records]))
+        dest.write_text(json.dumps(result, indent=2))
     if finetune and "finetune" not in result["students"]:
         print(f"[sweep] fine-tuning on {cfg['name']}", flush=True)
+        # the real-data ceiling of the fine-tuned student is the same for every set: computed once
+        ceiling_done = any("finetune" in json.loads(p.read_text()).get("real_ceiling", {})
+                           for p in runs.glob("*.eval.json"))
         ev = evaluate([src], data, task, students=("finetune",), seeds=(0, 1, 2), finetune_test_limit=1000,
-                      log=lambda m: print(f"[sweep]   {m}", flush=True))
+                      real_ceiling=not ceiling_done, log=lambda m: print(f"[sweep]   {m}", flush=True))
         result["students"]["finetune"] = ev["rows"][0]["students"]["finetune"]
-        result["real_ceiling"]["finetune"] = ev["rows"][1]["students"]["finetune"]
+        if not ceiling_done:
+            result["real_ceiling"]["finetune"] = ev["rows"][1]["students"]["finetune"]
         dest.write_text(json.dumps(result, indent=2))
     return result
 
@@ -231,7 +258,10 @@ def summarise(runs: Path) -> dict:
         if path.exists():
             rows.append(json.loads(path.read_text()))
     not_run = [c["name"] for c in GRID if not (runs / f"{c['name']}.eval.json").exists()]
-    ceiling = rows[0]["real_ceiling"] if rows else None
+    ceiling = dict(rows[0]["real_ceiling"]) if rows else None
+    for r in rows:
+        if "finetune" in r["real_ceiling"]:
+            ceiling["finetune"] = r["real_ceiling"]["finetune"]
     summary = {
         "what": "AG News sweep (experiments/sweep.py): SmolLM2-135M-Instruct, few-shot prompts (2 pool rows), "
                 "200 examples per configuration (50 per label), at most 48 new tokens, seed 0; students tested "
@@ -246,18 +276,21 @@ def summarise(runs: Path) -> dict:
 
 
 def table(summary: dict) -> str:
-    head = "| config | words | sBLEU-4 (label) | cosine (label) | dist-3 | copy | degen | fidelity | probe acc | after filter: n, acc |"
-    lines = [head, "|" + "---|" * 10]
+    head = ("| config | words | sBLEU-4 (label) | sBLEU-4 (label, 20 words) | cosine (label) | dist-3 | copy | degen "
+            "| fidelity % | probe acc % | after filter: n, acc % |")
+    lines = [head, "|---|" + "---:|" * 10]
     for r in summary["configs"]:
         d, s, f = r["diversity"], r["students"]["probe"]["accuracy"], r["filtered"]
         fs = f["students"]["probe"]["accuracy"]
+        eq = d.get("self_bleu_4_label_len20")
         lines.append(f"| {r['config']['name']} | {d['mean_words']:.1f} | {d['self_bleu_4_label']:.3f} | "
+                     f"{'-' if eq is None else f'{eq:.3f}'} ({d.get('texts_len20', 0)}) | "
                      f"{d['cosine_label']:.3f} | {d['distinct_3']:.3f} | {d['copy_rate']:.3f} | "
                      f"{d['degenerate_rate']:.3f} | {100 * r['fidelity']:.1f} | {100 * s['mean']:.1f} ± {100 * s['std']:.1f} | "
                      f"{f['kept']}, {100 * fs['mean']:.1f} |")
     c = summary["real_ceiling"]
     if c:
-        lines.append(f"| real pool rows (200) | | | | | | | | {100 * c['probe']['accuracy']['mean']:.1f} ± "
+        lines.append(f"| real pool rows (200) | | | | | | | | | {100 * c['probe']['accuracy']['mean']:.1f} ± "
                      f"{100 * c['probe']['accuracy']['std']:.1f} | |")
     return "\n".join(lines)
 
