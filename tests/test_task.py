@@ -104,7 +104,7 @@ def test_cfg_needs_two_labels_and_corrsynth_two_rows():
 @pytest.mark.parametrize("overrides,needle", [
     ({"method": "beam"}, "--method"),
     ({"g": 0.9}, "--g"),
-    ({"alpha": 1.0}, "--alpha"),
+    ({"min_p": 1.0}, "--min-p"), ({"alpha": 1.0}, "--min-p"),
     ({"per_label": 0}, "--per-label"),
     ({"rows_per_group": 1}, "--rows-per-group"),
     ({"method": "m-corrsynth", "delta": -2.0}, "--delta"),
