@@ -15,6 +15,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")   # its warnings are not the user's to act on
 
 from divgen.bindings import cli_generate, cli_spa, cli_synth  # noqa: E402
 from divgen.engine.errors import DivgenError  # noqa: E402

@@ -307,7 +307,7 @@ def run_sample(args) -> int:
                 "prompts": prompts, "copies": args.copies, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.seed, "max_new_tokens": args.max_new_tokens}
     if out is not None:
-        from divgen.engine.spa.sample import read_answers, run_fingerprint
+        from divgen.engine.spa.answers import read_answers, run_fingerprint
 
         read_answers(out, run_fingerprint(settings))   # an --out that is not ours is refused before the load
 

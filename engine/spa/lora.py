@@ -239,6 +239,7 @@ def save_adapter(adapter: LoraAdapter, directory: str | os.PathLike) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700; an adapter directory is an ordinary output
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~umask)   # safetensors writes 0600: an adapter is an ordinary output
         (tmp / CONFIG_NAME).write_text(json.dumps(adapter.config.to_json(), indent=2, sort_keys=True) + "\n")
         if directory.exists():
             shutil.rmtree(directory)

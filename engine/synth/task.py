@@ -429,8 +429,10 @@ def validate(task: Task, where: _Where | None = None, flagged: set = frozenset()
 def _no_unknown(data: dict, allowed: set, prefix: str, w: _Where) -> None:
     for key in data:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(sorted(allowed)) or 'none'})"
+            close = [f"{prefix}{c}" for c in difflib.get_close_matches(str(key), sorted(allowed), n=1)]
+            if not close and not prefix:       # a sampling knob written at the top level
+                close = [f"sampling.{c}" for c in difflib.get_close_matches(str(key), sorted(SAMPLING_FIELDS), n=1)]
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(allowed)) or 'none'})"
             raise w.error(f"{prefix}{key}", f"is not a task field{hint}")
 
 
