@@ -24,6 +24,8 @@ def register(subparsers) -> None:
                    help=f"samples to draw, at most {limits.MAX_SAMPLES} (default 1)")
     add_sampling_args(p, defaults="default: the model's generation_config.json, else "
                                   + ", ".join(f"{k} {v}" for k, v in DEFAULTS.items()).replace("_", "-"))
+    p.add_argument("--diverse", type=float, default=None, metavar="G",
+                   help="the N samples contrast each other (intra-prompt CorrSynth, scale G > 1, e.g. 2; default off)")
     p.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template (default when the model has one)")
     p.add_argument("--no-chat", dest="chat", action="store_false", help="feed the prompt as raw text")
     p.add_argument("--json", action="store_true", help="one JSON object per sample: text, tokens, finish_reason, seed")
@@ -56,6 +58,9 @@ def resolve_sampling(args, model_dir) -> dict:
 
 def run(args) -> int:
     _check_args(args)  # before the (slow) model load
+    from divgen.engine.diverse import check_diverse, diverse_guidance
+
+    check_diverse(args.n, args.diverse)
     from tqdm import tqdm
 
     from divgen.engine.decode import generate
@@ -74,7 +79,7 @@ def run(args) -> int:
     results, stats = generate(
         lm, [prompt] * args.n, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
         top_k=s["top_k"], top_p=s["top_p"], alpha=s["min_p"], seeds=s["seed"], stop=args.stop or [],
-        ignore_eos=bool(args.ignore_eos), progress=progress,
+        ignore_eos=bool(args.ignore_eos), guidance=diverse_guidance(args.n, args.diverse), progress=progress,
     )
     bar.close()
     for r in results:
