@@ -22,7 +22,7 @@ from divgen.engine.errors import DivgenError  # noqa: E402
 
 # Flags that were renamed: an old name is answered with the new one.
 RENAMED_FLAGS = {
-    "--alpha": "--min-p for the plausibility cutoff (synth), --lora-alpha for LoRA's alpha (spa)",
+    "--alpha": "renamed: --min-p (the plausibility cutoff, generate/synth), --lora-alpha (LoRA's alpha, spa)",
 }
 
 
@@ -30,9 +30,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block) that points at --help."""
 
     def error(self, message: str):
-        hints = [f"{old} is now {new}" for old, new in RENAMED_FLAGS.items() if old in message.split()]
+        hints = [f"{old} was {new}" for old, new in RENAMED_FLAGS.items() if old in message.split()]
         hint = f" ({'; '.join(hints)})" if hints else ""
-        raise _UsageError(f"{self.prog}: {message}{hint}; see `{self.prog} --help`")
+        raise _UsageError(f"{message}{hint}; see `{self.prog} --help`")
 
 
 class _UsageError(Exception):

@@ -33,7 +33,7 @@ def add_sampling_args(p, *, defaults: str) -> None:
 def add_model_args(g) -> None:
     g.add_argument("--model", default=None,
                    help="local HF model dir, .gguf file, or hub id in the local HF cache (never downloaded); "
-                        "default: the embedded SmolLM2-135M-Instruct")
+                        "default: the task's model (synth), else the embedded SmolLM2-135M-Instruct")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--dtype", default=None, help=f"auto, {', '.join(limits.DTYPES)} (default auto: bf16 on "
                                                  "CUDA, fp32 on CPU)")

@@ -127,7 +127,7 @@ ROWS = [
     ("synth-per-label-0", [*S, "--per-label", "0"], "--per-label must be >= 1"),
     ("synth-temperature-inf", [*S, "--temperature", "inf"], "--temperature must be a finite number"),
     ("synth-min-p", [*S, "--min-p", "1.5"], "--min-p must be in [0, 1)"),
-    ("synth-alpha-renamed", [*S, "--alpha", "0.1"], "--alpha is now --min-p"),
+    ("synth-alpha-renamed", [*S, "--alpha", "0.1"], "--alpha was renamed: --min-p"),
     ("synth-top-k", [*S, "--top-k", "-3"], "--top-k must be"),
     ("synth-max-new-0", [*S, "--max-new-tokens", "0"], "--max-new-tokens must be in"),
     ("synth-method", [*S, "--method", "beam"], "is not a method"),
@@ -174,7 +174,7 @@ ROWS = [
     ("spa-partition-data-missing", ["spa", "partition", "--data", "{d}/none.jsonl", "--queries",
                                     "{d}/queries.jsonl", "--method", "lexical", "--out", "{d}/p"], "does not exist"),
     ("spa-adapt-lora-alpha-nan", [*ADAPT, "--lora-alpha", "nan"], "--lora-alpha (lora_alpha) must be a finite"),
-    ("spa-adapt-alpha-renamed", [*ADAPT, "--alpha", "8"], "--lora-alpha for LoRA's alpha"),
+    ("spa-adapt-alpha-renamed", [*ADAPT, "--alpha", "8"], "--lora-alpha (LoRA's alpha, spa)"),
     ("spa-adapt-rank-0", [*ADAPT, "--rank", "0"], "--rank (rank) must be in"),
     ("spa-adapt-device", [*ADAPT, "--device", "bogus"], "is not a device"),
 ]
