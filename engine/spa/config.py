@@ -31,6 +31,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_length: int = 256                           # prompt + response tokens (response is cut)
     checkpoint_every: int = 10                      # steps between resumable checkpoints
+    layers: list[int] | None = None                 # layers_to_transform (None = every layer)
 
     def __post_init__(self):
         self.check()
@@ -50,12 +51,15 @@ class TrainConfig:
         self.max_length = n(self.max_length, "--max-length (max_length)", low=2, high=MAX_LENGTH, integer=True)
         self.checkpoint_every = n(self.checkpoint_every, "--checkpoint-every (checkpoint_every)", low=1,
                                   high=MAX_STEPS, integer=True)
+        if self.layers is not None:
+            self.layers = [n(i, "layers (layers_to_transform)", low=0, high=100_000, integer=True) for i in self.layers]
 
     def lora_config(self, base_name: str | None):
         from divgen.engine.spa.lora import LoraConfig
 
         return LoraConfig(r=self.rank, lora_alpha=self.lora_alpha, target_modules=list(self.target_modules),
-                          lora_dropout=self.dropout, base_model_name_or_path=base_name)
+                          lora_dropout=self.dropout, base_model_name_or_path=base_name,
+                          layers_to_transform=self.layers)
 
 
 @dataclass
