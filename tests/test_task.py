@@ -246,3 +246,12 @@ def test_bom_csv_reads_its_label_column(tmp_path):
     task = task_from_dict(make(few_shot={"file": str(csv_path), "every": 1},
                                labels=[{"name": "pos"}, {"name": "neg"}], prompt="{label}"))
     assert few_shot_pool(task) == {"pos": ["good one"], "neg": ["bad one"]}
+
+
+def test_sampling_constructor_takes_min_p_or_its_alias():
+    from divgen.engine.synth.task import Sampling
+
+    assert Sampling(alpha=0.1) == Sampling(min_p=0.1) and Sampling(alpha=0.1).alpha == 0.1
+    assert Sampling().min_p == 0.0
+    with pytest.raises(DivgenError, match="alias"):
+        Sampling(min_p=0.1, alpha=0.2)

@@ -108,12 +108,22 @@ class FewShot:
     footer: str = "\n"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Sampling:
     temperature: float = 1.0           # 0 = greedy
     top_p: float = 1.0                 # 1 = off
     top_k: int = 0                     # 0 = off
     min_p: float = 0.0                 # plausibility cutoff α in [0, 1): keep p >= min_p · max p
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float | None = None,
+                 *, alpha: float | None = None):
+        """``alpha`` is accepted as an alias of ``min_p`` (the papers' name); give one of them."""
+        if alpha is not None and min_p is not None and alpha != min_p:
+            raise DivgenError("Sampling: min_p and its alias alpha differ: give one of them")
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "top_p", top_p)
+        object.__setattr__(self, "top_k", top_k)
+        object.__setattr__(self, "min_p", (min_p if min_p is not None else alpha if alpha is not None else 0.0))
 
     @property
     def alpha(self) -> float:
