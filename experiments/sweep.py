@@ -36,7 +36,7 @@ DEFAULT_RUNS = ROOT / "runs" / "sweep"
 # The grid, in run order: the configurations that decide the comparison first, so that a sweep
 # stopped early still answers it. M-CorrSynth's γ is the total cross-label weight, the analogue
 # of CorrSynth's g − 1; δ = γ / 2 as in the shipped task.
-BASE = {"per_label": 50, "max_new_tokens": 48, "alpha": 0.05, "temperature": 1.0, "seed": 0}
+BASE = {"per_label": 25, "max_new_tokens": 48, "alpha": 0.05, "temperature": 1.0, "seed": 0}
 
 
 def _cfg(method: str, **kw) -> dict:
@@ -189,34 +189,55 @@ def equal_length_self_bleu(texts, labels) -> dict:
     return {"self_bleu_4_label_len20": sum(per) / len(per) if per else None, "texts_len20": kept}
 
 
-def score(cfg: dict, data: Path, runs: Path, finetune: bool) -> dict | None:
-    """Diversity, copies, fidelity and students of one generated set (and of its filtered copy)."""
-    from divgen.engine.eval.evaluate import evaluate
-    from divgen.engine.filter import filter_rows
+def first_records(cfg: dict, runs: Path, per_label: int) -> tuple[Path, list[dict]] | None:
+    """The set's first ``per_label`` examples per label — the records of groups 0 .. per_label − 1,
+    exactly what ``--per-label per_label`` generates (same seeds, same prompts) — in their own file."""
     from divgen.engine.metrics import read_records
 
-    src = runs / f"{cfg['name']}.jsonl"
-    dest = runs / f"{cfg['name']}.eval.json"
-    if not is_complete(cfg, src):
+    full = runs / f"{cfg['name']}.jsonl"
+    if not full.exists():
         return None
+    records = sorted(read_records(full), key=lambda r: (r["group"], r["slot"]))
+    records = [r for r in records if r["group"] < per_label]
+    if len(records) < 4 * per_label:
+        return None
+    sub = runs / f"{cfg['name']}.n{4 * per_label}.jsonl"
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if not sub.exists() or sub.read_text(encoding="utf-8") != body:
+        sub.write_text(body, encoding="utf-8")
+    return sub, records
+
+
+def score(cfg: dict, data: Path, runs: Path, finetune: bool, per_label: int | None = None) -> dict | None:
+    """Diversity, copies, fidelity and students of one generated set (and of its filtered copy),
+    on its first ``per_label`` examples per label (default: the configuration's count)."""
+    from divgen.engine.eval.evaluate import evaluate
+    from divgen.engine.filter import filter_rows
+
+    per_label = per_label or cfg["per_label"]
+    got = first_records(cfg, runs, per_label)
+    if got is None:
+        return None
+    src, records = got
+    n = 4 * per_label
+    dest = runs / f"{cfg['name']}.n{n}.eval.json"
     result = json.loads(dest.read_text()) if dest.exists() else {}
     task = sweep_task(cfg, data)
     if "students" not in result:
-        print(f"[sweep] scoring {cfg['name']}", flush=True)
-        records = read_records(src)
+        print(f"[sweep] scoring {cfg['name']} (first {n})", flush=True)
         texts, labels = [r["text"] for r in records], [r["label"] for r in records]
         examples = shown_examples(task, records)
         phrases = {lab.name: [lab.name, lab.verbalization] for lab in task.labels}
         ev = evaluate([src], data, task, students=("probe",), seeds=(0, 1, 2), log=lambda m: None)
         syn, real = ev["rows"]
         rep = filter_rows(texts, labels, examples=examples, label_phrases=phrases)
-        filtered = runs / f"{cfg['name']}.filtered.jsonl"
+        filtered = runs / f"{cfg['name']}.n{n}.filtered.jsonl"
         filtered.write_text("".join(json.dumps(records[i]) + "\n" for i in rep.kept))
         fev = evaluate([filtered], data, task, students=("probe",), seeds=(0, 1, 2), real_ceiling=False,
                        log=lambda m: None)
         timing = runs / f"{cfg['name']}.time.json"
         result = {
-            "config": cfg,
+            "config": {**cfg, "per_label": per_label},
             "diversity": diversity(texts, labels, examples, phrases),
             "fidelity": syn["fidelity"], "fidelity_per_label": syn["fidelity_per_label"],
             "students": syn["students"],
@@ -228,14 +249,13 @@ def score(cfg: dict, data: Path, runs: Path, finetune: bool) -> dict | None:
         }
         dest.write_text(json.dumps(result, indent=2))
     if "self_bleu_4_label_len20" not in result["diversity"]:
-        records = read_records(src)
         result["diversity"].update(equal_length_self_bleu([r["text"] for r in records], [r["label"] for r in records]))
         dest.write_text(json.dumps(result, indent=2))
     if finetune and "finetune" not in result["students"]:
-        print(f"[sweep] fine-tuning on {cfg['name']}", flush=True)
+        print(f"[sweep] fine-tuning on {cfg['name']} (first {n})", flush=True)
         # the real-data ceiling of the fine-tuned student is the same for every set: computed once
         ceiling_done = any("finetune" in json.loads(p.read_text()).get("real_ceiling", {})
-                           for p in runs.glob("*.eval.json"))
+                           for p in runs.glob(f"*.n{n}.eval.json"))
         ev = evaluate([src], data, task, students=("finetune",), seeds=(0, 1, 2), finetune_test_limit=1000,
                       real_ceiling=not ceiling_done, log=lambda m: print(f"[sweep]   {m}", flush=True))
         result["students"]["finetune"] = ev["rows"][0]["students"]["finetune"]
@@ -252,22 +272,26 @@ METHOD_COLORS = {"fewgen": "tab:blue", "corrsynth": "tab:red", "m-corrsynth": "t
 
 
 def summarise(runs: Path) -> dict:
-    rows = []
+    rows, at200 = [], []
     for cfg in GRID:
-        path = runs / f"{cfg['name']}.eval.json"
+        path = runs / f"{cfg['name']}.n{4 * cfg['per_label']}.eval.json"
         if path.exists():
             rows.append(json.loads(path.read_text()))
-    not_run = [c["name"] for c in GRID if not (runs / f"{c['name']}.eval.json").exists()]
+        if (runs / f"{cfg['name']}.n200.eval.json").exists() and cfg["per_label"] != 50:
+            at200.append(json.loads((runs / f"{cfg['name']}.n200.eval.json").read_text()))
+    not_run = [c["name"] for c in GRID if not (runs / f"{c['name']}.n{4 * c['per_label']}.eval.json").exists()]
     ceiling = dict(rows[0]["real_ceiling"]) if rows else None
     for r in rows:
         if "finetune" in r["real_ceiling"]:
             ceiling["finetune"] = r["real_ceiling"]["finetune"]
     summary = {
-        "what": "AG News sweep (experiments/sweep.py): SmolLM2-135M-Instruct, few-shot prompts (2 pool rows), "
-                "200 examples per configuration (50 per label), at most 48 new tokens, seed 0; students tested "
-                "on the 6840 held-out real rows; probe = linear probe on frozen all-MiniLM-L6-v2 embeddings",
+        "what": "AG News sweep (experiments/sweep.py): SmolLM2-135M-Instruct (Gemma 3 270M where named), "
+                "few-shot prompts (2 pool rows), 100 examples per configuration (25 per label; Gemma 64), at most "
+                "48 new tokens, seed 0; configs_200: the same at 200 examples; students tested on the 6840 "
+                "held-out real rows; probe = linear probe on frozen all-MiniLM-L6-v2 embeddings (3 seeds)",
         "real_ceiling": ceiling,
         "configs": rows,
+        "configs_200": at200,
         "not_run": not_run,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -275,11 +299,11 @@ def summarise(runs: Path) -> dict:
     return summary
 
 
-def table(summary: dict) -> str:
+def table(summary: dict, key: str = "configs") -> str:
     head = ("| config | words | sBLEU-4 (label) | sBLEU-4 (label, 20 words) | cosine (label) | dist-3 | copy | degen "
             "| fidelity % | probe acc % | after filter: n, acc % |")
     lines = [head, "|---|" + "---:|" * 10]
-    for r in summary["configs"]:
+    for r in summary[key]:
         d, s, f = r["diversity"], r["students"]["probe"]["accuracy"], r["filtered"]
         fs = f["students"]["probe"]["accuracy"]
         eq = d.get("self_bleu_4_label_len20")
@@ -288,9 +312,9 @@ def table(summary: dict) -> str:
                      f"{d['cosine_label']:.3f} | {d['distinct_3']:.3f} | {d['copy_rate']:.3f} | "
                      f"{d['degenerate_rate']:.3f} | {100 * r['fidelity']:.1f} | {100 * s['mean']:.1f} ± {100 * s['std']:.1f} | "
                      f"{f['kept']}, {100 * fs['mean']:.1f} |")
-    c = summary["real_ceiling"]
+    c = summary["real_ceiling"] if key == "configs" else (summary[key][0]["real_ceiling"] if summary[key] else None)
     if c:
-        lines.append(f"| real pool rows (200) | | | | | | | | | {100 * c['probe']['accuracy']['mean']:.1f} ± "
+        lines.append(f"| real pool rows ({100 if key == 'configs' else 200}) | | | | | | | | | {100 * c['probe']['accuracy']['mean']:.1f} ± "
                      f"{100 * c['probe']['accuracy']['std']:.1f} | |")
     return "\n".join(lines)
 
@@ -328,7 +352,7 @@ def plot(summary: dict, path: Path) -> None:
     if summary["real_ceiling"]:
         top = max(top, 100 * summary["real_ceiling"]["probe"]["accuracy"]["mean"])
         b.axvline(100 * summary["real_ceiling"]["probe"]["accuracy"]["mean"], color="black", ls="--",
-                  label="200 real pool rows")
+                  label="100 real pool rows")
     b.set_yticks(list(ys))
     b.set_yticklabels(names, fontsize=7)
     b.set_xlim(min(acc + filt) - 5, top + 4)
@@ -347,6 +371,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stage", choices=("gen", "score", "summary", "all"), default="all")
     ap.add_argument("--only", help="comma-separated configuration names")
     ap.add_argument("--list", action="store_true", help="print the grid in run order and exit")
+    ap.add_argument("--also-200", action="store_true", help="also score sets that have 200 examples at 200")
     ap.add_argument("--finetune", help="comma-separated configuration names that also get the fine-tuned student")
     args = ap.parse_args(argv)
     if args.list:
@@ -374,11 +399,15 @@ def main(argv=None) -> int:
         tuned = set((args.finetune or "").split(","))
         for cfg in grid:
             score(cfg, data, runs, cfg["name"] in tuned)
+            if args.also_200:
+                score(cfg, data, runs, False, per_label=50)
     if args.stage in ("summary", "score", "all"):
         summary = summarise(runs)
         if summary["configs"]:
             plot(summary, RESULTS / "sweep.png")
             print(table(summary))
+            if summary["configs_200"]:
+                print(table(summary, "configs_200"))
             print(f"not run: {', '.join(summary['not_run']) or 'none'}")
     return 0
 
