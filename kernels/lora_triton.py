@@ -164,13 +164,13 @@ def _block_m(rows: int) -> int:
 
 def shrink_config(block_m: int, rank: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_K, BLOCK_R, num_warps) of the shrink kernel. Prefill tiles (BLOCK_M 64) take
-    BLOCK_K 64 (32 at rank 128) and 8 warps, ranks from 64 take 8 warps, fp32 halves BLOCK_K:
+    BLOCK_K 64 (half of it at rank 128) and 8 warps, ranks from 64 take 8 warps, fp32 halves BLOCK_K:
     with 128 / 4 warps the shrink at BLOCK_M 64
     spilled 96 B (rank 8) to 3.5 KB (rank 128) a thread on sm_90, and fp32 at rank 128 needed
     192 KB of shared memory, over sm_80's 163 KB (tests/test_kernels_compile.py)."""
     block_r = max(_MIN_DOT, triton.next_power_of_2(rank))
     block_k = _BLOCK_K if block_m < 64 else _BLOCK_K // 2
-    if block_m * block_r >= 8192:
+    if block_m * block_r >= 8192 or block_r >= 128:
         block_k //= 2
     if dtype == torch.float32:
         block_k //= 2

@@ -40,7 +40,7 @@ CI_SM90 = [
 CI_SM80 = [
     "sample G=8 M=8 bf16 top logp", "sample G=64 M=32 bf16 top logp", "sample G=256 M=32 fp32 top logp",
     "count G=256 M=32 fp32 top-p", "count G=8 M=8 bf16 top-p",
-    "shrink prefill r=128 fp32", "shrink prefill r=128 bf16", "expand prefill r=128 bf16",
+    "shrink prefill r=128 fp32", "shrink prefill r=128 bf16", "expand prefill r=128 bf16", "shrink decode r=128 bf16",
 ]
 
 
