@@ -97,6 +97,7 @@ def run_synth(
     device = limits.device(device, "device")
     out = Path(out)
     start = time.perf_counter()
+    task = task.with_generation_defaults()
     pool, fp, content, existing = prepare(task, out)
     groups = plan(task)
     report = SynthReport(out=out, resumed_from=len(existing.done), fingerprint=fp)
