@@ -36,7 +36,7 @@ DEFAULT_RUNS = ROOT / "runs" / "sweep"
 # The grid, in run order: the configurations that decide the comparison first, so that a sweep
 # stopped early still answers it. M-CorrSynth's γ is the total cross-label weight, the analogue
 # of CorrSynth's g − 1; δ = γ / 2 as in the shipped task.
-BASE = {"per_label": 25, "max_new_tokens": 48, "alpha": 0.05, "temperature": 1.0, "seed": 0}
+BASE = {"per_label": 16, "max_new_tokens": 48, "alpha": 0.05, "temperature": 1.0, "seed": 0}
 
 
 def _cfg(method: str, **kw) -> dict:
@@ -65,12 +65,12 @@ GRID = [
     _cfg("corrsynth", g=2.0),
     _cfg("corrsynth", g=1.5),
     _cfg("corrsynth", g=1.25),
+    _cfg("corrsynth", g=2.0, alpha=0.1),
     _cfg("m-corrsynth", gamma=1.0, delta=0.5),
     _cfg("fewgen", temperature=0.7),
     _cfg("corrsynth", g=1.5, alpha=0.1),
     _cfg("corrsynth", g=3.0),
     _cfg("m-corrsynth", gamma=0.5, delta=0.25),
-    _cfg("corrsynth", g=2.0, alpha=0.1),
     _cfg("corrsynth", g=1.5, temperature=0.7),
     _cfg("fewgen", alpha=0.1),
     _cfg("corrsynth", g=1.25, alpha=0.1),
@@ -97,7 +97,7 @@ def by_name() -> dict:
 def synth_command(cfg: dict, data: Path, out: Path) -> list[str]:
     cmd = [str(ROOT / ".venv" / "bin" / "divgen"), "synth", cfg.get("task", str(TASK)), "--out", str(out),
            "--few-shot", str(data), "--method", cfg["method"], "--per-label", str(cfg["per_label"]),
-           "--max-new-tokens", str(cfg["max_new_tokens"]), "--alpha", str(cfg["alpha"]),
+           "--max-new-tokens", str(cfg["max_new_tokens"]), "--min-p", str(cfg["alpha"]),
            "--temperature", str(cfg["temperature"]), "--seed", str(cfg["seed"]), "--no-progress"]
     for key in ("g", "gamma", "delta"):
         if key in cfg:
@@ -134,6 +134,8 @@ def generate(cfg: dict, data: Path, runs: Path) -> bool:
         print(f"[sweep] {cfg['name']}: {took:.0f}s", flush=True)
         return True
     print(f"[sweep] {cfg['name']}: synth failed (exit {proc.returncode})", flush=True)
+    if proc.returncode == 2:           # a usage error: every other configuration would fail the same way
+        raise SystemExit(f"sweep: divgen synth refused the arguments of {cfg['name']}: fix synth_command")
     return False
 
 
@@ -194,10 +196,13 @@ def first_records(cfg: dict, runs: Path, per_label: int) -> tuple[Path, list[dic
     exactly what ``--per-label per_label`` generates (same seeds, same prompts) — in their own file."""
     from divgen.engine.metrics import read_records
 
+    from divgen.engine.errors import DivgenError
+
     full = runs / f"{cfg['name']}.jsonl"
-    if not full.exists():
+    try:
+        records = sorted(read_records(full), key=lambda r: (r["group"], r["slot"]))
+    except DivgenError:                  # not generated yet (missing or empty)
         return None
-    records = sorted(read_records(full), key=lambda r: (r["group"], r["slot"]))
     records = [r for r in records if r["group"] < per_label]
     if len(records) < 4 * per_label:
         return None
@@ -286,7 +291,7 @@ def summarise(runs: Path) -> dict:
             ceiling["finetune"] = r["real_ceiling"]["finetune"]
     summary = {
         "what": "AG News sweep (experiments/sweep.py): SmolLM2-135M-Instruct (Gemma 3 270M where named), "
-                "few-shot prompts (2 pool rows), 100 examples per configuration (25 per label; Gemma 64), at most "
+                "few-shot prompts (2 pool rows), 64 examples per configuration (16 per label: one decode batch), at most "
                 "48 new tokens, seed 0; configs_200: the same at 200 examples; students tested on the 6840 "
                 "held-out real rows; probe = linear probe on frozen all-MiniLM-L6-v2 embeddings (3 seeds)",
         "real_ceiling": ceiling,
@@ -314,7 +319,7 @@ def table(summary: dict, key: str = "configs") -> str:
                      f"{f['kept']}, {100 * fs['mean']:.1f} |")
     c = summary["real_ceiling"] if key == "configs" else (summary[key][0]["real_ceiling"] if summary[key] else None)
     if c:
-        lines.append(f"| real pool rows ({100 if key == 'configs' else 200}) | | | | | | | | | {100 * c['probe']['accuracy']['mean']:.1f} ± "
+        lines.append(f"| real pool rows ({64 if key == 'configs' else 200}) | | | | | | | | | {100 * c['probe']['accuracy']['mean']:.1f} ± "
                      f"{100 * c['probe']['accuracy']['std']:.1f} | |")
     return "\n".join(lines)
 
@@ -352,7 +357,7 @@ def plot(summary: dict, path: Path) -> None:
     if summary["real_ceiling"]:
         top = max(top, 100 * summary["real_ceiling"]["probe"]["accuracy"]["mean"])
         b.axvline(100 * summary["real_ceiling"]["probe"]["accuracy"]["mean"], color="black", ls="--",
-                  label="100 real pool rows")
+                  label="64 real pool rows")
     b.set_yticks(list(ys))
     b.set_yticklabels(names, fontsize=7)
     b.set_xlim(min(acc + filt) - 5, top + 4)
