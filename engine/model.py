@@ -38,6 +38,8 @@ class LoadedModel:
     eos_token_ids: frozenset = field(default_factory=frozenset)
     pad_token_id: int = 0
     source_dir: Path | None = None  # the safetensors directory the weights were loaded from
+    fast: torch.nn.Module | None = None   # divgen's own forward (engine.models), None = HF slow path
+    engines: dict = field(default_factory=dict, repr=False)   # compiled decode engines by shape
 
     @property
     def vocab_size(self) -> int:
@@ -197,4 +199,21 @@ def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype,
         context_length=context, eos_token_ids=frozenset(eos), pad_token_id=int(pad), source_dir=model_dir,
+        fast=fast_forward(model, name),
     )
+
+
+def fast_forward(model, name: str = "model", *, quiet: bool = False):
+    """divgen's own forward on the HF model's weights (shared tensors, no copy), or None with a
+    one-line notice when the architecture takes the HF slow path."""
+    from divgen.engine.models import ModelArgs, Transformer, unsupported_reason
+
+    cfg = model.config.to_dict()
+    reason = unsupported_reason(cfg)
+    if reason is not None:
+        if not quiet:
+            import sys
+
+            print(f"note: {name} runs on the HF forward (slow path): {reason}", file=sys.stderr)
+        return None
+    return Transformer.from_state_dict(ModelArgs.from_config(cfg), model.state_dict())
