@@ -326,12 +326,12 @@ class Engine:
         def process(rec) -> bool:
             step_index, host = rec
             tokens, done = host[0].tolist(), host[1].tolist()
-            useful, changed = 0, False
-            for slot, row in sched.live_slots(step_index, len(tokens)):
-                generated[row].append(tokens[slot])
-                useful += 1
-                if is_shadow[row]:
+            live = list(sched.live_slots(step_index, len(tokens)))   # rows that worked in this step
+            useful, changed = len(live), False
+            for slot, row in live:
+                if is_shadow[row] or row in finished:   # shadows (maybe retired with their leader just now)
                     continue
+                generated[row].append(tokens[slot])
                 if done[slot]:
                     reason = "eos" if tokens[slot] in stopper.eos else "length"
                 else:

@@ -10,7 +10,7 @@ import torch
 from divgen.engine.decode import Engine, _StopChecker, generate
 from divgen.engine.errors import DivgenError
 from divgen.engine.guidance import Guidance, mix_from_gammas
-from divgen.engine.model import LoadedModel, fast_forward
+from divgen.engine.model import LoadedModel
 from divgen.engine.sampling import SamplingParams
 from divgen.engine.scheduler import Scheduler
 
@@ -29,7 +29,7 @@ def tiny_lm():
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     hf = LlamaForCausalLM(cfg).eval()
     lm = LoadedModel(model=hf, tokenizer=None, name="tiny", device=torch.device("cpu"), dtype=torch.float32,
-                     context_length=256, eos_token_ids=EOS, pad_token_id=0, fast=fast_forward(hf))
+                     context_length=256, eos_token_ids=EOS, pad_token_id=0)
     lm.decode = lambda ids: " ".join(map(str, ids))      # no tokenizer: ids as text
     return lm
 
@@ -156,7 +156,7 @@ def test_slow_path_gives_the_same_tokens(tiny_lm):
     ps = prompts(6, seed=6)
     kw = dict(max_new_tokens=NEW, guidance=guidance_for("corrsynth", 6), temperature=0.0, ignore_eos=True)
     fast, _ = generate(tiny_lm, ps, **kw)
-    slow_lm = dataclasses.replace(tiny_lm, fast=None)
+    slow_lm = dataclasses.replace(tiny_lm, fast_path=False)
     slow_lm.decode = tiny_lm.decode
     slow, _ = generate(slow_lm, ps, **kw)
     assert [r.token_ids for r in slow] == [r.token_ids for r in fast]
