@@ -187,7 +187,7 @@ def decode_step(model, k_cache, v_cache, st, plan, eos_ids, any_top_k_top_p: boo
         new = torch.argmax(logits, dim=-1)
     else:
         new = guided_sample_step(logits, plan, st.seeds, st.gen, st.temperature, st.min_p, st.top_k,
-                                 st.top_p, any_top_k_top_p)                         # [S]
+                                 st.top_p, any_top_k_top_p=any_top_k_top_p)         # [S]
     new = new[st.leader]
     active = st.active.clone()
     is_eos = (new[:, None] == eos_ids[None, :]).any(dim=-1) & st.check_eos
@@ -306,7 +306,7 @@ class Engine:
             n_live = (sched.highest_used_slot() + 1) if self.trim else S
             n_live = max(n_live, 1)
             mix = sched.mix(n_live)
-            plan = None if greedy_only else build_sample_plan(mix, dev)
+            plan = None if greedy_only else build_sample_plan(mix, dev, rows=n_live)
             st.leader[:n_live] = torch.tensor(sched.leader_slots(n_live), dtype=torch.int64, device=dev)
             rows = torch.tensor(sched.slot_rows(n_live), dtype=torch.int64, device=dev)
             for listener in listeners:

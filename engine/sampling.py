@@ -21,55 +21,7 @@ import torch
 
 from divgen import kernels
 from divgen.engine.errors import DivgenError
-from divgen.kernels import reference as _ref
-
-try:  # the capturable sampling API of divgen.kernels (COMMON.md interface)
-    from divgen.kernels import build_sample_plan, guided_sample_step
-except ImportError:  # TEMPORARY twin with the same signature until it lands on main
-    @dataclass
-    class _Plan:
-        mix: torch.Tensor | None      # [R, R] fp32 on the device, None = independent rows
-
-    def build_sample_plan(mix, device):
-        if mix is not None:
-            mix = mix.to(device=device, dtype=torch.float32)
-            if not bool(torch.isfinite(mix).all()):
-                raise ValueError("mix must be finite")
-        return _Plan(mix)
-
-    def _noise(seeds, step, vocab):
-        lo = seeds & _ref._MASK32
-        hi = (seeds >> 32) & _ref._MASK32
-        s = step & _ref._MASK32
-        k1 = _ref._fmix32(lo ^ _ref._fmix32((s * _ref._GOLDEN + hi) & _ref._MASK32))
-        k2 = _ref._fmix32(((k1 + _ref._GOLDEN) & _ref._MASK32) ^ hi)
-        v = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
-        return _ref.uniform_from_hash(_ref.hash_tokens(k1[:, None], k2[:, None], v[None, :]))
-
-    def guided_sample_step(logits, plan, seeds, step, temperature, min_p, top_k, top_p,
-                           any_top_k_top_p: bool = True):
-        x = logits.float()
-        vocab = x.shape[-1]
-        lp = torch.log_softmax(x, dim=-1)
-        s = lp if plan.mix is None else plan.mix @ lp.clamp(min=_ref.LOGP_FLOOR)
-        keep = torch.isfinite(x) & (x >= x.max(dim=-1, keepdim=True).values + torch.log(min_p)[:, None])
-        greedy = temperature == 0
-        t_safe = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-        z = torch.where(keep, s / t_safe, float("-inf"))
-        if any_top_k_top_p:
-            k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-            kth = torch.sort(z, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
-            z = torch.where(z >= kth, z, float("-inf"))
-            p = torch.softmax(z, dim=-1)
-            p_asc = torch.sort(p, dim=-1).values
-            cum_asc = torch.cumsum(p_asc, dim=-1)
-            n_le = torch.searchsorted(p_asc, p, right=True)
-            mass_above = cum_asc[:, -1:] - cum_asc.gather(1, n_le - 1)
-            drop = (mass_above >= top_p[:, None]) & (top_p[:, None] < 1)
-            z = torch.where(drop, float("-inf"), z)
-        u = _noise(seeds, step, vocab)
-        gumbel = u.log().neg().log().neg()
-        return torch.argmax(torch.where(greedy[:, None], z, z + gumbel), dim=-1)
+from divgen.kernels import build_sample_plan, guided_sample_step  # noqa: F401  (the capturable API)
 
 
 def _as_list(value, rows: int, name: str) -> list:
