@@ -8,8 +8,9 @@ Per ``generate`` call (Llama-family models; others take the HF slow path, ``mode
 1. Rows are grouped into guidance groups (a CorrSynth group, a CFG leader with its shadows, one
    FewGen row). The scheduler (``divgen.engine.scheduler``) admits whole groups, first come first
    served, as soon as enough of the engine's S slots are free.
-2. Admission prefills the group's prompts (all but the last token) into its slots of the KV cache
-   ``[layers, S, kv_heads, max_len, head_dim]``; the last prompt token becomes the slot's input.
+2. Admission prefills the groups' prompts (all but the last token; one right-padded batch per
+   admission round) into their slots of the KV cache ``[layers, S, kv_heads, max_len, head_dim]``;
+   the last prompt token becomes the slot's input.
 3. When the batch changes, the host rebuilds the sampling plan (the γ mix of the groups' active
    rows, ``build_sample_plan``), the CFG leader index and the multi-LoRA slots: once per change.
 4. ``decode_step`` runs forward + guided sampling + EOS/length checks for all slots on the device.
@@ -276,30 +277,31 @@ class Engine:
         plan = None
 
         def admit() -> bool:
-            admitted = False
+            """Admit every waiting group that fits, in order; prefill them in one batch."""
+            rows, slots = [], []
             while (group := sched.next_admissible()) is not None:
-                slots = sched.admit(group, first_step=stats.steps)
-                self._prefill([encoded[r] for r in group.rows], slots, group.rows, listeners)
-                idx = torch.tensor(slots, dtype=torch.int64, device=dev)
-                rows = torch.tensor(group.rows, dtype=torch.int64, device=dev)
-                last = torch.tensor([encoded[r][-1] for r in group.rows], dtype=torch.int64, device=dev)
-                lens = torch.tensor([len(encoded[r]) - 1 for r in group.rows], dtype=torch.int64, device=dev)
-                st.tokens[idx] = last
-                st.pos[idx] = lens
-                st.gen[idx] = 0
-                st.max_new[idx] = max_new_tokens
-                st.active[idx] = True
-                st.check_eos[idx] = bool(stopper.eos)
-                st.seeds[idx] = params.seeds[rows]
-                st.temperature[idx] = params.temperature[rows]
-                st.min_p[idx] = params.alpha[rows]
-                st.top_k[idx] = params.top_k[rows]
-                st.top_p[idx] = params.top_p[rows]
-                for r in group.rows:
-                    generated[r] = []
-                stats.prompt_tokens += sum(len(encoded[r]) for r in group.rows)
-                admitted = True
-            return admitted
+                slots += sched.admit(group, first_step=stats.steps)
+                rows += group.rows
+            if not rows:
+                return False
+            self._prefill([encoded[r] for r in rows], slots, rows, listeners)
+            idx = torch.tensor(slots, dtype=torch.int64, device=dev)
+            index = torch.tensor(rows, dtype=torch.int64, device=dev)
+            st.tokens[idx] = torch.tensor([encoded[r][-1] for r in rows], dtype=torch.int64, device=dev)
+            st.pos[idx] = torch.tensor([len(encoded[r]) - 1 for r in rows], dtype=torch.int64, device=dev)
+            st.gen[idx] = 0
+            st.max_new[idx] = max_new_tokens
+            st.active[idx] = True
+            st.check_eos[idx] = bool(stopper.eos)
+            st.seeds[idx] = params.seeds[index]
+            st.temperature[idx] = params.temperature[index]
+            st.min_p[idx] = params.alpha[index]
+            st.top_k[idx] = params.top_k[index]
+            st.top_p[idx] = params.top_p[index]
+            for r in rows:
+                generated[r] = []
+            stats.prompt_tokens += sum(len(encoded[r]) for r in rows)
+            return True
 
         def rebuild() -> None:
             nonlocal n_live, plan
@@ -377,7 +379,7 @@ class Engine:
         return host
 
     def _prefill(self, prompts: list[list[int]], slots: list[int], rows: list[int], listeners) -> None:
-        """Write all but the last token of each prompt into its slot (right-padded, one group)."""
+        """Write all but the last token of each prompt into its slot (right-padded, one batch)."""
         width = max(len(p) for p in prompts) - 1
         if width == 0:
             return

@@ -127,7 +127,7 @@ def test_cfg_shadow_rows_share_leader_history_and_are_not_returned(embedded_lm):
         toks.append(t)
         a, b = a + [t], b + [t]
     assert results[0].token_ids == toks
-    assert stats.rows_forwarded == 2 * stats.steps
+    assert stats.rows_forwarded_per_step == [2] * steps        # leader + shadow forwarded every step
 
 
 @pytest.mark.parametrize("kwargs, message", [
