@@ -70,7 +70,8 @@ def run_synth_command(args) -> int:
         g=args.g, gamma=args.gamma, delta=args.delta, min_p=args.min_p, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos, dtype=args.dtype,
     )
-    report = run_synth(task, args.out, batch_rows=batch_rows, progress=args.progress, device=args.device)
+    report = run_synth(task, args.out, batch_rows=batch_rows, progress=args.progress, device=args.device,
+                        compile=args.compile)
     counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
     if report.written:
         print(f"{report.out}: wrote {report.written} examples in {report.wall_time_s:.1f}s "

@@ -465,8 +465,8 @@ def generate(
     slots = min(n_rows, max_batch_rows or n_rows)
     longest = max(len(ids) for ids in encoded)
     max_len = min(_round_up(longest + max_new_tokens, 64), lm.context_length)
-    if compile is None and listeners:
-        compile = False
+    if compile is None:
+        compile = False if listeners else lm.compile
     engine = _engine_for(lm, slots, max_len, compile)
     return engine.run(encoded, params, max_new_tokens=max_new_tokens, stopper=stopper, guidance=guidance,
                       listeners=listeners, progress=progress, on_result=on_result)

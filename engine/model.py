@@ -44,6 +44,7 @@ class LoadedModel:
     pad_token_id: int = 0
     source_dir: Path | None = None  # the safetensors directory the weights were loaded from
     fast_path: bool = True          # decode on divgen's own forward where the architecture allows
+    compile: bool | None = None     # torch.compile the decode step; None = where it pays (CUDA)
     engines: dict = field(default_factory=dict, repr=False)   # compiled decode engines by shape
 
     @property
@@ -174,7 +175,7 @@ def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, str]:
     return source.path, source.name
 
 
-def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None) -> LoadedModel:
+def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None, compile: bool | None = None) -> LoadedModel:
     """Load a causal LM for decoding: None/"default" (embedded SmolLM2), a HF dir, or a .gguf file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -201,6 +202,7 @@ def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype,
         context_length=context, eos_token_ids=frozenset(eos), pad_token_id=int(pad), source_dir=model_dir,
+        compile=compile,
     )
 
 

@@ -89,6 +89,7 @@ def run_synth(
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     device=None,
+    compile: bool | None = None,
 ) -> SynthReport:
     """Generate the task's examples into ``out`` (append-only, resumable). See module docstring.
 
@@ -132,7 +133,8 @@ def run_synth(
         if lm is None:
             from divgen.engine.model import load_model
 
-            lm = load_model(None if task.model == "default" else task.model, device=device, dtype=task.dtype)
+            lm = load_model(None if task.model == "default" else task.model, device=device, dtype=task.dtype,
+                            compile=compile)
         if existing.size > existing.good_bytes:   # a torn last line from a killed run
             os.ftruncate(fd, existing.good_bytes)
             os.fsync(fd)
