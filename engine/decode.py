@@ -245,6 +245,9 @@ class Engine:
         self.trim = (not self.compiled) if trim is None else bool(trim)
         if self.compiled:
             mode = "reduce-overhead" if lm.device.type == "cuda" else None
+            if mode is not None:   # CUDA graphs: the cache and state keep their addresses between replays
+                for t in [self.cache.k, self.cache.v, *self.state.buffers()]:
+                    torch._dynamo.mark_static_address(t)
             self._step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
         else:
             self._step = decode_step
@@ -327,6 +330,7 @@ class Engine:
 
         def process(rec) -> bool:
             step_index, host = rec
+            host = self._read(host)
             tokens, done = host[0].tolist(), host[1].tolist()
             live = list(sched.live_slots(step_index, len(tokens)))   # rows that worked in this step
             useful, changed = len(live), False
@@ -371,12 +375,28 @@ class Engine:
         stats.wall_time_s = time.perf_counter() - start
         return [finished[r] for r in sample_rows], stats
 
-    def _to_host(self, out: torch.Tensor) -> torch.Tensor:
+    def _to_host(self, out: torch.Tensor):
+        """Start copying a step's [2, n] output to the host; ``_read`` waits for it. On CUDA the copy
+        goes to one of two pinned buffers (step t's is read after step t+1 is launched)."""
         if out.device.type == "cpu":
             return out.clone() if self.compiled else out
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        host.copy_(out, non_blocking=True)      # read one step later, after the next launch
-        return host
+        if not hasattr(self, "_pinned"):
+            self._pinned = [torch.empty((2, self.slots), dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._flip = 0
+        self._flip ^= 1
+        host = self._pinned[self._flip][:, : out.shape[1]]
+        host.copy_(out, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    @staticmethod
+    def _read(rec) -> torch.Tensor:
+        if isinstance(rec, tuple):
+            host, event = rec
+            event.synchronize()
+            return host
+        return rec
 
     def _prefill(self, prompts: list[list[int]], slots: list[int], rows: list[int], listeners) -> None:
         """Write all but the last token of each prompt into its slot (right-padded, one batch)."""
