@@ -17,12 +17,13 @@ Per ``generate`` call (Llama-family models; others take the HF slow path, ``mode
    Each slot carries its own position, step counter (the noise counter: noise = f(seed, step,
    token)), limits and an ``active`` flag; inactive slots compute and are ignored. It is
    ``torch.compile``-d (``fullgraph=True``; CUDA graphs via ``mode="reduce-overhead"`` on CUDA).
-5. The tokens and done flags of step t are copied to the host asynchronously and read after
-   step t+1 is launched: rows are retired, stop strings checked (and cut exactly), freed slots
-   refilled. So the host is always exactly one step behind the device, whatever the batch:
-   a member leaving its group changes the group's γ from the second step after its last token.
-   The schedule is a function of the rows alone, so a row's text does not depend on which other
-   groups share the batch or on the slot it lands in.
+5. The tokens and done flags of step t are copied to the host and read — on CUDA asynchronously,
+   after step t+1 is launched (``lag``); on CPU, where the step has finished when it returns, at
+   once: rows are retired, stop strings checked (and cut exactly), freed slots refilled. On CPU a
+   member leaving its group changes the group's γ from the next step (DESIGN.md); with the CUDA
+   lag, from the second step after its last token. Either way the schedule is a function of the
+   rows alone, so a row's text does not depend on which other groups share the batch or on the
+   slot it lands in.
 """
 from __future__ import annotations
 
@@ -227,7 +228,7 @@ class Engine:
     LoadedModel so later calls of the same shape reuse the compiled step."""
 
     def __init__(self, lm: LoadedModel, slots: int, max_len: int, *, compile: bool | None = None,
-                 trim: bool | None = None):
+                 trim: bool | None = None, lag: bool | None = None):
         if lm.fast is None:
             raise DivgenError(f"model {lm.name} has no divgen forward (not Llama-family): use generate(), which "
                               "runs it on the HF forward")
@@ -243,6 +244,9 @@ class Engine:
         # Eager steps may run on the live prefix of the slots only (cheaper on CPU, where a step
         # costs what its rows cost); a compiled step keeps its one fixed shape.
         self.trim = (not self.compiled) if trim is None else bool(trim)
+        # Read step t's tokens after launching step t+1 (lag) on CUDA, so the host never stalls
+        # the device; on CPU the step has finished when it returns, so it is read at once.
+        self.lag = (lm.device.type == "cuda") if lag is None else bool(lag)
         if self.compiled:
             mode = "reduce-overhead" if lm.device.type == "cuda" else None
             if mode is not None:   # CUDA graphs: the cache and state keep their addresses between replays
@@ -364,6 +368,8 @@ class Engine:
             rec = (stats.steps, self._to_host(out))
             stats.steps += 1
             stats.slots_forwarded += n
+            if not self.lag:                   # read this step now (free on CPU: no device to wait for)
+                prev, rec = rec, None
             if prev is not None and process(prev):
                 t0 = time.perf_counter()
                 admit()

@@ -73,20 +73,31 @@ def test_compiled_step_equals_eager_step_token_for_token(tiny_lm, method):
 
 @pytest.mark.parametrize("method", ["fewgen", "corrsynth", "cfg"])
 def test_group_in_a_refilled_batch_equals_the_group_alone(tiny_lm, method):
+    """On CPU (results read at once) and with the CUDA schedule (read one step late)."""
+    for lag in (False, True):
+        _group_alone(tiny_lm, method, lag)
+
+
+def _group_alone(tiny_lm, method, lag):
     ps = prompts(18, seed=2)
     g = guidance_for(method, 18)
-    together, stats = generate(tiny_lm, ps, max_new_tokens=NEW, guidance=g, max_batch_rows=6, **SAMPLING)
+    together, stats = _run(tiny_lm, ps, g, 6, lag)
     by_row = {r.row: r for r in together}
     assert stats.rows_forwarded < stats.slots_forwarded or stats.steps > NEW
     seeds = [SAMPLING["seeds"] + i for i in range(18)]
     for first in (6, 15):                  # admitted late, after other groups finished
         rows = list(range(first, first + 3))
         sub = None if g is None else _restrict(g, rows)
-        alone, _ = generate(tiny_lm, [ps[r] for r in rows], max_new_tokens=NEW, guidance=sub,
-                            temperature=1.0, min_p=0.02, seeds=[seeds[r] for r in rows])
+        alone, _ = _run(tiny_lm, [ps[r] for r in rows], sub, 3, lag, seeds=[seeds[r] for r in rows])
         for res in alone:
             ref = by_row[rows[res.row]]
             assert (res.token_ids, res.finish_reason) == (ref.token_ids, ref.finish_reason)
+
+
+def _run(lm, ps, guidance, slots, lag, seeds=SAMPLING["seeds"]):
+    params = SamplingParams.make(len(ps), temperature=1.0, alpha=SAMPLING["min_p"], seeds=seeds)
+    engine = Engine(lm, slots=slots, max_len=64, compile=False, lag=lag)
+    return engine.run(ps, params, max_new_tokens=NEW, stopper=_StopChecker(lm, (), False, NEW), guidance=guidance)
 
 
 def _restrict(g, rows):
