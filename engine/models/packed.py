@@ -30,6 +30,16 @@ class PackedLinear(nn.Module):
         self._packed = None
         self._version = None
 
+    def __deepcopy__(self, memo):
+        """Copy the dense weights; the oneDNN copy (opaque, not deep-copyable) is rebuilt on use."""
+        import copy
+
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = None if key in ("_packed", "_packed_bias", "_version") else copy.deepcopy(value, memo)
+        return new
+
     def _pack(self) -> None:
         with torch.no_grad():
             self._packed = self.weight.detach().to_mkldnn()
