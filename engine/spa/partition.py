@@ -130,6 +130,7 @@ def influence_scores(lm, examples: list[Example], queries: list[Example], whole_
     """[N, K] influence scores (``kind`` = lissa | gradsim) with resumable state in ``out_dir``."""
     from tqdm import tqdm
 
+    from divgen.engine.progress import progress_bar
     from divgen.engine.spa.finetune import TrainableLora, encode_example
     from divgen.engine.spa.influence import example_gradient, lissa
 
@@ -164,8 +165,7 @@ def influence_scores(lm, examples: list[Example], queries: list[Example], whole_
             _save_state(state_path, state)
         vectors = state["query_vectors"].to(dev)                             # [K, P]
         done: dict = state["scores"]
-        bar = tqdm(total=len(items), initial=len(done), desc=f"{kind} scores", unit="ex", file=sys.stderr,
-                   disable=not progress, leave=False)
+        bar = progress_bar(len(items), f"{kind} scores", "ex", initial=len(done), enabled=progress, leave=False)
         for i, item in enumerate(items):
             if i in done:
                 continue
