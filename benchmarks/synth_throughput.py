@@ -58,8 +58,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from divgen.engine.model import load_model
-    from divgen.engine.synth import run_synth
-    from divgen.engine.task import load_task
+    from divgen.engine.synth import load_task, run_synth
 
     lm = load_model(args.model)
     base = load_task(args.task)

@@ -1,7 +1,7 @@
 """`divgen synth TASK --out FILE` and `divgen metrics FILE`.
 
-synth: generate a labelled dataset from a task file (engine/task.py) with FewGen, CFG, CorrSynth or
-M-CorrSynth; flags override the task file. Append-only and resumable (engine/synth.py).
+synth: generate a labelled dataset from a task file (engine/synth/task.py) with FewGen, CFG, CorrSynth or
+M-CorrSynth; flags override the task file. Append-only and resumable (engine/synth/).
 metrics: intrinsic diversity of a generated JSONL file, per label and overall (engine/metrics.py).
 """
 from __future__ import annotations
@@ -62,8 +62,7 @@ def register(subparsers) -> None:
 
 
 def run_synth_command(args) -> int:
-    from divgen.engine.synth import DEFAULT_BATCH_ROWS, run_synth
-    from divgen.engine.task import load_task
+    from divgen.engine.synth import DEFAULT_BATCH_ROWS, load_task, run_synth
 
     task = load_task(args.task).with_overrides(
         method=args.method, per_label=args.per_label, max_new_tokens=args.max_new_tokens, seed=args.seed,

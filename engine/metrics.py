@@ -23,7 +23,6 @@ Definitions (each computed for every label's texts and for all texts together):
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import random
 import re
@@ -31,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from divgen.engine.errors import DivgenError
+from divgen.engine.jsonl import read_jsonl
 
 DEFAULT_SELF_BLEU_SAMPLE = 200
 ORDERS = (1, 2, 3, 4)
@@ -58,22 +58,9 @@ def read_examples(path: str | Path) -> tuple[list[str], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise DivgenError(f"{path} is not a file: give a JSONL file written by `divgen synth`")
-    try:
-        data = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DivgenError(f"cannot read {path}: {exc}") from exc
-    lines = data.split("\n")
     texts, labels = [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if n == len(lines):          # no newline after it: a torn last line
-                break
-            raise DivgenError(f"{path} line {n} is not JSON ({exc.msg}): give a JSONL file, one object per line") from exc
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+    for n, rec in read_jsonl(path, "metrics input", tail="torn-if-invalid").records:
+        if not isinstance(rec.get("text"), str):
             raise DivgenError(f"{path} line {n} has no 'text' string: each line needs 'text' (and 'label')")
         texts.append(rec["text"])
         labels.append(str(rec.get("label", "(none)")))

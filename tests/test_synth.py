@@ -18,10 +18,12 @@ import yaml
 
 from divgen.bindings.cli import main as cli_main
 from divgen.engine.errors import DivgenError
-from divgen.engine.synth import (
-    PromptCache, clean_text, make_guidance, plan, read_output, rows_for_groups, run_synth, sidecar_path,
-)
-from divgen.engine.task import load_task, task_from_dict
+from divgen.engine.synth.clean import clean_text
+from divgen.engine.synth.job import run_synth
+from divgen.engine.synth.output import read_output, sidecar_path
+from divgen.engine.synth.plan import make_guidance, plan, rows_for_groups
+from divgen.engine.synth.prompts import PromptCache
+from divgen.engine.synth.task import load_task, task_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,6 +71,41 @@ def test_plan_with_per_label_mapping():
     task = task_from_dict({"labels": ["a", "b"], "prompt": "{label}", "per_label": {"a": 3, "b": 0}})
     kept = Counter(s.label for g in plan(task) for s in g if s.keep)
     assert kept == Counter({0: 3})
+
+
+def _eager_plan(task):
+    """The plan by direct counting (an independent reference for the lazy ``Plan``)."""
+    k, r, target = len(task.labels), task.group_rows, list(task.per_label)
+    counts, groups = [0] * k, []
+    while any(c < t for c, t in zip(counts, target)):
+        g, slots = len(groups), []
+        for s in range(r):
+            label = (g * r + s) % k
+            keep = counts[label] < target[label]
+            counts[label] += keep
+            slots.append((g, s, label, keep))
+        groups.append(slots)
+    return groups
+
+
+@pytest.mark.parametrize("k,rows,per_label", [(4, 4, {"l0": 3, "l2": 0}), (3, 7, {"l1": 9}), (5, 2, {"l4": 1}),
+                                              (2, 3, {"l0": 0, "l1": 0}), (4, 8, {"l0": 1, "l3": 6})])
+def test_lazy_plan_matches_direct_counting(k, rows, per_label):
+    labels = [f"l{i}" for i in range(k)]
+    counts = {name: per_label.get(name, 2) for name in labels}
+    task = task_from_dict({"labels": labels, "prompt": "{label}", "rows_per_group": rows, "per_label": counts})
+    lazy = plan(task)
+    assert [[(s.group, s.slot, s.label, s.keep) for s in g] for g in lazy] == _eager_plan(task)
+    assert lazy.kept_total == sum(counts.values())
+    kept = {(g, s) for grp in _eager_plan(task) for g, s, _, keep in grp if keep}
+    assert {(g, s) for g in range(len(lazy) + 1) for s in range(rows + 1) if lazy.is_kept(g, s)} == kept
+
+
+def test_plan_of_a_huge_count_is_lazy():
+    task = task_from_dict({"labels": ["a", "b"], "prompt": "{label}", "per_label": 10 ** 6})
+    groups = plan(task)                         # O(1): nothing is built up front
+    assert len(groups) == 10 ** 6 and groups.kept_total == 2 * 10 ** 6
+    assert [(s.label, s.keep) for s in groups[-1]] == [(0, True), (1, True)]
 
 
 # ---- rows per step (issue 4, item 1) ---------------------------------------------------------
@@ -199,6 +236,29 @@ def test_cli_bad_input_exits_2_and_keeps_output(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert out.read_bytes() == before
+
+
+NOT_SYNTH_OUTPUTS = {
+    "json-config-no-newline": b'{"config": {"lr": 0.001}}',
+    "json-config": b'{"config": {"lr": 0.001}}\n',
+    "plain-text-no-newline": b"my notes",
+    "plain-text": b"my notes\n",
+    "record-then-text": b'{"text": "x", "label": "world", "group": 0, "slot": 0}\nnot json\n',
+    "blank-lines": b"\n\n",
+    "record-then-foreign-tail": b'{"text": "x", "label": "world", "group": 0, "slot": 0}\nname,value',
+    "torn-record-without-sidecar": b'{"text": "half a rec',
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_SYNTH_OUTPUTS))
+def test_existing_file_that_is_not_a_synth_output_is_refused_untouched(tmp_path, capsys, name):
+    out = tmp_path / "existing.jsonl"
+    out.write_bytes(NOT_SYNTH_OUTPUTS[name])
+    assert cli_main(["synth", str(_task_file(tmp_path)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "new --out" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == NOT_SYNTH_OUTPUTS[name]
+    assert not sidecar_path(out).exists()
 
 
 def test_cli_unwritable_output_and_unknown_label(tmp_path, capsys):

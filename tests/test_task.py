@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from divgen.engine.errors import DivgenError
-from divgen.engine.task import (
-    clean_source_text, few_shot_pool, fingerprint, load_task, pick_examples, render_prompt, task_from_dict,
-)
+from divgen.engine.synth.few_shot import clean_source_text, few_shot_pool
+from divgen.engine.synth.output import fingerprint
+from divgen.engine.synth.prompts import pick_examples, render_prompt
+from divgen.engine.synth.task import load_task, task_from_dict
 
 AG_NEWS_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ag_news_test.csv"
 

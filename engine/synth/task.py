@@ -1,4 +1,4 @@
-"""Task files for ``divgen synth``: schema, validation, few-shot pools and prompts.
+"""Task files for ``divgen synth``: the schema and its validation.
 
 A task file (YAML or JSON) says what dataset to generate. Every field, with its default:
 
@@ -43,30 +43,22 @@ A task file (YAML or JSON) says what dataset to generate. Every field, with its 
 
 Unknown fields are errors (they are usually typos); every error names the field and the fix.
 
-Few-shot examples for slot s (label y) of group g are drawn from y's pool by a generator seeded
-with (seed, g, s, y), so a row always sees the same prompt and a resumed run rebuilds it exactly;
-two rows of one label in a group see different examples. For AG News (../shared/data/ag_news_test.csv, 7,600 rows) ``every: 10`` gives a
-pool of 760 rows (data rows 0, 10, 20, ...; 190 per label); rows with index % 10 != 0 are the
+Few-shot pools are read by ``few_shot.py`` and shown by ``prompts.py``. For AG News
+(../shared/data/ag_news_test.csv, 7,600 rows) ``every: 10`` gives a pool of 760 rows (data rows 0, 10, 20, ...; 190 per label); rows with index % 10 != 0 are the
 held-out evaluation rows.
 """
 from __future__ import annotations
 
-import csv
 import difflib
-import hashlib
-import html
 import json
-import random
-import re
 import string
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from divgen.engine.errors import DivgenError
-from divgen.engine.jsonl import iter_jsonl_objects
 
 METHODS = ("fewgen", "cfg", "corrsynth", "m-corrsynth")
-SHIPPED_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+SHIPPED_TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 PROMPT_FIELDS = ("verbalization", "label", "examples")
 EXAMPLE_FIELDS = ("verbalization", "label", "text", "index")
 
@@ -538,120 +530,3 @@ def _float(value, name: str, where: _Where | None = None, flag: str | None = Non
             raise DivgenError(f"{flag} (task field '{name}') {msg}")
         raise where.error(name, msg) if where else DivgenError(f"{name} {msg}")
     return float(value)
-
-
-# ----------------------------------------------------------------------------------------------
-# Few-shot pools
-# ----------------------------------------------------------------------------------------------
-# AG News lost the '&' of its HTML entities to a space ("doesn #39;t", "Johnson  amp; Johnson").
-_ENTITY_FIXES = [(re.compile(r" (#\d+|quot|amp|lt|gt);"), r"&\1;"),
-                 (re.compile(r"(?<![&\w])(#\d+|quot|amp|lt|gt);"), r"&\1;")]
-
-
-def clean_source_text(text: str) -> str:
-    """Normalise a corpus text: AG News' damaged entities (' #39;' -> "'", ' quot;' -> '"'),
-    HTML tags, backslashes, runs of whitespace."""
-    for pattern, repl in _ENTITY_FIXES:
-        text = pattern.sub(repl, text)
-    text = html.unescape(html.unescape(text))
-    text = re.sub(r"<[^>]*>", " ", text).replace("\\", " ")
-    return " ".join(text.split())
-
-
-def _row_text(row: dict, where: str) -> str:
-    if row.get("text") is not None:
-        return clean_source_text(str(row["text"]))
-    if row.get("title") is not None or row.get("description") is not None:
-        title = clean_source_text(str(row.get("title") or ""))
-        desc = clean_source_text(str(row.get("description") or ""))
-        if title and desc:
-            return f"{title}{'' if title[-1] in '.!?:' else '.'} {desc}"
-        return title or desc
-    raise DivgenError(f"{where} has no 'text' column (or 'title'/'description'): give labelled texts")
-
-
-def read_labelled_file(path: Path) -> list[tuple[str, str]]:
-    """(label, text) of every data row of a CSV (header: label + text, or label,title,description)
-    or a JSONL file ({"label", "text"} per line), in file order."""
-    path = Path(path)
-    rows: list[tuple[str, str]] = []
-    try:
-        if path.suffix.lower() in (".jsonl", ".json"):
-            for n, obj in iter_jsonl_objects(path, "few-shot"):
-                if "label" not in obj:
-                    raise DivgenError(f"few-shot file {path} line {n} needs a 'label' field")
-                rows.append((str(obj["label"]), _row_text(obj, f"few-shot file {path} line {n}")))
-        else:
-            with path.open(encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or "label" not in reader.fieldnames:
-                    raise DivgenError(f"few-shot file {path} needs a header row with a 'label' column "
-                                      "and 'text' (or 'title','description')")
-                for row in reader:
-                    rows.append((str(row["label"]).strip(), _row_text(row, f"few-shot file {path}")))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DivgenError(f"cannot read few-shot file {path}: {exc}") from exc
-    return rows
-
-
-def few_shot_pool(task: Task) -> dict[str, list[str]]:
-    """The few-shot examples each label may show: inline examples, then the file's pool rows
-    (data-row index i with i % every == 0). Empty lists when the task is zero-shot."""
-    pool = {l.name: list(l.examples) for l in task.labels}
-    fs = task.few_shot
-    if fs.file is not None:
-        rows = read_labelled_file(fs.file)
-        by_source: dict[str, list[str]] = {}
-        for i, (label, text) in enumerate(rows):
-            if i % fs.every == 0 and text:
-                by_source.setdefault(label, []).append(text)
-        for lab in task.labels:
-            found = by_source.get(lab.source_label, [])
-            if not found:
-                present = ", ".join(sorted(by_source)) or "none"
-                raise DivgenError(
-                    f"few-shot file {fs.file} has no pool rows for label '{lab.name}' (source_label "
-                    f"'{lab.source_label}'); labels in the file's pool: {present}. Fix labels[].source_label "
-                    "or use a file that covers every label"
-                )
-            pool[lab.name].extend(found)
-    if fs.per_prompt == 0:
-        return {name: [] for name in pool}
-    return pool
-
-
-def pool_digest(pool: dict[str, list[str]]) -> str:
-    """A short hash of the pool's content (part of the task fingerprint)."""
-    return hashlib.sha256(json.dumps(pool, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def fingerprint(task: Task, pool: dict[str, list[str]]) -> str:
-    """Hash of everything that decides the texts: a changed task gets a different fingerprint."""
-    content = {**task.content(), "few_shot_pool": pool_digest(pool)}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------
-# Prompts
-# ----------------------------------------------------------------------------------------------
-def pick_examples(task: Task, pool: dict[str, list[str]], group: int, slot: int, label: str) -> list[str]:
-    """The few-shot examples of `label` shown in row `slot` of `group`: a sample without
-    replacement from the label's pool, by a generator seeded with (seed, group, slot, label)."""
-    items = pool.get(label, [])
-    k = min(task.few_shot.per_prompt, len(items))
-    if k == 0:
-        return []
-    rng = random.Random(f"divgen-few-shot/{task.seed}/{group}/{slot}/{label}")
-    return [items[i] for i in sorted(rng.sample(range(len(items)), k))]
-
-
-def render_prompt(task: Task, label: Label, examples: list[str]) -> str:
-    """The user message for one row (before the chat template)."""
-    names = {"verbalization": label.verbalization, "label": label.name}
-    block = ""
-    if examples:
-        fs = task.few_shot
-        block = fs.header.format(**names)
-        block += "".join(fs.template.format(text=e, index=i + 1, **names) for i, e in enumerate(examples))
-        block += fs.footer.format(**names)
-    return task.prompt.format(examples=block, **names)
