@@ -183,7 +183,7 @@ def run_synth_bench(lm, cfg: BenchConfig, log=print) -> list[dict]:
     import json
 
     from divgen.engine.synth import run_synth
-    from divgen.engine.task import load_task
+    from divgen.engine.synth import load_task
 
     base = dataclasses.replace(load_task(cfg.task), ignore_eos=True, stop=())   # same length for all
     tasks = {m: base.with_overrides(method=m, per_label=cfg.per_label, max_new_tokens=cfg.output_len,

@@ -93,7 +93,7 @@ def check_args(args) -> None:
         if importlib.util.find_spec("matplotlib") is None:
             raise DivgenError("--plot needs matplotlib: pip install 'divgen[plot]' (or matplotlib)")
     if args.kind == "synth" and args.task:
-        from divgen.engine.task import load_task
+        from divgen.engine.synth import load_task
 
         load_task(args.task)        # a bad task file fails here, before the model loads
 

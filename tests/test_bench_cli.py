@@ -3,6 +3,7 @@ against numpy, the measurement records against what the engine did, argument err
 Timings themselves are never asserted (benchmarks measure speed, tests do not)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -67,8 +68,6 @@ def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
 
 
 def test_plot_without_matplotlib_names_the_extra(monkeypatch, capsys, tmp_path):
-    import importlib.util
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     assert main(["bench", "kernel", "--plot", str(tmp_path / "k.png")]) == 2
@@ -79,10 +78,9 @@ def test_kernel_bench_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "k.json", tmp_path / "k.png"
     argv = ["bench", "kernel", "--batch-sizes", "2", "4", "--vocab", "257", "--repeats", "2", "--warmup", "0",
             "--threads", "1", "--output-json", str(out)]
-    try:
-        import matplotlib  # noqa: F401
+    if importlib.util.find_spec("matplotlib") is not None:
         argv += ["--plot", str(png)]
-    except ImportError:
+    else:
         png = None
     assert main(argv) == 0
     printed = capsys.readouterr().out

@@ -107,3 +107,25 @@ def test_gguf_bar_kept_on_a_terminal(monkeypatch):
     monkeypatch.setattr(prog, "stderr_is_terminal", lambda: True)
     with prog.quiet_gguf_conversion():
         assert gguf_utils.tqdm is original
+
+
+def test_synth_cli_prints_progress_lines_into_a_log(tmp_path):
+    """`divgen synth` with stderr redirected to a file (not a terminal) logs plain progress lines."""
+    import os
+    import re
+    import subprocess
+
+    out = tmp_path / "s.jsonl"
+    log = tmp_path / "err.log"
+    env = {**os.environ, "DIVGEN_PROGRESS_INTERVAL": "0", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as err:
+        proc = subprocess.run([sys.executable, "-m", "divgen.bindings.cli", "synth", "sentiment", "--out", str(out),
+                               "--method", "fewgen", "--per-label", "1", "--max-new-tokens", "2"],
+                              stderr=err, stdout=subprocess.DEVNULL, env=env, timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "\r" not in text                               # no bar frames in the log
+    lines = [ln for ln in text.splitlines() if ln.startswith("synth fewgen: ")]
+    n = len(out.read_text().splitlines())
+    assert lines and re.fullmatch(rf"synth fewgen: {n}/{n} ex \(100%\), [0-9.]+ ex/s, done in \d+s", lines[-1])
+    assert all(re.search(r"ex/s, (ETA|done in) ", ln) for ln in lines)

@@ -89,8 +89,8 @@ def run_synth(
 ) -> SynthReport:
     """Generate the task's examples into ``out`` (append-only, resumable). See module docstring.
 
-    lm: a loaded model (default: load ``task.model``). progress: a tqdm bar (None = when stderr
-    is a terminal). log: where one-line notes go (default: stderr)."""
+    lm: a loaded model (default: load ``task.model``). progress: False = none; otherwise a tqdm
+    bar when stderr is a terminal, else a line every few seconds (engine/progress.py). log: where one-line notes go (default: stderr)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise DivgenError(f"--batch-rows must be an integer >= 1, got {batch_rows!r}")
@@ -185,17 +185,17 @@ def decode_batch(task: Task, lm, b: BatchRows, progress: Callable[[int, int], No
 
 def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, fp, batch_rows, progress,
                    report) -> None:
-    from tqdm import tqdm
+    from divgen.engine.progress import progress_bar
 
     prompt = PromptCache(task, lm, pool)
     prefixes = scaffolding_prefixes(task)
     names = task.label_names
     params = {**task.params, **task.content()["sampling"], "max_new_tokens": task.max_new_tokens,
               "rows_per_group": task.group_rows}
-    disable = (not sys.stderr.isatty()) if progress is None else (not progress)
-    bar = tqdm(total=missing_count(groups, existing), desc=f"synth {task.method}", unit="ex", file=sys.stderr,
-               disable=disable, dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
+    # A bar on a terminal, a line every few seconds (rate, ETA) in a log; progress=False: nothing.
+    bar = progress_bar(missing_count(groups, existing), f"synth {task.method}", "ex", enabled=progress is not False,
+                       dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
+                       bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
     try:
         for batch, missing in batches(task, groups, existing.done, batch_rows):
             b = rows_for_groups(task, batch, missing, prompt)
