@@ -50,7 +50,8 @@ setup(
         "triton": ["triton>=3.0"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.12", "datasets>=3"],
         "plot": ["matplotlib>=3.7"],                       # divgen bench --plot
-        "ray": ["ray[data]>=2.60,<3"],                        # divgen synth --ray
+        "datasets": ["datasets>=3"],                       # divgen export
+        "ray": ["ray[data]>=2.60,<3"],                     # divgen synth --ray
     },
     entry_points={"console_scripts": ["divgen=divgen.bindings.cli:main"]},
 )

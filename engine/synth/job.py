@@ -36,6 +36,7 @@ from divgen.engine.synth.output import (
 )
 from divgen.engine.synth.plan import BatchRows, Plan, make_guidance, plan, rows_for_groups, rows_in_group
 from divgen.engine.synth.prompts import PromptCache
+from divgen.engine.synth.schema import divgen_version, model_id, record_params
 from divgen.engine.synth.task import Task
 
 DEFAULT_BATCH_ROWS = 64
@@ -190,8 +191,8 @@ def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, f
     prompt = PromptCache(task, lm, pool)
     prefixes = scaffolding_prefixes(task)
     names = task.label_names
-    params = {**task.params, **task.content()["sampling"], "max_new_tokens": task.max_new_tokens,
-              "rows_per_group": task.group_rows}
+    params = record_params(task)                  # the same keys and types for every method
+    model, version = model_id(task), divgen_version()
     # A bar on a terminal, a line every few seconds (rate, ETA) in a log; progress=False: nothing.
     bar = progress_bar(missing_count(groups, existing), f"synth {task.method}", "ex", enabled=progress is not False,
                        dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
@@ -222,6 +223,7 @@ def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, f
                     text=clean_text(lm, r.token_ids, task.stop, prefixes), label=names[sl.label],
                     method=task.method, params=params, seed=r.seed, group=sl.group, slot=sl.slot,
                     finish_reason=r.finish_reason, tokens=len(r.token_ids), fingerprint=fp,
+                    model=model, divgen_version=version,
                 )
                 lines.append((sl.group, sl.slot, json.dumps(record, ensure_ascii=False)))
             lines.sort()
