@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from divgen.bindings import cli_bench, cli_export, cli_generate, cli_spa, cli_synth  # noqa: E402
+from divgen.bindings import cli_bench, cli_export, cli_generate, cli_show, cli_spa, cli_synth  # noqa: E402
 from divgen.engine.errors import DivgenError  # noqa: E402
 
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_spa.register(sub)
     cli_bench.register(sub)
     cli_export.register(sub)
+    cli_show.register(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
+from divgen.bindings import cli_ray
 from divgen.engine.errors import DivgenError
 
 METHOD_CHOICES = ("fewgen", "cfg", "corrsynth", "m-corrsynth")
@@ -42,6 +43,7 @@ def register(subparsers) -> None:
                    help="rows decoded per engine call (default 64); does not change the texts")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                    help="no progress bar (default: a bar with examples/s on stderr)")
+    cli_ray.add_arguments(p)
     p.set_defaults(func=run_synth_command)
 
     m = subparsers.add_parser(
@@ -71,6 +73,8 @@ def run_synth_command(args) -> int:
         top_p=args.top_p,
     )
     batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else args.batch_rows
+    if args.ray is not None:
+        return cli_ray.run(task, args, batch_rows)
     report = run_synth(task, args.out, batch_rows=batch_rows, progress=args.progress)
     counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
     if report.written:

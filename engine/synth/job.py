@@ -37,6 +37,7 @@ from divgen.engine.synth.output import (
 from divgen.engine.synth.plan import BatchRows, Plan, make_guidance, plan, rows_for_groups, rows_in_group
 from divgen.engine.synth.prompts import PromptCache
 from divgen.engine.synth.schema import divgen_version, model_id, record_params
+from divgen.engine.synth.shards import ShardPlan
 from divgen.engine.synth.task import Task
 
 DEFAULT_BATCH_ROWS = 64
@@ -87,18 +88,20 @@ def run_synth(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> SynthReport:
     """Generate the task's examples into ``out`` (append-only, resumable). See module docstring.
 
     lm: a loaded model (default: load ``task.model``). progress: False = none; otherwise a tqdm
-    bar when stderr is a terminal, else a line every few seconds (engine/progress.py). log: where one-line notes go (default: stderr)."""
+    bar when stderr is a terminal, else a line every few seconds (engine/progress.py). log: where one-line notes go (default: stderr). shard: (i, N) = only the
+    groups of shard i of N (engine/synth/shards.py; ``divgen synth --ray``)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise DivgenError(f"--batch-rows must be an integer >= 1, got {batch_rows!r}")
     out = Path(out)
     start = time.perf_counter()
     pool, fp, content, existing = prepare(task, out)
-    groups = plan(task)
+    groups = plan(task) if shard is None else ShardPlan(plan(task), *shard)
     report = SynthReport(out=out, resumed_from=len(existing.done), fingerprint=fp)
     target = task.target()
     over = {lab: n for lab, n in existing.counts.items() if n > target.get(lab, 0)}
