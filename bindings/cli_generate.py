@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--min-p", type=float, default=0.0, dest="alpha",
                    help="plausibility cutoff α in [0, 1): keep tokens with p >= α·max p (default 0: off)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed S + i (default 0)")
+    p.add_argument("--diverse", type=float, default=None, metavar="G",
+                   help="the N samples contrast each other (intra-prompt CorrSynth, scale G > 1, e.g. 2; default off)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--model", default=None, help="local HF model dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -47,6 +49,9 @@ def _check_args(args) -> None:
 
 def run(args) -> int:
     _check_args(args)  # before the (slow) model load
+    from divgen.engine.diverse import check_diverse, diverse_guidance
+
+    check_diverse(args.n, args.diverse)
     from tqdm import tqdm
 
     from divgen.engine.decode import generate
@@ -64,7 +69,7 @@ def run(args) -> int:
     results, stats = generate(
         lm, [prompt] * args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, alpha=args.alpha, seeds=args.seed, stop=args.stop,
-        progress=progress,
+        guidance=diverse_guidance(args.n, args.diverse), progress=progress,
     )
     bar.close()
     for r in results:

@@ -1,0 +1,304 @@
+"""divgen guidance inside vLLM: a v1 logits processor for requests tagged with a guidance group.
+
+    from vllm import LLM, SamplingParams
+    from divgen.bindings.vllm import DivgenLogitsProcessor, divgen_tag
+
+    llm = LLM(model=path, logits_processors=[DivgenLogitsProcessor])
+    params = SamplingParams(n=8, temperature=0.8, seed=0, max_tokens=64,
+                            extra_args=divgen_tag(group="q1", scale=2.0))   # 8 rows contrast each other
+    outputs = llm.generate([prompt], params)
+
+(``vllm serve ... --logits-processors divgen.bindings.vllm:DivgenLogitsProcessor`` and
+``"vllm_xargs": {"divgen": ...}`` per request do the same over HTTP.)
+
+Tags (``SamplingParams.extra_args["divgen"]``, built and checked by ``divgen_tag``):
+
+| method        | fields                     | γ_{m,n} of row m over the present members n ≠ m of its group |
+|---------------|----------------------------|---------------------------------------------------------------|
+| corrsynth     | scale g                    | (g − 1) / (K − 1), K = members present                         |
+| m-corrsynth   | label, gamma γ, delta δ    | γ / #{n: y_n ≠ y_m} across labels, δ / #{n ≠ m: y_n = y_m} within |
+| explicit      | member i, weights [w_0..]  | weights[member of n] (0 past the list's end)                  |
+
+The rule is divgen's own (``engine.guidance.Guidance``), applied with the row's *own* tag: each
+row's guidance is its row of γ, so members need not agree. For every tagged row of the step the
+processor computes ``s_m = Σ_n mix[m, n] · ℓ_n`` and samples it with ``divgen.kernels.guided_sample``:
+α = the request's ``min_p`` on the row's *own* distribution, then its ``temperature``, ``top_k``,
+``top_p``, and Gumbel noise that is a pure function of (seed, step, token) — ``seed`` is the
+request's seed (a random one when None; vLLM gives the n children of a request seed + i, as divgen
+does), ``step`` the number of tokens the request has generated. The processor returns logits that
+are −inf except at that token, so vLLM's own sampler emits exactly divgen's choice.
+
+Who counts as a member, step by step (vLLM's persistent batch has no lockstep):
+
+* **present**: a tagged request in this step's batch with the same group id. Only present
+  members are contrasted, and weights are recomputed over them by the rule above whenever the
+  batch changes — a group with one present member is plain divgen sampling.
+* **finished** (EOS, stop, length, aborted): vLLM removes it from the batch; it leaves the group
+  exactly as a finished row leaves its group in divgen's engine.
+* **not yet started / waiting / preempted**: not in the batch, so not contrasted until it is; a
+  member that joins late starts its own step counter at 0 and is contrasted with the others'
+  current distributions.
+* When all members are admitted in the same step (one ``generate`` call whose prompts fit the
+  batch) the rows are in lockstep and the tokens are divgen engine's tokens for the same seeds.
+
+Untagged requests are never touched. Limits: a member whose prompt is still being prefilled in
+chunks is contrasted with its partial-prompt logits (keep such prompts under
+``max_num_batched_tokens`` or disable chunked prefill); speculative decoding is not supported.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from divgen import kernels
+from divgen.engine.errors import DivgenError
+from divgen.engine.guidance import MAX_WEIGHT, Guidance, mix_from_gammas
+from divgen.kernels import reference
+
+try:
+    from vllm.v1.sample.logits_processor import LogitsProcessor as _VllmLogitsProcessor
+except ImportError:  # vLLM absent: the bookkeeping below still runs (the main suite tests it)
+    _VllmLogitsProcessor = object
+
+TAG_KEY = "divgen"
+TAG_METHODS = ("corrsynth", "m-corrsynth", "explicit")
+_GREEDY_EPS = 1e-5       # vLLM treats a temperature below this as greedy
+
+
+# ----------------------------------------------------------------------------------------------
+# Tags
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tag:
+    """One request's guidance tag (validated)."""
+
+    group: str
+    method: str = "corrsynth"
+    scale: float = 1.0                      # corrsynth g
+    label: str | None = None                # m-corrsynth
+    gamma: float = 0.0                      # m-corrsynth cross-label weight
+    delta: float = 0.0                      # m-corrsynth intra-label weight
+    member: int = 0                         # explicit: this request's index in weights
+    weights: tuple[float, ...] = ()         # explicit: γ toward member 0, 1, ...
+
+    def rule(self) -> tuple:
+        """Rows whose tags share this key share one divgen Guidance."""
+        return (self.method, self.scale, self.gamma, self.delta)
+
+
+def _number(fields: dict, name: str, low: float, default=None) -> float:
+    value = fields.get(name, default)
+    if value is None:
+        raise DivgenError(f"divgen tag: '{name}' is required for method {fields.get('method', 'corrsynth')!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= MAX_WEIGHT:
+        raise DivgenError(f"divgen tag: '{name}' must be a number in [{low:g}, {MAX_WEIGHT:g}], got {value!r}")
+    return float(value)
+
+
+def parse_tag(extra_args) -> Tag | None:
+    """The Tag of a request's ``extra_args`` (None when untagged). Raises DivgenError."""
+    if not extra_args or TAG_KEY not in extra_args:
+        return None
+    fields = extra_args[TAG_KEY]
+    if not isinstance(fields, dict):
+        raise DivgenError(f"extra_args['{TAG_KEY}'] must be a dict such as {{'group': 'q1', 'scale': 2.0}}")
+    known = {"group", "method", "scale", "label", "gamma", "delta", "member", "weights"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise DivgenError(f"divgen tag: unknown field(s) {unknown}; known: {sorted(known)}")
+    group = fields.get("group")
+    if isinstance(group, bool) or not isinstance(group, (str, int)) or group == "":
+        raise DivgenError("divgen tag: 'group' must be a non-empty string or an integer (the guidance group id)")
+    method = fields.get("method", "corrsynth")
+    if method not in TAG_METHODS:
+        raise DivgenError(f"divgen tag: method must be one of {', '.join(TAG_METHODS)}, got {method!r}")
+    if method == "corrsynth":
+        return Tag(str(group), method, scale=_number(fields, "scale", 1.0))
+    if method == "m-corrsynth":
+        label = fields.get("label")
+        if label is None:
+            raise DivgenError("divgen tag: m-corrsynth needs a 'label' per request")
+        return Tag(str(group), method, label=str(label), gamma=_number(fields, "gamma", 0.0),
+                   delta=_number(fields, "delta", 0.0))
+    member, weights = fields.get("member"), fields.get("weights")
+    if isinstance(member, bool) or not isinstance(member, int) or member < 0:
+        raise DivgenError("divgen tag: explicit guidance needs 'member', this request's index >= 0 in the group")
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise DivgenError("divgen tag: explicit guidance needs 'weights', this request's γ toward member 0, 1, ...")
+    ws = []
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or abs(w) > MAX_WEIGHT:
+            raise DivgenError(f"divgen tag: weights must be finite numbers within ±{MAX_WEIGHT:g}, got {w!r}")
+        ws.append(float(w))
+    return Tag(str(group), method, member=member, weights=tuple(ws))
+
+
+def divgen_tag(group, *, scale=None, method: str = "corrsynth", label=None, gamma=None, delta=None,
+               member=None, weights=None) -> dict:
+    """``extra_args`` for a tagged request, checked now: ``SamplingParams(extra_args=divgen_tag(...))``."""
+    fields = {"group": group, "method": method}
+    for name, value in (("scale", scale), ("label", label), ("gamma", gamma), ("delta", delta),
+                        ("member", member), ("weights", list(weights) if weights is not None else None)):
+        if value is not None:
+            fields[name] = value
+    parse_tag({TAG_KEY: fields})
+    return {TAG_KEY: fields}
+
+
+# ----------------------------------------------------------------------------------------------
+# The processor
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Request:
+    """What the processor keeps of one tagged request in the persistent batch."""
+
+    tag: Tag
+    seed: int
+    output: list                 # vLLM's running list of generated ids (its length is the step)
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+
+
+def _request_of(params, output: list, rng: random.Random) -> _Request | None:
+    tag = parse_tag(getattr(params, "extra_args", None))
+    if tag is None:
+        return None
+    seed = params.seed if params.seed is not None else rng.randrange(-(2 ** 63), 2 ** 63)
+    temperature = float(params.temperature)
+    return _Request(
+        tag=tag, seed=int(seed), output=output,
+        temperature=0.0 if temperature < _GREEDY_EPS else temperature,
+        top_k=max(0, int(params.top_k or 0)), top_p=float(params.top_p), min_p=float(params.min_p or 0.0),
+    )
+
+
+def group_gammas(tags: list[Tag]) -> torch.Tensor:
+    """γ [K, K] of the present members of one group (their tags, batch order), zero diagonal.
+
+    Row m follows m's own tag; rows that share a rule share one divgen ``Guidance``."""
+    k = len(tags)
+    gam = torch.zeros(k, k, dtype=torch.float32)
+    if k < 2:
+        return gam
+    everyone = list(range(k))
+    by_rule: dict[tuple, list[int]] = {}
+    for m, tag in enumerate(tags):
+        by_rule.setdefault(tag.rule(), []).append(m)
+    for rule, rows in by_rule.items():
+        method = rule[0]
+        if method == "corrsynth":
+            full = Guidance.corrsynth([0] * k, scale=tags[rows[0]].scale).gamma_matrix(everyone)
+        elif method == "m-corrsynth":
+            labels = [t.label if t.method == "m-corrsynth" else None for t in tags]
+            full = Guidance.m_corrsynth([0] * k, labels, gamma=tags[rows[0]].gamma,
+                                        delta=tags[rows[0]].delta).gamma_matrix(everyone)
+        else:
+            full = torch.zeros(k, k)
+            for m in rows:
+                w = tags[m].weights
+                full[m] = torch.tensor([w[t.member] if t.member < len(w) else 0.0 for t in tags])
+            full.fill_diagonal_(0.0)
+            full = Guidance.explicit([0] * k, full).gamma_matrix(everyone)
+        gam[rows] = full[rows]
+    return gam
+
+
+class DivgenLogitsProcessor(_VllmLogitsProcessor):
+    """vLLM v1 logits processor: divgen guidance over tagged requests (see the module docstring).
+
+    Steps, each vLLM step: (1) ``update_state`` follows the persistent batch (removed, added,
+    moved) and, when it changed, rebuilds the tagged rows' mix (block-diagonal by group) and
+    per-row parameters; (2) ``apply`` samples every tagged row with ``kernels.guided_sample``
+    and makes its logits one-hot on that token; untagged rows pass through unchanged.
+    """
+
+    def __init__(self, vllm_config=None, device: torch.device | str = "cpu", is_pin_memory: bool = False):
+        self.device = torch.device(device)
+        self.requests: dict[int, _Request] = {}      # batch index -> tagged request
+        self._rng = random.Random()
+        self._dirty = False
+        self.rows = torch.zeros(0, dtype=torch.int64)  # [T] batch indices of tagged rows, ascending
+        self.mix: torch.Tensor | None = None           # [T, T] or None (no row guided)
+        self.params: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        try:
+            parse_tag(getattr(sampling_params, "extra_args", None))
+        except DivgenError as exc:
+            raise ValueError(str(exc)) from exc
+
+    def is_argmax_invariant(self) -> bool:
+        return False        # it chooses the token, greedy rows included
+
+    def update_state(self, batch_update) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self._dirty |= self.requests.pop(index, None) is not None
+        for index, params, _prompt, output in batch_update.added:
+            request = _request_of(params, output, self._rng)
+            old = self.requests.pop(index, None)
+            if request is not None:
+                self.requests[index] = request
+            self._dirty |= request is not None or old is not None
+        for a, b, direction in batch_update.moved:
+            ra, rb = self.requests.pop(a, None), self.requests.pop(b, None)
+            swap = getattr(direction, "name", direction) == "SWAP"
+            if ra is not None:
+                self.requests[b] = ra
+            if rb is not None and swap:
+                self.requests[a] = rb
+            self._dirty |= ra is not None or rb is not None
+        if self._dirty:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._dirty = False
+        order = sorted(self.requests)
+        reqs = [self.requests[i] for i in order]
+        self.rows = torch.tensor(order, dtype=torch.int64, device=self.device)
+        gam = torch.zeros(len(order), len(order), dtype=torch.float32)
+        by_group: dict[str, list[int]] = {}
+        for pos, r in enumerate(reqs):
+            by_group.setdefault(r.tag.group, []).append(pos)
+        for members in by_group.values():
+            idx = torch.tensor(members)
+            gam[idx[:, None], idx[None, :]] = group_gammas([reqs[p].tag for p in members])
+        self.mix = mix_from_gammas(gam).to(self.device) if bool((gam != 0).any()) else None
+        dev = self.device
+        self.params = dict(
+            seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
+            temperature=torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev),
+            top_k=torch.tensor([r.top_k for r in reqs], dtype=torch.int64, device=dev),
+            top_p=torch.tensor([r.top_p for r in reqs], dtype=torch.float32, device=dev),
+            alpha=torch.tensor([r.min_p for r in reqs], dtype=torch.float32, device=dev),
+        )
+
+    def steps(self) -> list[int]:
+        """Each tagged row's decode step: the tokens its request has generated so far."""
+        return [len(self.requests[i].output) for i in self.rows.tolist()]
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        # logits [B, V] -> the same tensor, tagged rows one-hot (0 at divgen's token, -inf elsewhere)
+        if not self.requests:
+            return logits
+        p = self.params
+        steps = self.steps()
+        noise = None
+        if len(set(steps)) > 1:      # rows not in lockstep: each row's noise at its own step
+            vocab = logits.shape[1]
+            noise = torch.cat([reference.uniform_noise(p["seeds"][i:i + 1], s, vocab) for i, s in enumerate(steps)])
+        tokens = kernels.guided_sample(
+            logits[self.rows], self.mix, seeds=p["seeds"], step=steps[0], temperature=p["temperature"],
+            alpha=p["alpha"], top_k=p["top_k"], top_p=p["top_p"], noise=noise,
+        )                                                                     # [T]
+        logits[self.rows] = float("-inf")
+        logits[self.rows, tokens.to(logits.device)] = 0.0
+        return logits

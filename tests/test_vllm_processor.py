@@ -1,0 +1,168 @@
+"""The vLLM logits processor's bookkeeping, driven by hand-made batch updates (no vLLM needed):
+each tagged row is one-hot on the token of ``kernels.reference.guided_sample`` with a mix
+written out by hand over the group members present; untagged rows are left bit-identical."""
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from divgen.bindings.vllm import DivgenLogitsProcessor, divgen_tag, group_gammas, parse_tag
+from divgen.engine.errors import DivgenError
+from divgen.kernels import reference
+
+VOCAB = 97
+
+
+@dataclass(frozen=True)
+class Update:          # the fields of vLLM's BatchUpdate that the processor reads
+    batch_size: int
+    removed: tuple = ()
+    added: tuple = ()
+    moved: tuple = ()
+
+
+def params(seed, tag=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    return SimpleNamespace(seed=seed, extra_args=tag, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+
+def chosen(out):
+    finite = torch.isfinite(out)
+    assert finite.sum(dim=1).eq(1).all()
+    return out.argmax(dim=1).tolist()
+
+
+def sample(logits, mix, seeds, step, **kw):
+    return reference.guided_sample(logits, mix, seeds=torch.tensor(seeds), step=step, **kw).tolist()
+
+
+def corrsynth_mix(k, g):
+    w = (g - 1) / (k - 1)
+    return torch.full((k, k), -w) + torch.eye(k) * (1 + w * (k - 1) + w)
+
+
+def test_lockstep_group_untagged_row_and_members_leaving():
+    torch.manual_seed(0)
+    proc = DivgenLogitsProcessor()
+    outs = [[] for _ in range(5)]
+    tag = divgen_tag("q", scale=3.0)
+    added = [(i, params(10 + i, tag, temperature=0.9, min_p=0.05), None, outs[i]) for i in (0, 1, 2, 4)]
+    added.append((3, params(99), None, outs[3]))                  # untagged
+    proc.update_state(Update(5, added=tuple(added)))
+    logits = torch.randn(5, VOCAB) * 2
+    out = proc.apply(logits.clone())
+    assert torch.equal(out[3], logits[3])                         # untouched, bit for bit
+    want = sample(logits[[0, 1, 2, 4]], corrsynth_mix(4, 3.0), [10, 11, 12, 14], 0, temperature=0.9, alpha=0.05)
+    assert [chosen(out[[0, 1, 2, 4]])] == [want]
+    for i in range(5):
+        outs[i].append(7)
+    # row 4 finishes: removed, nothing to condense. Three members remain, step 1.
+    proc.update_state(Update(4, removed=(4,)))
+    logits = torch.randn(4, VOCAB) * 2
+    out = proc.apply(logits.clone())
+    assert torch.equal(out[3], logits[3])
+    want = sample(logits[[0, 1, 2]], corrsynth_mix(3, 3.0), [10, 11, 12], 1, temperature=0.9, alpha=0.05)
+    assert chosen(out[[0, 1, 2]]) == want
+    for i in range(4):
+        outs[i].append(8)
+    # row 1 finishes; vLLM condenses the batch by moving the untagged row 3 into slot 1.
+    proc.update_state(Update(3, removed=(1,), moved=((3, 1, "UNIDIRECTIONAL"),)))
+    logits = torch.randn(3, VOCAB) * 2
+    out = proc.apply(logits.clone())
+    assert torch.equal(out[1], logits[1])
+    want = sample(logits[[0, 2]], corrsynth_mix(2, 3.0), [10, 12], 2, temperature=0.9, alpha=0.05)
+    assert chosen(out[[0, 2]]) == want
+
+
+def test_guidance_really_changes_the_sample_and_one_member_is_plain_divgen_sampling():
+    torch.manual_seed(1)
+    logits = torch.randn(2, VOCAB) * 2
+    tagged = DivgenLogitsProcessor()
+    tagged.update_state(Update(2, added=tuple((i, params(i, divgen_tag("g", scale=20.0)), None, []) for i in range(2))))
+    plain = sample(logits, None, [0, 1], 0)
+    guided = chosen(tagged.apply(logits.clone()))
+    assert guided == sample(logits, corrsynth_mix(2, 20.0), [0, 1], 0)
+    alone = DivgenLogitsProcessor()
+    alone.update_state(Update(1, added=((0, params(0, divgen_tag("g", scale=20.0)), None, []),)))
+    assert chosen(alone.apply(logits[:1].clone())) == plain[:1]
+    assert guided != plain                                        # (fixed logits: guidance moves a row)
+
+
+def test_swap_and_two_groups_are_block_diagonal():
+    torch.manual_seed(2)
+    proc = DivgenLogitsProcessor()
+    a, b = divgen_tag("a", scale=2.0), divgen_tag("b", scale=4.0)
+    proc.update_state(Update(4, added=((0, params(1, a), None, []), (1, params(2, b), None, []),
+                                       (2, params(3, a), None, []), (3, params(4, b), None, []))))
+    proc.update_state(Update(4, moved=((0, 1, "SWAP"),)))         # rows 0 and 1 trade places
+    logits = torch.randn(4, VOCAB)
+    out = chosen(proc.apply(logits.clone()))
+    # after the swap: row 0 = seed 2 (b), row 1 = seed 1 (a), row 2 = seed 3 (a), row 3 = seed 4 (b)
+    mix = torch.zeros(4, 4)
+    ga, gb = corrsynth_mix(2, 2.0), corrsynth_mix(2, 4.0)
+    for i, r in enumerate((1, 2)):
+        for j, c in enumerate((1, 2)):
+            mix[r, c] = ga[i, j]
+    for i, r in enumerate((0, 3)):
+        for j, c in enumerate((0, 3)):
+            mix[r, c] = gb[i, j]
+    assert out == sample(logits, mix, [2, 1, 3, 4], 0)
+
+
+def test_member_joining_late_uses_its_own_step_for_the_noise():
+    torch.manual_seed(3)
+    proc = DivgenLogitsProcessor()
+    tag = divgen_tag("g", scale=2.0)
+    early, late = [5, 6, 7], []
+    proc.update_state(Update(2, added=((0, params(8, tag), None, early), (1, params(9, tag), None, late))))
+    logits = torch.randn(2, VOCAB)
+    out = chosen(proc.apply(logits.clone()))
+    noise = torch.cat([reference.uniform_noise(torch.tensor([8]), 3, VOCAB),
+                       reference.uniform_noise(torch.tensor([9]), 0, VOCAB)])
+    assert out == reference.guided_sample(logits, corrsynth_mix(2, 2.0), seeds=torch.tensor([8, 9]), step=0,
+                                          noise=noise).tolist()
+
+
+def test_m_corrsynth_and_explicit_weights_follow_divgen_rules():
+    mc = [parse_tag(divgen_tag("g", method="m-corrsynth", label=y, gamma=1.0, delta=0.5)) for y in "aab"]
+    gam = group_gammas(mc)
+    # row 0 (a): δ/1 toward row 1 (a), γ/1 toward row 2 (b); row 2 (b): γ/2 toward each a
+    assert torch.allclose(gam, torch.tensor([[0, 0.5, 1.0], [0.5, 0, 1.0], [0.5, 0.5, 0]]))
+    ex = [parse_tag(divgen_tag("g", method="explicit", member=m, weights=w))
+          for m, w in ((0, [0, 0.3, 0.7]), (2, [1.5]))]
+    assert torch.allclose(group_gammas(ex), torch.tensor([[0, 0.7], [1.5, 0]]))
+    cs = [parse_tag(divgen_tag("g", scale=3.0)), parse_tag(divgen_tag("g", scale=5.0)), parse_tag(divgen_tag("g", scale=3.0))]
+    assert torch.allclose(group_gammas(cs), torch.tensor([[0, 1.0, 1.0], [2.0, 0, 2.0], [1.0, 1.0, 0]]))
+
+
+def test_seedless_requests_draw_a_seed_once_and_greedy_rows_take_the_guided_argmax():
+    torch.manual_seed(4)
+    proc = DivgenLogitsProcessor()
+    tag = divgen_tag("g", scale=2.0)
+    proc.update_state(Update(2, added=((0, params(None, tag, temperature=0.0), None, []),
+                                       (1, params(None, tag, temperature=0.0), None, []))))
+    seeds = proc.params["seeds"].tolist()
+    logits = torch.randn(2, VOCAB)
+    lp = torch.log_softmax(logits, -1)
+    assert chosen(proc.apply(logits.clone())) == (corrsynth_mix(2, 2.0) @ lp).argmax(-1).tolist()
+    proc.update_state(Update(2))                                  # no change: seeds kept
+    assert proc.params["seeds"].tolist() == seeds
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"scale": 2.0}, "'group'"),
+    ({"group": "g"}, "'scale' is required"),
+    ({"group": "g", "scale": 0.5}, r"\[1, 100\]"),
+    ({"group": "g", "scale": 2.0, "sclae": 1}, "unknown field"),
+    ({"group": "g", "method": "cfg", "scale": 2.0}, "method must be one of"),
+    ({"group": "g", "method": "m-corrsynth", "gamma": 1.0, "delta": 0.0}, "'label'"),
+    ({"group": "g", "method": "explicit", "member": 0}, "'weights'"),
+    ({"group": "g", "method": "explicit", "member": -1, "weights": [1.0]}, "'member'"),
+])
+def test_bad_tags_are_refused_with_the_fix(fields, message):
+    with pytest.raises(DivgenError, match=message):
+        parse_tag({"divgen": fields})
+    with pytest.raises(ValueError, match=message):
+        DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args={"divgen": fields}))
+    DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args=None))
+    DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args={"other": 1}))
