@@ -227,7 +227,7 @@ def kernel_call(method: str, batch: int, cfg: BenchConfig, device):
     seeds = torch.arange(rows, dtype=torch.int64, device=device)
     mix = mixing_matrix(guidance, list(range(rows)), device)                        # [R, R] or None
     if hasattr(kernels, "guided_sample_step"):
-        plan = kernels.build_sample_plan(mix, device)
+        plan = kernels.build_sample_plan(mix, device, rows=rows)
         step = torch.zeros(rows, dtype=torch.int64, device=device)
         temp = torch.ones(rows, dtype=torch.float32, device=device)
         min_p = torch.full((rows,), 0.05, dtype=torch.float32, device=device)
