@@ -49,9 +49,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.12", "datasets>=3"],
-        "plot": ["matplotlib>=3.7"],                       # divgen bench --plot
-        "datasets": ["datasets>=3"],                       # divgen export
-        "ray": ["ray[data]>=2.60,<3"],                     # divgen synth --ray
+        "plot": ["matplotlib>=3.5"],          # divgen bench --plot, divgen spa run's diversity-vs-fidelity PNG
+        "datasets": ["datasets>=3"],          # divgen export
+        "ray": ["ray[data]>=2.60,<3"],        # divgen synth --ray
     },
     entry_points={"console_scripts": ["divgen=divgen.bindings.cli:main"]},
 )
