@@ -93,13 +93,13 @@ def _shard_worker_class():
     class ShardWorker:
         """One engine: loads the model once, runs shards of a synth job."""
 
-        def __init__(self, model: str, threads: int):
+        def __init__(self, model: str, dtype, threads: int):
             import torch
 
             torch.set_num_threads(threads)
             from divgen.engine.model import load_model
 
-            self.lm = load_model(None if model == "default" else model)
+            self.lm = load_model(None if model == "default" else model, dtype=dtype)
 
         def run(self, task, path: str, index: int, count: int, batch_rows: int) -> dict:
             from divgen.engine.synth.job import run_synth
@@ -190,13 +190,14 @@ def run_synth_ray(
         started_here = True
     try:
         Worker = _shard_worker_class()
-        model = "default" if task.model == "default" else str(Path(task.model).expanduser().resolve())
+        model = task.model if task.model == "default" or not Path(task.model).expanduser().exists() \
+            else str(Path(task.model).expanduser().resolve())             # a path, or a cached hub id as given
 
         def launch(i: int):
             report.attempts[i] += 1
             opts = {"name": f"{actor_name_prefix}-{i}-{report.attempts[i]}"} if actor_name_prefix else {}
             actor = Worker.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, **opts).remote(
-                model, cpus_per_worker)
+                model, getattr(task, "dtype", None), cpus_per_worker)
             ref = actor.run.remote(task, str(shard_path(out, i, workers)), i, workers, batch_rows)
             return actor, ref
 
