@@ -49,7 +49,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.12", "datasets>=3"],
-        "plot": ["matplotlib>=3.5"],          # divgen bench --plot, divgen spa run's diversity-vs-fidelity PNG
+        "plot": ["matplotlib>=3.5"],          # divgen bench --plot, divgen spa run and experiments/sweep.py PNGs
         "datasets": ["datasets>=3"],          # divgen export
         "ray": ["ray[data]>=2.60,<3"],        # divgen synth --ray
     },

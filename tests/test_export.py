@@ -19,7 +19,7 @@ from divgen.engine.synth.schema import NEUTRAL_PARAMS, PARAM_KEYS, record_params
 datasets = pytest.importorskip("datasets")
 METHODS = ("fewgen", "corrsynth", "m-corrsynth", "cfg")
 RECORD_KEYS = ["text", "label", "method", "params", "seed", "group", "slot", "finish_reason", "tokens", "task",
-               "model", "divgen_version"]
+               "model", "divgen_version", "examples"]
 
 
 @pytest.fixture(autouse=True)

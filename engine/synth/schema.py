@@ -17,6 +17,9 @@ and missing or null in another does not load):
     task            str    the task fingerprint
     model           str    the model the text came from (MODEL_FIELD)
     divgen_version  str    the divgen version that wrote it (VERSION_FIELD)
+    examples        list   the few-shot examples its prompt showed: rows of the task's few-shot file
+                           (int) or inline examples (str); [] for zero-shot. Same type for every
+                           method of one task, so one task's outputs load together.
 """
 from __future__ import annotations
 
