@@ -223,7 +223,8 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
         self.requests: dict[int, _Request] = {}      # batch index -> tagged request
         self._rng = random.Random()
         self._dirty = False
-        self.rows = torch.zeros(0, dtype=torch.int64)  # [T] batch indices of tagged rows, ascending
+        self.order: list[int] = []                     # batch indices of tagged rows, ascending
+        self.rows = torch.zeros(0, dtype=torch.int64)  # the same, [T] on the device
         self.mix: torch.Tensor | None = None           # [T, T] or None (no row guided)
         self.params: dict[str, torch.Tensor] = {}
 
@@ -261,7 +262,7 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
 
     def _rebuild(self) -> None:
         self._dirty = False
-        order = sorted(self.requests)
+        order = self.order = sorted(self.requests)
         reqs = [self.requests[i] for i in order]
         self.rows = torch.tensor(order, dtype=torch.int64, device=self.device)
         gam = torch.zeros(len(order), len(order), dtype=torch.float32)
@@ -283,7 +284,7 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
 
     def steps(self) -> list[int]:
         """Each tagged row's decode step: the tokens its request has generated so far."""
-        return [len(self.requests[i].output) for i in self.rows.tolist()]
+        return [len(self.requests[i].output) for i in self.order]   # host lists only: no device sync
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         # logits [B, V] -> the same tensor, tagged rows one-hot (0 at divgen's token, -inf elsewhere)
