@@ -1,10 +1,11 @@
 """Guided sampling benchmark: one decode step's sampler for CorrSynth groups, measured side by side:
 
-* ``kernel``    — the fused Triton kernels on a prepared plan (``launch_guided_sample``; CUDA only),
-                  launched eagerly from Python, and ``graph``: the same launches replayed as a CUDA
-                  graph (what a captured decode step pays; no Python launch overhead)
-* ``wrapper``   — ``divgen.kernels.guided_sample.guided_sample``: argument checks (NaN scan, host
-                  syncs) + block form of ``mix`` + the kernels, what a caller of the API pays
+* ``kernel``    — the capturable step ``divgen.kernels.guided_sample_step`` on a plan built once
+                  (``build_sample_plan``; Triton, CUDA only), launched eagerly from Python, and
+                  ``graph``: the same step replayed as a CUDA graph (what a captured decode step
+                  pays; no Python launch overhead; the step counter advances on the device)
+* ``wrapper``   — ``divgen.kernels.guided_sample_triton.guided_sample``: argument checks (NaN
+                  scan, host syncs) + the group plan + the step, what a direct caller pays
 * ``reference`` — torch ``divgen.kernels.reference.guided_sample`` (dense ``mix @ logp``, sorts
                   for top-k/top-p, counter noise)
 * ``hf``        — what a transformers user writes: the guidance mix in torch (log_softmax, clamp,
@@ -23,7 +24,7 @@ sampled, the kernel's compute-bound worst case).
 
 Bytes and floor. Each pass of the kernel reads every logit once: R·V·2 bytes (bf16). The basic
 path makes 2 passes; top-k and top-p add 8 counting passes each (module docstring of
-``kernels/guided_sample.py``). ``GB/s`` is passes · R·V·2 / graph time, next to a measured
+``kernels/guided_sample_triton.py``). ``GB/s`` is passes · R·V·2 / graph time, next to a measured
 device-to-device copy (read + write bytes / s); the second pass may partly hit L2 on small problems.
 
 Targets on H100/H200 (basic mode): ≥ 10× the torch reference at R = 64, V = 128256 (eager kernel
@@ -34,7 +35,6 @@ additionally pays the argument checks (a NaN scan) and host syncs, which no targ
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -57,7 +57,7 @@ TEMPERATURE = 0.8
 # after their load. α = 0 samples every token: the sample pass is then compute-bound (hash, logs).
 MODES = {"basic": dict(alpha=0.05), "top": dict(alpha=0.05, top_k=50, top_p=0.9), "alpha0": dict(alpha=0.0)}
 BASIC_PASSES = 2
-COUNTING_PASSES = 8           # per threshold (top-k, top-p), see kernels/guided_sample.py
+COUNTING_PASSES = 8           # per threshold (top-k, top-p), see kernels/guided_sample_triton.py
 
 
 def corrsynth_mix(rows: int, group: int, device) -> torch.Tensor:
@@ -116,10 +116,24 @@ def run_case(rows, vocab, group, mode_name, args, device, use_kernel, copy_gbs) 
     input_ids = torch.zeros(rows, 1, dtype=torch.int64, device=device)
     result["hf_us"] = bench(hf_chain(logits, mix, mode, input_ids), **timing)["median_s"] * 1e6
     if use_kernel:
-        gs = importlib.import_module("divgen.kernels.guided_sample")
-        plan = gs.plan_guided_sample(logits, mix, **kwargs)
-        result["kernel_us"] = bench(lambda: gs.launch_guided_sample(plan), **timing)["median_s"] * 1e6
-        result["graph_us"] = bench(graphed(lambda: gs.launch_guided_sample(plan)), **timing)["median_s"] * 1e6
+        from divgen import kernels
+        from divgen.kernels import guided_sample_triton as gs
+
+        plan = kernels.build_sample_plan(mix, device, ops=kernels.ops_for(device, "triton"))
+        step = torch.zeros(rows, dtype=torch.int64, device=device)
+        per_row = dict(temperature=torch.full((rows,), TEMPERATURE, device=device),
+                       min_p=torch.full((rows,), mode["alpha"], device=device),
+                       top_k=torch.full((rows,), mode.get("top_k", 0), dtype=torch.int64, device=device),
+                       top_p=torch.full((rows,), mode.get("top_p", 1.0), device=device))
+        cut = "top_k" in mode
+
+        def step_once():
+            tokens = kernels.guided_sample_step(logits, plan, seeds, step, **per_row, any_top_k_top_p=cut)
+            step.add_(1)                                   # the engine's device-side counter
+            return tokens
+
+        result["kernel_us"] = bench(step_once, **timing)["median_s"] * 1e6
+        result["graph_us"] = bench(graphed(step_once), **timing)["median_s"] * 1e6
         result["wrapper_us"] = bench(lambda: gs.guided_sample(logits, mix, **kwargs), **timing)["median_s"] * 1e6
         passes = BASIC_PASSES + COUNTING_PASSES * (("top_k" in mode) + ("top_p" in mode))
         result["passes"] = passes

@@ -1,7 +1,7 @@
 """Multi-LoRA kernel benchmark: one linear layer's LoRA delta for a batch whose rows use
 different adapters (SPA decodes one prompt under many adapters), measured side by side:
 
-* ``kernel``    — Triton ``divgen.kernels.lora.add_lora`` (one sort + shrink + expand launch; CUDA only)
+* ``kernel``    — Triton ``divgen.kernels.lora_triton.add_lora`` (one sort + shrink + expand launch; CUDA only)
 * ``reference`` — torch ``divgen.kernels.reference.add_lora`` (a dense matmul pair per adapter,
                   row groups found on the host each call)
 * ``loop``      — one adapter at a time with the row groups precomputed: for each adapter,
@@ -87,13 +87,15 @@ def run_case(model, layer, rows, args, device, dtype, use_kernel, copy_gbs) -> d
     row = dict(model=model, layer=layer, h_in=h_in, h_out=h_out, rows=rows, adapters=args.adapters,
                rank=args.rank, dtype=str(dtype).removeprefix("torch."))
     row["base_s"] = bench(lambda: torch.nn.functional.linear(p["x"], p["weight"]), **timing)["median_s"]
-    row["reference_s"] = bench(lambda: reference.add_lora(*lora_args), **timing)["median_s"]
+    ref_plan = reference.build_lora_plan(p["indices"], p["lora_a"].shape[0])      # once per batch, as the engine
+    row["reference_s"] = bench(lambda: reference.add_lora(*lora_args, plan=ref_plan), **timing)["median_s"]
     row["loop_s"] = bench(one_adapter_at_a_time(p), **timing)["median_s"]
     row["lora_bytes"] = lora_bytes(p)
     if use_kernel:
-        from divgen.kernels import lora
+        from divgen.kernels import lora_triton as lora
 
-        row["kernel_s"] = bench(lambda: lora.add_lora(*lora_args), **timing)["median_s"]
+        plan = lora.build_lora_plan(p["indices"], p["lora_a"].shape[0])
+        row["kernel_s"] = bench(lambda: lora.add_lora(*lora_args, plan=plan), **timing)["median_s"]
         row["kernel_gbs"] = row["lora_bytes"] / row["kernel_s"] / 1e9
         if copy_gbs:
             row["floor_s"] = row["lora_bytes"] / (copy_gbs * 1e9)

@@ -79,6 +79,9 @@ def register(subparsers) -> None:
     _model_args(s)
     s.set_defaults(func=run_sample)
 
+    from divgen.bindings.cli_spa_run import add_run_parser     # `divgen spa run` (SPA end to end)
+    add_run_parser(sub)
+
 
 def _model_args(p) -> None:
     p.add_argument("--model", default=None, help="local HF model dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")

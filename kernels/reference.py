@@ -18,13 +18,31 @@ G_m(v) = −log(−log u_m(v)) with u_m(v) = ``uniform_noise(seed_m, step, v)`` 
 is injected. A contrasting row's −inf log-prob is read as ``LOGP_FLOOR`` so that
 0 · (−inf) never makes NaN; the row's own −inf tokens are outside A_m and never drawn.
 Ties in an argmax go to the smallest token id (torch.argmax's rule; the kernel matches it).
+
+Non-finite input (the same rules in this reference, the Triton interpreter and on a GPU):
+* ``guided_sample`` (direct callers) refuses NaN and +inf logits with a ValueError naming the fix.
+  The capturable ``guided_sample_step`` checks nothing (no host sync); there +inf is read as the
+  largest finite fp32 (FLT_MAX), which gives the limit distribution: the +inf tokens of a row share
+  all its probability mass. NaN logits give an unspecified token for their own row only (a row
+  not coupled to others by ``mix``), and a row whose logits are all −inf (a slot not in use)
+  gives token 0.
+* Temperature: a row with T < ``MIN_SAMPLING_TEMPERATURE`` (1e-6; T = 0 included) samples
+  greedily (argmax of s on the cut set, log-prob at T = 1). Below it s/T can overflow fp32 (a
+  1e-40 temperature used to give token 0 with log-prob NaN); above it |s/T| stays finite for
+  |s| < 3e32, and the draw is the argmax anyway unless two scores lie within 17·T of each other.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 # A contrasting row's log-prob of −inf is read as this (e^-100 ≈ 3.7e-44, below fp32 normals).
 LOGP_FLOOR = -100.0
+# Rows with 0 <= T < this sample greedily (T = 0 is greedy; below 1e-6 s/T could overflow fp32,
+# and the Gumbel-max draw equals the argmax anyway unless two scores lie within ~2e-5 of each other).
+MIN_SAMPLING_TEMPERATURE = 1e-6
+FLT_MAX = torch.finfo(torch.float32).max
 
 _MASK32 = 0xFFFFFFFF
 _FMIX_C1 = 0x85EBCA6B
@@ -48,16 +66,20 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def noise_keys(seeds: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def noise_keys(seeds: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row 32-bit keys (k1, k2) [R] int64 derived from (seed, step).
 
     seed is an int64 (both 32-bit halves are used); step is the decode step (tokens generated so
-    far by the row). The kernels compute the same keys on the host and pass them in.
+    far by the row): a Python int for every row, or an [R] int64 tensor of per-row counters (the
+    capturable step reads it on the device). Only the low 32 bits of step count.
     """
     seeds = seeds.to(torch.int64)
     lo = seeds & _MASK32
     hi = (seeds >> 32) & _MASK32
-    s = torch.full_like(lo, int(step) & _MASK32)
+    if isinstance(step, torch.Tensor):
+        s = step.to(device=seeds.device, dtype=torch.int64) & _MASK32
+    else:
+        s = torch.full_like(lo, int(step) & _MASK32)
     k1 = _fmix32(lo ^ _fmix32((s * _GOLDEN + hi) & _MASK32))
     k2 = _fmix32(((k1 + _GOLDEN) & _MASK32) ^ hi)
     return k1, k2
@@ -78,10 +100,11 @@ def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
     return (h >> 9).mul_(2).add_(1).to(torch.float32).mul_(1.0 / 16777216.0)
 
 
-def uniform_noise(seeds: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
+def uniform_noise(seeds: torch.Tensor, step, vocab_size: int) -> torch.Tensor:
     """The uniforms u[r, v] of the randomness contract, [R, V] fp32 in (0, 1).
 
-    A pure function of (seeds[r], step, v): independent of batch layout and device.
+    A pure function of (seeds[r], step[r], v): independent of batch layout and device. step: an
+    int (all rows) or an [R] int64 tensor.
     """
     k1, k2 = noise_keys(seeds, step)
     v = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
@@ -98,7 +121,11 @@ def _per_row(value, rows: int, dtype: torch.dtype, device, name: str) -> torch.T
 
 
 def check_guided_sample_args(logits, mix, seeds, temperature, alpha, top_k, top_p, noise):
-    """Validate arguments once, for the reference and the kernel alike. Returns per-row tensors."""
+    """Validate arguments once, for the reference and the kernel alike. Returns per-row tensors.
+
+    This is the direct callers' layer (it reads values: host syncs). The capturable step
+    (``guided_sample_step``) checks nothing and follows the rules in the module docstring.
+    """
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError("logits must be a 2-D tensor [rows, vocab]")
     rows, vocab = logits.shape
@@ -108,6 +135,9 @@ def check_guided_sample_args(logits, mix, seeds, temperature, alpha, top_k, top_
         raise ValueError(f"logits must be fp32, fp16 or bf16, got {logits.dtype}")
     if torch.isnan(logits).any():
         raise ValueError("logits contain NaN: the model produced invalid scores (check the model weights and dtype)")
+    if torch.isposinf(logits).any():
+        raise ValueError("logits contain +inf (an fp16 overflow?): compute the logits in fp32 or bf16, "
+                         "or clamp them to a finite range")
     if mix is not None and (not isinstance(mix, torch.Tensor) or mix.shape != (rows, rows)):
         shape = tuple(mix.shape) if isinstance(mix, torch.Tensor) else type(mix).__name__
         raise ValueError(f"mix must be a [{rows}, {rows}] tensor (rows x rows), got {shape}")
@@ -138,6 +168,77 @@ def check_guided_sample_args(logits, mix, seeds, temperature, alpha, top_k, top_
     return temperature, alpha, top_k, top_p
 
 
+def sampling_temperature(temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greedy [R] bool, T used for dividing [R] fp32): the greedy rule of the module docstring."""
+    greedy = temperature < MIN_SAMPLING_TEMPERATURE                            # T = 0 and tiny T
+    return greedy, torch.where(greedy, torch.ones_like(temperature), temperature)
+
+
+def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: torch.Tensor, step: torch.Tensor,
+                       temperature: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       *, any_top_k_top_p: bool = True, noise: torch.Tensor | None = None,
+                       return_logprobs: bool = False):
+    """The capturable step, in torch: no checks, no host sync, no data-dependent Python branch.
+
+    Args (all on the logits' device; R fixed):
+        logits [R, V] fp32/fp16/bf16; mix [R, R] fp32 or None; seeds [R] int64; step [R] int64
+        (each row's noise counter); temperature [R] fp32; min_p [R] fp32 (α); top_k [R] int64;
+        top_p [R] fp32; any_top_k_top_p: run the top-k/top-p cut (a host flag fixed per plan;
+        with False, top_k/top_p are ignored); noise: optional [R, V] uniforms (tests).
+    Returns: tokens [R] int64 (and log-probs [R] fp32). Compiles with torch.compile(fullgraph=True).
+    """
+    rows, vocab = logits.shape
+    x = logits.float().clamp(max=FLT_MAX)                                     # +inf read as FLT_MAX
+    lp = torch.log_softmax(x, dim=-1)                                         # [R, V]
+    if mix is None:
+        s = lp
+    else:   # NaN (a row not in use) read as the floor, so that a 0 weight never spreads it
+        s = mix.float() @ torch.nan_to_num(lp.clamp(min=LOGP_FLOOR), nan=LOGP_FLOOR)   # [R, V]
+
+    row_max = x.max(dim=-1, keepdim=True).values                              # [R, 1]
+    log_alpha = torch.log(min_p)[:, None]                                     # -inf for alpha = 0
+    keep = torch.isfinite(x) & (x >= row_max + log_alpha)                     # [R, V]
+
+    greedy, t_div = sampling_temperature(temperature)                         # [R]
+    z = torch.where(keep, s / t_div[:, None], float("-inf"))                  # [R, V] tempered
+
+    if any_top_k_top_p:
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        kth = torch.sort(z, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [R, 1]
+        z = torch.where(z >= kth, z, float("-inf"))
+        p = torch.softmax(z, dim=-1)                                           # [R, V]
+        p_asc = torch.sort(p, dim=-1).values
+        cum_asc = torch.cumsum(p_asc, dim=-1)                                  # mass of tokens <= p
+        n_le = torch.searchsorted(p_asc, p, right=True)                        # [R, V], >= 1
+        mass_le = cum_asc.gather(1, n_le - 1)
+        mass_above = cum_asc[:, -1:] - mass_le                                 # strictly more likely
+        drop = (mass_above >= top_p[:, None]) & (top_p[:, None] < 1)
+        z = torch.where(drop, float("-inf"), z)
+
+    u = uniform_noise(seeds, step, vocab) if noise is None else noise.float()
+    gumbel = u.log().neg_().log_().neg_()                                     # [R, V] −log(−log u)
+    scores = torch.where(greedy[:, None], z, z + gumbel)
+    tokens = torch.argmax(scores, dim=-1)                                     # [R]
+    if not return_logprobs:
+        return tokens
+    logprobs = z.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
+    return tokens, logprobs
+
+
+def step_tensor(step, rows: int, device) -> torch.Tensor:
+    """An int decode step (or [R] tensor) as the step's [R] int64 counter tensor."""
+    if isinstance(step, torch.Tensor):
+        if step.dim() == 0:
+            return step.to(device=device, dtype=torch.int64).expand(rows)
+        if step.shape != (rows,):
+            raise ValueError(f"step must be an int or a tensor of shape [{rows}] (one counter per row), "
+                             f"got {tuple(step.shape)}")
+        return step.to(device=device, dtype=torch.int64)
+    if int(step) < 0:
+        raise ValueError(f"step must be >= 0 (the decode step), got {step}")
+    return torch.full((rows,), int(step) & _MASK32, dtype=torch.int64, device=device)
+
+
 def guided_sample(
     logits: torch.Tensor,
     mix: torch.Tensor | None,
@@ -151,18 +252,18 @@ def guided_sample(
     noise: torch.Tensor | None = None,
     return_logprobs: bool = False,
 ):
-    """Guided sampling from logits, the reference.
+    """Guided sampling from logits, the reference (checked entry point for direct callers).
 
     Semantics:
         lp = log_softmax(logits.float())                      # [R, V]
         s = mix @ lp.clamp(min=LOGP_FLOOR)                    # [R, V]; mix None = identity
         keep = isfinite(logits) & (logits >= logits.max(-1) + log(alpha))
         keep &= top_k/top_p masks of softmax(s / T) over keep
-        tokens = argmax(where(keep, s / T - log(-log(u)), -inf))   # T == 0: argmax(where(keep, s))
+        tokens = argmax(where(keep, s / T - log(-log(u)), -inf))   # T < 1e-6: argmax(where(keep, s))
     Args:
-        logits: [R, V] fp32/fp16/bf16 next-token logits.
+        logits: [R, V] fp32/fp16/bf16 next-token logits (finite or −inf; +inf is refused).
         mix: [R, R] fp32 guidance mixing matrix, or None for plain per-row sampling.
-        seeds: [R] int64 per-row seeds; step: decode step (the noise counter).
+        seeds: [R] int64 per-row seeds; step: decode step (the noise counter; int or [R] int64).
         temperature, alpha, top_k, top_p: scalar or [R] tensors.
         noise: optional [R, V] uniforms in (0, 1) replacing the counter-based noise.
         return_logprobs: also return [R] fp32, log-prob of each chosen token under the tempered,
@@ -172,44 +273,13 @@ def guided_sample(
     temperature, alpha, top_k, top_p = check_guided_sample_args(
         logits, mix, seeds, temperature, alpha, top_k, top_p, noise
     )
-    rows, vocab = logits.shape
-    x = logits.float()                                                        # [R, V]
-    lp = torch.log_softmax(x, dim=-1)                                         # [R, V]
-    if mix is None:
-        s = lp
-    else:
-        s = mix.float() @ lp.clamp(min=LOGP_FLOOR)                            # [R, V]
-
-    row_max = x.max(dim=-1, keepdim=True).values                              # [R, 1]
-    log_alpha = torch.log(alpha)[:, None]                                     # -inf for alpha = 0
-    keep = torch.isfinite(x) & (x >= row_max + log_alpha)                     # [R, V]
-
-    greedy = temperature == 0                                                 # [R]
-    t_safe = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    z = torch.where(keep, s / t_safe, float("-inf"))                          # [R, V] tempered
-
-    if (top_k > 0).any():
-        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-        kth = torch.sort(z, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [R, 1]
-        z = torch.where(z >= kth, z, float("-inf"))
-    if (top_p < 1).any():
-        p = torch.softmax(z, dim=-1)                                           # [R, V]
-        p_asc = torch.sort(p, dim=-1).values
-        cum_asc = torch.cumsum(p_asc, dim=-1)                                  # mass of tokens <= p
-        n_le = torch.searchsorted(p_asc, p, right=True)                        # [R, V], >= 1
-        mass_le = cum_asc.gather(1, n_le - 1)
-        mass_above = cum_asc[:, -1:] - mass_le                                 # strictly more likely
-        drop = (mass_above >= top_p[:, None]) & (top_p[:, None] < 1)
-        z = torch.where(drop, float("-inf"), z)
-
-    u = uniform_noise(seeds.to(logits.device), step, vocab) if noise is None else noise.float()
-    gumbel = u.log().neg_().log_().neg_()                                     # [R, V] −log(−log u)
-    scores = torch.where(greedy[:, None], z, z + gumbel)
-    tokens = torch.argmax(scores, dim=-1)                                     # [R]
-    if not return_logprobs:
-        return tokens
-    logprobs = z.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
-    return tokens, logprobs
+    rows = logits.shape[0]
+    return guided_sample_step(
+        logits, None if mix is None else mix.float(), seeds.to(logits.device),
+        step_tensor(step, rows, logits.device), temperature, alpha, top_k, top_p,
+        any_top_k_top_p=bool((top_k > 0).any() or (top_p < 1).any()), noise=noise,
+        return_logprobs=return_logprobs,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,8 +397,54 @@ def check_add_lora_args(y, x, lora_a, lora_b, indices, scales) -> None:
                          f"[L, H_out, R] = {list(lora_b.shape)}; pad both to the same max rank")
 
 
-def _rows_by_adapter(indices: torch.Tensor):
-    """Yield (adapter j, row ids [n_j]) for every adapter used in the batch (host sync)."""
+@dataclass(frozen=True)
+class LoraPlan:
+    """Rows grouped by adapter, built once per batch composition (``build_lora_plan``).
+
+    order [N] int64: row ids sorted by adapter (stable), rows with -1 last; seg_start [L + 1]
+    int64: adapter j owns order[seg_start[j]:seg_start[j + 1]]; used: the adapters with rows, in
+    slot order (host ints). Triton's plan adds its launch tiles (``lora_triton.build_lora_plan``).
+    """
+    rows: int
+    num_adapters: int
+    order: torch.Tensor
+    seg_start: torch.Tensor
+    bounds: tuple[int, ...]      # seg_start on the host
+    used: tuple[int, ...]
+    tiles: object = None
+
+
+def build_lora_plan(indices: torch.Tensor, num_adapters: int) -> LoraPlan:
+    """Group rows by adapter (host side: reads the indices once; never called in the step)."""
+    _check_lora_indices(indices, indices.shape[0] if isinstance(indices, torch.Tensor) else 0,
+                        indices.device if isinstance(indices, torch.Tensor) else None)
+    check_lora_index_range(indices, num_adapters)
+    sorted_idx, order = torch.sort(indices.to(torch.int64), stable=True)
+    bounds = torch.arange(num_adapters + 1, dtype=torch.int64, device=indices.device)
+    seg_start = torch.searchsorted(sorted_idx, bounds)
+    counts = (seg_start[1:] - seg_start[:-1]).tolist()
+    used = tuple(j for j, c in enumerate(counts) if c > 0)
+    # rows with -1 sort first: move them behind the adapters' segments
+    none = int((indices < 0).sum())
+    order = torch.cat([order[none:], order[:none]])
+    seg_start = seg_start - none
+    return LoraPlan(rows=indices.shape[0], num_adapters=num_adapters, order=order, seg_start=seg_start,
+                    bounds=tuple(seg_start.tolist()), used=used)
+
+
+def _check_plan(plan: LoraPlan | None, indices: torch.Tensor, num_adapters: int) -> None:
+    if plan is not None and (plan.rows != indices.shape[0] or plan.num_adapters != num_adapters):
+        raise ValueError(f"the LoRA plan was built for {plan.rows} rows and {plan.num_adapters} adapters, but the "
+                         f"call has {indices.shape[0]} rows and {num_adapters} adapters: rebuild it with "
+                         "build_lora_plan(indices, L) when the batch changes")
+
+
+def _rows_by_adapter(indices: torch.Tensor, plan: LoraPlan | None = None):
+    """Yield (adapter j, row ids [n_j]) for every adapter used in the batch (host sync without a plan)."""
+    if plan is not None:
+        for j in plan.used:
+            yield j, plan.order[plan.bounds[j]:plan.bounds[j + 1]]
+        return
     for j in torch.unique(indices[indices >= 0]).tolist():
         yield j, (indices == j).nonzero(as_tuple=True)[0]
 
@@ -339,7 +455,8 @@ def _rows_by_adapter(indices: torch.Tensor):
 GATHER_MAX_ROWS = 64
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor,
+                plan: LoraPlan | None = None) -> torch.Tensor:
     """Per-row adapter down-projection, scaled.
 
     Semantics:
@@ -358,19 +475,22 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor, sc
         t: [N, R] fp32, new tensor (rows with index -1 are 0). Nothing is modified in place.
     """
     check_lora_shrink_args(x, lora_a, indices, scales)
-    check_lora_index_range(indices, lora_a.shape[0])
+    _check_plan(plan, indices, lora_a.shape[0])
+    if plan is None:
+        check_lora_index_range(indices, lora_a.shape[0])
     if x.shape[0] <= GATHER_MAX_ROWS:  # decode: one batched matmul over gathered adapters
         slot, used = indices.clamp(min=0), (indices >= 0)
         a = lora_a[slot].float()                                                     # [N, R, H_in]
         t = torch.bmm(a, x.float()[:, :, None])[:, :, 0]                             # [N, R]
         return t * (scales.float()[slot] * used)[:, None]
     t = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)  # [N, R]
-    for j, rows in _rows_by_adapter(indices):
+    for j, rows in _rows_by_adapter(indices, plan):
         t[rows] = scales[j].float() * (x[rows].float() @ lora_a[j].float().T)
     return t
 
 
-def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor,
+                plan: LoraPlan | None = None) -> torch.Tensor:
     """Per-row adapter up-projection, added into y in place.
 
     Semantics:
@@ -388,20 +508,22 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, indices:
         y (the same tensor).
     """
     check_lora_expand_args(y, t, lora_b, indices)
-    check_lora_index_range(indices, lora_b.shape[0])
+    _check_plan(plan, indices, lora_b.shape[0])
+    if plan is None:
+        check_lora_index_range(indices, lora_b.shape[0])
     if y.shape[0] <= GATHER_MAX_ROWS:  # decode: one batched matmul over gathered adapters
         slot, used = indices.clamp(min=0), (indices >= 0)
         b = lora_b[slot].float()                                                     # [N, H_out, R]
         updated = (y.float() + torch.bmm(b, t[:, :, None])[:, :, 0]).to(y.dtype)     # [N, H_out]
         y.copy_(torch.where(used[:, None], updated, y))   # rows with -1 keep their exact bits
         return y
-    for j, rows in _rows_by_adapter(indices):
+    for j, rows in _rows_by_adapter(indices, plan):
         y[rows] = (y[rows].float() + t[rows] @ lora_b[j].float().T).to(y.dtype)
     return y
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-             indices: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+             indices: torch.Tensor, scales: torch.Tensor, plan: LoraPlan | None = None) -> torch.Tensor:
     """Multi-LoRA delta of one linear layer, every row with its own adapter (or none).
 
     Semantics:
@@ -417,8 +539,10 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
         lora_b:  [L, H_out, R]  stacked lora_B.weight
         indices: [N] int64      adapter slot per row, -1 = no adapter (row left untouched)
         scales:  [L] fp32       lora_alpha / r per adapter
+        plan:    optional ``build_lora_plan(indices, L)``, built once per batch composition (it
+                 skips the per-call grouping and index check)
     Returns:
         y (the same tensor). The intermediate x @ Aᵀ stays in fp32; y is rounded once.
     """
     check_add_lora_args(y, x, lora_a, lora_b, indices, scales)
-    return lora_expand(y, lora_shrink(x, lora_a, indices, scales), lora_b, indices)
+    return lora_expand(y, lora_shrink(x, lora_a, indices, scales, plan), lora_b, indices, plan)

@@ -3,6 +3,8 @@
 * Without CUDA, Triton kernels run under the interpreter: TRITON_INTERPRET=1 must be set before
   triton is first imported, so it is set at conftest import time.
 * Tests that need a GPU carry ``@pytest.mark.gpu`` and are skipped without CUDA.
+* Kernel tests take the ``kernel_device`` fixture (or ``on_kernel_device``): CUDA tensors when
+  CUDA is present, CPU tensors under the interpreter otherwise. One fixture, both machines.
 * Nothing may reach a model hub.
 """
 import os
@@ -32,6 +34,51 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+KERNEL_DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> torch.device:
+    """Where the Triton kernels run in tests: the GPU when there is one, else the interpreter (CPU)."""
+    return KERNEL_DEVICE
+
+
+def _moved(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_moved(v, device) for v in value)
+    if isinstance(value, list):
+        return [_moved(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
+
+
+class OnDevice:
+    """A kernel module whose functions take CPU tensors, run on ``device`` and return CPU tensors
+    (so one test body serves the interpreter and a GPU). In-place outputs: use the module itself."""
+
+    def __init__(self, module, device: torch.device):
+        self.module, self.device = module, device
+
+    def __getattr__(self, name):
+        attr = getattr(self.module, name)
+        if not callable(attr) or isinstance(attr, type):
+            return attr
+
+        def call(*args, **kwargs):
+            return _moved(attr(*_moved(args, self.device), **_moved(kwargs, self.device)), torch.device("cpu"))
+
+        return call
+
+
+@pytest.fixture(scope="session")
+def on_kernel_device(kernel_device):
+    """``on_kernel_device(module)``: the module's functions run on the kernel device (see OnDevice)."""
+    return lambda module: OnDevice(module, kernel_device)
 
 
 @pytest.fixture(scope="session")

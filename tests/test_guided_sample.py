@@ -5,7 +5,6 @@ Habits from FlashInfer's sampling tests: odd vocabulary sizes, −inf logits, "m
 never drawn", sample frequencies against the exact distribution, exact token equality when the
 noise is injected. Kernel runs are kept small (the interpreter costs milliseconds a program).
 """
-import importlib
 import itertools
 import math
 
@@ -14,13 +13,14 @@ import pytest
 import torch
 
 import divgen.kernels as kernels
-from divgen.kernels import reference
+from divgen.kernels import guided_sample_triton, plan as plan_module, reference
 
-# Importing a submodule makes Python bind it as an attribute of its package, which would shadow
-# the dispatch function ``divgen.kernels.guided_sample`` for every later test: put it back.
-_dispatch = kernels.guided_sample
-gs = importlib.import_module("divgen.kernels.guided_sample")
-kernels.guided_sample = _dispatch
+
+@pytest.fixture(scope="module")
+def gs(on_kernel_device):
+    """The Triton module, run on CUDA tensors on a GPU host and under the interpreter otherwise."""
+    return on_kernel_device(guided_sample_triton)
+
 
 # ---- shapes, dtypes, tolerances ---------------------------------------------------------------
 VOCAB_SIZES = (111, 989)
@@ -197,7 +197,7 @@ EXACT_CASES = [(layout, dtype, VOCAB_SIZES[i % 2])
 
 
 @pytest.mark.parametrize("layout,dtype,vocab", EXACT_CASES)
-def test_injected_noise_kernel_equals_reference_equals_independent(layout, dtype, vocab):
+def test_injected_noise_kernel_equals_reference_equals_independent(layout, dtype, vocab, gs):
     logits = make_logits(ROWS, vocab, dtype, seed=vocab)
     mix = make_mix(layout)
     noise = make_noise(ROWS, vocab, seed=7)
@@ -215,7 +215,7 @@ def test_injected_noise_kernel_equals_reference_equals_independent(layout, dtype
 @pytest.mark.parametrize("layout,dtype", [("corrsynth", torch.float32), ("plain", torch.bfloat16),
                                           ("mixed_sizes", torch.float16)])
 @pytest.mark.parametrize("top", sorted(TOP_SETTINGS))
-def test_top_k_top_p_kernel_equals_reference_equals_independent(top, layout, dtype):
+def test_top_k_top_p_kernel_equals_reference_equals_independent(top, layout, dtype, gs):
     """Plain rows put the thresholds among negative scores, guided rows often among positive."""
     logits = make_logits(ROWS, VOCAB_SIZES[0], dtype, seed=11)
     mix = make_mix(layout)
@@ -230,14 +230,14 @@ def test_top_k_top_p_kernel_equals_reference_equals_independent(top, layout, dty
     assert_same_samples(kern, ref)
 
 
-def test_large_group_uses_the_matmul_path():
+def test_large_group_uses_the_matmul_path(gs):
     """A 16-row CorrSynth group (the kernel mixes with an fp32 tl.dot from 16 rows) + a plain row."""
     rows, vocab = 17, VOCAB_SIZES[0]
     logits = make_logits(rows, vocab, torch.bfloat16, seed=16)
     mix = torch.block_diag(corrsynth_block(16, 2.0), torch.ones(1, 1))
     noise = make_noise(rows, vocab, seed=16)
     params = dict(temperature=torch.linspace(0.0, 1.5, rows), alpha=0.01)
-    assert gs.block_form(mix, rows, "cpu").g_block == 16
+    assert kernels.build_sample_plan(mix, "cpu").g_block == 16
     want = independent_sample(logits, mix, noise, **params)
     ref = reference.guided_sample(logits, mix, seeds=make_seeds(rows), step=2, noise=noise, return_logprobs=True,
                                   **params)
@@ -246,7 +246,7 @@ def test_large_group_uses_the_matmul_path():
                                          return_logprobs=True, **params), ref)
 
 
-def test_top_k_top_p_keep_ties_and_plain_rows():
+def test_top_k_top_p_keep_ties_and_plain_rows(gs):
     """Ties at the top-k threshold are kept together; plain rows (mix None) through the cut path."""
     vocab = VOCAB_SIZES[0]
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(3))
@@ -264,7 +264,7 @@ def test_top_k_top_p_keep_ties_and_plain_rows():
 
 
 @pytest.mark.parametrize("block_v,num_chunks", [(16, 7), (32, 2), (None, None)])
-def test_vocabulary_split_and_ties_go_to_the_smallest_token(block_v, num_chunks):
+def test_vocabulary_split_and_ties_go_to_the_smallest_token(block_v, num_chunks, gs):
     """Chunked programs + final reduction: tied maxima in different chunks → smallest token id."""
     vocab = VOCAB_SIZES[0]
     logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(1))
@@ -272,9 +272,8 @@ def test_vocabulary_split_and_ties_go_to_the_smallest_token(block_v, num_chunks)
     noise = torch.full((4, vocab), 0.5)          # equal Gumbel noise: sampled rows tie as well
     mix = torch.block_diag(torch.eye(2), corrsynth_block(2, 1.0))   # γ = 0: guided = plain
     params = dict(temperature=torch.tensor([0.0, 1.0, 0.0, 0.7]))
-    plan = gs.plan_guided_sample(logits, mix, seeds=make_seeds(4), step=0, noise=noise, block_v=block_v,
-                                 num_chunks=num_chunks, **params)
-    tokens, logprobs = gs.launch_guided_sample(plan, return_logprobs=True)
+    tokens, logprobs = gs.guided_sample(logits, mix, seeds=make_seeds(4), step=0, noise=noise, block_v=block_v,
+                                        num_chunks=num_chunks, return_logprobs=True, **params)
     assert tokens.tolist() == [20, 20, 20, 20]
     ref = reference.guided_sample(logits, mix, seeds=make_seeds(4), step=0, noise=noise, return_logprobs=True,
                                   **params)
@@ -282,7 +281,7 @@ def test_vocabulary_split_and_ties_go_to_the_smallest_token(block_v, num_chunks)
 
 
 @pytest.mark.parametrize("temperature", [0.05, 1.0, 3.0])
-def test_small_tiles_skipping_is_exact(temperature):
+def test_small_tiles_skipping_is_exact(temperature, gs):
     """16-token tiles: tiles outside every α set, and tiles whose z + max noise cannot reach a
     row's best (most of them at T = 0.05), are skipped by the kernel; tokens must not change."""
     vocab = VOCAB_SIZES[0]
@@ -291,27 +290,26 @@ def test_small_tiles_skipping_is_exact(temperature):
     noise = make_noise(ROWS, vocab, seed=30)
     params = dict(temperature=torch.full((ROWS,), temperature), alpha=torch.tensor([0.0, 0.3, 0.0, 0.01, 0.5, 0.0]))
     params["temperature"][2] = 0.0
-    plan = gs.plan_guided_sample(logits, mix, seeds=make_seeds(ROWS), step=0, noise=noise, block_v=16,
-                                 num_chunks=2, **params)
+    got = gs.guided_sample(logits, mix, seeds=make_seeds(ROWS), step=0, noise=noise, block_v=16, num_chunks=2,
+                           return_logprobs=True, **params)
     ref = reference.guided_sample(logits, mix, seeds=make_seeds(ROWS), step=0, noise=noise, return_logprobs=True,
                                   **params)
-    assert_same_samples(gs.launch_guided_sample(plan, return_logprobs=True), ref)
+    assert_same_samples(got, ref)
     assert_same_samples(ref, independent_sample(logits, mix, noise, **params))
 
 
-def test_vocabulary_split_with_top_k_top_p():
+def test_vocabulary_split_with_top_k_top_p(gs):
     vocab = VOCAB_SIZES[0]
     logits = make_logits(2, vocab, torch.float16, seed=4)
     mix = corrsynth_block(2, 2.0)
     noise = make_noise(2, vocab, seed=4)
     params = dict(temperature=0.9, alpha=torch.tensor([0.0, 0.02]), top_k=torch.tensor([7, 40]),
                   top_p=torch.tensor([0.8, 0.6]))
-    plan = gs.plan_guided_sample(logits, mix, seeds=make_seeds(2), step=0, noise=noise, block_v=32,
-                                 num_chunks=2, **params)
-    assert plan.config.num_chunks == 2
+    got = gs.guided_sample(logits, mix, seeds=make_seeds(2), step=0, noise=noise, block_v=32, num_chunks=2,
+                           return_logprobs=True, **params)
     ref = reference.guided_sample(logits, mix, seeds=make_seeds(2), step=0, noise=noise, return_logprobs=True,
                                   **params)
-    assert_same_samples(gs.launch_guided_sample(plan, return_logprobs=True), ref)
+    assert_same_samples(got, ref)
 
 
 # ---- (b) the kernel's noise bits --------------------------------------------------------------
@@ -334,7 +332,7 @@ def python_uniform(seed: int, step: int, token: int) -> float:
 
 
 @pytest.mark.parametrize("step", [0, 1, 12345, 2**32 + 7])
-def test_kernel_noise_bits_equal_reference(step):
+def test_kernel_noise_bits_equal_reference(step, gs):
     seeds = torch.cat([make_seeds(5), torch.tensor([0, -1, 2**63 - 1], dtype=torch.int64)])
     want = reference.uniform_noise(seeds, step, VOCAB_SIZES[1])
     got = gs.uniform_noise(seeds, step, VOCAB_SIZES[1])
@@ -344,7 +342,7 @@ def test_kernel_noise_bits_equal_reference(step):
         assert want[r, v].item() == python_uniform(int(seeds[r]), step, v)
 
 
-def test_counter_noise_kernel_equals_reference():
+def test_counter_noise_kernel_equals_reference(gs):
     """Without injected noise the kernel draws its own uniforms: the same tokens as the reference."""
     logits = make_logits(ROWS, VOCAB_SIZES[1], torch.bfloat16, seed=2)
     mix = make_mix("mixed_sizes")
@@ -438,7 +436,7 @@ def test_reference_frequencies_match_exact_guided_distribution():
         group_draws(reference.guided_sample, STAT_REFERENCE_COPIES, STAT_REFERENCE_STEPS))
 
 
-def test_kernel_frequencies_match_exact_guided_distribution():
+def test_kernel_frequencies_match_exact_guided_distribution(gs):
     def both(*args, **kw):
         tokens = gs.guided_sample(*args, **kw)
         assert torch.equal(tokens, reference.guided_sample(*args, **kw))   # same counter noise
@@ -466,7 +464,7 @@ def trap_logits(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("impl,copies,steps", [("reference", 32, 50), ("kernel", 4, 8)])
-def test_masked_and_cut_tokens_are_never_drawn(impl, copies, steps):
+def test_masked_and_cut_tokens_are_never_drawn(impl, copies, steps, gs):
     vocab = VOCAB_SIZES[0]
     x, mix = trap_logits(vocab)
     alpha = torch.tensor([0.05, 0.0, 0.0]).repeat(copies)
@@ -489,7 +487,7 @@ def test_masked_and_cut_tokens_are_never_drawn(impl, copies, steps):
 
 # ---- (e) greedy = argmax of the guided scores on the α set ------------------------------------
 @pytest.mark.parametrize("layout", ["plain", "corrsynth", "cfg_interleaved"])
-def test_greedy_is_argmax_of_guided_scores_in_alpha_set(layout):
+def test_greedy_is_argmax_of_guided_scores_in_alpha_set(layout, gs):
     vocab = VOCAB_SIZES[0]
     logits = make_logits(ROWS, vocab, torch.float32, seed=21)
     logits[1, 7] = NEG_INF                                       # contrast −inf: floor boosts it
@@ -505,7 +503,7 @@ def test_greedy_is_argmax_of_guided_scores_in_alpha_set(layout):
 
 # ---- (f) a row's token does not depend on where it sits ---------------------------------------
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
-def test_token_does_not_depend_on_batch_position(impl):
+def test_token_does_not_depend_on_batch_position(impl, gs):
     fn = reference.guided_sample if impl == "reference" else gs.guided_sample
     logits = make_logits(ROWS, VOCAB_SIZES[1], torch.float16, seed=5)
     mix = make_mix("mixed_sizes")
@@ -548,7 +546,7 @@ BAD_ARGUMENTS = {
 
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
 @pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
-def test_bad_arguments_raise_clear_value_errors(case, impl):
+def test_bad_arguments_raise_clear_value_errors(case, impl, gs):
     fn = reference.guided_sample if impl == "reference" else gs.guided_sample
     overrides, message = BAD_ARGUMENTS[case]
     args = dict(logits=make_logits(2, 11, torch.float32, seed=0)[:, :], mix=torch.eye(2),
@@ -560,18 +558,216 @@ def test_bad_arguments_raise_clear_value_errors(case, impl):
         fn(logits, mix, **args)
 
 
-def test_kernel_rejects_oversized_group(monkeypatch):
-    monkeypatch.setattr(gs, "MAX_GROUP_ROWS", 2)
+def test_kernel_rejects_oversized_group(monkeypatch, gs):
+    monkeypatch.setattr(plan_module, "MAX_GROUP_ROWS", 2)
     logits = make_logits(ROWS, 11, torch.float32, seed=0)
     with pytest.raises(ValueError, match="guidance group"):
         gs.guided_sample(logits, make_mix("mixed_sizes"), seeds=make_seeds(ROWS), step=0)
 
 
-def test_block_form_finds_interleaved_groups():
-    block = gs.block_form(make_mix("cfg_interleaved"), ROWS, "cpu")
-    assert block.group_size.tolist() == [2, 2, 2]
-    assert block.group_rows.tolist() == [[0, 3], [1, 4], [2, 5]]
-    assert block.weights[0].tolist() == [[1.5, -0.5], [0.0, 1.0]]
-    assert block.logp_floor == LOGP_FLOOR
-    plain = gs.block_form(None, ROWS, "cpu")
+def test_plan_finds_interleaved_groups():
+    plan = kernels.build_sample_plan(make_mix("cfg_interleaved"), "cpu", ops=kernels.ops_for("cpu", "reference"))
+    assert plan.group_sizes == (2, 2, 2)
+    assert plan.order.tolist() == [0, 3, 1, 4, 2, 5] and plan.group_start.tolist() == [0, 2, 4, 6]
+    assert plan.w_offset.tolist() == [0, 4, 8]
+    assert plan.weights[:4].tolist() == [1.5, -0.5, 0.0, 1.0]
+    assert plan.logp_floor == LOGP_FLOOR
+    plain = kernels.build_sample_plan(None, "cpu", rows=ROWS)
     assert plain.num_groups == ROWS and plain.g_block == 1 and plain.logp_floor == NEG_INF
+
+
+# ---- (h) the capturable step: build_sample_plan + guided_sample_step --------------------------
+def step_args(rows: int, vocab: int, seed: int, dtype=torch.float32, top=True):
+    g = torch.Generator().manual_seed(seed)
+    logits = make_logits(rows, vocab, dtype, seed=seed)
+    params = dict(temperature=torch.rand(rows, generator=g) * 1.5, min_p=torch.rand(rows, generator=g) * 0.05,
+                  top_k=torch.randint(0, 12, (rows,), generator=g) if top else torch.zeros(rows, dtype=torch.int64),
+                  top_p=torch.where(torch.rand(rows, generator=g) < 0.5, 0.8, 1.0) if top else torch.ones(rows))
+    params["temperature"][0] = 0.0                                # a greedy row
+    return logits, params
+
+
+def direct_kwargs(params):
+    return dict(temperature=params["temperature"], alpha=params["min_p"], top_k=params["top_k"],
+                top_p=params["top_p"])
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("layout", ["plain", "mixed_sizes", "cfg_interleaved"])
+def test_step_equals_guided_sample(impl, layout, kernel_device):
+    """Same tokens as the checked guided_sample for the same integer steps: with injected noise
+    and with the counter noise, per-row step counters (rows at different steps), on the kernel
+    device (Triton) or the CPU (reference)."""
+    device = kernel_device if impl == "triton" else torch.device("cpu")
+    ops = kernels.ops_for(device, impl)
+    mix = make_mix(layout)
+    logits, params = step_args(ROWS, VOCAB_SIZES[0], seed=41)
+    plan = kernels.build_sample_plan(mix, device, rows=ROWS, ops=ops)
+    assert plan.ops is ops
+    seeds = make_seeds(ROWS)
+    steps = torch.tensor([0, 3, 3, 7, 1, 2])
+    dev = {k: v.to(device) for k, v in params.items()}
+    noise = make_noise(ROWS, VOCAB_SIZES[0], seed=3)
+    got = kernels.guided_sample_step(logits.to(device), plan, seeds.to(device), steps.to(device), **dev,
+                                     noise=noise.to(device), return_logprobs=True)
+    want = reference.guided_sample(logits, mix, seeds=seeds, step=0, noise=noise, return_logprobs=True,
+                                   **direct_kwargs(params))
+    assert_same_samples(tuple(t.cpu() for t in got), want)
+    tokens = kernels.guided_sample_step(logits.to(device), plan, seeds.to(device), steps.to(device), **dev).cpu()
+    for r in range(ROWS):       # the counter noise of row r at its own step
+        alone = reference.guided_sample(logits, mix, seeds=seeds, step=int(steps[r]), **direct_kwargs(params))
+        assert tokens[r] == alone[r]
+
+
+def test_step_without_cutoffs_ignores_top_k_top_p(kernel_device):
+    logits, params = step_args(ROWS, VOCAB_SIZES[0], seed=5, top=False)
+    mix = make_mix("corrsynth")
+    seeds, steps = make_seeds(ROWS), torch.full((ROWS,), 2)
+    want = reference.guided_sample(logits, mix, seeds=seeds, step=2, **direct_kwargs(params))
+    for impl, device in (("reference", torch.device("cpu")), ("triton", kernel_device)):
+        plan = kernels.build_sample_plan(mix, device, ops=kernels.ops_for(device, impl))
+        dev = {k: v.to(device) for k, v in params.items()}
+        dev["top_k"] = torch.full_like(dev["top_k"], 3)           # ignored with any_top_k_top_p=False
+        got = kernels.guided_sample_step(logits.to(device), plan, seeds.to(device), steps.to(device), **dev,
+                                         any_top_k_top_p=False)
+        assert torch.equal(got.cpu(), want)
+
+
+def test_reference_step_compiles_fullgraph():
+    """No graph break, no data-dependent Python branch, no host sync: torch.compile(fullgraph=True)
+    traces the whole step (the aot_eager backend: Dynamo + AOTAutograd, without the ~100 s of
+    C++ code generation that inductor spends on this 2-core CPU; the traced graph is the same)."""
+    logits, params = step_args(ROWS, VOCAB_SIZES[0], seed=9)
+    mix = make_mix("mixed_sizes")
+    seeds, steps = make_seeds(ROWS), torch.arange(ROWS)
+    compiled = torch.compile(reference.guided_sample_step, fullgraph=True, backend="aot_eager")
+    for m in (mix, None):
+        got = compiled(logits, m, seeds, steps, **params, any_top_k_top_p=True)
+        assert torch.equal(got, reference.guided_sample_step(logits, m, seeds, steps, **params))
+        steps = steps + 1                                          # a later step, same graph
+
+
+def test_plan_rejects_bad_mix():
+    with pytest.raises(ValueError, match="square"):
+        kernels.build_sample_plan(torch.ones(2, 3), "cpu")
+    with pytest.raises(ValueError, match="finite"):
+        kernels.build_sample_plan(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "cpu")
+    with pytest.raises(ValueError, match="rows=R"):
+        kernels.build_sample_plan(None, "cpu")
+    with pytest.raises(ValueError, match="up to 256"):
+        kernels.build_sample_plan(torch.ones(257, 257), "cpu")
+
+
+# ---- (i) non-finite input: one rule in the reference, the interpreter and on a GPU ------------
+def test_positive_infinity_is_refused_for_direct_callers(gs):
+    logits = make_logits(2, 11, torch.float16, seed=0)
+    logits[0, 4] = float("inf")
+    for fn in (reference.guided_sample, gs.guided_sample):
+        with pytest.raises(ValueError, match=r"\+inf \(an fp16 overflow\?\)"):
+            fn(logits, None, seeds=make_seeds(2), step=0)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_step_reads_positive_infinity_as_the_limit(impl, kernel_device):
+    """In the step (no checks) +inf is read as FLT_MAX: the +inf tokens share all the mass."""
+    device = kernel_device if impl == "triton" else torch.device("cpu")
+    rows, vocab = 4, VOCAB_SIZES[0]
+    logits = make_logits(rows, vocab, torch.float16, seed=2)
+    logits[0, [7, 30, 90]] = float("inf")               # plain row: one of 7, 30, 90
+    logits[2, 50] = float("inf")                        # guided pair (2, 3): row 2 must take 50
+    mix = torch.block_diag(torch.eye(2), corrsynth_block(2, 2.0))
+    plan = kernels.build_sample_plan(mix, device, ops=kernels.ops_for(device, impl))
+    seen = set()
+    for step in range(12):
+        tokens, logprobs = kernels.guided_sample_step(
+            logits.to(device), plan, make_seeds(rows).to(device), torch.full((rows,), step, device=device),
+            torch.full((rows,), 0.9, device=device), torch.zeros(rows, device=device),
+            torch.zeros(rows, dtype=torch.int64, device=device), torch.ones(rows, device=device),
+            return_logprobs=True)
+        tokens, logprobs = tokens.cpu(), logprobs.cpu()
+        assert tokens[0] in (7, 30, 90) and tokens[2] == 50
+        assert logprobs[0].item() == pytest.approx(-math.log(3), abs=1e-5)
+        assert torch.isfinite(logprobs).all()
+        seen.add(int(tokens[0]))
+    assert seen == {7, 30, 90}
+
+
+@pytest.mark.parametrize("temperature", [1e-7, 1e-30, 1e-40, 0.0])
+def test_tiny_temperature_samples_greedily(temperature, gs):
+    """T below 1e-6 (where s/T may overflow) is greedy: the argmax of s on the cut set, log-prob
+    at T = 1, in both implementations (it used to give token 0 with log-prob NaN)."""
+    logits = make_logits(ROWS, VOCAB_SIZES[0], torch.float32, seed=12)
+    mix = make_mix("corrsynth")
+    args = dict(seeds=make_seeds(ROWS), step=1, alpha=0.01, return_logprobs=True)
+    want = reference.guided_sample(logits, mix, temperature=0.0, **args)
+    for fn in (reference.guided_sample, gs.guided_sample):
+        tokens, logprobs = fn(logits, mix, temperature=temperature, **args)
+        assert torch.equal(tokens, want[0]) and torch.isfinite(logprobs).all()
+        torch.testing.assert_close(logprobs, want[1], atol=LOGPROB_ATOL, rtol=LOGPROB_RTOL)
+
+
+def test_unused_all_masked_slot_gives_token_zero_and_leaves_others(kernel_device):
+    """A slot not in use (all −inf logits) yields token 0 and does not disturb the other rows."""
+    logits, params = step_args(ROWS, VOCAB_SIZES[0], seed=8)
+    logits[4] = float("-inf")
+    mix = make_mix("identity")
+    seeds, steps = make_seeds(ROWS), torch.full((ROWS,), 1)
+    want = reference.guided_sample(logits[:4], mix[:4, :4], seeds=seeds[:4], step=1,
+                                   **{k: v[:4] for k, v in direct_kwargs(params).items()})
+    for impl, device in (("reference", torch.device("cpu")), ("triton", kernel_device)):
+        plan = kernels.build_sample_plan(mix, device, ops=kernels.ops_for(device, impl))
+        got = kernels.guided_sample_step(logits.to(device), plan, seeds.to(device), steps.to(device),
+                                         **{k: v.to(device) for k, v in params.items()}).cpu()
+        assert torch.equal(got[:4], want) and got[4] == 0
+
+
+# ---- (j) large groups (K-loop mixing, several tiles a group) ------------------------------------
+def test_large_group_split_over_tiles_and_k_blocks(gs):
+    """A 40-row CorrSynth group as 16-row tiles mixed in 16-row K blocks (3 tiles, 3 K steps)."""
+    rows, vocab = 41, 67
+    logits = make_logits(rows, vocab, torch.bfloat16, seed=40)
+    mix = torch.block_diag(corrsynth_block(40, 2.0), torch.ones(1, 1))
+    noise = make_noise(rows, vocab, seed=40)
+    params = dict(temperature=torch.linspace(0.0, 1.5, rows), alpha=0.01, top_k=torch.arange(rows) % 9,
+                  top_p=torch.where(torch.arange(rows) % 2 == 0, 0.9, 1.0))
+    want = independent_sample(logits, mix, noise, **params)
+    got = gs.guided_sample(logits, mix, seeds=make_seeds(rows), step=2, noise=noise, return_logprobs=True,
+                           m_block=16, k_block=16, **params)
+    assert_same_samples(got, want)
+
+
+# ---- (k) GPU smoke tests: compiled kernels vs the reference (skipped without CUDA) -------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 8, 64, 128, 256])
+def test_gpu_compiled_kernels_match_reference(group):
+    rows, vocab = 256, 32000
+    g = torch.Generator().manual_seed(group)
+    logits = (torch.randn(rows, vocab, generator=g) * 3).to("cuda", torch.bfloat16)
+    mix = torch.block_diag(*[corrsynth_block(group, 2.0)] * (rows // group)).cuda()
+    noise = make_noise(rows, vocab, seed=group).cuda()
+    params = dict(temperature=torch.full((rows,), 0.8, device="cuda"), alpha=0.01,
+                  top_k=torch.full((rows,), 50, device="cuda"), top_p=torch.full((rows,), 0.9, device="cuda"))
+    seeds = make_seeds(rows).cuda()
+    want = reference.guided_sample(logits, mix, seeds=seeds, step=3, noise=noise, **params)
+    got = guided_sample_triton.guided_sample(logits, mix, seeds=seeds, step=3, noise=noise, **params)
+    assert (got != want).float().mean() <= 0.01     # float-rounding near-ties only
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_draws_fresh_noise():
+    rows, vocab = 8, 4096
+    logits = torch.randn(rows, vocab, device="cuda")
+    plan = kernels.build_sample_plan(torch.eye(rows, device="cuda"), "cuda")
+    seeds, step = make_seeds(rows).cuda(), torch.zeros(rows, dtype=torch.int64, device="cuda")
+    params = (torch.ones(rows, device="cuda"), torch.zeros(rows, device="cuda"),
+              torch.zeros(rows, dtype=torch.int64, device="cuda"), torch.ones(rows, device="cuda"))
+    run = lambda: kernels.guided_sample_step(logits, plan, seeds, step, *params, any_top_k_top_p=False)  # noqa: E731
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for s in range(3):
+        step.fill_(s)
+        graph.replay()
+        want = reference.guided_sample(logits, torch.eye(rows, device="cuda"), seeds=seeds, step=s)
+        assert torch.equal(out, want)

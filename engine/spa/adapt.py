@@ -49,6 +49,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_length: int = 256                           # prompt + response tokens (response is cut)
     checkpoint_every: int = 10                      # steps between resumable checkpoints
+    layers: list[int] | None = None                 # layers_to_transform (None = every layer)
 
     def check(self) -> None:
         if self.rank < 1:
@@ -70,7 +71,8 @@ class TrainConfig:
 
     def lora_config(self, base_name: str | None) -> LoraConfig:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules),
-                          lora_dropout=self.dropout, base_model_name_or_path=base_name)
+                          lora_dropout=self.dropout, base_model_name_or_path=base_name,
+                          layers_to_transform=self.layers)
 
 
 def base_model_name(lm: LoadedModel) -> str:

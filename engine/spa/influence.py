@@ -21,6 +21,18 @@ backprop, exact, no Gauss-Newton approximation) and s a scale larger than H's la
 (0, 2). ``repeats`` independent runs are averaged. All K query vectors share each mini-batch's
 gradient graph.
 
+Per-example gradients come in batches (``per_example_gradients``): one forward and one backward of
+the *summed* losses of B examples, with every LoRA layer's input x [B, T, in] and output gradient
+g = ∂L/∂y [B, T, out] captured by hooks. Rows of a batch never interact (left padding, their own
+positions and masks), so example b's gradient is exactly
+
+    ∂L_b/∂B = s · Σ_t g[b, t] ⊗ (A x[b, t])        ∂L_b/∂A = s · Σ_t (Bᵀ g[b, t]) ⊗ x[b, t]
+
+(two einsums per layer; s = the layer's LoRA scale). Cost: one batched backward per B examples
+instead of B backwards of one; memory O(B · T · Σ(in + out)) for the captures plus B · P for the
+gradients. The scores need only the dot products with the K query vectors, so the N examples
+stream through in batches: time O(N), memory O(N · K) for the scores, independent of N otherwise.
+
 The double backward needs attention without fused kernels: the model is switched to eager
 attention for the Hessian-vector products and back afterwards.
 """
@@ -89,6 +101,43 @@ def example_gradient(model: nn.Module, lora: TrainableLora, item: Encoded, pad_i
     params = lora.parameters()
     loss = per_example_loss(model, collate([item], pad_id, device))[0]
     return flat(torch.autograd.grad(loss, params)).float()
+
+
+def per_example_gradients(model: nn.Module, lora: TrainableLora, items: list[Encoded], pad_id: int,
+                          device) -> torch.Tensor:
+    """∇θ L(z_b) of every example of ``items`` in one batched backward, [B, P] fp32, in the order of
+    ``example_gradient`` (A then B of every layer, sorted layer order). See the module docstring."""
+    captured: dict[str, list] = {}
+    handles = []
+
+    def hook(path):
+        def fn(module, inputs, output):
+            entry = captured[path] = [inputs[0].detach().float(), None]
+            output.register_hook(lambda g: entry.__setitem__(1, g.detach().float()))
+        return fn
+
+    try:
+        for path, layer in lora.layers.items():
+            handles.append(layer.register_forward_hook(hook(path)))
+        params = lora.parameters()
+        losses = per_example_loss(model, collate(items, pad_id, device))
+        torch.autograd.grad(losses.sum(), params)          # fills the output gradients of the hooks
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    with torch.no_grad():
+        for path in lora.paths:
+            layer = lora.layers[path]
+            x, g = captured.pop(path)                                       # [B, T, in], [B, T, out]
+            if g is None:                                                    # no path from the loss
+                g = torch.zeros(*x.shape[:2], layer.lora_B.shape[0], device=x.device)
+            a, b = layer.lora_A.float(), layer.lora_B.float()
+            u = x @ a.T                                                      # [B, T, r]
+            grad_b = layer.scale * torch.einsum("bto,btr->bor", g, u)        # [B, out, r]
+            grad_a = layer.scale * torch.einsum("btr,bti->bri", g @ b, x)    # [B, r, in]
+            out += [grad_a.reshape(len(items), -1), grad_b.reshape(len(items), -1)]
+    return torch.cat(out, dim=1)
 
 
 def hvp(model: nn.Module, lora: TrainableLora, items: list[Encoded], vectors: torch.Tensor, pad_id: int,

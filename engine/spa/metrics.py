@@ -64,3 +64,29 @@ def pairwise_kl_sum(logprobs: torch.Tensor) -> tuple[float, int]:
 def mean_ignoring_nan(values: list[float]) -> float:
     kept = [v for v in values if not math.isnan(v)]
     return sum(kept) / len(kept) if kept else math.nan
+
+
+def fidelity_at_k(judged: list[list[bool]]) -> dict:
+    """Label fidelity of k answers per prompt, the pass@k analogue (``judged[p][i]``: is answer i of
+    prompt p judged to be the prompt's intended label?):
+
+    * ``at1``  — mean over prompts of the share of its answers judged right (pass@1 with n = k
+      samples: the chance that one answer drawn at random is right);
+    * ``any``  — share of prompts with at least one of the k answers right (pass@k);
+    * ``all``  — share of prompts with all k answers right.
+    """
+    if not judged or any(not row for row in judged):
+        raise ValueError("fidelity@k needs at least one prompt and one answer per prompt")
+    n = len(judged)
+    return {"at1": sum(sum(r) / len(r) for r in judged) / n, "any": sum(any(r) for r in judged) / n,
+            "all": sum(all(r) for r in judged) / n, "k": max(len(r) for r in judged), "prompts": n}
+
+
+def answers_self_bleu(answers: list[str], order: int = 4) -> float:
+    """Self-BLEU-``order`` of one prompt's answers (``divgen.engine.metrics.self_bleu``: each answer
+    against the others; 1 = all the same, lower = more diverse). NaN for fewer than two answers."""
+    from divgen.engine.metrics import self_bleu, tokenize
+
+    if len(answers) < 2:
+        return math.nan
+    return self_bleu([tokenize(a) for a in answers], orders=(order,))[order]

@@ -57,7 +57,8 @@ class MultiLoraLinear(nn.Module):
         if indices is None:                       # every row on the base model
             return y
         y2 = y.view(-1, y.shape[-1])               # [N, H_out]; a view, so add_lora's in-place add lands in y
-        kernels.add_lora(y2, x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b, indices, self.scales)
+        kernels.add_lora(y2, x.reshape(-1, x.shape[-1]), self.lora_a, self.lora_b, indices, self.scales,
+                         plan=self._owner[0].lora_plan(indices))
         return y
 
 
@@ -84,6 +85,7 @@ class MultiLora:
         self._rows: torch.Tensor | None = None           # [B] per batch row (None: all base)
         self._all_base = True                            # short-circuit: no row uses an adapter
         self._expanded: dict[int, torch.Tensor] = {}     # T -> [B·T] indices
+        self._plans: dict[int, object] = {}              # B·T -> kernels.build_lora_plan (once per batch)
         self._originals: dict[str, nn.Linear] = {}
         self._install()
 
@@ -166,6 +168,7 @@ class MultiLora:
         else:
             self._rows, self._all_base = indices, indices is None
         self._expanded = {}
+        self._plans = {}
 
     def _device(self) -> torch.device:
         return next(iter(self._originals.values())).weight.device
@@ -183,4 +186,9 @@ class MultiLora:
         if idx is None:
             idx = self._rows.repeat_interleave(per_row) if per_row != 1 else self._rows
             self._expanded[per_row] = idx
+            self._plans[idx.numel()] = kernels.build_lora_plan(idx, len(self.adapters))
         return idx
+
+    def lora_plan(self, indices: torch.Tensor):
+        """The row grouping of ``token_indices``' result, built once per batch composition."""
+        return self._plans[indices.numel()]

@@ -126,18 +126,36 @@ def assign(z: torch.Tensor, balance: float = 0.5) -> list[int]:
 
 def influence_scores(lm, examples: list[Example], queries: list[Example], whole_adapter, kind: str, lissa_cfg,
                      out_dir: Path, max_length: int = 256, query_max_new_tokens: int = 48,
-                     progress: bool = True) -> torch.Tensor:
+                     progress: bool = True, grad_batch: int = 8) -> torch.Tensor:
     """[N, K] influence scores (``kind`` = lissa | gradsim) with resumable state in ``out_dir``."""
+    return influence_scores_multi(lm, examples, queries, whole_adapter, (kind,), lissa_cfg, out_dir, max_length,
+                                  query_max_new_tokens, progress, grad_batch)[kind]
+
+
+def influence_scores_multi(lm, examples: list[Example], queries: list[Example], whole_adapter, kinds, lissa_cfg,
+                           out_dir: Path, max_length: int = 256, query_max_new_tokens: int = 48,
+                           progress: bool = True, grad_batch: int = 8, cost: dict | None = None) -> dict:
+    """{kind: [N, K] scores} for every kind in ``kinds`` from one pass of batched per-example gradients
+    (``influence.per_example_gradients``, ``grad_batch`` examples per backward). Resumable: the query
+    vectors and every finished batch's scores are kept in ``out_dir/.influence_state.pt``. The cost
+    (seconds, examples/s, bytes held) is printed and, if ``cost`` is a dict, stored in it."""
+    import time
+
     from tqdm import tqdm
 
     from divgen.engine.spa.finetune import TrainableLora, encode_example
-    from divgen.engine.spa.influence import example_gradient, lissa
+    from divgen.engine.spa.influence import example_gradient, lissa, per_example_gradients
 
-    if kind not in INFLUENCE_KINDS:
-        raise DivgenError(f"unknown influence kind {kind!r}: use one of {', '.join(INFLUENCE_KINDS)}")
+    kinds = tuple(dict.fromkeys(kinds))
+    bad = [k for k in kinds if k not in INFLUENCE_KINDS]
+    if bad or not kinds:
+        raise DivgenError(f"unknown influence kind {bad[0] if bad else None!r}: use one of {', '.join(INFLUENCE_KINDS)}")
+    if grad_batch < 1:
+        raise DivgenError(f"the gradient batch must be >= 1, got {grad_batch}")
     queries = _with_responses(lm, queries, whole_adapter, out_dir, query_max_new_tokens, progress)
     state_path = out_dir / ".influence_state.pt"
-    key = hashlib.sha256(json.dumps([kind, asdict(lissa_cfg), max_length, str(whole_adapter.path),
+    key = hashlib.sha256(json.dumps([list(kinds), asdict(lissa_cfg) if "lissa" in kinds else None, max_length,
+                                     str(whole_adapter.path), grad_batch,
                                      [[e.prompt, e.response] for e in examples],
                                      [[q.prompt, q.response] for q in queries]]).encode()).hexdigest()[:16]
     state = torch.load(state_path, weights_only=False) if state_path.exists() else {}
@@ -146,42 +164,71 @@ def influence_scores(lm, examples: list[Example], queries: list[Example], whole_
 
     items = [encode_example(lm, ex, max_length) for ex in examples]
     q_items = [encode_example(lm, q, max_length) for q in queries]
+    k = len(queries)
     lora = TrainableLora(lm.model, whole_adapter.config, seed=0)
+    timing = {"examples": len(items), "queries": k, "parameters": lora.num_parameters(), "grad_batch": grad_batch}
     try:
         lora.load(whole_adapter)
         lora.train(False)
         dev, pad = lm.device, lm.pad_token_id
         if "query_vectors" not in state:
+            t0 = time.perf_counter()
             q_grads = torch.stack([example_gradient(lm.model, lora, it, pad, dev) for it in
                                    tqdm(q_items, desc="query gradients", file=sys.stderr, disable=not progress,
                                         leave=False)])
-            if kind == "lissa":
-                vectors = lissa(lm.model, lora, items, q_grads, lissa_cfg, pad, dev, progress)
-            else:
-                vectors = q_grads / q_grads.norm(dim=1, keepdim=True).clamp(min=1e-30)
-            state["query_vectors"] = vectors.cpu()
+            vectors = []
+            for kind in kinds:                                                     # [K, P] per kind
+                if kind == "lissa":
+                    vectors.append(lissa(lm.model, lora, items, q_grads, lissa_cfg, pad, dev, progress))
+                else:
+                    vectors.append(q_grads / q_grads.norm(dim=1, keepdim=True).clamp(min=1e-30))
+            state["query_vectors"] = torch.cat(vectors).cpu()                     # [len(kinds)·K, P]
+            state["query_seconds"] = time.perf_counter() - t0
             state["scores"] = {}
             _save_state(state_path, state)
-        vectors = state["query_vectors"].to(dev)                             # [K, P]
-        done: dict = state["scores"]
-        bar = tqdm(total=len(items), initial=len(done), desc=f"{kind} scores", unit="ex", file=sys.stderr,
-                   disable=not progress, leave=False)
-        for i, item in enumerate(items):
-            if i in done:
+        vectors = state["query_vectors"].to(dev)
+        done: dict = state["scores"]                                             # batch start -> [b, kinds·K]
+        starts = list(range(0, len(items), grad_batch))
+        bar = tqdm(total=len(items), initial=sum(min(grad_batch, len(items) - s) for s in done),
+                   desc="per-example gradients", unit="ex", file=sys.stderr, disable=not progress, leave=False)
+        t0, new, peak = time.perf_counter(), 0, 0
+        for start in starts:
+            if start in done:
                 continue
-            g = example_gradient(lm.model, lora, item, pad, dev)             # [P]
-            s = vectors @ g
-            if kind == "gradsim":
-                s = s / g.norm().clamp(min=1e-30)
-            done[i] = s.double().cpu()
-            bar.update(1)
-            if len(done) % 16 == 0:
-                _save_state(state_path, state)
+            chunk = items[start:start + grad_batch]
+            g = per_example_gradients(lm.model, lora, chunk, pad, dev)          # [b, P]
+            peak = max(peak, g.numel() * 4 + sum(len(it.ids) for it in chunk) * _capture_width(lora) * 8)
+            s = g @ vectors.T                                                   # [b, kinds·K]
+            norms = g.norm(dim=1, keepdim=True).clamp(min=1e-30)
+            for j, kind in enumerate(kinds):
+                if kind == "gradsim":
+                    s[:, j * k:(j + 1) * k] /= norms
+            done[start] = s.double().cpu()
+            new += len(chunk)
+            bar.update(len(chunk))
+            _save_state(state_path, state)
         bar.close()
-        _save_state(state_path, state)
+        seconds = time.perf_counter() - t0
+        timing.update({"query_vector_seconds": round(state.get("query_seconds", 0.0), 2),
+                       "gradient_seconds_this_run": round(seconds, 2), "examples_this_run": new,
+                       "seconds_per_example": round(seconds / new, 4) if new else None,
+                       "capture_bytes_per_batch": peak, "score_bytes": len(items) * len(kinds) * k * 8})
+        if progress and new:
+            print(f"influence: {new} per-example gradients over {timing['parameters']:,} LoRA parameters in "
+                  f"{seconds:.1f}s ({seconds / new:.3f} s/example, batches of {grad_batch}; ~{peak / 2**20:.0f} MiB "
+                  f"of captures + gradients per batch; query vectors {timing['query_vector_seconds']}s)",
+                  file=sys.stderr)
     finally:
         lora.remove()
-    return torch.stack([done[i] for i in range(len(items))])
+    if cost is not None:
+        cost.update(timing)
+    scores = torch.cat([done[s] for s in starts])                                # [N, kinds·K]
+    return {kind: scores[:, j * k:(j + 1) * k] for j, kind in enumerate(kinds)}
+
+
+def _capture_width(lora) -> int:
+    """Floats captured per token by the gradient hooks: every LoRA layer's input and output width."""
+    return sum(layer.lora_A.shape[1] + layer.lora_B.shape[0] for layer in lora.layers.values())
 
 
 def _save_state(path: Path, state: dict) -> None:

@@ -11,14 +11,13 @@ Computed as two thin matmuls through the rank-R bottleneck (R ≪ H): shrink t =
 adapter share its weights, so rows are grouped by adapter and each program multiplies a block
 of same-adapter rows by one adapter's weight tile with ``tl.dot``.
 
-Grouping (no host sync): the wrapper sorts ``indices`` on the device (``torch.sort``, stable)
-and finds each adapter's segment of the sorted order with ``torch.searchsorted`` against
-0..L, giving ``seg_start`` [L + 1]; rows of adapter j are ``order[seg_start[j]:seg_start[j+1]]``.
-Nothing is read back to the host, so a call can be captured in a CUDA graph. Rows with index -1
-(and, unchecked on CUDA, any index outside [0, L)) fall in no segment and are never touched.
-The grid is ``(cdiv(N, BLOCK_M), L, …)``: program (m, j) takes the m-th block of adapter j's
-segment and returns at once when the segment is shorter — at most L·cdiv(N, BLOCK_M) programs,
-of which about cdiv(N, BLOCK_M) + (adapters used) do work.
+Grouping, once per batch composition: ``build_lora_plan(indices, L)`` (host side; the engine's
+multi-LoRA wrapper builds it in ``set_batch``, not in every layer call) sorts the rows by adapter
+(stable) and lists the launch tiles: each ≤ BLOCK_M rows of one adapter's segment of that order.
+The grid is ``(tiles, …)``: every program has rows, so a batch that uses 2 of 64 adapters
+launches 2 + N / BLOCK_M programs, not 64 · cdiv(N, BLOCK_M) mostly empty ones. The per-layer
+call reads no value back to the host, so it can be captured in a CUDA graph. Rows with index -1
+fall in no tile and are never touched. A call without a plan builds one first (a host sync).
 
 Bytes (the floor; both halves are memory-bound for R ≪ H): shrink reads x once per segment
 block and A_j once per block of its segment, writes N·R fp32; expand reads t, B_j per block and
@@ -39,24 +38,21 @@ up to summation order. The Triton interpreter (TRITON_INTERPRET=1, CPU tests) co
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from divgen.kernels.reference import (
-    check_add_lora_args,
-    check_lora_expand_args,
-    check_lora_index_range,
-    check_lora_shrink_args,
-)
+from divgen.kernels import reference
+from divgen.kernels.reference import LoraPlan, check_add_lora_args, check_lora_expand_args, check_lora_shrink_args
 
-__all__ = ["lora_shrink", "lora_expand", "add_lora"]
+__all__ = ["lora_shrink", "lora_expand", "add_lora", "build_lora_plan"]
 
 
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, t_ptr, scales_ptr, order_ptr, seg_start_ptr,
+    x_ptr, a_ptr, t_ptr, scales_ptr, order_ptr, tile_adapter_ptr, tile_start_ptr, tile_end_ptr,
     H_in, R, K_PER_SPLIT,
     stride_xn, stride_xh,
     stride_al, stride_ar, stride_ah,
@@ -64,16 +60,13 @@ def _lora_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Program (m, j, s): t_s[rows] = scales[j] · x[rows, K_s] @ A_j[:, K_s]ᵀ for the m-th block
-    of adapter j's rows and the s-th slice K_s of H_in."""
-    pid_m = tl.program_id(0)
-    lora = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    seg_lo = tl.load(seg_start_ptr + lora)
-    seg_hi = tl.load(seg_start_ptr + lora + 1)
-    first = seg_lo + pid_m * BLOCK_M
-    if first >= seg_hi:  # adapter j has fewer rows than this block's start
-        return
+    """Program (tile, s): t_s[rows] = scales[j] · x[rows, K_s] @ A_j[:, K_s]ᵀ for the tile's
+    block of adapter j's rows and the s-th slice K_s of H_in (every program has rows)."""
+    tile = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    lora = tl.load(tile_adapter_ptr + tile)
+    first = tl.load(tile_start_ptr + tile)
+    seg_hi = tl.load(tile_end_ptr + tile)
 
     offs_m = first + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seg_hi
@@ -106,23 +99,20 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _lora_expand_kernel(
-    t_ptr, b_ptr, y_ptr, order_ptr, seg_start_ptr,
+    t_ptr, b_ptr, y_ptr, order_ptr, tile_adapter_ptr, tile_start_ptr, tile_end_ptr,
     H_out, R, SPLIT_K,
     stride_ts, stride_tn, stride_tr,
     stride_bl, stride_bh, stride_br,
     stride_yn, stride_yh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Program (m, n, j): y[rows, cols] += (Σ_s t_s[rows]) @ B_j[cols]ᵀ for the m-th block of
+    """Program (tile, n): y[rows, cols] += (Σ_s t_s[rows]) @ B_j[cols]ᵀ for the tile's block of
     adapter j's rows and the n-th block of H_out."""
-    pid_m = tl.program_id(0)
+    tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    lora = tl.program_id(2)
-    seg_lo = tl.load(seg_start_ptr + lora)
-    seg_hi = tl.load(seg_start_ptr + lora + 1)
-    first = seg_lo + pid_m * BLOCK_M
-    if first >= seg_hi:
-        return
+    lora = tl.load(tile_adapter_ptr + tile)
+    first = tl.load(tile_start_ptr + tile)
+    seg_hi = tl.load(tile_end_ptr + tile)
 
     offs_m = first + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seg_hi
@@ -182,38 +172,72 @@ def _default_split_k(rows: int, h_in: int) -> int:
     return max(1, min(8, h_in // _SPLIT_K_MIN_SLICE))
 
 
-def _segments(indices: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows sorted by adapter (``order`` [N] int64) and each adapter's segment of that order
-    (``seg_start`` [L + 1] int64: adapter j owns order[seg_start[j]:seg_start[j + 1]]).
-    Device-only: no value is read back to the host."""
-    sorted_idx, order = torch.sort(indices, stable=True)
-    bounds = torch.arange(num_adapters + 1, dtype=sorted_idx.dtype, device=indices.device)
-    seg_start = torch.searchsorted(sorted_idx, bounds).to(torch.int64)
-    return order, seg_start
+@dataclass(frozen=True)
+class LoraTiles:
+    """Launch tiles of a LoRA plan: tile t is order[start[t]:end[t]] (≤ block_m rows of one adapter)."""
+    block_m: int
+    adapter: torch.Tensor     # [T] int32
+    start: torch.Tensor       # [T] int32
+    end: torch.Tensor         # [T] int32
+
+    @property
+    def count(self) -> int:
+        return self.adapter.shape[0]
 
 
-def _shrink_partials(x, lora_a, scales, order, seg_start, split_k: int) -> torch.Tensor:
+def build_lora_plan(indices: torch.Tensor, num_adapters: int) -> LoraPlan:
+    """Rows grouped by adapter plus the launch tiles, on the host once per batch composition.
+
+    Only blocks that hold rows are launched: (used adapters + rows / BLOCK_M) programs at most,
+    none of which exits at once (the plan-less grid was L · cdiv(N, BLOCK_M), mostly empty)."""
+    plan = reference.build_lora_plan(indices, num_adapters)
+    block_m = _block_m(plan.rows)
+    adapter, start, end = [], [], []
+    for j in plan.used:
+        lo, hi = plan.bounds[j], plan.bounds[j + 1]
+        for first in range(lo, hi, block_m):
+            adapter.append(j)
+            start.append(first)
+            end.append(hi)
+    dev = indices.device
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
+    tiles = LoraTiles(block_m=block_m, adapter=as_tensor(adapter), start=as_tensor(start), end=as_tensor(end))
+    return LoraPlan(**{**plan.__dict__, "tiles": tiles})
+
+
+def _plan_for(plan: LoraPlan | None, indices: torch.Tensor, num_adapters: int) -> LoraPlan:
+    """The caller's plan (checked against the call), or one built now (a host sync)."""
+    if plan is None:
+        return build_lora_plan(indices, num_adapters)
+    reference._check_plan(plan, indices, num_adapters)
+    if plan.tiles is None:
+        raise ValueError("this LoRA plan has no Triton launch tiles: build it with "
+                         "divgen.kernels.build_lora_plan on the device that runs the kernels")
+    return plan
+
+
+def _shrink_partials(x, lora_a, scales, plan: LoraPlan, split_k: int) -> torch.Tensor:
     """Launch the shrink kernel; returns fp32 partials [split_k, N, R] (rows with -1 are 0)."""
     rows, h_in = x.shape
     num_adapters, rank, _ = lora_a.shape
     t = torch.zeros(split_k, rows, rank, dtype=torch.float32, device=x.device)    # [S, N, R]
-    if rows == 0 or num_adapters == 0 or rank == 0:
+    tiles = plan.tiles
+    if rows == 0 or num_adapters == 0 or rank == 0 or tiles.count == 0:
         return t
     if rank > 128:
         raise ValueError(f"lora_shrink supports ranks up to 128 (one tile), got R = {rank}")
-    block_m = _block_m(rows)
     k_tiles = triton.cdiv(h_in, _BLOCK_K)
     split_k = max(1, min(split_k, k_tiles))
     k_per_split = triton.cdiv(k_tiles, split_k) * _BLOCK_K
-    grid = (triton.cdiv(rows, block_m), num_adapters, triton.cdiv(h_in, k_per_split))
+    grid = (tiles.count, triton.cdiv(h_in, k_per_split))
     fp32 = x.dtype == torch.float32
     _lora_shrink_kernel[grid](
-        x, lora_a, t, scales, order, seg_start,
+        x, lora_a, t, scales, plan.order, tiles.adapter, tiles.start, tiles.end,
         h_in, rank, k_per_split,
         x.stride(0), x.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         t.stride(0), t.stride(1), t.stride(2),
-        BLOCK_M=block_m, BLOCK_K=_BLOCK_K, BLOCK_R=max(_MIN_DOT, triton.next_power_of_2(rank)),
+        BLOCK_M=tiles.block_m, BLOCK_K=_BLOCK_K, BLOCK_R=max(_MIN_DOT, triton.next_power_of_2(rank)),
         DOT_IN_FP32=fp32 or _interpreting(),
         DOT_PRECISION="ieee" if fp32 or _interpreting() else "tf32",
         num_warps=4,
@@ -221,35 +245,28 @@ def _shrink_partials(x, lora_a, scales, order, seg_start, split_k: int) -> torch
     return t
 
 
-def _expand_from_partials(y, t_parts, lora_b, order, seg_start) -> torch.Tensor:
+def _expand_from_partials(y, t_parts, lora_b, plan: LoraPlan) -> torch.Tensor:
     """Launch the expand kernel: y[i] += lora_b[j] @ Σ_s t_parts[s, i], in place."""
     rows, h_out = y.shape
     num_adapters, _, rank = lora_b.shape
-    if rows == 0 or num_adapters == 0 or rank == 0 or h_out == 0:
+    tiles = plan.tiles
+    if rows == 0 or num_adapters == 0 or rank == 0 or h_out == 0 or tiles.count == 0:
         return y
-    block_m = _block_m(rows)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(h_out, _BLOCK_N), num_adapters)
+    grid = (tiles.count, triton.cdiv(h_out, _BLOCK_N))
     _lora_expand_kernel[grid](
-        t_parts, lora_b, y, order, seg_start,
+        t_parts, lora_b, y, plan.order, tiles.adapter, tiles.start, tiles.end,
         h_out, rank, t_parts.shape[0],
         t_parts.stride(0), t_parts.stride(1), t_parts.stride(2),
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_R=_block_r(rank),
+        BLOCK_M=tiles.block_m, BLOCK_N=_BLOCK_N, BLOCK_R=_block_r(rank),
         num_warps=4,
     )
     return y
 
 
-def _check_index_values(indices: torch.Tensor, num_adapters: int) -> None:
-    # Reading index values back costs a host sync per call and breaks CUDA-graph capture, so on
-    # CUDA it is left to the caller (the engine builds indices once per batch); there an index
-    # outside [-1, L) falls in no segment and its row is left untouched.
-    if indices.device.type != "cuda":
-        check_lora_index_range(indices, num_adapters)
-
-
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor,
+                plan: LoraPlan | None = None) -> torch.Tensor:
     """Per-row adapter down-projection, scaled (Triton).
 
     Semantics:
@@ -268,12 +285,12 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, indices: torch.Tensor, sc
         t: [N, R] fp32, new tensor (rows with index -1 are 0). Nothing is modified in place.
     """
     check_lora_shrink_args(x, lora_a, indices, scales)
-    _check_index_values(indices, lora_a.shape[0])
-    order, seg_start = _segments(indices, lora_a.shape[0])
-    return _shrink_partials(x, lora_a, scales, order, seg_start, split_k=1)[0]
+    plan = _plan_for(plan, indices, lora_a.shape[0])
+    return _shrink_partials(x, lora_a, scales, plan, split_k=1)[0]
 
 
-def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor,
+                plan: LoraPlan | None = None) -> torch.Tensor:
     """Per-row adapter up-projection, added into y in place (Triton).
 
     Semantics:
@@ -291,13 +308,12 @@ def lora_expand(y: torch.Tensor, t: torch.Tensor, lora_b: torch.Tensor, indices:
         y (the same tensor).
     """
     check_lora_expand_args(y, t, lora_b, indices)
-    _check_index_values(indices, lora_b.shape[0])
-    order, seg_start = _segments(indices, lora_b.shape[0])
-    return _expand_from_partials(y, t.unsqueeze(0), lora_b, order, seg_start)
+    plan = _plan_for(plan, indices, lora_b.shape[0])
+    return _expand_from_partials(y, t.unsqueeze(0), lora_b, plan)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-             indices: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+             indices: torch.Tensor, scales: torch.Tensor, plan: LoraPlan | None = None) -> torch.Tensor:
     """Multi-LoRA delta of one linear layer, every row with its own adapter or none (Triton).
 
     One sort + one shrink launch + one expand launch; no host sync on CUDA.
@@ -318,15 +334,14 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     Returns:
         y (the same tensor). The intermediate x @ Aᵀ stays in fp32; y is rounded once.
     """
-    return _add_lora(y, x, lora_a, lora_b, indices, scales, split_k=None)
+    return _add_lora(y, x, lora_a, lora_b, indices, scales, split_k=None, plan=plan)
 
 
-def _add_lora(y, x, lora_a, lora_b, indices, scales, *, split_k: int | None):
+def _add_lora(y, x, lora_a, lora_b, indices, scales, *, split_k: int | None, plan: LoraPlan | None = None):
     """``add_lora`` with the split-K choice exposed (None: the decode/prefill heuristic)."""
     check_add_lora_args(y, x, lora_a, lora_b, indices, scales)
-    _check_index_values(indices, lora_a.shape[0])
+    plan = _plan_for(plan, indices, lora_a.shape[0])
     if split_k is None:
         split_k = _default_split_k(x.shape[0], x.shape[1])
-    order, seg_start = _segments(indices, lora_a.shape[0])
-    t_parts = _shrink_partials(x, lora_a, scales, order, seg_start, split_k)      # [S, N, R]
-    return _expand_from_partials(y, t_parts, lora_b, order, seg_start)
+    t_parts = _shrink_partials(x, lora_a, scales, plan, split_k)      # [S, N, R]
+    return _expand_from_partials(y, t_parts, lora_b, plan)

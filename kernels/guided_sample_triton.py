@@ -1,0 +1,741 @@
+"""Fused guided sampling (CorrSynth, CFG, plain) from logits, in Triton.
+
+Same tokens as ``divgen.kernels.reference`` (DESIGN.md, "The math"; the reference's docstring is
+the contract, including its rules for non-finite input). Entry points: ``guided_sample_step``
+(the capturable step on a ``SamplePlan``: device buffers only, no host sync) and
+``guided_sample`` (direct callers: checks, then the step). Layout: derivation → kernels → host.
+
+Derivation
+----------
+For a row m of a guidance group G(m) (rows that ``mix`` couples, see ``kernels/plan.py``), with
+W the group's block of ``mix``:
+
+    ℓ_n(v)  = l_n(v) − lse_n,   lse_n = max_n + log Σ_u exp(l_n(u) − max_n)     log_softmax
+    s_m(v)  = Σ_{n ∈ G(m)} W[m, n] · max(ℓ_n(v), FLOOR)                        guided scores
+    z_m(v)  = s_m(v) · (1 / T_m)   if l_m(v) finite and l_m(v) ≥ max_m + log α_m,   else −inf
+    x_m     = argmax_v z'_m(v) + G_m(v)     (T_m < 1e-6: no G; z' = z after top-k / top-p)
+
+FLOOR is ``LOGP_FLOOR`` when a ``mix`` is given and −inf when ``mix`` is None.
+
+1. Pass 1 (``_stats_kernel``, one program per (row, chunk)) keeps an online (max, Σ exp) per
+   lane and reduces once; ``_row_stats_kernel`` combines the ≤ 64 chunk partials into lse [R]
+   and the α threshold cut = max + log α [R].
+2. A program owns a tile (up to M rows of one group) × a vocabulary chunk. Groups of ≤ 16 rows
+   are one tile: one 2-D load reads the group's rows and W mixes them in registers (broadcast
+   multiply-sum below 16 rows, an fp32 ``tl.dot`` at 16). Larger groups (up to 256) are split
+   into M = 32-row tiles, each its own program, and the mixing loops over K = 32-row blocks of
+   the group (load, clamp, ``tl.dot`` into an fp32 accumulator), so registers and shared memory
+   do not grow with the group and a 256-row group spreads over 8 × chunks programs.
+   Cost g·V multiply-adds per row; no R·R·V work.
+3. Gumbel-max needs no softmax: the sample pass keeps a running (best score, smallest token id)
+   per lane, reduced per (row, chunk) at the end; ``_select_kernel`` reduces the chunks (ties →
+   smallest token id, as torch.argmax). The log-prob of the choice needs log Σ exp z', online in
+   the same pass. Two exact shortcuts: a tile with no token in any row's α set is skipped after
+   its load, and a tile whose max z + 16.64 (the largest Gumbel of 24-bit uniforms) cannot reach
+   any row's best so far skips the noise.
+4. top-k and top-p are thresholds on z: keep v iff the measure of tokens strictly above z(v) is
+   below a bound (count < k; probability mass < top_p · total). The threshold is found without
+   sorting, by bisection over the order-preserving int32 keys of fp32 values: a counting pass
+   measures 15 pivots at once and narrows the key interval 16×, so 8 passes pin it. Each token
+   gets its bucket (how many pivots lie below its key: one subtract, shift and clamp) and adds
+   its weight into a per-lane [M, BLOCK_V, 16] accumulator; lanes are reduced once per chunk.
+   Mass uses an online max, rescaled only when a row's max grows.
+5. Noise: u = (2·(h >> 9) + 1) / 2^24 with h = fmix32(fmix32(v ^ k1) ^ k2), in uint32; the row
+   keys (k1, k2) = f(seed, step) are computed in the kernel from the device-side seeds and per-row
+   step counters, so the bits equal ``reference.uniform_noise`` and a replayed CUDA graph draws
+   fresh noise at every step.
+
+Passes over the logits: 2 (stats, sample) + 16 counting passes when ``any_top_k_top_p``.
+Launches: 4, plus 2 per counting pass, plus a few elementwise torch ops for the per-row
+parameters; nothing reads back to the host, so the step can be captured in a CUDA graph.
+
+Compiled figures (sm_90 / sm_80 registers, spills, shared memory, instructions per logit) are
+measured by ``tests/test_kernels_compile.py``; see ``kernels/README.md``.
+
+Equality with the reference: with the same noise the tokens are those of the reference except
+where two scores lie within float rounding (~1e-6 relative) of each other: s is summed in another
+order, 1/T multiplies instead of dividing, and the GPU's log differs from torch's in the last bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from divgen.kernels.plan import MAX_GROUP_ROWS, SamplePlan, build_sample_plan, next_power_of_2
+from divgen.kernels.reference import (
+    FLT_MAX, check_guided_sample_args, sampling_temperature, step_tensor,
+)
+
+NUM_PIVOTS = 16            # measure columns per counting pass: 0 = total, 1..15 = pivots
+PIVOT_BITS = 4             # log2(NUM_PIVOTS)
+THRESHOLD_PASSES = 8       # 32 key bits / PIVOT_BITS bits per pass
+KEY_BELOW_ALL = -(2**31) - 1   # an int64 below every int32 key: the bisection's first lower end
+GUMBEL_MAX = 17.0              # > −log(−log(1 − 2^-24)) = 16.64, the largest Gumbel of the noise
+MAX_CHUNKS = 64            # vocabulary chunks per row (later kernels combine them in one tile)
+# Rows per program (M) and contracted rows per mixing step (K): a group of up to 16 rows is one
+# tile (M = K = group block); larger groups are split into M-row blocks, each its own program,
+# and the mixing loops over K-row blocks of the group (tl.dot, fp32 "ieee"), so neither registers
+# nor shared memory grow with the group: G = 256 runs as 8 programs a chunk, each 8 K steps.
+CUDA_ROW_BLOCK = 32
+CUDA_K_BLOCK = 32
+SINGLE_TILE_MAX = 16
+# (BLOCK_V, num_warps) by rows per program on a GPU (tests/test_kernels_compile.py checks every
+# entry for registers, spills and shared memory on sm_90 and sm_80).
+CUDA_TILES = {1: (2048, 8), 2: (1024, 8), 4: (512, 8), 8: (256, 8), 16: (128, 8), 32: (64, 8)}
+CUDA_STATS_BLOCK_V = 2048
+CPU_TILE_ELEMS = 1024      # M · BLOCK_V under TRITON_INTERPRET=1 (the interpreter is per-op)
+CPU_ROW_BLOCK = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fmix32(h):
+    """murmur3's finaliser on uint32: shifts are logical, products wrap modulo 2^32."""
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    h = h ^ (h >> 16)
+    return h
+
+
+@triton.jit
+def _noise_keys(seed, step):
+    """int64 seeds and step counters -> the uint32 row keys (k1, k2) of ``reference.noise_keys``."""
+    lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    s = (step & 0xFFFFFFFF).to(tl.uint32)
+    k1 = _fmix32(lo ^ _fmix32(s * 0x9E3779B9 + hi))
+    k2 = _fmix32((k1 + 0x9E3779B9) ^ hi)
+    return k1, k2
+
+
+@triton.jit
+def _uniform(key1, key2, token):
+    """uint32 row keys and token ids -> the uniforms of ``reference.uniform_noise``, fp32."""
+    h = _fmix32(_fmix32(token ^ key1) ^ key2)
+    return ((h >> 9) * 2 + 1).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _ordered_key(z):
+    """fp32 -> int32 with the same order (−0.0 first made +0.0 so that equal values share a key)."""
+    z = tl.where(z == 0.0, 0.0, z)
+    bits = z.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _load_logits(logits_ptr, row_offsets, row_mask, cols, col_mask):
+    """Logits [rows, BLOCK_V] fp32, −inf where masked, +inf read as FLT_MAX (module docstring)."""
+    x = tl.load(logits_ptr + row_offsets[:, None] + cols[None, :],
+                mask=row_mask[:, None] & col_mask[None, :], other=float("-inf")).to(tl.float32)
+    return tl.minimum(x, 3.4028234663852886e38)
+
+
+@triton.jit
+def _tile_rows(tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, tile,
+               M_BLOCK: tl.constexpr):
+    """The output rows of a tile: (positions in the group [M], their mask, row ids, group start,
+    group size, the group's weight offset)."""
+    group = tl.load(tile_group_ptr + tile)
+    row0 = tl.load(tile_row0_ptr + tile)
+    start = tl.load(group_start_ptr + group)
+    size = tl.load(group_start_ptr + group + 1) - start
+    pos = row0 + tl.arange(0, M_BLOCK)
+    pos_mask = pos < size
+    rows = tl.load(order_ptr + start + pos, mask=pos_mask, other=0)
+    w_off = tl.load(w_offset_ptr + group)
+    return pos, pos_mask, rows, start, size, w_off
+
+
+@triton.jit
+def _mix(x_own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
+         logits_ptr, stride_logits, cols, col_mask, logp_floor,
+         M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Guided scores s [M, BLOCK_V] = W[pos, :] · max(ℓ, floor) over the group's rows at ``cols``.
+
+    G_BLOCK = 1: a scale. One tile (M = K = G_BLOCK ≤ 16): the tile's own rows are the whole group,
+    mixed by a broadcast multiply-sum (< 16 rows) or one tl.dot. Larger groups: a loop over K-row
+    blocks of the group, each loaded and multiplied into an fp32 accumulator (tl.dot, "ieee").
+    """
+    if G_BLOCK == 1:
+        w = tl.load(weights_ptr + w_off)
+        s = w * tl.maximum(x_own - lse_own[:, None], logp_floor)
+    elif M_BLOCK == G_BLOCK:
+        logp = tl.where(pos_mask[:, None], tl.maximum(x_own - lse_own[:, None], logp_floor), 0.0)
+        w = tl.load(weights_ptr + w_off + pos[:, None] * size + pos[None, :],
+                    mask=pos_mask[:, None] & pos_mask[None, :], other=0.0)          # [G, G]
+        if G_BLOCK >= 16:
+            s = tl.dot(w, logp, input_precision="ieee")
+        else:
+            s = tl.sum(w[:, :, None] * logp[None, :, :], axis=1)
+    else:
+        s = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
+        for k0 in range(0, size, K_BLOCK):
+            kpos = k0 + tl.arange(0, K_BLOCK)
+            kmask = kpos < size
+            krows = tl.load(order_ptr + start + kpos, mask=kmask, other=0)
+            klse = tl.load(lse_ptr + krows, mask=kmask, other=0.0)
+            xk = _load_logits(logits_ptr, krows.to(tl.int64) * stride_logits, kmask, cols, col_mask)
+            logp = tl.where(kmask[:, None], tl.maximum(xk - klse[:, None], logp_floor), 0.0)
+            w = tl.load(weights_ptr + w_off + pos[:, None] * size + kpos[None, :],
+                        mask=pos_mask[:, None] & kmask[None, :], other=0.0)         # [M, K]
+            s = tl.dot(w, logp, s, input_precision="ieee")
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Tile kernels run on the grid (tiles, vocabulary chunks); a tile is M_BLOCK rows of
+# one guidance group (the plan's tile list).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _stats_kernel(
+    logits_ptr, stride_logits,
+    part_max_ptr, part_sum_ptr,                                   # out: [R, num_chunks] fp32
+    vocab, chunk_len, num_chunks,
+    BLOCK_V: tl.constexpr,
+):
+    """Pass 1, per (row, chunk): max logit and Σ exp(l − max), online over the chunk's tiles."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    base = logits_ptr + row.to(tl.int64) * stride_logits
+    run_max = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+    v_begin = chunk * chunk_len
+    v_end = tl.minimum(v_begin + chunk_len, vocab)
+    for start in range(v_begin, v_end, BLOCK_V):       # per-lane online (max, sum): no reduction
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(base + cols, mask=cols < v_end, other=float("-inf")).to(tl.float32)
+        x = tl.minimum(x, 3.4028234663852886e38)
+        new_max = tl.maximum(run_max, x)
+        ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - ref) + tl.exp(x - ref)
+        run_max = new_max
+    top = tl.max(run_max, axis=0)
+    ref = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(run_sum * tl.exp(run_max - ref), axis=0)
+    tl.store(part_max_ptr + row * num_chunks + chunk, top)
+    tl.store(part_sum_ptr + row * num_chunks + chunk, total)
+
+
+@triton.jit
+def _row_stats_kernel(
+    part_max_ptr, part_sum_ptr, cutoff_ptr,
+    lse_ptr, cut_ptr,                                             # out: [R] fp32
+    rows_total, num_chunks,
+    BLOCK_R: tl.constexpr, C_BLOCK: tl.constexpr,
+):
+    """Combine the chunk partials: lse = max + log Σ, cut = max + log α (the α threshold).
+
+    A row with no finite logit (a slot not in use) gets lse 0, so its log-probs are −inf and
+    read as the floor when mixed (the reference's NaN → floor), never NaN."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, C_BLOCK)
+    rmask = r < rows_total
+    mask = rmask[:, None] & (c < num_chunks)[None, :]
+    offs = r[:, None] * num_chunks + c[None, :]
+    pmax = tl.load(part_max_ptr + offs, mask=mask, other=float("-inf"))
+    psum = tl.load(part_sum_ptr + offs, mask=mask, other=0.0)
+    row_max = tl.max(pmax, axis=1)
+    ref = tl.where(row_max == float("-inf"), 0.0, row_max)
+    total = tl.sum(psum * tl.exp(pmax - ref[:, None]), axis=1)
+    lse = tl.where(row_max == float("-inf"), 0.0, ref + tl.log(tl.where(total > 0, total, 1.0)))
+    tl.store(lse_ptr + r, lse, mask=rmask)
+    tl.store(cut_ptr + r, row_max + tl.load(cutoff_ptr + r, mask=rmask, other=0.0), mask=rmask)
+
+
+@triton.jit(do_not_specialize=["pivot_shift"])
+def _threshold_count_kernel(
+    logits_ptr, stride_logits,
+    tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr,
+    lse_ptr, cut_ptr, inv_t_ptr, lo_top_k_ptr,
+    lo_ptr, pivot_shift,
+    measure_ptr, measure_max_ptr,        # out: [R, num_chunks, NUM_PIVOTS], [R, num_chunks]
+    vocab, chunk_len, num_chunks, logp_floor,
+    M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+    NUM_PIVOTS: tl.constexpr, MASS: tl.constexpr, APPLY_TOP_K: tl.constexpr,
+):
+    """A counting pass of the threshold bisection, per (tile row, chunk).
+
+    Pivot j of row r is lo[r] + j · 2^pivot_shift. Column 0 measures
+    every token, column j the tokens whose key is > pivot j. MASS: the measure is Σ exp(z − chunk
+    max) over z after the top-k cut (top-p), with the chunk max written beside it; otherwise it is
+    a count (top-k). Only finite z are measured; a tile with no token in any row's α set is
+    skipped after its load.
+
+    Per-lane accumulation: each token's bucket b = #{pivots j ≥ 1 below its key} (one shift and
+    clamp), and its weight is added into a [M, BLOCK_V, NUM_PIVOTS] accumulator at the columns
+    j ≤ b; the lanes are reduced once per chunk, not once per pivot and tile.
+    """
+    tile = tl.program_id(0)
+    chunk = tl.program_id(1)
+    pos, pos_mask, rows, start, size, w_off = _tile_rows(
+        tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, tile, M_BLOCK)
+    row_offsets = rows.to(tl.int64) * stride_logits
+    lse = tl.load(lse_ptr + rows, mask=pos_mask, other=0.0)
+    cut = tl.load(cut_ptr + rows, mask=pos_mask, other=0.0)
+    inv_t = tl.load(inv_t_ptr + rows, mask=pos_mask, other=1.0)
+    lo = tl.load(lo_ptr + rows, mask=pos_mask, other=0)                          # [M] int64
+    if APPLY_TOP_K:
+        key_top_k = tl.load(lo_top_k_ptr + rows, mask=pos_mask, other=0) + 1
+    j = tl.arange(0, NUM_PIVOTS)
+    acc = tl.zeros([M_BLOCK, BLOCK_V, NUM_PIVOTS], dtype=tl.float32)
+    run_max = tl.full([M_BLOCK], float("-inf"), dtype=tl.float32)
+    v_begin = chunk * chunk_len
+    v_end = tl.minimum(v_begin + chunk_len, vocab)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        x = _load_logits(logits_ptr, row_offsets, pos_mask, cols, col_mask)
+        keep = (x > float("-inf")) & (x >= cut[:, None])
+        if tl.max(keep.to(tl.int32)) > 0:
+            s = _mix(x, lse, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
+                     logits_ptr, stride_logits, cols, col_mask, logp_floor, M_BLOCK, K_BLOCK, G_BLOCK, BLOCK_V)
+            z = tl.where(keep, s * inv_t[:, None], float("-inf"))
+            key = _ordered_key(z).to(tl.int64)
+            if APPLY_TOP_K:
+                z = tl.where(key >= key_top_k[:, None], z, float("-inf"))
+                key = _ordered_key(z).to(tl.int64)
+            if MASS:
+                new_max = tl.maximum(run_max, tl.max(z, axis=1))
+                if tl.max((new_max > run_max).to(tl.int32)) > 0:          # rare after a few tiles
+                    scale = tl.exp(run_max - tl.where(new_max == float("-inf"), 0.0, new_max))
+                    acc = acc * scale[:, None, None]
+                    run_max = new_max
+                ref = tl.where(run_max == float("-inf"), 0.0, run_max)
+                w = tl.exp(z - ref[:, None])                                 # 0 where z = −inf
+            else:
+                w = tl.where(z > float("-inf"), 1.0, 0.0)
+            # key > pivot j  <=>  (key − lo − 1) >> shift >= j; column 0 (j = 0) takes every token
+            bucket = tl.minimum(tl.maximum((key - lo[:, None] - 1) >> pivot_shift, 0), NUM_PIVOTS - 1)
+            acc += tl.where(j[None, None, :] <= bucket.to(tl.int32)[:, :, None], w[:, :, None], 0.0)
+    measure = tl.sum(acc, axis=1)                                           # [M, NUM_PIVOTS]
+    offs = (rows[:, None] * num_chunks + chunk) * NUM_PIVOTS + j[None, :]
+    tl.store(measure_ptr + offs, measure, mask=pos_mask[:, None])
+    if MASS:
+        tl.store(measure_max_ptr + rows * num_chunks + chunk, run_max, mask=pos_mask)
+
+
+@triton.jit(do_not_specialize=["pivot_shift"])
+def _threshold_narrow_kernel(
+    measure_ptr, measure_max_ptr, bound_ptr, lo_ptr, pivot_shift, num_chunks,
+    C_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr, MASS: tl.constexpr,
+):
+    """Per row: F(pivot j) = measure above pivot j; lo += 2^shift · #{j ≥ 1 : F(j) ≥ bound}.
+
+    F is non-increasing in j (sums of the same terms, fewer of them), so this moves lo to the last
+    pivot that still fails "F < bound": the threshold stays in (lo, lo + 2^shift].
+    """
+    r = tl.program_id(0)
+    c = tl.arange(0, C_BLOCK)
+    j = tl.arange(0, NUM_PIVOTS)
+    cmask = c < num_chunks
+    meas = tl.load(measure_ptr + (r * num_chunks + c[:, None]) * NUM_PIVOTS + j[None, :],
+                   mask=cmask[:, None], other=0.0)                                # [C_BLOCK, NP]
+    bound = tl.load(bound_ptr + r)
+    if MASS:
+        cmax = tl.load(measure_max_ptr + r * num_chunks + c, mask=cmask, other=float("-inf"))
+        top = tl.max(cmax, axis=0)
+        meas = meas * tl.exp(cmax - top)[:, None]
+        above = tl.sum(meas, axis=0)                                              # [NP]
+        bound = bound * tl.sum(tl.where(j == 0, above, 0.0), axis=0)             # top_p · total
+    else:
+        above = tl.sum(meas, axis=0)
+    fails = tl.sum(tl.where((j > 0) & (above >= bound), 1, 0), axis=0)
+    lo = tl.load(lo_ptr + r)
+    tl.store(lo_ptr + r, lo + (fails.to(tl.int64) << pivot_shift))
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, stride_logits, noise_ptr, stride_noise,
+    tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr,
+    lse_ptr, cut_ptr, inv_t_ptr, greedy_ptr, seed_ptr, step_ptr, lo_top_k_ptr, lo_top_p_ptr,
+    best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, z_sum_ptr,   # out: [R, num_chunks]
+    vocab, chunk_len, num_chunks, logp_floor,
+    M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_NOISE: tl.constexpr, TOP_K_TOP_P: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
+    GUMBEL_MAX: tl.constexpr,
+):
+    """Pass 2: per (tile row, chunk) the Gumbel-max winner (score, token) and log-prob partials.
+
+    The noise keys come from the device-side seeds and per-row step counters, so a replayed CUDA
+    graph draws fresh noise every step. Each lane keeps its own running winner (strict >: its
+    earlier, smaller token keeps a tie); the lanes are reduced once at the end of the chunk. Two
+    exact shortcuts: a tile with no token in any row's α set is skipped after its load, and the
+    noise of a tile is not computed when no z + max-noise of it reaches a row's best so far.
+    """
+    tile = tl.program_id(0)
+    chunk = tl.program_id(1)
+    pos, pos_mask, rows, start, size, w_off = _tile_rows(
+        tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, tile, M_BLOCK)
+    row_offsets = rows.to(tl.int64) * stride_logits
+    lse = tl.load(lse_ptr + rows, mask=pos_mask, other=0.0)
+    cut = tl.load(cut_ptr + rows, mask=pos_mask, other=0.0)
+    inv_t = tl.load(inv_t_ptr + rows, mask=pos_mask, other=1.0)
+    greedy = tl.load(greedy_ptr + rows, mask=pos_mask, other=1) != 0
+    key1, key2 = _noise_keys(tl.load(seed_ptr + rows, mask=pos_mask, other=0),
+                             tl.load(step_ptr + rows, mask=pos_mask, other=0))
+    if TOP_K_TOP_P:
+        key_top_k = tl.load(lo_top_k_ptr + rows, mask=pos_mask, other=0) + 1
+        key_top_p = tl.load(lo_top_p_ptr + rows, mask=pos_mask, other=0) + 1
+    lane_best = tl.full([M_BLOCK, BLOCK_V], float("-inf"), dtype=tl.float32)
+    lane_token = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.int32) + vocab
+    if RETURN_LOGPROBS:
+        lane_z = tl.full([M_BLOCK, BLOCK_V], float("-inf"), dtype=tl.float32)
+    z_max = tl.full([M_BLOCK], float("-inf"), dtype=tl.float32)
+    z_sum = tl.zeros([M_BLOCK], dtype=tl.float32)
+    v_begin = chunk * chunk_len
+    v_end = tl.minimum(v_begin + chunk_len, vocab)
+    row_best = tl.full([M_BLOCK], float("-inf"), dtype=tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        x = _load_logits(logits_ptr, row_offsets, pos_mask, cols, col_mask)
+        keep = (x > float("-inf")) & (x >= cut[:, None])
+        if tl.max(keep.to(tl.int32)) > 0:          # else every z of the tile is −inf: nothing to do
+            s = _mix(x, lse, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
+                     logits_ptr, stride_logits, cols, col_mask, logp_floor, M_BLOCK, K_BLOCK, G_BLOCK, BLOCK_V)
+            z = tl.where(keep, s * inv_t[:, None], float("-inf"))
+            if TOP_K_TOP_P:
+                key = _ordered_key(z).to(tl.int64)
+                z = tl.where((key >= key_top_k[:, None]) & (key >= key_top_p[:, None]), z, float("-inf"))
+            tile_max = tl.max(z, axis=1)
+            if RETURN_LOGPROBS:
+                new_max = tl.maximum(z_max, tile_max)
+                ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+                z_sum = z_sum * tl.exp(z_max - ref) + tl.sum(tl.exp(z - ref[:, None]), axis=1)
+                z_max = new_max
+            # a row's winner can change only if z + noise can beat its best so far (noise ≤ 16.64)
+            can_win = (tile_max > float("-inf")) & (tile_max + GUMBEL_MAX > row_best)
+            if tl.max(can_win.to(tl.int32)) > 0:
+                if HAS_NOISE:
+                    u = tl.load(noise_ptr + rows.to(tl.int64)[:, None] * stride_noise + cols[None, :],
+                                mask=pos_mask[:, None] & col_mask[None, :], other=0.5).to(tl.float32)
+                else:
+                    u = _uniform(key1[:, None], key2[:, None], cols.to(tl.uint32)[None, :])
+                score = tl.where(greedy[:, None], z, z - tl.log(-tl.log(u)))
+                better = score > lane_best
+                lane_best = tl.where(better, score, lane_best)
+                lane_token = tl.where(better, cols[None, :], lane_token)
+                if RETURN_LOGPROBS:
+                    lane_z = tl.where(better, z, lane_z)
+                row_best = tl.max(lane_best, axis=1)
+    best = tl.max(lane_best, axis=1)
+    is_best = lane_best == best[:, None]
+    best_token = tl.min(tl.where(is_best, lane_token, vocab), axis=1)       # ties: smallest id
+    out = rows * num_chunks + chunk
+    tl.store(best_score_ptr + out, best, mask=pos_mask)
+    tl.store(best_token_ptr + out, best_token, mask=pos_mask)
+    if RETURN_LOGPROBS:
+        best_z = tl.max(tl.where(lane_token == best_token[:, None], lane_z, float("-inf")), axis=1)
+        tl.store(best_z_ptr + out, best_z, mask=pos_mask)
+        tl.store(z_max_ptr + out, z_max, mask=pos_mask)
+        tl.store(z_sum_ptr + out, z_sum, mask=pos_mask)
+
+
+@triton.jit
+def _select_kernel(
+    best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, z_sum_ptr,
+    tokens_ptr, logprobs_ptr,                                        # out: [R] int64, [R] fp32
+    rows_total, vocab, num_chunks,
+    BLOCK_R: tl.constexpr, C_BLOCK: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
+):
+    """Reduce the chunk winners of BLOCK_R rows: max score, ties → smallest token id; a row with
+    no candidate at all (every logit −inf: a slot not in use) gets token 0, as torch.argmax."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, C_BLOCK)
+    rmask = r < rows_total
+    mask = rmask[:, None] & (c < num_chunks)[None, :]
+    offs = r[:, None] * num_chunks + c[None, :]
+    score = tl.load(best_score_ptr + offs, mask=mask, other=float("-inf"))        # [BLOCK_R, C]
+    token = tl.load(best_token_ptr + offs, mask=mask, other=vocab)
+    top = tl.max(score, axis=1)
+    is_top = score == top[:, None]
+    chosen = tl.min(tl.where(is_top, token, vocab), axis=1)
+    chosen = tl.where(chosen >= vocab, 0, chosen)
+    tl.store(tokens_ptr + r, chosen.to(tl.int64), mask=rmask)
+    if RETURN_LOGPROBS:
+        z_chosen = tl.max(tl.where(is_top & (token == chosen[:, None]),
+                                   tl.load(best_z_ptr + offs, mask=mask, other=float("-inf")),
+                                   float("-inf")), axis=1)
+        cmax = tl.load(z_max_ptr + offs, mask=mask, other=float("-inf"))
+        csum = tl.load(z_sum_ptr + offs, mask=mask, other=0.0)
+        zmax = tl.max(cmax, axis=1)
+        ref = tl.where(zmax == float("-inf"), 0.0, zmax)
+        total = tl.sum(csum * tl.exp(cmax - ref[:, None]), axis=1)
+        lse = ref + tl.log(total)
+        tl.store(logprobs_ptr + r, z_chosen - lse, mask=rmask)
+
+
+@triton.jit
+def _uniform_noise_kernel(seed_ptr, step_ptr, out_ptr, vocab, BLOCK_V: tl.constexpr):
+    """u[r, v] for a [R, vocab] output: the in-kernel noise, exposed for tests and tools."""
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    key1, key2 = _noise_keys(tl.load(seed_ptr + r), tl.load(step_ptr + r))
+    u = _uniform(key1, key2, cols.to(tl.uint32))
+    tl.store(out_ptr + r.to(tl.int64) * vocab + cols, u, mask=cols < vocab)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: launch tiles (once per plan), launch configuration (once per vocabulary), the step.
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tiles:
+    """The plan's launch tiles: tile t is rows [row0, row0 + m_block) of group tile_group[t]."""
+    m_block: int
+    k_block: int
+    g_block: int
+    tile_group: torch.Tensor    # [T] int32
+    tile_row0: torch.Tensor     # [T] int32
+
+    @property
+    def count(self) -> int:
+        return self.tile_group.shape[0]
+
+
+def tile_shape(g_block: int, on_cuda: bool) -> tuple[int, int]:
+    """(rows per program M, contracted rows per mixing step K) for a group block."""
+    if g_block <= SINGLE_TILE_MAX:
+        return g_block, g_block
+    if on_cuda:
+        return CUDA_ROW_BLOCK, CUDA_K_BLOCK
+    return min(g_block, CPU_ROW_BLOCK), min(g_block, CPU_ROW_BLOCK)
+
+
+def prepare_plan(plan: SamplePlan, m_block: int | None = None, k_block: int | None = None) -> SamplePlan:
+    """Add the launch tiles to a plan (host side, once): every group split into m_block-row tiles."""
+    g_block = plan.g_block
+    m_auto, k_auto = tile_shape(g_block, plan.device.type == "cuda")
+    m_block, k_block = m_block or m_auto, k_block or k_auto
+    if g_block > 1 and m_block < g_block and (m_block < 16 or k_block < 16):
+        raise ValueError("groups split over several tiles need m_block, k_block >= 16 (tl.dot)")
+    groups, row0 = [], []
+    for g, n in enumerate(plan.group_sizes):
+        for r in range(0, n, m_block):
+            groups.append(g)
+            row0.append(r)
+    dev = plan.device
+    tiles = Tiles(m_block=m_block, k_block=k_block, g_block=g_block,
+                  tile_group=torch.tensor(groups, dtype=torch.int32, device=dev),
+                  tile_row0=torch.tensor(row0, dtype=torch.int32, device=dev))
+    return SamplePlan(**{**plan.__dict__, "prepared": tiles})
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_v: int       # tokens per tile of the sample pass (power of two)
+    count_block_v: int  # tokens per tile of the counting passes
+    stats_block_v: int
+    chunk_len: int     # tokens per program (a multiple of block_v)
+    num_chunks: int    # programs per tile along the vocabulary (≤ MAX_CHUNKS)
+    num_warps: int
+
+
+def launch_config(vocab: int, tiles: Tiles, device: torch.device, block_v: int | None = None,
+                  num_chunks: int | None = None) -> LaunchConfig:
+    """Tile and vocabulary split. On a GPU: enough (tile, chunk) programs to fill the SMs ~4×."""
+    on_cuda = device.type == "cuda"
+    m = tiles.m_block
+    if on_cuda:
+        tile_v, num_warps = CUDA_TILES[m]
+        count_v, stats_v = max(16, 32 * num_warps // m), CUDA_STATS_BLOCK_V
+    else:
+        tile_v, num_warps = max(16, CPU_TILE_ELEMS // m), 4
+        count_v, stats_v = tile_v, CPU_TILE_ELEMS
+    if block_v is None:
+        block_v = min(tile_v, max(16, next_power_of_2(vocab)))
+    if block_v < 16 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    count_v = min(count_v, block_v)
+    tiles_v = triton.cdiv(vocab, block_v)
+    if num_chunks is None:
+        num_chunks = triton.cdiv(4 * _sm_count(device.index or 0), tiles.count) if on_cuda else 1
+    num_chunks = max(1, min(num_chunks, tiles_v, MAX_CHUNKS))
+    chunk_len = triton.cdiv(tiles_v, num_chunks) * block_v
+    return LaunchConfig(block_v=block_v, count_block_v=count_v, stats_block_v=min(stats_v, next_power_of_2(vocab)),
+                        chunk_len=chunk_len, num_chunks=triton.cdiv(vocab, chunk_len), num_warps=num_warps)
+
+
+@dataclass(frozen=True)
+class _StepInputs:
+    logits: torch.Tensor
+    plan: SamplePlan
+    tiles: Tiles
+    cfg: LaunchConfig
+    lse: torch.Tensor
+    cut: torch.Tensor
+    inv_t: torch.Tensor
+
+
+def _find_threshold(inp: _StepInputs, bound: torch.Tensor, *, mass: bool,
+                    lo_top_k: torch.Tensor | None) -> torch.Tensor:
+    """Bisect the int32 key of each row's top-k (mass=False) or top-p threshold; lo [R] int64.
+
+    The rows keep token v iff key(z(v)) ≥ lo + 1."""
+    logits, plan, tiles, cfg = inp.logits, inp.plan, inp.tiles, inp.cfg
+    rows, vocab = logits.shape
+    c_block = next_power_of_2(cfg.num_chunks)
+    lo = torch.full((rows,), KEY_BELOW_ALL, dtype=torch.int64, device=logits.device)
+    measure = torch.empty(rows, cfg.num_chunks, NUM_PIVOTS, dtype=torch.float32, device=logits.device)
+    measure_max = torch.empty(rows, cfg.num_chunks, dtype=torch.float32, device=logits.device)
+    for p in range(THRESHOLD_PASSES):
+        shift = 32 - PIVOT_BITS * (p + 1)
+        _threshold_count_kernel[(tiles.count, cfg.num_chunks)](
+            logits, logits.stride(0),
+            tiles.tile_group, tiles.tile_row0, plan.order, plan.group_start, plan.w_offset, plan.weights,
+            inp.lse, inp.cut, inp.inv_t, lo if lo_top_k is None else lo_top_k,
+            lo, shift,
+            measure, measure_max,
+            vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
+            M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.count_block_v,
+            NUM_PIVOTS=NUM_PIVOTS, MASS=mass, APPLY_TOP_K=lo_top_k is not None, num_warps=cfg.num_warps,
+        )
+        _threshold_narrow_kernel[(rows,)](
+            measure, measure_max, bound, lo, shift, cfg.num_chunks,
+            C_BLOCK=c_block, NUM_PIVOTS=NUM_PIVOTS, MASS=mass,
+        )
+    return lo
+
+
+def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tensor, step: torch.Tensor,
+                       temperature: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       *, any_top_k_top_p: bool = True, noise: torch.Tensor | None = None,
+                       return_logprobs: bool = False, block_v: int | None = None,
+                       num_chunks: int | None = None):
+    """The capturable step (Triton): device buffers in, tokens out; no checks, no host sync.
+
+    Arguments as ``divgen.kernels.guided_sample_step``; the plan must come from
+    ``build_sample_plan`` with this module's ops (it carries the launch tiles). Fixed launches:
+    2 (stats) + [16 · 2 counting/narrowing if any_top_k_top_p] + 1 sample + 1 select, plus a few
+    elementwise torch ops for the per-row parameters; all capturable in a CUDA graph.
+    """
+    rows, vocab = logits.shape
+    dev = logits.device
+    tiles = plan.prepared
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    cfg = launch_config(vocab, tiles, dev, block_v, num_chunks)
+    c_block = next_power_of_2(cfg.num_chunks)
+
+    # per-row parameters (elementwise, on the device)
+    greedy, t_div = sampling_temperature(temperature.float())
+    inv_t = 1.0 / t_div
+    cutoff = torch.log(min_p.float())
+    part_max = torch.empty(rows, cfg.num_chunks, dtype=torch.float32, device=dev)
+    part_sum = torch.empty_like(part_max)
+    _stats_kernel[(rows, cfg.num_chunks)](
+        logits, logits.stride(0), part_max, part_sum, vocab, cfg.chunk_len, cfg.num_chunks,
+        BLOCK_V=cfg.stats_block_v, num_warps=cfg.num_warps,
+    )
+    lse = torch.empty(rows, dtype=torch.float32, device=dev)
+    cut = torch.empty_like(lse)
+    block_r = max(1, min(next_power_of_2(rows), 4096 // c_block, 64))
+    _row_stats_kernel[(triton.cdiv(rows, block_r),)](
+        part_max, part_sum, cutoff, lse, cut, rows, cfg.num_chunks, BLOCK_R=block_r, C_BLOCK=c_block,
+    )
+    inp = _StepInputs(logits=logits, plan=plan, tiles=tiles, cfg=cfg, lse=lse, cut=cut, inv_t=inv_t)
+    lo_top_k = lo_top_p = lse                                        # placeholders (unused pointers)
+    if any_top_k_top_p:
+        inf = torch.full_like(inv_t, float("inf"))
+        k_bound = torch.where(top_k > 0, top_k.clamp(max=vocab).to(torch.float32), inf)
+        p_bound = torch.where(top_p < 1, top_p.float(), inf)
+        lo_top_k = _find_threshold(inp, k_bound, mass=False, lo_top_k=None)
+        lo_top_p = _find_threshold(inp, p_bound, mass=True, lo_top_k=lo_top_k)
+
+    best_score = torch.empty(rows, cfg.num_chunks, dtype=torch.float32, device=dev)
+    best_token = torch.empty(rows, cfg.num_chunks, dtype=torch.int32, device=dev)
+    best_z, z_max, z_sum = (torch.empty_like(best_score) for _ in range(3))
+    _sample_kernel[(tiles.count, cfg.num_chunks)](
+        logits, logits.stride(0), logits if noise is None else noise, 0 if noise is None else noise.stride(0),
+        tiles.tile_group, tiles.tile_row0, plan.order, plan.group_start, plan.w_offset, plan.weights,
+        lse, cut, inv_t, greedy.to(torch.int32), seeds, step, lo_top_k, lo_top_p,
+        best_score, best_token, best_z, z_max, z_sum,
+        vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
+        M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.block_v,
+        HAS_NOISE=noise is not None, TOP_K_TOP_P=any_top_k_top_p, RETURN_LOGPROBS=return_logprobs,
+        GUMBEL_MAX=GUMBEL_MAX, num_warps=cfg.num_warps,
+    )
+    tokens = torch.empty(rows, dtype=torch.int64, device=dev)
+    logprobs = torch.empty(rows, dtype=torch.float32, device=dev)
+    _select_kernel[(triton.cdiv(rows, block_r),)](
+        best_score, best_token, best_z, z_max, z_sum, tokens, logprobs,
+        rows, vocab, cfg.num_chunks,
+        BLOCK_R=block_r, C_BLOCK=c_block, RETURN_LOGPROBS=return_logprobs,
+    )
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
+def guided_sample(
+    logits: torch.Tensor,
+    mix: torch.Tensor | None,
+    *,
+    seeds: torch.Tensor,
+    step,
+    temperature=1.0,
+    alpha=0.0,
+    top_k=0,
+    top_p=1.0,
+    noise: torch.Tensor | None = None,
+    return_logprobs: bool = False,
+    block_v: int | None = None,
+    num_chunks: int | None = None,
+    m_block: int | None = None,
+    k_block: int | None = None,
+):
+    """Guided sampling from logits, fused (the twin of ``reference.guided_sample``), for direct
+    callers: checks the arguments (host syncs), builds the plan, runs the capturable step.
+
+    Semantics and arguments: ``divgen.kernels.reference.guided_sample``. ``mix`` is read as blocks
+    (the connected components of its non-zero pattern; rows of a group may be anywhere in the
+    batch, up to 256 a group). block_v, num_chunks, m_block, k_block override the launch shape
+    (tests). Raises ValueError for the reference's bad arguments and for a group over 256 rows.
+    """
+    temperature, alpha, top_k, top_p = check_guided_sample_args(
+        logits, mix, seeds, temperature, alpha, top_k, top_p, noise
+    )
+    rows = logits.shape[0]
+    device = logits.device
+    plan = prepare_plan(build_sample_plan(mix, device, rows=rows, ops=_NoPrepare), m_block, k_block)
+    if noise is not None:
+        noise = noise.to(device=device, dtype=torch.float32).contiguous()
+    return guided_sample_step(
+        logits, plan, seeds.to(device=device, dtype=torch.int64).contiguous(), step_tensor(step, rows, device),
+        temperature.contiguous(), alpha.contiguous(), top_k.contiguous(), top_p.contiguous(),
+        any_top_k_top_p=bool((top_k > 0).any() or (top_p < 1).any()), noise=noise,
+        return_logprobs=return_logprobs, block_v=block_v, num_chunks=num_chunks,
+    )
+
+
+class _NoPrepare:
+    """Stand-in ops for plans whose tiles this module adds itself (``guided_sample``)."""
+    @staticmethod
+    def prepare_plan(plan):
+        return plan
+
+
+def uniform_noise(seeds: torch.Tensor, step, vocab_size: int) -> torch.Tensor:
+    """The kernels' uniforms u [R, V] fp32, computed on the device by the same code as the sampler
+    (keys from seeds and the per-row step counters in the kernel). Equal bit for bit to
+    ``reference.uniform_noise`` (a test checks it)."""
+    rows = seeds.shape[0]
+    steps = step_tensor(step, rows, seeds.device).contiguous()
+    out = torch.empty(rows, vocab_size, dtype=torch.float32, device=seeds.device)
+    block_v = min(1024, next_power_of_2(vocab_size))
+    _uniform_noise_kernel[(rows, triton.cdiv(vocab_size, block_v))](
+        seeds.to(torch.int64).contiguous(), steps, out, vocab_size, BLOCK_V=block_v
+    )
+    return out

@@ -1,0 +1,145 @@
+"""The group plan of guided sampling: built on the host once per batch composition, read by the step.
+
+``build_sample_plan(mix, device)`` validates the [R, R] guidance mix (None = independent rows),
+splits it into guidance groups (the connected components of its non-zero pattern: rows that
+``mix`` couples, anywhere in the batch) and returns a ``SamplePlan`` of small device tensors:
+
+    order       [R] int32     row ids sorted by group (a group's rows contiguous, ascending)
+    group_start [NG + 1] int32  group g owns order[group_start[g]:group_start[g + 1]]
+    w_offset    [NG] int64    group g's weights W_g [n_g, n_g] start at weights[w_offset[g]]
+    weights     [Σ n_g²] fp32 W_g[i, j] = mix[order[start + i], order[start + j]], row-major
+    mix         [R, R] fp32 or None, the dense mix (the torch reference multiplies with it)
+
+Storage is ragged (Σ n_g² weights, not NG · G²), so one 256-row group beside 100 single rows
+costs 256² + 100 weights. The plan also holds the implementation (``ops``) chosen for its device
+(``divgen.kernels.ops_for``) and whatever that implementation prepares once (the Triton launch
+tiles). Building a plan reads ``mix`` on the host (a sync); the step never does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from divgen.kernels.reference import LOGP_FLOOR
+
+MAX_GROUP_ROWS = 256       # rows in one guidance group (the kernels' documented maximum)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Everything about a batch's guidance that stays fixed while its rows decode (see module doc)."""
+    rows: int
+    device: torch.device
+    mix: torch.Tensor | None          # [R, R] fp32 on device, None = independent rows
+    order: torch.Tensor               # [R] int32
+    group_start: torch.Tensor         # [NG + 1] int32
+    w_offset: torch.Tensor            # [NG] int64
+    weights: torch.Tensor             # [Σ n_g²] fp32
+    group_sizes: tuple[int, ...]      # n_g on the host (launch planning)
+    logp_floor: float                 # LOGP_FLOOR when mixing, −inf for mix None (as the reference)
+    ops: Any = field(repr=False, default=None)      # the implementation (divgen.kernels.KernelOps)
+    prepared: Any = field(repr=False, default=None)  # what ``ops`` derived once (launch tiles)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_sizes)
+
+    @property
+    def largest_group(self) -> int:
+        return max(self.group_sizes)
+
+    @property
+    def g_block(self) -> int:
+        """Next power of two >= the largest group."""
+        return next_power_of_2(self.largest_group)
+
+
+def check_mix(mix, rows: int | None = None) -> int:
+    """Shape, dtype and finiteness of a guidance mix; returns R. Reads the values (host sync)."""
+    if not isinstance(mix, torch.Tensor) or mix.dim() != 2 or mix.shape[0] != mix.shape[1]:
+        shape = tuple(mix.shape) if isinstance(mix, torch.Tensor) else type(mix).__name__
+        raise ValueError(f"mix must be a square [R, R] tensor (rows x rows), got {shape}")
+    if rows is not None and mix.shape[0] != rows:
+        raise ValueError(f"mix must be a [{rows}, {rows}] tensor (rows x rows), got {tuple(mix.shape)}")
+    if not mix.is_floating_point():
+        raise ValueError(f"mix must be a floating tensor (fp32 guidance weights), got {mix.dtype}")
+    if mix.shape[0] == 0:
+        raise ValueError("mix must describe at least one row")
+    if not bool(torch.isfinite(mix).all()):
+        raise ValueError("mix must be finite (guidance weights γ are finite numbers)")
+    return mix.shape[0]
+
+
+def guidance_groups(mix: torch.Tensor | None, rows: int) -> list[list[int]]:
+    """The connected components of ``mix``'s non-zero pattern, each a sorted list of row ids,
+    ordered by their first row. mix None: every row alone."""
+    if mix is None:
+        return [[r] for r in range(rows)]
+    dense = mix.detach().to("cpu", torch.float32)
+    coupled = (dense != 0) | (dense != 0).T
+    coupled |= torch.eye(rows, dtype=torch.bool)
+    label = torch.arange(rows)
+    while True:   # every row takes the smallest row id it reaches: its component's first row
+        reached = torch.where(coupled, label[None, :], rows).min(dim=1).values
+        new = torch.minimum(label, reached)
+        new = new[new]                                                     # pointer jumping
+        if torch.equal(new, label):
+            break
+        label = new
+    return [torch.nonzero(label == first).flatten().tolist() for first in label.unique().tolist()]
+
+
+def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, rows: int | None = None,
+                      ops=None) -> SamplePlan:
+    """Validate ``mix`` and derive the group plan (host side, once per batch composition).
+
+    Args:
+        mix: [R, R] guidance mixing matrix (diagonal 1 + Σγ, off-diagonal −γ) or None for
+            independent rows; then ``rows`` gives R.
+        device: where the step runs; the plan's tensors live there.
+        ops: the implementation; default ``divgen.kernels.ops_for(device)`` (chosen once here).
+    Raises: ValueError for a non-square / non-finite mix or a group over MAX_GROUP_ROWS rows.
+    """
+    device = torch.device(device)
+    if mix is None:
+        if rows is None or int(rows) < 1:
+            raise ValueError("build_sample_plan(None, ...) needs rows=R >= 1 (the number of independent rows)")
+        rows = int(rows)
+    else:
+        rows = check_mix(mix, rows)
+    groups = guidance_groups(mix, rows)
+    largest = max(len(g) for g in groups)
+    if largest > MAX_GROUP_ROWS:
+        raise ValueError(f"mix couples {largest} rows into one guidance group; the kernels handle up to "
+                         f"{MAX_GROUP_ROWS} (split the batch into smaller groups)")
+    dense = None if mix is None else mix.detach().to("cpu", torch.float32)
+    order = [r for g in groups for r in g]
+    starts = [0]
+    offsets, blocks = [], []
+    for g in groups:
+        starts.append(starts[-1] + len(g))
+        offsets.append(sum(b.numel() for b in blocks))
+        idx = torch.tensor(g)
+        blocks.append(torch.ones(1) if dense is None else dense[idx[:, None], idx[None, :]].reshape(-1))
+    if ops is None:
+        from divgen.kernels import ops_for
+
+        ops = ops_for(device)
+    plan = SamplePlan(
+        rows=rows, device=device,
+        mix=None if dense is None else dense.to(device),
+        order=torch.tensor(order, dtype=torch.int32, device=device),
+        group_start=torch.tensor(starts, dtype=torch.int32, device=device),
+        w_offset=torch.tensor(offsets, dtype=torch.int64, device=device),
+        weights=torch.cat(blocks).to(device),
+        group_sizes=tuple(len(g) for g in groups),
+        logp_floor=float("-inf") if mix is None else LOGP_FLOOR,
+        ops=ops,
+    )
+    return ops.prepare_plan(plan)
