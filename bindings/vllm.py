@@ -21,7 +21,8 @@ Tags (``SamplingParams.extra_args["divgen"]``, built and checked by ``divgen_tag
 
 The rule is divgen's own (``engine.guidance.Guidance``), applied with the row's *own* tag: each
 row's guidance is its row of γ, so members need not agree. For every tagged row of the step the
-processor computes ``s_m = Σ_n mix[m, n] · ℓ_n`` and samples it with ``divgen.kernels.guided_sample``:
+processor computes ``s_m = Σ_n mix[m, n] · ℓ_n`` and samples it with divgen's kernels
+(``kernels.guided_sample_step``, the same tokens as ``kernels.reference.guided_sample``):
 α = the request's ``min_p`` on the row's *own* distribution, then its ``temperature``, ``top_k``,
 ``top_p``, and Gumbel noise that is a pure function of (seed, step, token) — ``seed`` is the
 request's seed (a random one when None; vLLM gives the n children of a request seed + i, as divgen
@@ -41,7 +42,8 @@ Who counts as a member, step by step (vLLM's persistent batch has no lockstep):
 * When all members are admitted in the same step (one ``generate`` call whose prompts fit the
   batch) the rows are in lockstep and the tokens are divgen engine's tokens for the same seeds.
 
-Untagged requests are never touched. Limits: a member whose prompt is still being prefilled in
+Untagged requests are never touched. A group with more than ``kernels.MAX_GROUP_ROWS`` (256)
+present members is contrasted in chunks of 256 (batch order). Limits: a member whose prompt is still being prefilled in
 chunks is contrasted with its partial-prompt logits (keep such prompts under
 ``max_num_batched_tokens`` or disable chunked prefill); speculative decoding is not supported.
 """
@@ -56,7 +58,6 @@ import torch
 from divgen import kernels
 from divgen.engine.errors import DivgenError
 from divgen.engine.guidance import MAX_WEIGHT, Guidance, mix_from_gammas
-from divgen.kernels import reference
 
 try:
     from vllm.v1.sample.logits_processor import LogitsProcessor as _VllmLogitsProcessor
@@ -213,9 +214,10 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
     """vLLM v1 logits processor: divgen guidance over tagged requests (see the module docstring).
 
     Steps, each vLLM step: (1) ``update_state`` follows the persistent batch (removed, added,
-    moved) and, when it changed, rebuilds the tagged rows' mix (block-diagonal by group) and
-    per-row parameters; (2) ``apply`` samples every tagged row with ``kernels.guided_sample``
-    and makes its logits one-hot on that token; untagged rows pass through unchanged.
+    moved) and, when it changed, rebuilds the tagged rows' mix (block-diagonal by group) into a
+    ``kernels.SamplePlan``, and their per-row parameters; (2) ``apply`` samples every tagged row
+    with ``kernels.guided_sample_step`` (each row at its own step counter) and makes its logits
+    one-hot on that token; untagged rows pass through unchanged.
     """
 
     def __init__(self, vllm_config=None, device: torch.device | str = "cpu", is_pin_memory: bool = False):
@@ -225,7 +227,8 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
         self._dirty = False
         self.order: list[int] = []                     # batch indices of tagged rows, ascending
         self.rows = torch.zeros(0, dtype=torch.int64)  # the same, [T] on the device
-        self.mix: torch.Tensor | None = None           # [T, T] or None (no row guided)
+        self.plan: kernels.SamplePlan | None = None    # the tagged rows' groups and mix
+        self.any_top_k_top_p = False
         self.params: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -270,16 +273,22 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
         for pos, r in enumerate(reqs):
             by_group.setdefault(r.tag.group, []).append(pos)
         for members in by_group.values():
-            idx = torch.tensor(members)
-            gam[idx[:, None], idx[None, :]] = group_gammas([reqs[p].tag for p in members])
-        self.mix = mix_from_gammas(gam).to(self.device) if bool((gam != 0).any()) else None
+            # the kernels take up to MAX_GROUP_ROWS rows per group: a larger group is contrasted
+            # in chunks of that many present members (batch order)
+            for lo in range(0, len(members), kernels.MAX_GROUP_ROWS):
+                chunk = members[lo:lo + kernels.MAX_GROUP_ROWS]
+                idx = torch.tensor(chunk)
+                gam[idx[:, None], idx[None, :]] = group_gammas([reqs[p].tag for p in chunk])
+        mix = mix_from_gammas(gam) if bool((gam != 0).any()) else None
+        self.plan = kernels.build_sample_plan(mix, self.device, rows=len(order))
+        self.any_top_k_top_p = any(r.top_k > 0 or r.top_p < 1 for r in reqs)
         dev = self.device
         self.params = dict(
             seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
             temperature=torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev),
             top_k=torch.tensor([r.top_k for r in reqs], dtype=torch.int64, device=dev),
             top_p=torch.tensor([r.top_p for r in reqs], dtype=torch.float32, device=dev),
-            alpha=torch.tensor([r.min_p for r in reqs], dtype=torch.float32, device=dev),
+            min_p=torch.tensor([r.min_p for r in reqs], dtype=torch.float32, device=dev),
         )
 
     def steps(self) -> list[int]:
@@ -291,14 +300,10 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
         if not self.requests:
             return logits
         p = self.params
-        steps = self.steps()
-        noise = None
-        if len(set(steps)) > 1:      # rows not in lockstep: each row's noise at its own step
-            vocab = logits.shape[1]
-            noise = torch.cat([reference.uniform_noise(p["seeds"][i:i + 1], s, vocab) for i, s in enumerate(steps)])
-        tokens = kernels.guided_sample(
-            logits[self.rows], self.mix, seeds=p["seeds"], step=steps[0], temperature=p["temperature"],
-            alpha=p["alpha"], top_k=p["top_k"], top_p=p["top_p"], noise=noise,
+        step = torch.tensor(self.steps(), dtype=torch.int64).to(self.device, non_blocking=True)   # [T]
+        tokens = kernels.guided_sample_step(
+            logits[self.rows], self.plan, p["seeds"], step, p["temperature"], p["min_p"], p["top_k"], p["top_p"],
+            any_top_k_top_p=self.any_top_k_top_p,
         )                                                                     # [T]
         logits[self.rows] = float("-inf")
         logits[self.rows, tokens.to(logits.device)] = 0.0

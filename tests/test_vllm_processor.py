@@ -166,3 +166,15 @@ def test_bad_tags_are_refused_with_the_fix(fields, message):
         DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args={"divgen": fields}))
     DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args=None))
     DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args={"other": 1}))
+
+
+def test_a_group_over_the_kernel_limit_is_contrasted_in_chunks():
+    from divgen import kernels
+
+    proc = DivgenLogitsProcessor()
+    tag = divgen_tag("big", scale=2.0)
+    n = kernels.MAX_GROUP_ROWS + 2
+    proc.update_state(Update(n, added=tuple((i, params(i, tag), None, []) for i in range(n))))
+    assert sorted(proc.plan.group_sizes) == [2, kernels.MAX_GROUP_ROWS]
+    out = proc.apply(torch.randn(n, 11))
+    assert torch.isfinite(out).sum(dim=1).eq(1).all()
