@@ -267,6 +267,9 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
         self._dirty = False
         order = self.order = sorted(self.requests)
         reqs = [self.requests[i] for i in order]
+        if not reqs:                    # no tagged request left: apply() returns at once
+            self.plan, self.params = None, {}
+            return
         self.rows = torch.tensor(order, dtype=torch.int64, device=self.device)
         gam = torch.zeros(len(order), len(order), dtype=torch.float32)
         by_group: dict[str, list[int]] = {}

@@ -72,6 +72,10 @@ def test_lockstep_group_untagged_row_and_members_leaving():
     assert torch.equal(out[1], logits[1])
     want = sample(logits[[0, 2]], corrsynth_mix(2, 3.0), [10, 12], 2, temperature=0.9, alpha=0.05)
     assert chosen(out[[0, 2]]) == want
+    # the last members finish; an untagged request joins: nothing is left to guide
+    proc.update_state(Update(2, removed=(2, 0), added=((0, params(5), None, []),)))
+    logits = torch.randn(2, VOCAB)
+    assert torch.equal(proc.apply(logits.clone()), logits)
 
 
 def test_guidance_really_changes_the_sample_and_one_member_is_plain_divgen_sampling():
