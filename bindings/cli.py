@@ -1,5 +1,11 @@
-"""The ``divgen`` command line: ``generate`` here, ``synth``/``metrics`` and ``spa`` registered by
-their own modules. A user error (DivgenError) prints one line and exits 2, never a traceback."""
+"""The ``divgen`` command line: ``generate``, ``synth``/``metrics`` and ``spa``, each registered by its
+own module. Those modules import nothing heavy at import time (torch, transformers and the model
+load inside the command, after its arguments and files are checked), so a bad invocation is
+answered in well under a second.
+
+A user error prints one line ``divgen: error: ...`` that names the fix and exits 2, never a
+traceback: a DivgenError from a command, or an argument that argparse refuses.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,16 +15,35 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")   # its warnings are not the user's to act on
 
 from divgen.bindings import cli_generate, cli_spa, cli_synth  # noqa: E402
 from divgen.engine.errors import DivgenError  # noqa: E402
 
+# Flags that were renamed: an old name is answered with the new one.
+RENAMED_FLAGS = {
+    "--alpha": "renamed: --min-p (the plausibility cutoff, generate/synth), --lora-alpha (LoRA's alpha, spa)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) that points at --help."""
+
+    def error(self, message: str):
+        hints = [f"{old} was {new}" for old, new in RENAMED_FLAGS.items() if old in message.split()]
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise _UsageError(f"{message}{hint}; see `{self.prog} --help`")
+
+
+class _UsageError(Exception):
+    pass
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="divgen", description="Fast diverse generation: CorrSynth, CFG, FewGen and SPA multi-LoRA decoding."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     cli_generate.register(sub)
     cli_synth.register(sub)
     cli_spa.register(sub)
@@ -27,12 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"divgen: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:              # --help / --version: argparse printed what was asked
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     try:
         return int(args.func(args) or 0)
     except DivgenError as exc:
-        print(f"divgen: error: {exc}", file=sys.stderr)
+        print(f"divgen: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except MemoryError as exc:   # torch.OutOfMemoryError is not a MemoryError: matched by name below
+        print(f"divgen: error: out of memory ({exc.__class__.__name__}): use fewer rows (-n, --batch-rows) "
+              "or fewer --max-new-tokens", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if exc.__class__.__name__ != "OutOfMemoryError":
+            raise
+        print("divgen: error: out of GPU memory: use fewer rows (-n, --batch-rows) or fewer --max-new-tokens",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("divgen: interrupted", file=sys.stderr)
         return 130

@@ -1,29 +1,31 @@
-"""`divgen generate "PROMPT"`: sample N continuations of one prompt from a model."""
+"""`divgen generate "PROMPT"`: sample N continuations of one prompt from a model.
+
+Unset decoding flags take the model's ``generation_config.json`` values (temperature, top_p,
+top_k, min_p, max_new_tokens), then divgen's defaults (``DEFAULTS``), as vLLM does.
+"""
 from __future__ import annotations
 
 import json
 import sys
 
+from divgen.bindings.cli_args import add_sampling_args, check_sampling_args
+from divgen.engine import limits
 from divgen.engine.errors import DivgenError
+
+# divgen's defaults where neither the flag nor the model's generation_config.json sets a value.
+DEFAULTS = {"temperature": 0.8, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_new_tokens": 64, "seed": 0}
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="sample continuations of a prompt",
                               description="Sample N continuations of PROMPT in one batch.")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("-n", "--num-samples", type=int, default=1, dest="n", help="samples to draw (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per sample (default 64)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus cutoff in (0, 1] (default 1: off)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
-    p.add_argument("--min-p", type=float, default=0.0, dest="alpha",
-                   help="plausibility cutoff α in [0, 1): keep tokens with p >= α·max p (default 0: off)")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed S + i (default 0)")
+    p.add_argument("-n", "--num-samples", type=int, default=1, dest="n",
+                   help=f"samples to draw, at most {limits.MAX_SAMPLES} (default 1)")
+    add_sampling_args(p, defaults="default: the model's generation_config.json, else "
+                                  + ", ".join(f"{k} {v}" for k, v in DEFAULTS.items()).replace("_", "-"))
     p.add_argument("--diverse", type=float, default=None, metavar="G",
                    help="the N samples contrast each other (intra-prompt CorrSynth, scale G > 1, e.g. 2; default off)")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--model", default=None, help="local HF model dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--chat", dest="chat", action="store_true", default=None, help="apply the chat template (default when the model has one)")
     p.add_argument("--no-chat", dest="chat", action="store_false", help="feed the prompt as raw text")
     p.add_argument("--json", action="store_true", help="one JSON object per sample: text, tokens, finish_reason, seed")
@@ -31,20 +33,27 @@ def register(subparsers) -> None:
 
 
 def _check_args(args) -> None:
+    """Every argument, before torch is imported or the model loads."""
     if not args.prompt.strip():
         raise DivgenError("the prompt is empty: give some text to continue")
-    if args.n < 1:
-        raise DivgenError(f"-n must be >= 1, got {args.n}")
-    if args.max_new_tokens < 1:
-        raise DivgenError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        raise DivgenError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise DivgenError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise DivgenError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0 <= args.alpha < 1:
-        raise DivgenError(f"--min-p must be in [0, 1), got {args.alpha}")
+    limits.samples(args.n, "-n")
+    check_sampling_args(args)
+
+
+def resolve_sampling(args, model_dir) -> dict:
+    """The decoding values: the flag if set, else the model's generation_config.json, else DEFAULTS."""
+    from divgen.engine.model_source import generation_defaults
+
+    from_model = generation_defaults(model_dir)
+    out = {}
+    for key, default in DEFAULTS.items():
+        value = getattr(args, key)
+        if value is None:
+            value = from_model.get(key, default)
+            checker = getattr(limits, key)
+            value = checker(value, f"{key} in {model_dir}/generation_config.json")
+        out[key] = value
+    return out
 
 
 def run(args) -> int:
@@ -57,9 +66,10 @@ def run(args) -> int:
     from divgen.engine.decode import generate
     from divgen.engine.model import load_model
 
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    s = resolve_sampling(args, lm.source_dir)
     prompt = lm.format_prompt(args.prompt, chat=args.chat)
-    bar = tqdm(total=args.max_new_tokens, desc="decoding", unit="tok", file=sys.stderr,
+    bar = tqdm(total=s["max_new_tokens"], desc="decoding", unit="tok", file=sys.stderr,
                disable=not sys.stderr.isatty(), leave=False)
 
     def progress(done: int, total: int) -> None:
@@ -67,9 +77,9 @@ def run(args) -> int:
         bar.set_postfix(done=f"{done}/{total}")
 
     results, stats = generate(
-        lm, [prompt] * args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, alpha=args.alpha, seeds=args.seed, stop=args.stop,
-        guidance=diverse_guidance(args.n, args.diverse), progress=progress,
+        lm, [prompt] * args.n, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
+        top_k=s["top_k"], top_p=s["top_p"], alpha=s["min_p"], seeds=s["seed"], stop=args.stop or [],
+        ignore_eos=bool(args.ignore_eos), guidance=diverse_guidance(args.n, args.diverse), progress=progress,
     )
     bar.close()
     for r in results:

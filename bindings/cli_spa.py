@@ -10,9 +10,12 @@ Every step resumes after being killed (rerun the same command). See engine/spa/*
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
+from divgen.engine import limits
 from divgen.engine.errors import DivgenError
 
 
@@ -68,8 +71,12 @@ def register(subparsers) -> None:
     s.add_argument("--adapters", required=True, nargs="+",
                    help="adapter directories, or an output directory of `spa adapt`")
     s.add_argument("--prompts", required=True, help="JSONL of {\"prompt\"} or .txt with one prompt per line")
-    s.add_argument("--out", default=None, help="write the answers (JSONL) here and metrics to OUT.metrics.json")
-    s.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit (default 48)")
+    s.add_argument("--out", default=None, help="append the answers (JSONL) here as they are decoded, metrics to "
+                                                "OUT.metrics.json; rerun the same command to resume after a kill")
+    s.add_argument("--prompts-per-batch", type=int, default=8,
+                   help="prompts decoded (with every adapter) per batch, each batch appended to --out (default 8)")
+    s.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=48,
+                   help="answer length limit (default 48)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus cutoff when sampling (default 1: off)")
     s.add_argument("--copies", type=int, default=1,
@@ -84,15 +91,48 @@ def register(subparsers) -> None:
 
 
 def _model_args(p) -> None:
-    p.add_argument("--model", default=None, help="local HF model dir or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--model", default=None, help="local HF model dir, .gguf file or hub id in the local HF cache "
+                                                 "(default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _check_model_args(args) -> None:
+    """--model and --device, checked before torch is imported."""
+    from divgen.engine.model_source import find_model
+
+    args.device = limits.device(args.device, "--device")
+    find_model(args.model)
+
+
+def _check_out_file(out: Path, flag: str = "--out") -> None:
+    if out.is_dir():
+        raise DivgenError(f"{flag} {out} is a directory: give a file path such as {out / 'samples.jsonl'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise DivgenError(f"the folder of {flag} {out} does not exist: create {parent} first")
+    import os
+
+    for path in (out, Path(f"{out}.metrics.json")):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise DivgenError(f"{path} is not writable: fix its permissions or choose another {flag}")
+    if not os.access(parent, os.W_OK):
+        raise DivgenError(f"cannot write in {parent}: choose another {flag}")
+
+
+def _check_out_dir(out: Path, flag: str = "--out") -> None:
+    if out.exists() and not out.is_dir():
+        raise DivgenError(f"{flag} {out} is an existing file, not a directory: give a new or existing directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not out.exists() and not parent.is_dir():
+        raise DivgenError(f"the folder of {flag} {out} does not exist: create {parent} first")
 
 
 def _train_args(p) -> None:
     g = p.add_argument_group("LoRA training")
     g.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
-    g.add_argument("--alpha", type=float, default=16.0, help="lora_alpha; scale = alpha / r (default 16)")
+    g.add_argument("--lora-alpha", type=float, default=16.0,
+                   help="LoRA's alpha (PEFT lora_alpha); scale = lora_alpha / r (default 16)")
     g.add_argument("--target-modules", default="q_proj,v_proj",
                    help="comma-separated layer names to adapt (default q_proj,v_proj)")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
@@ -104,14 +144,27 @@ def _train_args(p) -> None:
 
 
 def _train_config(args):
-    from divgen.engine.spa.adapt import TrainConfig
+    from divgen.engine.spa.config import TrainConfig
 
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    cfg = TrainConfig(rank=args.rank, alpha=args.alpha, target_modules=targets, lr=args.lr, steps=args.steps,
-                      batch_size=args.batch_size, seed=args.train_seed, dropout=args.dropout,
-                      max_length=args.max_length, checkpoint_every=getattr(args, "checkpoint_every", 10))
-    cfg.check()
-    return cfg
+    return TrainConfig(rank=args.rank, lora_alpha=args.lora_alpha, target_modules=targets, lr=args.lr,
+                       steps=args.steps, batch_size=args.batch_size, seed=args.train_seed, dropout=args.dropout,
+                       max_length=args.max_length, checkpoint_every=getattr(args, "checkpoint_every", 10))
+
+
+def _lissa_config(args):
+    from divgen.engine.spa.config import LissaConfig
+
+    scale = args.lissa_scale if args.lissa_scale == "auto" else _number_or_auto(args.lissa_scale, "--lissa-scale")
+    return LissaConfig(depth=args.lissa_depth, repeats=args.lissa_repeats, batch_size=args.lissa_batch,
+                       damping=args.lissa_damping, scale=scale, seed=args.seed)
+
+
+def _number_or_auto(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise DivgenError(f"{flag} must be a number or 'auto', got {text!r}") from exc
 
 
 def _progress(args) -> bool:
@@ -119,18 +172,31 @@ def _progress(args) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Every command checks all of its arguments and files first, then imports torch and loads the model.
 
 def run_partition(args) -> int:
-    from divgen.engine.spa import partition as part
+    out = Path(args.out)
+    _check_out_dir(out)
+    limits.number(args.balance, "--balance", low=0.0, high=1.0)
+    limits.seed(args.seed, "--seed")
+    _check_model_args(args)
+    lissa_cfg = cfg = None
+    if args.method == "influence":
+        lissa_cfg = _lissa_config(args)
+        limits.max_new_tokens(args.query_max_new_tokens, "--query-max-new-tokens")
+        if args.adapter is None:
+            cfg = _train_config(args)
+        elif not Path(args.adapter).expanduser().is_dir():
+            raise DivgenError(f"--adapter {args.adapter} is not a directory: pass a PEFT LoRA adapter directory "
+                              "(or leave it out to train one on the whole set)")
     from divgen.engine.spa.data import read_pairs, read_prompts
 
     examples = read_pairs(args.data)
     queries = read_prompts(args.queries)
-    out = Path(args.out)
-    if not 0 <= args.balance <= 1:
-        raise DivgenError(f"--balance must be in [0, 1], got {args.balance}")
     if len(examples) < len(queries):
         raise DivgenError(f"{len(examples)} examples cannot fill {len(queries)} partitions: use fewer queries")
+    from divgen.engine.spa import partition as part
+
     options: dict = {"seed": args.seed}
     if args.method == "random":
         scores = part.random_scores(len(examples), len(queries), args.seed)
@@ -138,7 +204,7 @@ def run_partition(args) -> int:
         scores = part.bm25_scores([q.prompt for q in queries], [f"{e.prompt} {e.response}" for e in examples])
         options.update({"k1": 1.5, "b": 0.75, "document": "prompt + response"})
     else:
-        scores, options = _influence(args, examples, queries, out, options)
+        scores, options = _influence(args, examples, queries, out, options, cfg, lissa_cfg)
     z = part.normalise(scores)
     parts = part.assign(z, args.balance)
     record = part.write_partitions(out, method=args.method, options=options, data_path=args.data, examples=examples,
@@ -148,20 +214,14 @@ def run_partition(args) -> int:
     return 0
 
 
-def _influence(args, examples, queries, out: Path, options: dict):
+def _influence(args, examples, queries, out: Path, options: dict, cfg, lissa_cfg):
     from dataclasses import asdict
 
     from divgen.engine.model import load_model
     from divgen.engine.spa.adapt import train_adapter
-    from divgen.engine.spa.influence import LissaConfig
     from divgen.engine.spa.lora import load_adapter
     from divgen.engine.spa.partition import influence_scores
 
-    scale = args.lissa_scale if args.lissa_scale == "auto" else _positive_float(args.lissa_scale, "--lissa-scale")
-    lissa_cfg = LissaConfig(depth=args.lissa_depth, repeats=args.lissa_repeats, batch_size=args.lissa_batch,
-                            damping=args.lissa_damping, scale=scale, seed=args.seed)
-    lissa_cfg.check()
-    cfg = _train_config(args) if args.adapter is None else None
     lm = load_model(args.model, device=args.device)
     if args.adapter is not None:
         whole = load_adapter(args.adapter, model=lm.model)
@@ -178,35 +238,29 @@ def _influence(args, examples, queries, out: Path, options: dict):
     return scores, options
 
 
-def _positive_float(text: str, flag: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise DivgenError(f"{flag} must be a number or 'auto', got {text!r}") from exc
-    if not value > 0:
-        raise DivgenError(f"{flag} must be > 0, got {value}")
-    return value
-
-
 def run_adapt(args) -> int:
-    from dataclasses import asdict
-
-    from divgen.engine.model import load_model
-    from divgen.engine.spa.adapt import adapt_partitions, train_adapter, write_manifest
-    from divgen.engine.spa.data import read_pairs
-    from divgen.engine.spa.partition import file_sha256, read_partitions
-
     cfg = _train_config(args)
     out = Path(args.out)
+    _check_out_dir(out)
+    _check_model_args(args)
+    if args.partitions is None and args.data is None:
+        raise DivgenError("give --partitions (one adapter per part) or --data (one adapter on everything)")
+    from dataclasses import asdict
+
+    from divgen.engine.spa.data import read_pairs
+
     if args.partitions is None:
-        if args.data is None:
-            raise DivgenError("give --partitions (one adapter per part) or --data (one adapter on everything)")
         examples = read_pairs(args.data)
+        from divgen.engine.model import load_model
+        from divgen.engine.spa.adapt import train_adapter, write_manifest
+
         lm = load_model(args.model, device=args.device)
         train_adapter(lm, examples, cfg, out, "whole", progress=_progress(args))
         write_manifest(out, ["whole"], {"train_config": asdict(cfg), "sizes": [len(examples)]})
         print(json.dumps({"adapters": [str(out / "whole")]}))
         return 0
+    from divgen.engine.spa.partition import file_sha256, read_partitions
+
     record = read_partitions(args.partitions)
     data = args.data or record.get("data")
     if not data or not Path(data).exists():
@@ -214,6 +268,9 @@ def run_adapt(args) -> int:
     if args.data is None and record.get("data_sha256") and file_sha256(data) != record["data_sha256"]:
         raise DivgenError(f"{data} changed since it was partitioned: partition it again")
     examples = read_pairs(data)
+    from divgen.engine.model import load_model
+    from divgen.engine.spa.adapt import adapt_partitions
+
     lm = load_model(args.model, device=args.device)
     paths = adapt_partitions(lm, examples, list(record["assignment"]), int(record["k"]), cfg, out,
                              progress=_progress(args))
@@ -221,33 +278,60 @@ def run_adapt(args) -> int:
     return 0
 
 
+def _finite_or_none(value):
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def run_sample(args) -> int:
+    limits.number(args.copies, "--copies", low=1, high=limits.MAX_SAMPLES, integer=True)
+    limits.max_new_tokens(args.max_new_tokens, "--max-new-tokens")
+    limits.temperature(args.temperature, "--temperature")
+    limits.top_p(args.top_p, "--top-p")
+    limits.seed(args.seed, "--seed")
+    limits.number(args.prompts_per_batch, "--prompts-per-batch", low=1, high=limits.MAX_SAMPLES, integer=True)
+    if args.copies > 1 and args.temperature == 0:
+        raise DivgenError("--copies > 1 with greedy decoding repeats the same answer: set --temperature > 0")
+    _check_model_args(args)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        _check_out_file(out)
+    from divgen.engine.spa.adapter_files import adapter_dirs, check_adapter_files
+    from divgen.engine.spa.data import read_prompts
+
+    prompts = [p.prompt for p in read_prompts(args.prompts)]
+    paths = adapter_dirs(args.adapters)
+    for path in paths:
+        check_adapter_files(path)                 # configs and weights are finite, before the model loads
+    rows = len(paths) * args.copies * min(len(prompts), args.prompts_per_batch)
+    if rows > limits.MAX_SAMPLES:
+        raise DivgenError(f"{rows} rows per batch (adapters x copies x prompts per batch) is more than "
+                          f"{limits.MAX_SAMPLES}: lower --prompts-per-batch or --copies")
+    settings = {"model": str(args.model or "default"), "adapters": [_adapter_identity(p) for p in paths],
+                "prompts": prompts, "copies": args.copies, "temperature": args.temperature, "top_p": args.top_p,
+                "seed": args.seed, "max_new_tokens": args.max_new_tokens}
+    if out is not None:
+        from divgen.engine.spa.answers import read_answers, run_fingerprint
+
+        read_answers(out, run_fingerprint(settings))   # an --out that is not ours is refused before the load
+
     from tqdm import tqdm
 
     from divgen.engine.model import load_model
-    from divgen.engine.spa.adapt import adapter_dirs
-    from divgen.engine.spa.data import read_prompts, write_jsonl
     from divgen.engine.spa.multilora import MultiLora
-    from divgen.engine.spa.sample import load_adapters, sample_answers, score_report
+    from divgen.engine.spa.sample import load_adapters, sample_answers, sample_into_file, score_report
 
-    if args.copies < 1:
-        raise DivgenError(f"--copies must be >= 1, got {args.copies}")
-    if args.max_new_tokens < 1:
-        raise DivgenError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        raise DivgenError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
-    if args.copies > 1 and args.temperature == 0:
-        raise DivgenError("--copies > 1 with greedy decoding repeats the same answer: set --temperature > 0")
-    prompts = [p.prompt for p in read_prompts(args.prompts)]
-    paths = adapter_dirs(args.adapters)
     lm = load_model(args.model, device=args.device)
     adapters = load_adapters(lm, paths)
     bar = tqdm(total=args.max_new_tokens, desc="decoding", unit="tok", file=sys.stderr, disable=not _progress(args),
                leave=False)
     with MultiLora(lm.model, adapters) as ml:
-        report = sample_answers(lm, ml, prompts, copies=args.copies, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                progress=lambda done, total: bar.update(1))
+        decode = dict(copies=args.copies, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, seed=args.seed, progress=lambda done, total: bar.update(1))
+        if out is not None:
+            report = sample_into_file(lm, ml, prompts, out, settings=settings, prompts_per_batch=args.prompts_per_batch,
+                                      log=lambda m: print(m, file=sys.stderr), **decode)
+        else:
+            report = sample_answers(lm, ml, prompts, **decode)
         bar.close()
         if not args.no_kl:
             score_report(lm, ml, report, progress=_progress(args))
@@ -259,22 +343,36 @@ def run_sample(args) -> int:
     summary["adapter_paths"] = [str(p) for p in paths]
     if args.no_kl:
         summary["pairwise_kl"] = None
-    if args.out:
-        rows = [{"prompt": ps.prompt, **{k: v for k, v in a.items() if k != "token_ids"}}
-                for ps in report.prompts for a in ps.answers]
-        write_jsonl(args.out, rows)
-        summary["per_prompt"] = [{"prompt": ps.prompt, "diversity_score": ps.diversity_score,
-                                  "pairwise_kl": None if args.no_kl else ps.pairwise_kl} for ps in report.prompts]
-        Path(f"{args.out}.metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if out is not None:
+        summary["per_prompt"] = [{"prompt": ps.prompt, "diversity_score": _finite_or_none(ps.diversity_score),
+                                  "pairwise_kl": None if args.no_kl else _finite_or_none(ps.pairwise_kl)}
+                                 for ps in report.prompts]
+    summary = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in summary.items()}
+    if out is not None:
+        metrics = Path(f"{out}.metrics.json")
+        tmp = metrics.with_name(f".{metrics.name}.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, metrics)
     else:
         for ps in report.prompts:
             print(f"## {ps.prompt}")
             for a in ps.answers:
                 tag = a["adapter"] + (f" #{a['copy']}" if args.copies > 1 else "")
                 print(f"[{tag}] {a['text']}")
-    kl = "n/a" if args.no_kl else f"{report.pairwise_kl:.4f}"
-    print(f"Diversity Score {report.diversity_score:.4f}  pairwise KL {kl}  "
+    kl = "n/a" if args.no_kl or summary["pairwise_kl"] is None else f"{report.pairwise_kl:.4f}"
+    ds = "n/a" if summary["diversity_score"] is None else f"{report.diversity_score:.4f}"
+    print(f"Diversity Score {ds}  pairwise KL {kl}  "
           f"({len(report.adapters)} adapters x {args.copies} copies, {len(prompts)} prompts, "
           f"decode {report.decode_seconds:.1f}s)", file=sys.stderr)
-    print(json.dumps({k: summary[k] for k in ("diversity_score", "pairwise_kl", "adapters", "prompts")}))
+    print(json.dumps({k: summary[k] for k in ("diversity_score", "pairwise_kl", "adapters", "prompts")},
+                     allow_nan=False))
     return 0
+
+
+def _adapter_identity(path: Path) -> dict:
+    """What identifies an adapter's content for the run fingerprint (path, config, weights size/mtime)."""
+    from divgen.engine.spa.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+
+    st = (path / WEIGHTS_NAME).stat()
+    return {"path": str(path.resolve()), "config": (path / CONFIG_NAME).read_text(encoding="utf-8", errors="replace"),
+            "weights": [st.st_size, int(st.st_mtime)]}

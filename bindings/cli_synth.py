@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import sys
 
+from divgen.bindings.cli_args import add_sampling_args, check_sampling_args
+from divgen.engine import limits
 from divgen.engine.errors import DivgenError
+from divgen.engine.limits import METHODS
 
-METHOD_CHOICES = ("fewgen", "cfg", "corrsynth", "m-corrsynth")
 
 
 def register(subparsers) -> None:
@@ -24,20 +26,16 @@ def register(subparsers) -> None:
     )
     p.add_argument("task", help="task file (YAML or JSON) or shipped task name")
     p.add_argument("--out", required=True, help="output JSONL file (appended to; resumed if it exists)")
-    p.add_argument("--method", help=f"override the task's method: {', '.join(METHOD_CHOICES)}")
-    p.add_argument("--per-label", type=int, help="examples per label")
-    p.add_argument("--max-new-tokens", type=int, help="tokens per example at most")
-    p.add_argument("--seed", type=int, help="job seed (row seeds derive from it)")
-    p.add_argument("--model", help="local HF model dir or .gguf (default: the task's model)")
+    p.add_argument("--method", help=f"override the task's method: {', '.join(METHODS)}")
+    p.add_argument("--per-label", type=int,
+                   help=f"examples per label (at most {limits.MAX_JOB_EXAMPLES:,} examples per job)")
+    add_sampling_args(p, defaults="default: the task file's value")
     p.add_argument("--few-shot", dest="few_shot_file", help="few-shot file (CSV/JSONL with labels), e.g. "
                    "../shared/data/ag_news_test.csv")
     p.add_argument("--rows-per-group", type=int, help="sample rows decoded in lockstep per group")
-    p.add_argument("--g", type=float, help="guidance scale g >= 1 (corrsynth, cfg)")
-    p.add_argument("--gamma", type=float, help="cross-label weight γ >= 0 (m-corrsynth)")
-    p.add_argument("--delta", type=float, help="intra-label weight δ >= 0 (m-corrsynth)")
-    p.add_argument("--alpha", type=float, help="plausibility cutoff α in [0, 1)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, help="nucleus cutoff in (0, 1]")
+    p.add_argument("--g", type=float, help="guidance scale g in [1, 100] (corrsynth, cfg)")
+    p.add_argument("--gamma", type=float, help="cross-label weight γ in [0, 100] (m-corrsynth)")
+    p.add_argument("--delta", type=float, help="intra-label weight δ in [0, 100] (m-corrsynth)")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="rows decoded per engine call (default 64); does not change the texts")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
@@ -64,14 +62,15 @@ def register(subparsers) -> None:
 def run_synth_command(args) -> int:
     from divgen.engine.synth import DEFAULT_BATCH_ROWS, load_task, run_synth
 
+    check_sampling_args(args)
+    batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else limits.batch_rows(args.batch_rows, "--batch-rows")
     task = load_task(args.task).with_overrides(
         method=args.method, per_label=args.per_label, max_new_tokens=args.max_new_tokens, seed=args.seed,
         model=args.model, few_shot_file=args.few_shot_file, rows_per_group=args.rows_per_group,
-        g=args.g, gamma=args.gamma, delta=args.delta, alpha=args.alpha, temperature=args.temperature,
-        top_p=args.top_p,
+        g=args.g, gamma=args.gamma, delta=args.delta, min_p=args.min_p, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos, dtype=args.dtype,
     )
-    batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else args.batch_rows
-    report = run_synth(task, args.out, batch_rows=batch_rows, progress=args.progress)
+    report = run_synth(task, args.out, batch_rows=batch_rows, progress=args.progress, device=args.device)
     counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
     if report.written:
         print(f"{report.out}: wrote {report.written} examples in {report.wall_time_s:.1f}s "

@@ -17,22 +17,15 @@ token (so they share its history), and are never returned as samples.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from divgen.engine import limits
 from divgen.engine.errors import DivgenError
+from divgen.engine.limits import MAX_WEIGHT
 
-MAX_WEIGHT = 100.0  # g, γ, δ above this make the guided scores meaningless (and overflow bf16)
-METHODS = ("corrsynth", "m-corrsynth", "cfg", "explicit")
-
-
-def _check_weight(name: str, value: float, low: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < low or value > MAX_WEIGHT:
-        raise DivgenError(f"{name} must be in [{low:g}, {MAX_WEIGHT:g}], got {value}")
-    return value
+METHODS = limits.GUIDANCE_RULES     # the rules of a Guidance (engine/limits.py holds the one list)
 
 
 @dataclass(frozen=True)
@@ -52,7 +45,7 @@ class Guidance:
     @classmethod
     def corrsynth(cls, groups, scale: float) -> "Guidance":
         groups = tuple(int(g) for g in groups)
-        scale = _check_weight("guidance scale g", scale, 1.0)
+        scale = limits.guidance_scale(scale, "guidance scale g")
         sizes = {g: groups.count(g) for g in set(groups)}
         small = [g for g, n in sizes.items() if n < 2]
         if small:
@@ -64,8 +57,8 @@ class Guidance:
         groups = tuple(int(g) for g in groups)
         if len(labels) != len(groups):
             raise DivgenError(f"m-corrsynth needs one label per row: {len(labels)} labels for {len(groups)} rows")
-        gamma = _check_weight("gamma (cross-label weight)", gamma, 0.0)
-        delta = _check_weight("delta (intra-label weight)", delta, 0.0)
+        gamma = limits.weight(gamma, "gamma (cross-label weight)")
+        delta = limits.weight(delta, "delta (intra-label weight)")
         for g in set(groups):
             if groups.count(g) < 2:
                 raise DivgenError(f"M-CorrSynth needs at least 2 rows per group; group {g} has 1")
@@ -77,7 +70,7 @@ class Guidance:
         shadow_of = tuple(None if s is None else int(s) for s in shadow_of)
         if len(shadow_of) != len(groups):
             raise DivgenError("cfg needs shadow_of with one entry per row (None for rows that are samples)")
-        scale = _check_weight("guidance scale g", scale, 1.0)
+        scale = limits.guidance_scale(scale, "guidance scale g")
         for row, leader in enumerate(shadow_of):
             if leader is None:
                 continue

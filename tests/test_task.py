@@ -104,7 +104,7 @@ def test_cfg_needs_two_labels_and_corrsynth_two_rows():
 @pytest.mark.parametrize("overrides,needle", [
     ({"method": "beam"}, "--method"),
     ({"g": 0.9}, "--g"),
-    ({"alpha": 1.0}, "--alpha"),
+    ({"min_p": 1.0}, "--min-p"), ({"alpha": 1.0}, "--min-p"),
     ({"per_label": 0}, "--per-label"),
     ({"rows_per_group": 1}, "--rows-per-group"),
     ({"method": "m-corrsynth", "delta": -2.0}, "--delta"),
@@ -200,3 +200,49 @@ def test_fingerprint_tracks_what_changes_the_texts():
     for change in ({"seed": 1}, {"method": "cfg"}, {"g": 3.0}, {"alpha": 0.2}, {"max_new_tokens": 5}):
         assert fingerprint(base.with_overrides(**change), pool) != fp, change
     assert fingerprint(base, {"pos": ["x"], "neg": ["y"]}) != fp
+
+
+def test_min_p_field_and_its_alpha_alias():
+    assert task_from_dict(make(sampling={"min_p": 0.05})).sampling.min_p == 0.05
+    alias = task_from_dict(make(sampling={"alpha": 0.05}))
+    assert alias.sampling.min_p == alias.sampling.alpha == 0.05
+    assert alias.content() == task_from_dict(make(sampling={"min_p": 0.05})).content()   # same fingerprint input
+    with pytest.raises(DivgenError, match="alias"):
+        task_from_dict(make(sampling={"alpha": 0.05, "min_p": 0.05}))
+    assert task_from_dict(make()).with_overrides(alpha=0.2).sampling.min_p == 0.2
+
+
+def test_every_methods_parameters_are_checked_and_named_by_field(tmp_path):
+    """YAML `gamma: -1` under m-corrsynth is refused at load, naming the field (not --gamma), even
+    when another method is active; a bad flag value names the flag."""
+    path = write_task(tmp_path, make(method="corrsynth", methods={"m-corrsynth": {"gamma": -1}}))
+    with pytest.raises(DivgenError) as err:
+        load_task(path)
+    assert "field 'methods.m-corrsynth.gamma'" in str(err.value) and "--gamma" not in str(err.value)
+    with pytest.raises(DivgenError) as err:
+        task_from_dict(make()).with_overrides(method="m-corrsynth", gamma=-1)
+    assert str(err.value).startswith("--gamma")
+
+
+@pytest.mark.parametrize("value,needle", [(float("inf"), "finite"), (101, "[0, 100]"), (-0.5, "[0, 100]")])
+def test_temperature_limits_are_the_same_in_file_and_flag(value, needle):
+    with pytest.raises(DivgenError, match="field 'sampling.temperature'") as err:
+        task_from_dict(make(sampling={"temperature": value}))
+    assert needle in str(err.value)
+    with pytest.raises(DivgenError, match="^--temperature") as err:
+        task_from_dict(make()).with_overrides(temperature=value)
+    assert needle in str(err.value)
+
+
+def test_job_size_is_bounded():
+    with pytest.raises(DivgenError, match="maximum is 10,000,000"):
+        task_from_dict(make(per_label=10 ** 9))
+    assert sum(task_from_dict(make(per_label=5 * 10 ** 6)).per_label) == 10 ** 7
+
+
+def test_bom_csv_reads_its_label_column(tmp_path):
+    csv_path = tmp_path / "bom.csv"
+    csv_path.write_bytes("\ufefflabel,text\npos,good one\nneg,bad one\n".encode("utf-8"))
+    task = task_from_dict(make(few_shot={"file": str(csv_path), "every": 1},
+                               labels=[{"name": "pos"}, {"name": "neg"}], prompt="{label}"))
+    assert few_shot_pool(task) == {"pos": ["good one"], "neg": ["bad one"]}

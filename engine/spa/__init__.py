@@ -9,5 +9,4 @@
     multilora.py  serving: every batch row with its own adapter (divgen.kernels.add_lora)
     sample.py     all adapters answer every prompt in one batch
     metrics.py    Diversity Score and pairwise KL between adapters
-    evidence.py   the README table, end to end through the CLI
 """

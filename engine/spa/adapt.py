@@ -19,60 +19,20 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from divgen.engine.errors import DivgenError
 from divgen.engine.model import LoadedModel
+from divgen.engine.spa.adapter_files import MANIFEST, adapter_dirs, is_complete  # noqa: F401
+from divgen.engine.spa.config import TrainConfig  # noqa: F401  (re-exported)
 from divgen.engine.spa.data import Example
 from divgen.engine.spa.finetune import TrainableLora, collate, encode_example, response_loss
 from divgen.engine.spa.lora import CONFIG_NAME, WEIGHTS_NAME, LoraAdapter, LoraConfig, base_probe, load_adapter, save_adapter
 
-MANIFEST = "adapters.json"
 TRAIN_LOG = "divgen_train.json"
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one adapter's training run."""
-
-    rank: int = 8                                   # LoRA rank r
-    alpha: float = 16.0                             # lora_alpha (scale = alpha / r)
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    lr: float = 1e-3                                # AdamW learning rate (constant)
-    steps: int = 30                                 # optimizer steps
-    batch_size: int = 4                             # examples per step
-    seed: int = 0                                   # init of A, batch order, dropout
-    dropout: float = 0.0                            # LoRA dropout on the adapter input
-    weight_decay: float = 0.0
-    max_length: int = 256                           # prompt + response tokens (response is cut)
-    checkpoint_every: int = 10                      # steps between resumable checkpoints
-    layers: list[int] | None = None                 # layers_to_transform (None = every layer)
-
-    def check(self) -> None:
-        if self.rank < 1:
-            raise DivgenError(f"--rank must be >= 1, got {self.rank}")
-        if not self.alpha > 0:
-            raise DivgenError(f"--alpha must be > 0, got {self.alpha}")
-        if not self.target_modules:
-            raise DivgenError("--target-modules is empty: name the layers to adapt, e.g. q_proj,v_proj")
-        if not self.lr > 0:
-            raise DivgenError(f"--lr must be > 0, got {self.lr}")
-        if self.steps < 1:
-            raise DivgenError(f"--steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise DivgenError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.dropout < 1:
-            raise DivgenError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.checkpoint_every < 1:
-            raise DivgenError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-
-    def lora_config(self, base_name: str | None) -> LoraConfig:
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.target_modules),
-                          lora_dropout=self.dropout, base_model_name_or_path=base_name,
-                          layers_to_transform=self.layers)
 
 
 def base_model_name(lm: LoadedModel) -> str:
@@ -95,10 +55,6 @@ def _fingerprint(examples: list[Example], cfg: TrainConfig) -> str:
     for ex in examples:
         h.update(json.dumps([ex.prompt, ex.response]).encode())
     return h.hexdigest()[:16]
-
-
-def is_complete(directory: Path) -> bool:
-    return (directory / CONFIG_NAME).exists() and (directory / WEIGHTS_NAME).exists()
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -203,25 +159,3 @@ def adapt_partitions(lm: LoadedModel, examples: list[Example], assignment: list[
 
 def write_manifest(out_dir: Path, names: list[str], extra: dict) -> None:
     (out_dir / MANIFEST).write_text(json.dumps({"adapters": names, **extra}, indent=2) + "\n")
-
-
-def adapter_dirs(spec: list[str]) -> list[Path]:
-    """Adapter directories from CLI arguments: each is an adapter dir, or a dir with an adapters.json
-    manifest (its adapters in manifest order), or a dir whose subdirectories are adapters."""
-    out: list[Path] = []
-    for item in spec:
-        p = Path(item).expanduser()
-        if is_complete(p):
-            out.append(p)
-        elif (p / MANIFEST).exists():
-            names = json.loads((p / MANIFEST).read_text()).get("adapters", [])
-            missing = [n for n in names if not is_complete(p / n)]
-            if missing:
-                raise DivgenError(f"{p}: adapters {missing} listed in {MANIFEST} are not finished: rerun `divgen spa adapt`")
-            out.extend(p / n for n in names)
-        elif p.is_dir() and any(is_complete(c) for c in p.iterdir() if c.is_dir()):
-            out.extend(sorted(c for c in p.iterdir() if c.is_dir() and is_complete(c)))
-        else:
-            raise DivgenError(f"{p} is not a LoRA adapter directory (no {CONFIG_NAME} + {WEIGHTS_NAME}) nor a folder "
-                              "of adapters: pass the output of `divgen spa adapt`")
-    return out

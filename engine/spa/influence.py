@@ -40,34 +40,13 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from divgen.engine.errors import DivgenError
+from divgen.engine.spa.config import LissaConfig  # noqa: F401  (re-exported)
 from divgen.engine.spa.finetune import Encoded, TrainableLora, collate, per_example_loss
-
-
-@dataclass
-class LissaConfig:
-    """LiSSA settings (see the module docstring)."""
-
-    depth: int = 20                 # recursion steps J per repeat
-    repeats: int = 1                # independent runs averaged
-    batch_size: int = 4             # examples per Hessian-vector product
-    damping: float = 0.01           # λ, added to H
-    scale: float | str = "auto"     # s; "auto" = 1.5 × (power-iteration |λ_max| + λ)
-    power_iterations: int = 8       # for scale="auto"
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.depth < 1 or self.repeats < 1 or self.batch_size < 1:
-            raise DivgenError("LiSSA depth, repeats and batch size must be >= 1")
-        if self.damping < 0:
-            raise DivgenError(f"--lissa-damping must be >= 0, got {self.damping}")
-        if self.scale != "auto" and not float(self.scale) > 0:
-            raise DivgenError(f"--lissa-scale must be > 0 or 'auto', got {self.scale}")
 
 
 @contextmanager

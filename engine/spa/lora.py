@@ -40,9 +40,7 @@ import torch
 from torch import nn
 
 from divgen.engine.errors import DivgenError
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+from divgen.engine.spa.adapter_files import CONFIG_NAME, WEIGHTS_NAME, check_weights_finite, read_adapter_config
 KEY_PREFIX = "base_model.model."
 BASE = "__base__"                      # the name of "no adapter" in slot lists
 PROBE_KEY = "divgen.base_probe"        # safetensors metadata: embedding probe of the base model
@@ -237,8 +235,11 @@ def save_adapter(adapter: LoraAdapter, directory: str | os.PathLike) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        os.chmod(tmp, 0o755)   # mkdtemp makes it private; an adapter directory is an ordinary output
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700; an adapter directory is an ordinary output
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~umask)   # safetensors writes 0600: an adapter is an ordinary output
         (tmp / CONFIG_NAME).write_text(json.dumps(adapter.config.to_json(), indent=2, sort_keys=True) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
@@ -264,11 +265,9 @@ def load_adapter(path: str | os.PathLike, name: str | None = None, model: nn.Mod
     if not weights_file.exists():
         hint = " (only adapter_model.bin: re-save it with safe_serialization=True)" if (path / "adapter_model.bin").exists() else ""
         raise DivgenError(f"adapter {path} has no {WEIGHTS_NAME}{hint}")
-    try:
-        data = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise DivgenError(f"{cfg_file} is not valid JSON ({exc}): rewrite it") from exc
+    data = read_adapter_config(path)            # finite numbers, named by file
     config = LoraConfig.from_json(data, where=str(cfg_file))
+    check_weights_finite(weights_file)          # NaN/inf anywhere is refused, naming the file
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     try:

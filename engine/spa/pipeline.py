@@ -128,7 +128,7 @@ class SpaRunConfig:
         if self.lora_top_layers:
             n = int(lm.model.config.num_hidden_layers)
             layers = list(range(max(0, n - self.lora_top_layers), n))
-        return TrainConfig(rank=self.rank, alpha=self.lora_alpha, lr=self.lr, steps=steps, batch_size=self.batch_size,
+        return TrainConfig(rank=self.rank, lora_alpha=self.lora_alpha, lr=self.lr, steps=steps, batch_size=self.batch_size,
                            seed=self.seed, max_length=self.max_length, layers=layers)
 
     def lissa_config(self):

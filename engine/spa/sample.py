@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from divgen.engine.model import LoadedModel
+from divgen.engine.spa.answers import answer_record, read_answers, run_fingerprint
 from divgen.engine.spa.lora import LoraAdapter
 from divgen.engine.spa.metrics import diversity_score, mean_ignoring_nan, pairwise_kl_sum
 from divgen.engine.spa.multilora import MultiLora
@@ -113,3 +114,68 @@ def load_adapters(lm: LoadedModel, paths, names=None) -> list[LoraAdapter]:
 
     names = names or adapter_names(paths)
     return [load_adapter(p, name=n, model=lm.model) for p, n in zip(paths, names)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling into a file: appended as it goes, resumed after a kill (file format: answers.py)
+# ---------------------------------------------------------------------------------------------
+def sample_into_file(lm: LoadedModel, ml: MultiLora, prompts: list[str], out, *, settings: dict,
+                     prompts_per_batch: int, copies: int = 1, max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0, progress=None, log=None) -> SampleReport:
+    """Answer every prompt with every adapter, ``prompts_per_batch`` prompts per decode batch, each
+    batch appended to ``out`` (one write + fsync); a rerun after a kill decodes only the prompts
+    that are missing. Returns the report over all answers in the file (metrics not yet scored)."""
+    import fcntl
+    import json
+    import os
+    from pathlib import Path
+
+    from divgen.engine.errors import DivgenError
+
+    out = Path(out)
+    fp = run_fingerprint(settings)
+    done, good = read_answers(out, fp)
+    todo = [i for i in range(len(prompts)) if i not in done]
+    created = not out.exists()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    decode_seconds, rows_forwarded, written = 0.0, 0, 0
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            created = False
+            raise DivgenError(f"another process is writing {out}: wait for it or choose another --out") from exc
+        if os.fstat(fd).st_size > good:                     # a torn last line from a killed run
+            os.ftruncate(fd, good)
+            if log:
+                log(f"note: cut a torn last line off {out}")
+        for start in range(0, len(todo), prompts_per_batch):
+            chunk = todo[start:start + prompts_per_batch]
+            part = sample_answers(lm, ml, [prompts[i] for i in chunk], copies=copies, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed, progress=progress)
+            decode_seconds += part.decode_seconds
+            rows_forwarded += part.rows_forwarded
+            lines = []
+            for i, ps in zip(chunk, part.prompts):
+                recs = [answer_record(i, ps.prompt, a, fp) for a in ps.answers]
+                done[i] = recs
+                lines += [json.dumps(r, ensure_ascii=False) + "\n" for r in recs]
+            data = "".join(lines).encode("utf-8")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            written += len(lines)
+    except BaseException:
+        if created and written == 0 and os.fstat(fd).st_size == 0:
+            out.unlink(missing_ok=True)       # a failed first run leaves no empty --out behind
+        raise
+    finally:
+        os.close(fd)
+    report = [PromptSamples(prompt=prompts[i], answers=[
+        {k: r[k] for k in ("adapter", "copy", "seed", "text", "finish_reason", "token_ids")} for r in done[i]])
+        for i in range(len(prompts))]
+    return SampleReport(adapters=list(ml.names), prompts=report, decode_seconds=decode_seconds,
+                        rows_forwarded=rows_forwarded,
+                        settings={"copies": copies, "temperature": temperature, "top_p": top_p, "seed": seed,
+                                  "max_new_tokens": max_new_tokens})

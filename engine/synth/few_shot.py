@@ -54,15 +54,25 @@ def read_labelled_file(path: Path) -> list[tuple[str, str]]:
                     raise DivgenError(f"few-shot file {path} line {n} needs a 'label' field")
                 rows.append((str(obj["label"]), _row_text(obj, f"few-shot file {path} line {n}")))
         else:
-            with path.open(encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or "label" not in reader.fieldnames:
+            # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column name.
+            with path.open(encoding="utf-8-sig", newline="") as f:
+                reader = csv.DictReader(f, strict=True)
+                if not reader.fieldnames or "label" not in [c.strip() for c in reader.fieldnames]:
+                    found = ", ".join(repr(c) for c in (reader.fieldnames or [])) or "none"
                     raise DivgenError(f"few-shot file {path} needs a header row with a 'label' column "
-                                      "and 'text' (or 'title','description')")
-                for row in reader:
-                    rows.append((str(row["label"]).strip(), _row_text(row, f"few-shot file {path}")))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DivgenError(f"cannot read few-shot file {path}: {exc}") from exc
+                                      f"and 'text' (or 'title','description'); its columns are {found}")
+                reader.fieldnames = [c.strip() for c in reader.fieldnames]
+                try:
+                    for row in reader:
+                        rows.append((str(row["label"]).strip(), _row_text(row, f"few-shot file {path}")))
+                except csv.Error as exc:
+                    raise DivgenError(f"few-shot file {path} is not valid CSV near line {reader.line_num} ({exc}): "
+                                      "check for an unterminated quote (a field that opens \" and never "
+                                      "closes it)") from exc
+    except UnicodeDecodeError as exc:
+        raise DivgenError(f"few-shot file {path} is not UTF-8 text ({exc.reason}): save it as UTF-8") from exc
+    except OSError as exc:
+        raise DivgenError(f"cannot read few-shot file {path}: {exc.strerror}") from exc
     return rows
 
 

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from divgen.engine import limits
 from divgen.engine.errors import DivgenError
+from divgen.engine.model_source import find_model
 from divgen.engine.synth.clean import clean_text, scaffolding_prefixes
 from divgen.engine.synth.few_shot import few_shot_pool
 from divgen.engine.synth.output import (
@@ -61,9 +63,7 @@ class SynthReport:
 
 def prepare(task: Task, out: Path):
     """Everything that can fail on user input, before the model loads and before any write."""
-    if task.model != "default" and not Path(task.model).expanduser().exists():
-        raise DivgenError(f"model {task.model} does not exist: pass a local HF model directory or .gguf file "
-                          "(--model or the task's 'model' field), or 'default' for the embedded model")
+    find_model(task.model)
     pool = few_shot_pool(task)
     fp = fingerprint(task, pool)
     content = task.content()
@@ -86,14 +86,15 @@ def run_synth(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    device=None,
 ) -> SynthReport:
     """Generate the task's examples into ``out`` (append-only, resumable). See module docstring.
 
-    lm: a loaded model (default: load ``task.model``). progress: a tqdm bar (None = when stderr
+    lm: a loaded model (default: load ``task.model`` with ``task.dtype`` on ``device``). progress: a tqdm bar (None = when stderr
     is a terminal). log: where one-line notes go (default: stderr)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
-        raise DivgenError(f"--batch-rows must be an integer >= 1, got {batch_rows!r}")
+    limits.batch_rows(batch_rows, "batch_rows")
+    device = limits.device(device, "device")
     out = Path(out)
     start = time.perf_counter()
     pool, fp, content, existing = prepare(task, out)
@@ -129,7 +130,7 @@ def run_synth(
         if lm is None:
             from divgen.engine.model import load_model
 
-            lm = load_model(None if task.model == "default" else task.model)
+            lm = load_model(None if task.model == "default" else task.model, device=device, dtype=task.dtype)
         if existing.size > existing.good_bytes:   # a torn last line from a killed run
             os.ftruncate(fd, existing.good_bytes)
             os.fsync(fd)
@@ -178,7 +179,7 @@ def decode_batch(task: Task, lm, b: BatchRows, progress: Callable[[int, int], No
     s = task.sampling
     return generate(
         lm, b.prompts, max_new_tokens=task.max_new_tokens, temperature=s.temperature,
-        top_k=s.top_k, top_p=s.top_p, alpha=s.alpha, seeds=b.seeds, stop=task.stop,
+        top_k=s.top_k, top_p=s.top_p, alpha=s.min_p, seeds=b.seeds, stop=task.stop,
         ignore_eos=task.ignore_eos, guidance=make_guidance(task, b), progress=progress,
     )
 

@@ -3,7 +3,9 @@
 A task file (YAML or JSON) says what dataset to generate. Every field, with its default:
 
     name: my_task                 # free text, shown in logs (not part of the fingerprint)
-    model: default                # embedded SmolLM2-135M-Instruct, a HF directory or a .gguf file
+    model: default                # embedded SmolLM2-135M-Instruct, a HF directory, a .gguf file, or a
+                                  # hub id (org/name) found in the local HF cache (never downloaded)
+    dtype: null                   # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     chat: true                    # wrap prompts in the model's chat template
     system: null                  # optional system message (chat only)
     labels:                       # at least one; names unique
@@ -23,25 +25,30 @@ A task file (YAML or JSON) says what dataset to generate. Every field, with its 
       header: "Examples of {verbalization}:\\n"   # placeholders as in prompt
       template: "- {text}\\n"      # one example; placeholders {text}, {index} (1-based) and the above
       footer: "\\n"
-    per_label: 50                 # examples to generate per label (or a mapping label -> count)
-    max_new_tokens: 64
+    per_label: 50                 # examples to generate per label (or a mapping label -> count);
+                                  # at most 10,000,000 examples per job (engine/limits.py)
+    max_new_tokens: 64            # 1 .. 32768
     stop: []                      # stop strings (the text is cut before them)
     ignore_eos: false
     method: corrsynth             # fewgen | cfg | corrsynth | m-corrsynth
     methods:                      # parameters of each method (the one named by `method` is used)
-      corrsynth: {g: 2.0}         # g >= 1: γ = (g − 1)/(K − 1) between the K rows of a group
+      corrsynth: {g: 2.0}         # g in [1, 100]: γ = (g − 1)/(K − 1) between the K rows of a group
       m-corrsynth: {gamma: 1.0, delta: 0.5, rows_per_group: 8}
-                                  # cross-label γ >= 0, intra-label δ >= 0; any method may set
+                                  # cross-label γ, intra-label δ in [0, 100]; any method may set
                                   # its own rows_per_group (overrides the top-level one)
-      cfg: {g: 2.0}               # g >= 1, the other labels' prompts are the negative prompts
+      cfg: {g: 2.0}               # g in [1, 100], the other labels' prompts are the negative prompts
       fewgen: {}
-    sampling: {temperature: 1.0, top_p: 1.0, top_k: 0, alpha: 0.0}   # alpha ∈ [0, 1): plausibility cutoff
+    sampling: {temperature: 1.0, top_p: 1.0, top_k: 0, min_p: 0.0}
+                                  # temperature in [0, 100] (0 greedy); top_p in (0, 1]; top_k >= 0;
+                                  # min_p in [0, 1): the plausibility cutoff α (``alpha`` is an alias)
     rows_per_group: null          # sample rows decoded in lockstep per group (default: one per
                                   # label); labels are assigned round-robin; >= 2 for corrsynth and
                                   # m-corrsynth. CFG adds K − 1 shadow rows per sample row.
     seed: 0
 
 Unknown fields are errors (they are usually typos); every error names the field and the fix.
+Values are checked once, here, with the limits of ``engine/limits.py`` (the same as the CLI's);
+every method's parameters are checked, not only the active method's.
 
 Few-shot pools are read by ``few_shot.py`` and shown by ``prompts.py``. For AG News
 (../shared/data/ag_news_test.csv, 7,600 rows) ``every: 10`` gives a pool of 760 rows (data rows 0, 10, 20, ...; 190 per label); rows with index % 10 != 0 are the
@@ -55,9 +62,9 @@ import string
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from divgen.engine import limits
 from divgen.engine.errors import DivgenError
-
-METHODS = ("fewgen", "cfg", "corrsynth", "m-corrsynth")
+from divgen.engine.limits import METHODS
 SHIPPED_TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 PROMPT_FIELDS = ("verbalization", "label", "examples")
 EXAMPLE_FIELDS = ("verbalization", "label", "text", "index")
@@ -68,7 +75,16 @@ DEFAULT_METHOD_PARAMS = {
     "m-corrsynth": {"gamma": 1.0, "delta": 0.5},
     "cfg": {"g": 2.0},
 }
-MAX_WEIGHT = 100.0  # the engine's bound on g, γ, δ
+
+# The flag that sets each overridable field (``Task.with_overrides``): an error about a value names
+# the flag when the user set it on the command line, else the task-file field.
+FLAG_OF = {
+    "method": "--method", "per_label": "--per-label", "max_new_tokens": "--max-new-tokens", "seed": "--seed",
+    "model": "--model", "few_shot.file": "--few-shot", "rows_per_group": "--rows-per-group", "stop": "--stop",
+    "ignore_eos": "--ignore-eos", "sampling.temperature": "--temperature", "sampling.top_p": "--top-p",
+    "sampling.top_k": "--top-k", "sampling.min_p": "--min-p", "dtype": "--dtype",
+}
+METHOD_FLAGS = {"g": "--g", "gamma": "--gamma", "delta": "--delta", "rows_per_group": "--rows-per-group"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +113,12 @@ class Sampling:
     temperature: float = 1.0           # 0 = greedy
     top_p: float = 1.0                 # 1 = off
     top_k: int = 0                     # 0 = off
-    alpha: float = 0.0                 # plausibility cutoff (min-p) in [0, 1)
+    min_p: float = 0.0                 # plausibility cutoff α in [0, 1): keep p >= min_p · max p
+
+    @property
+    def alpha(self) -> float:
+        """``min_p`` under the papers' name α (an alias kept for task files and Python callers)."""
+        return self.min_p
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,7 @@ class Task:
     sampling: Sampling = field(default_factory=Sampling)
     rows_per_group: int | None = None  # None = one row per label
     seed: int = 0
+    dtype: str | None = None           # model dtype (None = auto: bf16 on CUDA, fp32 on CPU)
 
     # ---- derived ----
     @property
@@ -162,53 +184,65 @@ class Task:
             "method": self.method,
             "params": self.params,
             "sampling": {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
-                         "top_k": self.sampling.top_k, "alpha": self.sampling.alpha},
+                         "top_k": self.sampling.top_k, "min_p": self.sampling.min_p},
             "rows_per_group": self.group_rows,
             "seed": self.seed,
+            **({"dtype": self.dtype} if self.dtype else {}),   # only when set: older fingerprints stay valid
         }
 
     def with_overrides(self, **overrides) -> "Task":
-        """A copy with command-line overrides applied (None = keep) and validated again.
+        """A copy with command-line (or Python) overrides applied (None = keep), validated again.
 
-        Keys: method, per_label, max_new_tokens, seed, model, few_shot_file, rows_per_group,
-        g, gamma, delta, temperature, top_p, top_k, alpha."""
+        Keys: method, per_label, max_new_tokens, seed, model, few_shot_file, rows_per_group, stop,
+        ignore_eos, g, gamma, delta, temperature, top_p, top_k, min_p (``alpha`` is its alias).
+        Errors about an overridden value name its flag; about the file's values, their field."""
         o = {k: v for k, v in overrides.items() if v is not None}
-        task = self
+        if "alpha" in o:
+            if "min_p" in o and o["min_p"] != o["alpha"]:
+                raise DivgenError("min_p and its alias alpha are both given with different values: give one")
+            o["min_p"] = o.pop("alpha")
+        task, flagged = self, set()
         if "method" in o:
-            task = replace(task, method=_check_method(o.pop("method"), "--method"))
+            task, flagged = replace(task, method=limits.method(o.pop("method"), "--method")), {"method"}
         if "per_label" in o:
-            n = _int(o.pop("per_label"), "--per-label", low=1)
-            task = replace(task, per_label=tuple(n for _ in task.labels))
-        if "max_new_tokens" in o:
-            task = replace(task, max_new_tokens=_int(o.pop("max_new_tokens"), "--max-new-tokens", low=1))
-        if "seed" in o:
-            task = replace(task, seed=_int(o.pop("seed"), "--seed"))
+            n = limits.number(o.pop("per_label"), "--per-label", low=1, integer=True)
+            task, flagged = replace(task, per_label=tuple(n for _ in task.labels)), flagged | {"per_label"}
+        for key in ("max_new_tokens", "seed", "ignore_eos"):
+            if key in o:
+                task, flagged = replace(task, **{key: o.pop(key)}), flagged | {key}
+        if "stop" in o:
+            task, flagged = replace(task, stop=o.pop("stop")), flagged | {"stop"}
         if "model" in o:
             task = replace(task, model=str(o.pop("model")))
+        if "dtype" in o:
+            task, flagged = replace(task, dtype=o.pop("dtype")), flagged | {"dtype"}
         if "few_shot_file" in o:
             task = replace(task, few_shot=replace(task.few_shot, file=Path(o.pop("few_shot_file")).expanduser()))
+            flagged.add("few_shot.file")
         methods = {k: dict(v) for k, v in task.methods.items()}
         for key in ("g", "gamma", "delta", "rows_per_group"):
             if key in o:
                 methods.setdefault(task.method, {})[key] = o.pop(key)
+                flagged.add(f"methods.{task.method}.{key}")
         task = replace(task, methods=methods)
-        sampling = {k: o.pop(k) for k in ("temperature", "top_p", "top_k", "alpha") if k in o}
+        sampling = {k: o.pop(k) for k in ("temperature", "top_p", "top_k", "min_p") if k in o}
         if sampling:
             task = replace(task, sampling=replace(task.sampling, **sampling))
+            flagged |= {f"sampling.{k}" for k in sampling}
         if o:
             raise DivgenError(f"unknown override(s): {', '.join(sorted(o))}")
-        return validate(task, flags=True)
+        return validate(task, flagged=flagged)
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading and validating
 # ----------------------------------------------------------------------------------------------
-TOP_FIELDS = {"name", "model", "chat", "system", "labels", "prompt", "few_shot", "per_label",
+TOP_FIELDS = {"name", "model", "dtype", "chat", "system", "labels", "prompt", "few_shot", "per_label",
               "max_new_tokens", "stop", "ignore_eos", "method", "methods", "sampling",
               "rows_per_group", "seed"}
 LABEL_FIELDS = {"name", "verbalization", "source_label", "examples"}
 FEW_SHOT_FIELDS = {"file", "every", "per_prompt", "header", "template", "footer"}
-SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "alpha"}
+SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "alpha"}
 METHOD_FIELDS = {"fewgen": {"rows_per_group"}, "corrsynth": {"g", "rows_per_group"},
                  "m-corrsynth": {"gamma", "delta", "rows_per_group"}, "cfg": {"g", "rows_per_group"}}
 
@@ -286,13 +320,14 @@ def task_from_dict(data, path: Path | None = None) -> Task:
         methods[name].update(params)
     raw_sampling = data.get("sampling") or {}
     if not isinstance(raw_sampling, dict):
-        raise w.error("sampling", "must be a mapping (temperature, top_p, top_k, alpha)")
+        raise w.error("sampling", "must be a mapping (temperature, top_p, top_k, min_p)")
     _no_unknown(raw_sampling, SAMPLING_FIELDS, "sampling.", w)
+    raw_sampling = dict(raw_sampling)
+    if "alpha" in raw_sampling:                      # the papers' name for min_p, kept as an alias
+        if "min_p" in raw_sampling:
+            raise w.error("sampling.alpha", "is an alias of sampling.min_p: give only one of them")
+        raw_sampling["min_p"] = limits.min_p(raw_sampling.pop("alpha"), f"task {w.source}: field 'sampling.alpha'")
     stop = data.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise w.error("stop", "must be a list of non-empty strings")
     per_label = _per_label(data.get("per_label", 50), labels, w)
     task = Task(
         labels=labels,
@@ -305,99 +340,99 @@ def task_from_dict(data, path: Path | None = None) -> Task:
         few_shot=few_shot,
         per_label=per_label,
         max_new_tokens=data.get("max_new_tokens", 64),
-        stop=tuple(stop),
+        stop=stop,
         ignore_eos=data.get("ignore_eos", False),
         method=method,
         methods=methods,
         sampling=Sampling(**{**Sampling().__dict__, **raw_sampling}),
         rows_per_group=data.get("rows_per_group"),
         seed=data.get("seed", 0),
+        dtype=data.get("dtype"),
     )
     return validate(task, where=w)
 
 
-def validate(task: Task, where: _Where | None = None, flags: bool = False) -> Task:
-    """Check every value; return the task with numbers normalised. ``flags``: name CLI flags."""
+def validate(task: Task, where: _Where | None = None, flagged: set = frozenset()) -> Task:
+    """Check every value once with the limits of ``engine/limits.py``; return the task with numbers
+    normalised. ``flagged``: fields set on the command line (errors name their flag)."""
     w = where or _Where(str(task.path) if task.path else "(inline)")
 
-    def err(name: str, flag: str | None, msg: str) -> DivgenError:
-        if flags and flag:
-            return DivgenError(f"{flag} (task field '{name}') {msg}")
-        return w.error(name, msg)
+    def name(field_name: str) -> str:
+        if field_name in flagged:
+            short = field_name.split(".")[-1] if field_name.startswith("methods.") else field_name
+            return METHOD_FLAGS.get(short, "") if field_name.startswith("methods.") else FLAG_OF[field_name]
+        return f"task {w.source}: field '{field_name}'"
+
+    def err(field_name: str, msg: str) -> DivgenError:
+        return DivgenError(f"{name(field_name)} {msg}")
 
     if not isinstance(task.chat, bool):
-        raise err("chat", None, f"must be true or false, got {task.chat!r}")
+        raise err("chat", f"must be true or false, got {task.chat!r}")
     if task.system is not None and not isinstance(task.system, str):
-        raise err("system", None, "must be a string or null")
+        raise err("system", "must be a string or null")
     if not isinstance(task.ignore_eos, bool):
-        raise err("ignore_eos", None, f"must be true or false, got {task.ignore_eos!r}")
+        raise err("ignore_eos", f"must be true or false, got {task.ignore_eos!r}")
+    stop = limits.stop_strings(task.stop, name("stop"))
+    dtype = limits.dtype(task.dtype, name("dtype"))
     _check_template(task.prompt, PROMPT_FIELDS, "prompt", w)
     used = _template_fields(task.prompt)
     if not used & {"verbalization", "label"} and not (task.few_shot.file or any(l.examples for l in task.labels)):
         raise w.error("prompt", "must mention {verbalization} or {label} (or show label-specific {examples}): "
                                 "otherwise every label gets the same prompt")
-    max_new = _int(task.max_new_tokens, "max_new_tokens", low=1, where=w, flag="--max-new-tokens" if flags else None)
-    seed = _int(task.seed, "seed", where=w, flag="--seed" if flags else None)
-    if not -(2 ** 62) <= seed < 2 ** 62:
-        raise err("seed", "--seed", f"must be within ±2^62, got {seed}")
+    limits.job_examples(sum(task.per_label), name("per_label"))
+    max_new = limits.max_new_tokens(task.max_new_tokens, name("max_new_tokens"))
+    seed = limits.seed(task.seed, name("seed"))
     rows = task.rows_per_group
     if rows is not None:
-        rows = _int(rows, "rows_per_group", low=1, where=w)
-    params = task.params
+        rows = limits.group_rows(rows, name("rows_per_group"))
+    # Every method's parameters are checked (not only the active one's), each under its own field.
+    methods = {}
+    for method_name, params in task.methods.items():
+        checked = {}
+        for key, value in params.items():
+            field_name = f"methods.{method_name}.{key}"
+            if key == "rows_per_group":
+                checked[key] = None if value is None else limits.group_rows(value, name(field_name))
+            elif key == "g":
+                checked[key] = limits.guidance_scale(value, f"{name(field_name)} (guidance scale g)")
+            else:
+                what = "γ (cross-label weight)" if key == "gamma" else "δ (intra-label weight)"
+                checked[key] = limits.weight(value, f"{name(field_name)} ({what})")
+        methods[method_name] = checked
+    params = methods.get(task.method, {})
     rows_field = "rows_per_group"
     if params.get("rows_per_group") is not None:
         rows_field = f"methods.{task.method}.rows_per_group"
-        params["rows_per_group"] = _int(params["rows_per_group"], rows_field, low=1, where=w,
-                                        flag="--rows-per-group" if flags else None)
     k = len(task.labels)
     group_rows = params.get("rows_per_group") or (rows if rows is not None else k)
     if task.method in ("corrsynth", "m-corrsynth") and group_rows < 2:
-        raise err(rows_field, "--rows-per-group",
-                  f"is {group_rows}: {task.method} contrasts rows decoded together and needs at least 2 rows per "
-                  "group (add a label, set rows_per_group >= 2, or use method fewgen)")
+        raise err(rows_field, f"is {group_rows}: {task.method} contrasts rows decoded together and needs at least "
+                              "2 rows per group (add a label, set rows_per_group >= 2, or use method fewgen)")
     if task.method == "cfg" and k < 2:
-        raise err("method", "--method", "cfg needs at least 2 labels: the other labels' prompts are the negative prompts")
-    flag_of = {"g": "--g", "gamma": "--gamma", "delta": "--delta"}
-    checked = {}
-    for key, value in params.items():
-        if key == "rows_per_group":
-            if value is not None:
-                checked[key] = value
-            continue
-        low = 1.0 if key == "g" else 0.0
-        v = _float(value, f"methods.{task.method}.{key}", where=w, flag=flag_of[key] if flags else None)
-        if not low <= v <= MAX_WEIGHT:
-            what = {"g": "guidance scale g", "gamma": "γ (cross-label weight)", "delta": "δ (intra-label weight)"}[key]
-            raise err(f"methods.{task.method}.{key}", flag_of[key],
-                      f"({what}) must be in [{low:g}, {MAX_WEIGHT:g}], got {v:g}")
-        checked[key] = v
-    methods = {**task.methods, task.method: checked}
+        raise DivgenError(f"{name('method')} cfg needs at least 2 labels: the other labels' "
+                          "prompts are the negative prompts")
     s = task.sampling
-    temperature = _float(s.temperature, "sampling.temperature", where=w, flag="--temperature" if flags else None)
-    top_p = _float(s.top_p, "sampling.top_p", where=w, flag="--top-p" if flags else None)
-    top_k = _int(s.top_k, "sampling.top_k", low=0, where=w, flag="--top-k" if flags else None)
-    alpha = _float(s.alpha, "sampling.alpha", where=w, flag="--alpha" if flags else None)
-    if not 0 <= temperature <= 100:
-        raise err("sampling.temperature", "--temperature", f"must be in [0, 100] (0 is greedy), got {temperature:g}")
-    if not 0 < top_p <= 1:
-        raise err("sampling.top_p", "--top-p", f"must be in (0, 1] (1 disables it), got {top_p:g}")
-    if not 0 <= alpha < 1:
-        raise err("sampling.alpha", "--alpha", f"(plausibility cutoff α) must be in [0, 1) (0 disables it), got {alpha:g}")
+    sampling = Sampling(
+        temperature=limits.temperature(s.temperature, name("sampling.temperature")),
+        top_p=limits.top_p(s.top_p, name("sampling.top_p")),
+        top_k=limits.top_k(s.top_k, name("sampling.top_k")),
+        min_p=limits.min_p(s.min_p, name("sampling.min_p")),
+    )
     fs = task.few_shot
     if fs.file is not None and not Path(fs.file).is_file():
-        raise err("few_shot.file", "--few-shot", f"names {fs.file}, which is not a file: give the path of a CSV or JSONL "
-                                               "few-shot file (e.g. ../shared/data/ag_news_test.csv)")
-    return replace(
-        task, max_new_tokens=max_new, seed=seed, rows_per_group=rows, methods=methods,
-        sampling=Sampling(temperature=temperature, top_p=top_p, top_k=top_k, alpha=alpha),
-    )
+        raise err("few_shot.file", f"names {fs.file}, which is not a file: give the path of a CSV or JSONL "
+                                   "few-shot file (e.g. ../shared/data/ag_news_test.csv)")
+    return replace(task, max_new_tokens=max_new, seed=seed, rows_per_group=rows, methods=methods, stop=stop,
+                   sampling=sampling, dtype=dtype)
 
 
 def _no_unknown(data: dict, allowed: set, prefix: str, w: _Where) -> None:
     for key in data:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(sorted(allowed)) or 'none'})"
+            close = [f"{prefix}{c}" for c in difflib.get_close_matches(str(key), sorted(allowed), n=1)]
+            if not close and not prefix:       # a sampling knob written at the top level
+                close = [f"sampling.{c}" for c in difflib.get_close_matches(str(key), sorted(SAMPLING_FIELDS), n=1)]
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(allowed)) or 'none'})"
             raise w.error(f"{prefix}{key}", f"is not a task field{hint}")
 
 
@@ -500,33 +535,6 @@ def _check_template(template, allowed, name: str, w: _Where) -> None:
             raise w.error(name, f"uses the placeholder {{{f}}}: allowed are {', '.join('{' + a + '}' for a in allowed)}")
 
 
-def _check_method(method, name: str) -> str:
-    if method not in METHODS:
-        close = difflib.get_close_matches(str(method), METHODS, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise DivgenError(f"{name} {method!r} is not a method: use one of {', '.join(METHODS)}{hint}")
-    return method
-
-
-def _int(value, name: str, low: int | None = None, where: _Where | None = None, flag: str | None = None) -> int:
-    def fail(msg):
-        return DivgenError(f"{flag} (task field '{name}') {msg}") if flag else (
-            where.error(name, msg) if where else DivgenError(f"{name} {msg}"))
-
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise fail(f"must be an integer, got {value!r}")
-    if low is not None and value < low:
-        raise fail(f"must be >= {low}, got {value}")
-    return int(value)
-
-
-def _float(value, name: str, where: _Where | None = None, flag: str | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-        msg = f"must be a finite number, got {value!r}"
-        if flag:
-            raise DivgenError(f"{flag} (task field '{name}') {msg}")
-        raise where.error(name, msg) if where else DivgenError(f"{name} {msg}")
-    return float(value)
+def _int(value, name: str, low: int | None = None, where: _Where | None = None) -> int:
+    label = where.error(name, "").args[0].rstrip() if where else name
+    return limits.number(value, label, low=low, integer=True)

@@ -1,6 +1,6 @@
 """The README's SPA table, end to end through the `divgen spa` CLI on the shipped synthetic data.
 
-    python -m divgen.engine.spa.evidence --out runs/spa-evidence      # ~23 min on a busy 2-core CPU
+    python experiments/spa_evidence.py --out runs/spa-evidence      # ~23 min on a busy 2-core CPU
 
 runs (and prints) these commands, each resumable, then writes ``table.md`` and ``table.json``:
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = out / slug / "samples.jsonl"
         if not Path(f"{samples}.metrics.json").exists():
             _run(["spa", "sample", "--adapters", str(out / slug / "adapters"), "--prompts", str(EVAL_FILE),
-                  "--max-new-tokens", str(args.max_new_tokens), "--out", str(samples), *model], log)
+                  "--max-new-tokens", str(args.max_new_tokens), "--prompts-per-batch", "1000", "--out", str(samples), *model], log)
         sizes = json.loads((out / slug / "partitions.json").read_text())["sizes"]
         rows.append((f"SPA, {label}", f"{k} adapters, greedy", sizes, json.loads(Path(f"{samples}.metrics.json").read_text())))
         rows[-1][3]["samples"] = str(samples)
@@ -99,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(f"{samples}.metrics.json").exists():
         _run(["spa", "sample", "--adapters", str(out / "whole"), "--prompts", str(EVAL_FILE), "--copies", str(k),
               "--temperature", str(args.temperature), "--max-new-tokens", str(args.max_new_tokens),
-              "--out", str(samples), *model], log)
+              "--prompts-per-batch", "1000", "--out", str(samples), *model], log)
     rows.append(("single adapter on everything", f"{k} samples, T = {args.temperature:g}", None,
                  json.loads(Path(f"{samples}.metrics.json").read_text())))
     rows[-1][3]["samples"] = str(samples)
     samples = out / "whole" / "samples_greedy.jsonl"
     if not Path(f"{samples}.metrics.json").exists():
         _run(["spa", "sample", "--adapters", str(out / "whole"), "--prompts", str(EVAL_FILE),
-              "--max-new-tokens", str(args.max_new_tokens), "--out", str(samples), *model], log)
+              "--max-new-tokens", str(args.max_new_tokens), "--prompts-per-batch", "1000", "--out", str(samples), *model], log)
     greedy = json.loads(Path(f"{samples}.metrics.json").read_text())
     greedy["diversity_score"] = 0.0          # its K answers are one answer K times: every pair a duplicate
     greedy["samples"] = str(samples)

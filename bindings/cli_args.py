@@ -1,0 +1,66 @@
+"""The flags that ``generate`` and ``synth`` share, with one name per knob (vLLM's where it has one).
+
+    --temperature --top-p --top-k --min-p --seed --stop --ignore-eos --max-new-tokens/--max-tokens
+    --model --device --dtype
+
+Every flag defaults to None, meaning "not set": ``generate`` then uses the model's
+``generation_config.json`` and divgen's defaults, ``synth`` the task file. Values are checked by
+``check_sampling_args`` with the limits of ``engine/limits.py`` before anything slow happens.
+"""
+from __future__ import annotations
+
+from divgen.engine import limits
+
+
+def add_sampling_args(p, *, defaults: str) -> None:
+    """Add the shared decoding flags. ``defaults`` says, in the help, where unset values come from."""
+    g = p.add_argument_group("decoding (the same flags on generate and synth)")
+    g.add_argument("--temperature", type=float, default=None, help=f"0 is greedy, at most 100 ({defaults})")
+    g.add_argument("--top-p", type=float, default=None, help=f"nucleus cutoff in (0, 1]; 1 is off ({defaults})")
+    g.add_argument("--top-k", type=int, default=None, help=f"keep the k most likely tokens; 0 is off ({defaults})")
+    g.add_argument("--min-p", type=float, default=None,
+                   help=f"plausibility cutoff α in [0, 1): keep tokens with p >= α·max p; 0 is off ({defaults})")
+    g.add_argument("--seed", type=int, default=None, help=f"seed ({defaults})")
+    g.add_argument("--stop", action="append", default=None, help="stop string, repeatable (the text is cut before it)")
+    g.add_argument("--ignore-eos", action="store_true", default=None,
+                   help="keep generating after the end-of-sequence token (to exactly --max-new-tokens)")
+    g.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=None,
+                   help=f"tokens to generate per sample, at most {limits.MAX_NEW_TOKENS} ({defaults}); "
+                        "--max-tokens is vLLM's name")
+    add_model_args(g)
+
+
+def add_model_args(g) -> None:
+    g.add_argument("--model", default=None,
+                   help="local HF model dir, .gguf file, or hub id in the local HF cache (never downloaded); "
+                        "default: the task's model (synth), else the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--dtype", default=None, help=f"auto, {', '.join(limits.DTYPES)} (default auto: bf16 on "
+                                                 "CUDA, fp32 on CPU)")
+
+
+def check_sampling_args(args) -> None:
+    """Check every decoding flag the user set (None = not set), naming the flag."""
+    if args.temperature is not None:
+        limits.temperature(args.temperature, "--temperature")
+    if args.top_p is not None:
+        limits.top_p(args.top_p, "--top-p")
+    if args.top_k is not None:
+        limits.top_k(args.top_k, "--top-k")
+    if args.min_p is not None:
+        limits.min_p(args.min_p, "--min-p")
+    if args.seed is not None:
+        limits.seed(args.seed, "--seed")
+    if args.stop is not None:
+        limits.stop_strings(args.stop, "--stop")
+    if args.max_new_tokens is not None:
+        limits.max_new_tokens(args.max_new_tokens, "--max-new-tokens")
+    check_model_args(args)
+
+
+def check_model_args(args) -> None:
+    from divgen.engine.model_source import find_model
+
+    args.device = limits.device(args.device, "--device")
+    args.dtype = limits.dtype(getattr(args, "dtype", None), "--dtype")
+    find_model(args.model)

@@ -1,0 +1,166 @@
+"""The one validation layer: every user value's range, and the one list of methods.
+
+User values are checked once, where they enter — the task file (``engine/synth/task.py``), the
+command line (``bindings/cli_*.py``) and the Python API's constructors (``Guidance.*``) — with the
+limits below and a message that names what the user set (``name``: a flag such as
+``--temperature`` or a task-file field). Lower layers (decode loop, kernels) check only shapes
+and dtypes. This module imports nothing heavy: the CLI validates before importing torch.
+
+Stated maximum job sizes (each refused with one line before any slow work):
+
+* ``generate -n``: at most ``MAX_SAMPLES`` rows of one prompt;
+* ``--max-new-tokens``: at most ``MAX_NEW_TOKENS`` (and the model's context, checked at load);
+* ``synth``: at most ``MAX_JOB_EXAMPLES`` examples per job (sum over labels), ``MAX_GROUP_ROWS``
+  rows per guidance group, ``MAX_BATCH_ROWS`` rows per engine call;
+* ``spa sample``: at most ``MAX_SAMPLES`` rows (prompts × adapters × copies) per decode batch.
+"""
+from __future__ import annotations
+
+import math
+
+# ---- the one list of methods ---------------------------------------------------------------------
+METHODS = ("fewgen", "cfg", "corrsynth", "m-corrsynth")     # synth methods (task files, --method)
+GUIDED_METHODS = ("cfg", "corrsynth", "m-corrsynth")        # the ones that build a Guidance
+GUIDANCE_RULES = GUIDED_METHODS + ("explicit",)              # Guidance rules (explicit: the user's γ)
+
+# ---- limits --------------------------------------------------------------------------------------
+MAX_TEMPERATURE = 100.0          # higher is uniform sampling for any logits that fit in bf16
+MAX_WEIGHT = 100.0               # g, γ, δ: above this the guided scores are meaningless (and overflow bf16)
+MAX_NEW_TOKENS = 32768
+MAX_SAMPLES = 4096               # rows in one decode call from the CLI (generate -n, spa sample)
+MAX_JOB_EXAMPLES = 10_000_000    # synth: examples per job, all labels together
+MAX_GROUP_ROWS = 1024            # synth: sample rows per guidance group
+MAX_BATCH_ROWS = 65536           # synth: rows per engine call
+MAX_SEED = 2 ** 62               # seeds within ±2^62 (row seeds are derived by hashing)
+MAX_TOP_K = 2 ** 31 - 1
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+
+def _fail(msg: str):
+    from divgen.engine.errors import DivgenError
+
+    return DivgenError(msg)
+
+
+def number(value, name: str, *, low=None, high=None, low_open: bool = False, high_open: bool = False,
+           integer: bool = False, hint: str = "") -> float | int:
+    """``value`` as a finite float (or int with ``integer``) within the bounds, else DivgenError
+    "NAME must be ... got VALUE". ``hint`` follows the range, e.g. " (0 is greedy)"."""
+    if integer:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(f"{name} must be an integer{hint}, got {value!r}")
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _fail(f"{name} must be a finite number{_range(low, high, low_open, high_open)}{hint}, got {value!r}")
+        value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        raise _fail(f"{name} must be{_range(low, high, low_open, high_open, integer)}{hint}, got {shown}")
+    return value
+
+
+def _range(low, high, low_open, high_open, integer=False) -> str:
+    f = (lambda v: str(v)) if integer else (lambda v: f"{v:g}")
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{f(low)}, {f(high)}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {f(low)}"
+    if high is not None:
+        return f" {'<' if high_open else '<='} {f(high)}"
+    return ""
+
+
+# ---- one checker per knob (the same limits wherever the value enters) ------------------------------
+def temperature(value, name: str = "temperature") -> float:
+    return number(value, name, low=0.0, high=MAX_TEMPERATURE, hint=" (0 is greedy)")
+
+
+def top_p(value, name: str = "top_p") -> float:
+    return number(value, name, low=0.0, high=1.0, low_open=True, hint=" (1 disables it)")
+
+
+def top_k(value, name: str = "top_k") -> int:
+    return number(value, name, low=0, high=MAX_TOP_K, integer=True, hint=" (0 disables it)")
+
+
+def min_p(value, name: str = "min_p") -> float:
+    return number(value, name, low=0.0, high=1.0, high_open=True, hint=" (plausibility cutoff α; 0 disables it)")
+
+
+def seed(value, name: str = "seed") -> int:
+    return number(value, name, low=-MAX_SEED, high=MAX_SEED, high_open=True, integer=True)
+
+
+def max_new_tokens(value, name: str = "max_new_tokens") -> int:
+    return number(value, name, low=1, high=MAX_NEW_TOKENS, integer=True)
+
+
+def samples(value, name: str = "-n") -> int:
+    return number(value, name, low=1, high=MAX_SAMPLES, integer=True)
+
+
+def guidance_scale(value, name: str = "guidance scale g") -> float:
+    return number(value, name, low=1.0, high=MAX_WEIGHT, hint=" (1 is no guidance)")
+
+
+def weight(value, name: str) -> float:
+    """γ (cross-label) or δ (intra-label) of M-CorrSynth."""
+    return number(value, name, low=0.0, high=MAX_WEIGHT)
+
+
+def group_rows(value, name: str = "rows_per_group") -> int:
+    return number(value, name, low=1, high=MAX_GROUP_ROWS, integer=True)
+
+
+def batch_rows(value, name: str = "--batch-rows") -> int:
+    return number(value, name, low=1, high=MAX_BATCH_ROWS, integer=True)
+
+
+def job_examples(total: int, name: str = "per_label") -> int:
+    if total > MAX_JOB_EXAMPLES:
+        raise _fail(f"{name} asks for {total:,} examples in one job; the maximum is {MAX_JOB_EXAMPLES:,}: "
+                    "split the job (several --out files with different --seed)")
+    return total
+
+
+def stop_strings(value, name: str = "stop") -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s for s in value):
+        raise _fail(f"{name} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def method(value, name: str = "--method") -> str:
+    if value not in METHODS:
+        import difflib
+
+        close = difflib.get_close_matches(str(value), METHODS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise _fail(f"{name} {value!r} is not a method: use one of {', '.join(METHODS)}{hint}")
+    return value
+
+
+def device(value, name: str = "--device") -> str | None:
+    """A device name's syntax (cpu, cuda, cuda:N, mps), checked without importing torch; whether
+    it exists is checked when the model loads."""
+    import re
+
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value.strip()):
+        raise _fail(f"{name} {value!r} is not a device: use cpu, cuda or cuda:N")
+    return value.strip()
+
+
+def dtype(value, name: str = "--dtype") -> str | None:
+    if value is None or value == "auto":
+        return None
+    if value not in DTYPES:
+        raise _fail(f"{name} {value!r} is not a dtype: use auto, {', '.join(DTYPES)}")
+    return value
