@@ -8,12 +8,13 @@
                             extra_args=divgen_tag(group="q1", scale=2.0))   # 8 rows contrast each other
     outputs = llm.generate([prompt], params)
 
-(``vllm serve ... --logits-processors divgen.bindings.vllm:DivgenLogitsProcessor`` and
-``"vllm_xargs": {"divgen": ...}`` per request do the same over HTTP.)
+Over HTTP: ``vllm serve MODEL --logits-processors divgen.bindings.vllm:DivgenLogitsProcessor`` and
+``"vllm_xargs": {"divgen_group": "q1", "divgen_scale": 2}`` in a request's body.
 
-Tags (``SamplingParams.extra_args["divgen"]``, built and checked by ``divgen_tag``):
+Tags are flat ``extra_args`` keys with the prefix ``divgen_`` (vLLM's HTTP ``vllm_xargs`` takes no
+nested values), built and checked by ``divgen_tag``; ``divgen_group`` marks a request as tagged:
 
-| method        | fields                     | γ_{m,n} of row m over the present members n ≠ m of its group |
+| divgen_method | divgen_* fields            | γ_{m,n} of row m over the present members n ≠ m of its group |
 |---------------|----------------------------|---------------------------------------------------------------|
 | corrsynth     | scale g                    | (g − 1) / (K − 1), K = members present                         |
 | m-corrsynth   | label, gamma γ, delta δ    | γ / #{n: y_n ≠ y_m} across labels, δ / #{n ≠ m: y_n = y_m} within |
@@ -64,7 +65,8 @@ try:
 except ImportError:  # vLLM absent: the bookkeeping below still runs (the main suite tests it)
     _VllmLogitsProcessor = object
 
-TAG_KEY = "divgen"
+TAG_PREFIX = "divgen_"
+TAG_FIELDS = ("group", "method", "scale", "label", "gamma", "delta", "member", "weights")
 TAG_METHODS = ("corrsynth", "m-corrsynth", "explicit")
 _GREEDY_EPS = 1e-5       # vLLM treats a temperature below this as greedy
 
@@ -93,61 +95,62 @@ class Tag:
 def _number(fields: dict, name: str, low: float, default=None) -> float:
     value = fields.get(name, default)
     if value is None:
-        raise DivgenError(f"divgen tag: '{name}' is required for method {fields.get('method', 'corrsynth')!r}")
+        raise DivgenError(f"divgen tag: '{TAG_PREFIX}{name}' is required for method {fields.get('method', 'corrsynth')!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not low <= value <= MAX_WEIGHT:
-        raise DivgenError(f"divgen tag: '{name}' must be a number in [{low:g}, {MAX_WEIGHT:g}], got {value!r}")
+        raise DivgenError(f"divgen tag: '{TAG_PREFIX}{name}' must be a number in [{low:g}, {MAX_WEIGHT:g}], got {value!r}")
     return float(value)
 
 
 def parse_tag(extra_args) -> Tag | None:
     """The Tag of a request's ``extra_args`` (None when untagged). Raises DivgenError."""
-    if not extra_args or TAG_KEY not in extra_args:
+    if not extra_args:
         return None
-    fields = extra_args[TAG_KEY]
-    if not isinstance(fields, dict):
-        raise DivgenError(f"extra_args['{TAG_KEY}'] must be a dict such as {{'group': 'q1', 'scale': 2.0}}")
-    known = {"group", "method", "scale", "label", "gamma", "delta", "member", "weights"}
-    unknown = sorted(set(fields) - known)
+    fields = {k[len(TAG_PREFIX):]: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith(TAG_PREFIX)}
+    if not fields:
+        return None
+    unknown = sorted(TAG_PREFIX + k for k in set(fields) - set(TAG_FIELDS))
     if unknown:
-        raise DivgenError(f"divgen tag: unknown field(s) {unknown}; known: {sorted(known)}")
+        raise DivgenError(f"divgen tag: unknown key(s) {unknown}; known: {[TAG_PREFIX + k for k in TAG_FIELDS]}")
     group = fields.get("group")
     if isinstance(group, bool) or not isinstance(group, (str, int)) or group == "":
-        raise DivgenError("divgen tag: 'group' must be a non-empty string or an integer (the guidance group id)")
+        raise DivgenError("divgen tag: 'divgen_group' must be a non-empty string or an integer (the guidance group id)")
     method = fields.get("method", "corrsynth")
     if method not in TAG_METHODS:
-        raise DivgenError(f"divgen tag: method must be one of {', '.join(TAG_METHODS)}, got {method!r}")
+        raise DivgenError(f"divgen tag: divgen_method must be one of {', '.join(TAG_METHODS)}, got {method!r}")
     if method == "corrsynth":
         return Tag(str(group), method, scale=_number(fields, "scale", 1.0))
     if method == "m-corrsynth":
         label = fields.get("label")
         if label is None:
-            raise DivgenError("divgen tag: m-corrsynth needs a 'label' per request")
+            raise DivgenError("divgen tag: m-corrsynth needs a 'divgen_label' per request")
         return Tag(str(group), method, label=str(label), gamma=_number(fields, "gamma", 0.0),
                    delta=_number(fields, "delta", 0.0))
     member, weights = fields.get("member"), fields.get("weights")
     if isinstance(member, bool) or not isinstance(member, int) or member < 0:
-        raise DivgenError("divgen tag: explicit guidance needs 'member', this request's index >= 0 in the group")
+        raise DivgenError("divgen tag: explicit guidance needs 'divgen_member', this request's index >= 0 in the group")
     if not isinstance(weights, (list, tuple)) or not weights:
-        raise DivgenError("divgen tag: explicit guidance needs 'weights', this request's γ toward member 0, 1, ...")
+        raise DivgenError("divgen tag: explicit guidance needs 'divgen_weights', this request's γ toward member 0, 1, ...")
     ws = []
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or abs(w) > MAX_WEIGHT:
-            raise DivgenError(f"divgen tag: weights must be finite numbers within ±{MAX_WEIGHT:g}, got {w!r}")
+            raise DivgenError(f"divgen tag: divgen_weights must be finite numbers within ±{MAX_WEIGHT:g}, got {w!r}")
         ws.append(float(w))
     return Tag(str(group), method, member=member, weights=tuple(ws))
 
 
 def divgen_tag(group, *, scale=None, method: str = "corrsynth", label=None, gamma=None, delta=None,
                member=None, weights=None) -> dict:
-    """``extra_args`` for a tagged request, checked now: ``SamplingParams(extra_args=divgen_tag(...))``."""
+    """``extra_args`` for a tagged request, checked now: ``SamplingParams(extra_args=divgen_tag(...))``
+    (merge it with other extra_args as a dict; over HTTP send it as ``vllm_xargs``)."""
     fields = {"group": group, "method": method}
     for name, value in (("scale", scale), ("label", label), ("gamma", gamma), ("delta", delta),
                         ("member", member), ("weights", list(weights) if weights is not None else None)):
         if value is not None:
             fields[name] = value
-    parse_tag({TAG_KEY: fields})
-    return {TAG_KEY: fields}
+    tag = {TAG_PREFIX + k: v for k, v in fields.items()}
+    parse_tag(tag)
+    return tag
 
 
 # ----------------------------------------------------------------------------------------------

@@ -116,6 +116,6 @@ def test_two_groups_m_corrsynth_and_explicit_beside_untagged_requests(llm, embed
 
 
 def test_bad_tag_is_refused_before_decoding(llm, embedded_lm):
-    with pytest.raises(VLLMValidationError, match="'scale' is required"):
-        llm.generate(_ids(embedded_lm, ["Hello"]), SamplingParams(max_tokens=2, extra_args={"divgen": {"group": "g"}}),
+    with pytest.raises(VLLMValidationError, match="'divgen_scale' is required"):
+        llm.generate(_ids(embedded_lm, ["Hello"]), SamplingParams(max_tokens=2, extra_args={"divgen_group": "g"}),
                      use_tqdm=False)

@@ -154,22 +154,32 @@ def test_seedless_requests_draw_a_seed_once_and_greedy_rows_take_the_guided_argm
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"scale": 2.0}, "'group'"),
-    ({"group": "g"}, "'scale' is required"),
+    ({"scale": 2.0}, "'divgen_group'"),
+    ({"group": "g"}, "'divgen_scale' is required"),
     ({"group": "g", "scale": 0.5}, r"\[1, 100\]"),
-    ({"group": "g", "scale": 2.0, "sclae": 1}, "unknown field"),
-    ({"group": "g", "method": "cfg", "scale": 2.0}, "method must be one of"),
-    ({"group": "g", "method": "m-corrsynth", "gamma": 1.0, "delta": 0.0}, "'label'"),
-    ({"group": "g", "method": "explicit", "member": 0}, "'weights'"),
-    ({"group": "g", "method": "explicit", "member": -1, "weights": [1.0]}, "'member'"),
+    ({"group": "g", "scale": 2.0, "sclae": 1}, r"unknown key\(s\) \['divgen_sclae'\]"),
+    ({"group": "g", "method": "cfg", "scale": 2.0}, "divgen_method must be one of"),
+    ({"group": "g", "method": "m-corrsynth", "gamma": 1.0, "delta": 0.0}, "'divgen_label'"),
+    ({"group": "g", "method": "explicit", "member": 0}, "'divgen_weights'"),
+    ({"group": "g", "method": "explicit", "member": -1, "weights": [1.0]}, "'divgen_member'"),
 ])
 def test_bad_tags_are_refused_with_the_fix(fields, message):
+    flat = {"divgen_" + k: v for k, v in fields.items()}
     with pytest.raises(DivgenError, match=message):
-        parse_tag({"divgen": fields})
+        parse_tag(flat)
     with pytest.raises(ValueError, match=message):
-        DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args={"divgen": fields}))
+        DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args=flat))
     DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args=None))
     DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args={"other": 1}))
+
+
+def test_tags_are_flat_http_compatible_extra_args():
+    """vLLM's HTTP vllm_xargs: dict[str, str | int | float | list[...]] — no nested values."""
+    for tag in (divgen_tag("g", scale=2.0), divgen_tag(3, method="m-corrsynth", label="a", gamma=1.0, delta=0.5),
+                divgen_tag("g", method="explicit", member=1, weights=[0.5, 0.0])):
+        assert all(k.startswith("divgen_") and isinstance(v, (str, int, float, list)) for k, v in tag.items())
+    assert parse_tag({"divgen_group": "q", "divgen_scale": 2, "other_extension": {"x": 1}}) == parse_tag(
+        divgen_tag("q", scale=2.0))
 
 
 def test_a_group_over_the_kernel_limit_is_contrasted_in_chunks():
