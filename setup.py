@@ -47,7 +47,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "plot": ["matplotlib>=3.5"],          # divgen spa run's diversity-vs-fidelity PNG
+        "plot": ["matplotlib>=3.5"],          # PNGs of divgen spa run and experiments/sweep.py
         "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.12"],
     },
     entry_points={"console_scripts": ["divgen=divgen.bindings.cli:main"]},

@@ -46,7 +46,9 @@ def register(subparsers) -> None:
         "metrics", help="diversity metrics of a generated JSONL file",
         description="Intrinsic diversity of a generated set, per label and overall: Self-BLEU (n = 1..4, "
                     "on a fixed-size random subset), distinct-n, mean pairwise embedding cosine similarity "
-                    "(all-MiniLM-L6-v2), label counts, mean length, exact-duplicate rate.",
+                    "(all-MiniLM-L6-v2), label counts, mean length, exact-duplicate rate, copy rate (8-word "
+                    "sequences shared with the prompt's in-context examples) and degenerate rate (under 5 "
+                    "words or only a label phrase).",
     )
     m.add_argument("file", nargs="+", help="JSONL file(s) with 'text' and 'label' fields (e.g. from divgen synth); "
                    "several files are compared side by side, one row each")
@@ -83,17 +85,21 @@ def run_metrics_command(args) -> int:
     from pathlib import Path
 
     from divgen.engine.metrics import (
-        DEFAULT_SELF_BLEU_SAMPLE, compute_metrics, format_comparison, format_table, read_examples,
+        DEFAULT_SELF_BLEU_SAMPLE, compute_metrics, format_comparison, format_table, read_records, set_context,
     )
 
     sample = DEFAULT_SELF_BLEU_SAMPLE if args.self_bleu_sample is None else args.self_bleu_sample
     if sample < 0:
         raise DivgenError(f"--self-bleu-sample must be >= 0 (0 = all texts), got {sample}")
-    loaded = [(path, *read_examples(path)) for path in args.file]   # every file is checked first
+    loaded = []                      # every file is checked first
+    for path in args.file:
+        records = read_records(path)
+        loaded.append((path, records, set_context(path, records)))
     results = []
-    for path, texts, labels in loaded:
+    for path, records, context in loaded:
+        texts, labels = [r["text"] for r in records], [str(r.get("label", "(none)")) for r in records]
         result = compute_metrics(texts, labels, self_bleu_sample=sample, sample_seed=args.sample_seed,
-                                 embeddings=not args.no_embeddings)
+                                 embeddings=not args.no_embeddings, **context)
         result["file"] = str(path)
         results.append(result)
     if args.json:

@@ -85,7 +85,7 @@ CUDA_K_BLOCK = 32
 SINGLE_TILE_MAX = 16
 # (BLOCK_V, num_warps) by rows per program on a GPU (tests/test_kernels_compile.py checks every
 # entry for registers, spills and shared memory on sm_90 and sm_80).
-CUDA_TILES = {1: (2048, 8), 2: (1024, 8), 4: (512, 8), 8: (256, 8), 16: (128, 8), 32: (64, 8)}
+CUDA_TILES = {1: (2048, 8), 2: (1024, 8), 4: (512, 8), 8: (256, 8), 16: (128, 8), 32: (32, 8)}
 CUDA_STATS_BLOCK_V = 2048
 CPU_TILE_ELEMS = 1024      # M · BLOCK_V under TRITON_INTERPRET=1 (the interpreter is per-op)
 CPU_ROW_BLOCK = 64

@@ -143,7 +143,8 @@ def _lora_expand_kernel(
 # Wrappers: check, group rows by adapter on the device, launch.
 # ---------------------------------------------------------------------------------------------
 
-_BLOCK_K = 128          # shrink: H_in tile
+_BLOCK_K = 128          # shrink: H_in tile (64 for fp32: 3 pipeline stages of fp32 x and A tiles
+                        # at rank 128 would need 192 KB of shared memory, over sm_80's 163 KB)
 _BLOCK_N = 128          # expand: H_out tile
 _MIN_DOT = 16           # tl.dot needs every block dimension >= 16
 _MAX_BLOCK_R = 64       # rank tile; larger ranks loop over it
@@ -159,6 +160,31 @@ def _block_m(rows: int) -> int:
     if rows <= 256:
         return 16
     return 32 if rows <= 2048 else 64
+
+
+def shrink_config(block_m: int, rank: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_K, BLOCK_R, num_warps) of the shrink kernel. Prefill tiles (BLOCK_M 64) take
+    BLOCK_K 64 (half of it at rank 128) and 8 warps, ranks from 64 take 8 warps, fp32 halves BLOCK_K:
+    with 128 / 4 warps the shrink at BLOCK_M 64
+    spilled 96 B (rank 8) to 3.5 KB (rank 128) a thread on sm_90, and fp32 at rank 128 needed
+    192 KB of shared memory, over sm_80's 163 KB (tests/test_kernels_compile.py)."""
+    block_r = max(_MIN_DOT, triton.next_power_of_2(rank))
+    block_k = _BLOCK_K if block_m < 64 else _BLOCK_K // 2
+    if block_m * block_r >= 8192 or block_r >= 128:
+        block_k //= 2
+    if dtype == torch.float32:
+        block_k //= 2
+    warps = 8 if block_m >= 64 or block_r >= 64 else 4
+    return block_k, block_r, warps
+
+
+def expand_config(block_m: int, rank: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_R, num_warps) of the expand kernel: prefill tiles (BLOCK_M 64) take
+    BLOCK_N 64 and rank steps of 32 (with 128 / 64 the rank-64+ expand spilled 0.7-3.9 KB a
+    thread on sm_80)."""
+    if block_m < 64:
+        return _BLOCK_N, _block_r(rank), 8 if block_m * _BLOCK_N >= 2048 else 4
+    return _BLOCK_N // 2, min(_block_r(rank), 32), 8
 
 
 def _block_r(rank: int) -> int:
@@ -226,9 +252,10 @@ def _shrink_partials(x, lora_a, scales, plan: LoraPlan, split_k: int) -> torch.T
         return t
     if rank > 128:
         raise ValueError(f"lora_shrink supports ranks up to 128 (one tile), got R = {rank}")
-    k_tiles = triton.cdiv(h_in, _BLOCK_K)
+    block_k, block_r, warps = shrink_config(tiles.block_m, rank, x.dtype)
+    k_tiles = triton.cdiv(h_in, block_k)
     split_k = max(1, min(split_k, k_tiles))
-    k_per_split = triton.cdiv(k_tiles, split_k) * _BLOCK_K
+    k_per_split = triton.cdiv(k_tiles, split_k) * block_k
     grid = (tiles.count, triton.cdiv(h_in, k_per_split))
     fp32 = x.dtype == torch.float32
     _lora_shrink_kernel[grid](
@@ -237,10 +264,10 @@ def _shrink_partials(x, lora_a, scales, plan: LoraPlan, split_k: int) -> torch.T
         x.stride(0), x.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         t.stride(0), t.stride(1), t.stride(2),
-        BLOCK_M=tiles.block_m, BLOCK_K=_BLOCK_K, BLOCK_R=max(_MIN_DOT, triton.next_power_of_2(rank)),
+        BLOCK_M=tiles.block_m, BLOCK_K=block_k, BLOCK_R=block_r,
         DOT_IN_FP32=fp32 or _interpreting(),
         DOT_PRECISION="ieee" if fp32 or _interpreting() else "tf32",
-        num_warps=4,
+        num_warps=warps,
     )
     return t
 
@@ -252,15 +279,15 @@ def _expand_from_partials(y, t_parts, lora_b, plan: LoraPlan) -> torch.Tensor:
     tiles = plan.tiles
     if rows == 0 or num_adapters == 0 or rank == 0 or h_out == 0 or tiles.count == 0:
         return y
-    grid = (tiles.count, triton.cdiv(h_out, _BLOCK_N))
+    block_n, block_r, warps = expand_config(tiles.block_m, rank)
+    grid = (tiles.count, triton.cdiv(h_out, block_n))
     _lora_expand_kernel[grid](
         t_parts, lora_b, y, plan.order, tiles.adapter, tiles.start, tiles.end,
         h_out, rank, t_parts.shape[0],
         t_parts.stride(0), t_parts.stride(1), t_parts.stride(2),
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         y.stride(0), y.stride(1),
-        BLOCK_M=tiles.block_m, BLOCK_N=_BLOCK_N, BLOCK_R=_block_r(rank),
-        num_warps=4,
+        BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps,
     )
     return y
 

@@ -22,10 +22,10 @@ DTYPES = (torch.float32, torch.bfloat16)
 H_IN, H_OUT = 200, 160          # two H_in tiles and two H_out tiles of 128, both ragged
 NUM_ADAPTERS = 4                # L for every scenario but "distinct" (one adapter per row)
 
-# kernel vs reference: the same fp32 arithmetic in another summation order, then (for 16-bit
-# y) one rounding that may land one ulp apart.
+# kernel vs reference: the same fp32 arithmetic in another summation order (H_in split in
+# 64-wide fp32 K steps), then (for 16-bit y) one rounding that may land one ulp apart.
 KERNEL_TOL = {
-    torch.float32: dict(atol=2e-5, rtol=1e-5),
+    torch.float32: dict(atol=5e-5, rtol=1e-5),
     torch.bfloat16: dict(atol=1e-3, rtol=1.6e-2),
     torch.float16: dict(atol=1e-3, rtol=2e-3),
 }

@@ -148,3 +148,69 @@ def test_bad_metrics_input(tmp_path, capsys):
     assert cli_main(["metrics", str(tmp_path / "missing.jsonl")]) == 2
     assert "is not a file" in capsys.readouterr().err
     assert tokenize("Hello, World!") == ["hello", ",", "world", "!"]
+
+
+# ---- copy and degenerate rates ------------------------------------------------------------------
+def plain_shares_ngram(text: str, source: str, n: int) -> bool:
+    a, b = re.findall(r"\w+", text.lower()), re.findall(r"\w+", source.lower())
+    grams = {tuple(b[i:i + n]) for i in range(len(b) - n + 1)}
+    return any(tuple(a[i:i + n]) in grams for i in range(len(a) - n + 1))
+
+
+def test_copy_and_degenerate_rates_by_hand(tmp_path, capsys):
+    few = tmp_path / "few.csv"
+    shown = ["Stocks rose on Monday after the central bank kept its rates on hold.",
+             "The striker scored twice in the second half to win the cup for his club.",
+             "Scientists found water ice under the surface of the planet Mars last year.",
+             "Rebels attacked a convoy near the capital, officials said on Sunday."]
+    few.write_text("label,text\n" + "".join(f"{l},\"{t}\"\n" for l, t in zip("1212", shown)))
+    recs = [
+        {"text": "Analysts said stocks rose on Monday after the bank kept rates steady.", "label": "a",
+         "examples": [0, 1]},                                             # a 6-word run: no 8-gram
+        {"text": "Fans cheered: the striker scored twice in the second half to win the cup.", "label": "b",
+         "examples": [1, 2]},                                             # a copied run of 13 words
+        {"text": "The striker scored twice in the second half to win the cup.", "label": "b",
+         "examples": [2, 3]},                                             # same text, other examples: no copy
+        {"text": "World news:", "label": "a", "examples": ["an inline example text"]},
+        {"text": "Rain, then sun.", "label": "a"},                        # no examples named: not counted
+    ]
+    path = tmp_path / "gen.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "gen.jsonl.task.json").write_text(json.dumps(
+        {"few_shot_file": str(few), "content": {"labels": [{"name": "a", "verbalization": "world"},
+                                                           {"name": "b", "verbalization": "sports"}]}}))
+    from divgen.engine.metrics import read_records, set_context
+
+    records = read_records(path)
+    ctx = set_context(path, records)
+    assert ctx["examples"][:3] == [[shown[0], shown[1]], [shown[1], shown[2]], [shown[2], shown[3]]]
+    assert ctx["examples"][3] == ["an inline example text"] and ctx["examples"][4] is None
+    m = compute_metrics([r["text"] for r in recs], [r["label"] for r in recs], embeddings=False, **ctx)
+    copies = [any(plain_shares_ngram(r["text"], s, 8) for s in ex) for r, ex in zip(recs[:4], ctx["examples"])]
+    assert copies == [False, True, False, False]
+    assert m["overall"]["copy_rate"] == pytest.approx(1 / 4)            # over the 4 records naming examples
+    assert m["labels"]["b"]["copy_rate"] == pytest.approx(1 / 2)
+    # degenerate: "World news:" is label a's phrase; "Rain, then sun." is under 5 words
+    assert m["overall"]["degenerate_rate"] == pytest.approx(2 / 5)
+    assert m["labels"]["a"]["degenerate_rate"] == pytest.approx(2 / 3)
+    m6 = compute_metrics([r["text"] for r in recs], [r["label"] for r in recs], embeddings=False, copy_n=6,
+                         min_words=0, **ctx)
+    assert m6["overall"]["copy_rate"] == pytest.approx(2 / 4)           # "stocks rose on monday after the"
+    assert m6["overall"]["degenerate_rate"] == pytest.approx(1 / 5)     # only the label phrase is left
+    # the CLI finds the sidecar on its own and shows both columns
+    assert cli_main(["metrics", str(path), "--json", "--no-embeddings"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["overall"]["copy_rate"] == pytest.approx(1 / 4)
+    assert out["overall"]["degenerate_rate"] == pytest.approx(2 / 5)
+    assert cli_main(["metrics", str(path), str(path), "--no-embeddings", "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert "| copy | degen |" in table and "| 0.250 | 0.400 |" in table
+    # a record naming a row the file does not have: one clear error
+    path.write_text(json.dumps({"text": "some text here ok", "label": "a", "examples": [9]}) + "\n")
+    assert cli_main(["metrics", str(path), "--no-embeddings"]) == 2
+    assert "names few-shot row 9" in capsys.readouterr().err
+
+
+def test_copy_rate_is_none_without_examples():
+    m = compute_metrics(["one two three four five six seven eight"], ["a"], embeddings=False)
+    assert m["overall"]["copy_rate"] is None and m["overall"]["degenerate_rate"] == 0.0

@@ -246,3 +246,29 @@ def test_bom_csv_reads_its_label_column(tmp_path):
     task = task_from_dict(make(few_shot={"file": str(csv_path), "every": 1},
                                labels=[{"name": "pos"}, {"name": "neg"}], prompt="{label}"))
     assert few_shot_pool(task) == {"pos": ["good one"], "neg": ["bad one"]}
+
+
+def test_sampling_constructor_takes_min_p_or_its_alias():
+    from divgen.engine.synth.task import Sampling
+
+    assert Sampling(alpha=0.1) == Sampling(min_p=0.1) and Sampling(alpha=0.1).alpha == 0.1
+    assert Sampling().min_p == 0.0
+    with pytest.raises(DivgenError, match="alias"):
+        Sampling(min_p=0.1, alpha=0.2)
+
+
+def test_unset_sampling_fields_come_from_the_models_generation_config(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9, "top_k": 40}))
+    base = make(model=str(model))
+    task = task_from_dict({**base, "sampling": {"top_p": 0.5}}).with_generation_defaults()
+    assert (task.sampling.temperature, task.sampling.top_p, task.sampling.top_k, task.sampling.min_p) == (0.6, 0.5, 40, 0.0)
+    flagged = task_from_dict(base).with_overrides(temperature=1.3).with_generation_defaults()
+    assert flagged.sampling.temperature == 1.3 and flagged.sampling.top_k == 40
+    assert task_from_dict(make()).with_generation_defaults() == task_from_dict(make())   # embedded model: unchanged
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 500}))
+    with pytest.raises(DivgenError, match="generation_config.json"):
+        task_from_dict(base).with_generation_defaults()

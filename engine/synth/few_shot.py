@@ -79,14 +79,22 @@ def read_labelled_file(path: Path) -> list[tuple[str, str]]:
 def few_shot_pool(task: Task) -> dict[str, list[str]]:
     """The few-shot examples each label may show: inline examples, then the file's pool rows
     (data-row index i with i % every == 0). Empty lists when the task is zero-shot."""
+    return pool_with_sources(task)[0]
+
+
+def pool_with_sources(task: Task) -> tuple[dict[str, list[str]], dict[str, list]]:
+    """``few_shot_pool(task)`` and, item for item, where each example came from: its data-row
+    index in the few-shot file (int), or the text itself for an inline example (str). Records
+    name the examples their prompt showed by these (``examples``; the copy rate needs them)."""
     pool = {l.name: list(l.examples) for l in task.labels}
+    sources: dict[str, list] = {l.name: list(l.examples) for l in task.labels}
     fs = task.few_shot
     if fs.file is not None:
         rows = read_labelled_file(fs.file)
-        by_source: dict[str, list[str]] = {}
+        by_source: dict[str, list[tuple[int, str]]] = {}
         for i, (label, text) in enumerate(rows):
             if i % fs.every == 0 and text:
-                by_source.setdefault(label, []).append(text)
+                by_source.setdefault(label, []).append((i, text))
         for lab in task.labels:
             found = by_source.get(lab.source_label, [])
             if not found:
@@ -96,8 +104,9 @@ def few_shot_pool(task: Task) -> dict[str, list[str]]:
                     f"'{lab.source_label}'); labels in the file's pool: {present}. Fix labels[].source_label "
                     "or use a file that covers every label"
                 )
-            pool[lab.name].extend(found)
+            pool[lab.name].extend(text for _, text in found)
+            sources[lab.name].extend(i for i, _ in found)
     if fs.per_prompt == 0:
-        return {name: [] for name in pool}
-    return pool
+        return {name: [] for name in pool}, {name: [] for name in pool}
+    return pool, sources
 

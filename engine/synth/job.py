@@ -31,13 +31,13 @@ from divgen.engine import limits
 from divgen.engine.errors import DivgenError
 from divgen.engine.model_source import find_model
 from divgen.engine.synth.clean import clean_text, scaffolding_prefixes
-from divgen.engine.synth.few_shot import few_shot_pool
+from divgen.engine.synth.few_shot import few_shot_pool, pool_with_sources
 from divgen.engine.synth.output import (
     ExistingOutput, check_same_task, check_writable, fingerprint, read_output, sidecar_path, synth_record,
     write_all, write_sidecar,
 )
 from divgen.engine.synth.plan import BatchRows, Plan, make_guidance, plan, rows_for_groups, rows_in_group
-from divgen.engine.synth.prompts import PromptCache
+from divgen.engine.synth.prompts import PromptCache, pick_example_positions
 from divgen.engine.synth.task import Task
 
 DEFAULT_BATCH_ROWS = 64
@@ -97,6 +97,7 @@ def run_synth(
     device = limits.device(device, "device")
     out = Path(out)
     start = time.perf_counter()
+    task = task.with_generation_defaults()
     pool, fp, content, existing = prepare(task, out)
     groups = plan(task)
     report = SynthReport(out=out, resumed_from=len(existing.done), fingerprint=fp)
@@ -189,6 +190,7 @@ def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, f
     from tqdm import tqdm
 
     prompt = PromptCache(task, lm, pool)
+    _, sources = pool_with_sources(task)      # where each pool item came from (records' "examples")
     prefixes = scaffolding_prefixes(task)
     names = task.label_names
     params = {**task.params, **task.content()["sampling"], "max_new_tokens": task.max_new_tokens,
@@ -223,6 +225,8 @@ def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, f
                     text=clean_text(lm, r.token_ids, task.stop, prefixes), label=names[sl.label],
                     method=task.method, params=params, seed=r.seed, group=sl.group, slot=sl.slot,
                     finish_reason=r.finish_reason, tokens=len(r.token_ids), fingerprint=fp,
+                    examples=[sources[names[sl.label]][i]
+                              for i in pick_example_positions(task, pool, sl.group, sl.slot, names[sl.label])],
                 )
                 lines.append((sl.group, sl.slot, json.dumps(record, ensure_ascii=False)))
             lines.sort()

@@ -183,7 +183,12 @@ def fingerprint(task: Task, pool: dict[str, list[str]]) -> str:
 
 
 def synth_record(*, text: str, label: str, method: str, params: dict, seed: int, group: int, slot: int,
-                 finish_reason: str, tokens: int, fingerprint: str) -> dict:
-    """One output line (text first: ``read_output`` recognises a torn record by its start)."""
-    return {"text": text, "label": label, "method": method, "params": params, "seed": seed, "group": group,
-            "slot": slot, "finish_reason": finish_reason, "tokens": tokens, "task": fingerprint}
+                 finish_reason: str, tokens: int, fingerprint: str, examples: list | None = None) -> dict:
+    """One output line (text first: ``read_output`` recognises a torn record by its start).
+    ``examples``: the few-shot examples the row's own prompt showed, as data-row indices of the
+    few-shot file (inline examples: their text) — for the copy rate and ``divgen filter``."""
+    record = {"text": text, "label": label, "method": method, "params": params, "seed": seed, "group": group,
+              "slot": slot, "finish_reason": finish_reason, "tokens": tokens, "task": fingerprint}
+    if examples is not None:
+        record["examples"] = list(examples)
+    return record

@@ -11,15 +11,20 @@ import random
 from divgen.engine.synth.task import Label, Task
 
 
-def pick_examples(task: Task, pool: dict[str, list[str]], group: int, slot: int, label: str) -> list[str]:
-    """The few-shot examples of `label` shown in row `slot` of `group`: a sample without
-    replacement from the label's pool, by a generator seeded with (seed, group, slot, label)."""
-    items = pool.get(label, [])
-    k = min(task.few_shot.per_prompt, len(items))
+def pick_example_positions(task: Task, pool: dict[str, list], group: int, slot: int, label: str) -> list[int]:
+    """Positions in the label's pool of the few-shot examples row `slot` of `group` shows: a
+    sample without replacement, by a generator seeded with (seed, group, slot, label)."""
+    n = len(pool.get(label, []))
+    k = min(task.few_shot.per_prompt, n)
     if k == 0:
         return []
     rng = random.Random(f"divgen-few-shot/{task.seed}/{group}/{slot}/{label}")
-    return [items[i] for i in sorted(rng.sample(range(len(items)), k))]
+    return sorted(rng.sample(range(n), k))
+
+
+def pick_examples(task: Task, pool: dict[str, list[str]], group: int, slot: int, label: str) -> list[str]:
+    """The few-shot examples of `label` shown in row `slot` of `group` (``pick_example_positions``)."""
+    return [pool[label][i] for i in pick_example_positions(task, pool, group, slot, label)]
 
 
 def render_prompt(task: Task, label: Label, examples: list[str]) -> str:

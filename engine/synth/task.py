@@ -41,6 +41,8 @@ A task file (YAML or JSON) says what dataset to generate. Every field, with its 
     sampling: {temperature: 1.0, top_p: 1.0, top_k: 0, min_p: 0.0}
                                   # temperature in [0, 100] (0 greedy); top_p in (0, 1]; top_k >= 0;
                                   # min_p in [0, 1): the plausibility cutoff α (``alpha`` is an alias)
+                                  # fields left out come from the model's generation_config.json
+                                  # (local or cached-hub model), else the defaults shown
     rows_per_group: null          # sample rows decoded in lockstep per group (default: one per
                                   # label); labels are assigned round-robin; >= 2 for corrsynth and
                                   # m-corrsynth. CFG adds K − 1 shadow rows per sample row.
@@ -76,6 +78,8 @@ DEFAULT_METHOD_PARAMS = {
     "cfg": {"g": 2.0},
 }
 
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p")
+
 # The flag that sets each overridable field (``Task.with_overrides``): an error about a value names
 # the flag when the user set it on the command line, else the task-file field.
 FLAG_OF = {
@@ -108,12 +112,22 @@ class FewShot:
     footer: str = "\n"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Sampling:
     temperature: float = 1.0           # 0 = greedy
     top_p: float = 1.0                 # 1 = off
     top_k: int = 0                     # 0 = off
     min_p: float = 0.0                 # plausibility cutoff α in [0, 1): keep p >= min_p · max p
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float | None = None,
+                 *, alpha: float | None = None):
+        """``alpha`` is accepted as an alias of ``min_p`` (the papers' name); give one of them."""
+        if alpha is not None and min_p is not None and alpha != min_p:
+            raise DivgenError("Sampling: min_p and its alias alpha differ: give one of them")
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "top_p", top_p)
+        object.__setattr__(self, "top_k", top_k)
+        object.__setattr__(self, "min_p", (min_p if min_p is not None else alpha if alpha is not None else 0.0))
 
     @property
     def alpha(self) -> float:
@@ -141,6 +155,9 @@ class Task:
     rows_per_group: int | None = None  # None = one row per label
     seed: int = 0
     dtype: str | None = None           # model dtype (None = auto: bf16 on CUDA, fp32 on CPU)
+    # sampling fields the task file or a flag set; the others may come from the model's
+    # generation_config.json (``with_generation_defaults``). Python-built tasks set all of them.
+    sampling_set: frozenset = frozenset(SAMPLING_KEYS)
 
     # ---- derived ----
     @property
@@ -190,6 +207,25 @@ class Task:
             **({"dtype": self.dtype} if self.dtype else {}),   # only when set: older fingerprints stay valid
         }
 
+    def with_generation_defaults(self) -> "Task":
+        """The task with its unset sampling fields taken from the model's ``generation_config.json``
+        (a local or cached-hub model directory; the embedded/GGUF models ship no sampling defaults).
+        Called by ``run_synth`` before the fingerprint, so the values used are the values recorded."""
+        from divgen.engine.model_source import find_model, generation_defaults
+
+        unset = [k for k in SAMPLING_KEYS if k not in self.sampling_set]
+        source = find_model(self.model)
+        if not unset or source.kind not in ("dir", "hub"):
+            return self
+        found = generation_defaults(source.path)
+        values = {}
+        for key in unset:
+            if key in found:
+                values[key] = getattr(limits, key)(found[key], f"{key} in {source.path}/generation_config.json")
+        if not values:
+            return self
+        return replace(self, sampling=replace(self.sampling, **values), sampling_set=self.sampling_set | set(values))
+
     def with_overrides(self, **overrides) -> "Task":
         """A copy with command-line (or Python) overrides applied (None = keep), validated again.
 
@@ -225,9 +261,10 @@ class Task:
                 methods.setdefault(task.method, {})[key] = o.pop(key)
                 flagged.add(f"methods.{task.method}.{key}")
         task = replace(task, methods=methods)
-        sampling = {k: o.pop(k) for k in ("temperature", "top_p", "top_k", "min_p") if k in o}
+        sampling = {k: o.pop(k) for k in SAMPLING_KEYS if k in o}
         if sampling:
-            task = replace(task, sampling=replace(task.sampling, **sampling))
+            task = replace(task, sampling=replace(task.sampling, **sampling),
+                           sampling_set=task.sampling_set | set(sampling))
             flagged |= {f"sampling.{k}" for k in sampling}
         if o:
             raise DivgenError(f"unknown override(s): {', '.join(sorted(o))}")
@@ -345,6 +382,7 @@ def task_from_dict(data, path: Path | None = None) -> Task:
         method=method,
         methods=methods,
         sampling=Sampling(**{**Sampling().__dict__, **raw_sampling}),
+        sampling_set=frozenset(raw_sampling),
         rows_per_group=data.get("rows_per_group"),
         seed=data.get("seed", 0),
         dtype=data.get("dtype"),
