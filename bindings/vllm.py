@@ -44,9 +44,9 @@ Who counts as a member, step by step (vLLM's persistent batch has no lockstep):
   batch) the rows are in lockstep and the tokens are divgen engine's tokens for the same seeds.
 
 Untagged requests are never touched. A group with more than ``kernels.MAX_GROUP_ROWS`` (256)
-present members is contrasted in chunks of 256 (batch order). Limits: a member whose prompt is still being prefilled in
-chunks is contrasted with its partial-prompt logits (keep such prompts under
-``max_num_batched_tokens`` or disable chunked prefill); speculative decoding is not supported.
+present members is contrasted in chunks of 256 (batch order). Limits: a member whose prompt is
+still being prefilled in chunks is contrasted with its partial-prompt logits (keep such prompts
+under ``max_num_batched_tokens`` or disable chunked prefill); speculative decoding is not supported.
 """
 from __future__ import annotations
 
