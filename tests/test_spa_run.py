@@ -200,3 +200,16 @@ def test_cli_rejects_bad_input_in_one_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_an_existing_synth_output_replaces_generation(tiny_dir, full_run, tmp_path):
+    out, _ = full_run
+    run = SpaRun(config(tiny_dir, synth_file=str(out / "synth.jsonl")), tmp_path / "r", judge=fake_judge, progress=False)
+    assert run.run(stop_after="synth") is None
+    assert run.lm is None                                                  # no model needed to take a file
+    for name in ("train.jsonl", "queries.jsonl", "heldout.jsonl"):
+        assert (tmp_path / "r" / "data" / name).read_text() == (out / "data" / name).read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "Stocks rose.", "label": "finance"}) + "\n")
+    with pytest.raises(DivgenError, match=r"labels \['finance'\] are not labels of task"):
+        SpaRun(config(tiny_dir, synth_file=str(bad)), tmp_path / "r2", judge=fake_judge, progress=False).run()
