@@ -27,6 +27,9 @@ def add_run_parser(sub) -> None:
     r.add_argument("--few-shot", default=None, help="few-shot file of the synth job (pool rows only), "
                                                     "e.g. ../shared/data/ag_news_test.csv")
     r.add_argument("--real", default=None, help="real labelled file the judge trains on (pool rows; default: --few-shot)")
+    r.add_argument("--synth", default=None, dest="synth_file",
+                   help="use this finished `divgen synth` output of the task instead of synthesizing (skips stage 1's "
+                        "generation)")
     r.add_argument("--synth-method", default=d.synth_method, help=f"synth method (default {d.synth_method})")
     r.add_argument("--per-label", type=int, default=d.per_label, help=f"synthetic examples per label (default {d.per_label})")
     r.add_argument("--synth-max-new-tokens", type=int, default=None, help="tokens per synthetic text (default: the task's)")
@@ -66,7 +69,7 @@ def _floats(text: str, flag: str) -> tuple:
 def run_spa_pipeline(args) -> int:
     from divgen.engine.spa.pipeline import SpaRun, SpaRunConfig
 
-    cfg = SpaRunConfig(task=args.task, few_shot=args.few_shot, real=args.real, synth_method=args.synth_method,
+    cfg = SpaRunConfig(task=args.task, few_shot=args.few_shot, real=args.real, synth_method=args.synth_method, synth_file=args.synth_file,
                        per_label=args.per_label, synth_max_new_tokens=args.synth_max_new_tokens, k=args.k,
                        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                        heldout_per_label=args.heldout_per_label,

@@ -8,12 +8,13 @@
                             extra_args=divgen_tag(group="q1", scale=2.0))   # 8 rows contrast each other
     outputs = llm.generate([prompt], params)
 
-(``vllm serve ... --logits-processors divgen.bindings.vllm:DivgenLogitsProcessor`` and
-``"vllm_xargs": {"divgen": ...}`` per request do the same over HTTP.)
+Over HTTP: ``vllm serve MODEL --logits-processors divgen.bindings.vllm:DivgenLogitsProcessor`` and
+``"vllm_xargs": {"divgen_group": "q1", "divgen_scale": 2}`` in a request's body.
 
-Tags (``SamplingParams.extra_args["divgen"]``, built and checked by ``divgen_tag``):
+Tags are flat ``extra_args`` keys with the prefix ``divgen_`` (vLLM's HTTP ``vllm_xargs`` takes no
+nested values), built and checked by ``divgen_tag``; ``divgen_group`` marks a request as tagged:
 
-| method        | fields                     | γ_{m,n} of row m over the present members n ≠ m of its group |
+| divgen_method | divgen_* fields            | γ_{m,n} of row m over the present members n ≠ m of its group |
 |---------------|----------------------------|---------------------------------------------------------------|
 | corrsynth     | scale g                    | (g − 1) / (K − 1), K = members present                         |
 | m-corrsynth   | label, gamma γ, delta δ    | γ / #{n: y_n ≠ y_m} across labels, δ / #{n ≠ m: y_n = y_m} within |
@@ -21,7 +22,8 @@ Tags (``SamplingParams.extra_args["divgen"]``, built and checked by ``divgen_tag
 
 The rule is divgen's own (``engine.guidance.Guidance``), applied with the row's *own* tag: each
 row's guidance is its row of γ, so members need not agree. For every tagged row of the step the
-processor computes ``s_m = Σ_n mix[m, n] · ℓ_n`` and samples it with ``divgen.kernels.guided_sample``:
+processor computes ``s_m = Σ_n mix[m, n] · ℓ_n`` and samples it with divgen's kernels
+(``kernels.guided_sample_step``, the same tokens as ``kernels.reference.guided_sample``):
 α = the request's ``min_p`` on the row's *own* distribution, then its ``temperature``, ``top_k``,
 ``top_p``, and Gumbel noise that is a pure function of (seed, step, token) — ``seed`` is the
 request's seed (a random one when None; vLLM gives the n children of a request seed + i, as divgen
@@ -41,9 +43,10 @@ Who counts as a member, step by step (vLLM's persistent batch has no lockstep):
 * When all members are admitted in the same step (one ``generate`` call whose prompts fit the
   batch) the rows are in lockstep and the tokens are divgen engine's tokens for the same seeds.
 
-Untagged requests are never touched. Limits: a member whose prompt is still being prefilled in
-chunks is contrasted with its partial-prompt logits (keep such prompts under
-``max_num_batched_tokens`` or disable chunked prefill); speculative decoding is not supported.
+Untagged requests are never touched. A group with more than ``kernels.MAX_GROUP_ROWS`` (256)
+present members is contrasted in chunks of 256 (batch order). Limits: a member whose prompt is
+still being prefilled in chunks is contrasted with its partial-prompt logits (keep such prompts
+under ``max_num_batched_tokens`` or disable chunked prefill); speculative decoding is not supported.
 """
 from __future__ import annotations
 
@@ -56,14 +59,14 @@ import torch
 from divgen import kernels
 from divgen.engine.errors import DivgenError
 from divgen.engine.guidance import MAX_WEIGHT, Guidance, mix_from_gammas
-from divgen.kernels import reference
 
 try:
     from vllm.v1.sample.logits_processor import LogitsProcessor as _VllmLogitsProcessor
 except ImportError:  # vLLM absent: the bookkeeping below still runs (the main suite tests it)
     _VllmLogitsProcessor = object
 
-TAG_KEY = "divgen"
+TAG_PREFIX = "divgen_"
+TAG_FIELDS = ("group", "method", "scale", "label", "gamma", "delta", "member", "weights")
 TAG_METHODS = ("corrsynth", "m-corrsynth", "explicit")
 _GREEDY_EPS = 1e-5       # vLLM treats a temperature below this as greedy
 
@@ -92,61 +95,62 @@ class Tag:
 def _number(fields: dict, name: str, low: float, default=None) -> float:
     value = fields.get(name, default)
     if value is None:
-        raise DivgenError(f"divgen tag: '{name}' is required for method {fields.get('method', 'corrsynth')!r}")
+        raise DivgenError(f"divgen tag: '{TAG_PREFIX}{name}' is required for method {fields.get('method', 'corrsynth')!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not low <= value <= MAX_WEIGHT:
-        raise DivgenError(f"divgen tag: '{name}' must be a number in [{low:g}, {MAX_WEIGHT:g}], got {value!r}")
+        raise DivgenError(f"divgen tag: '{TAG_PREFIX}{name}' must be a number in [{low:g}, {MAX_WEIGHT:g}], got {value!r}")
     return float(value)
 
 
 def parse_tag(extra_args) -> Tag | None:
     """The Tag of a request's ``extra_args`` (None when untagged). Raises DivgenError."""
-    if not extra_args or TAG_KEY not in extra_args:
+    if not extra_args:
         return None
-    fields = extra_args[TAG_KEY]
-    if not isinstance(fields, dict):
-        raise DivgenError(f"extra_args['{TAG_KEY}'] must be a dict such as {{'group': 'q1', 'scale': 2.0}}")
-    known = {"group", "method", "scale", "label", "gamma", "delta", "member", "weights"}
-    unknown = sorted(set(fields) - known)
+    fields = {k[len(TAG_PREFIX):]: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith(TAG_PREFIX)}
+    if not fields:
+        return None
+    unknown = sorted(TAG_PREFIX + k for k in set(fields) - set(TAG_FIELDS))
     if unknown:
-        raise DivgenError(f"divgen tag: unknown field(s) {unknown}; known: {sorted(known)}")
+        raise DivgenError(f"divgen tag: unknown key(s) {unknown}; known: {[TAG_PREFIX + k for k in TAG_FIELDS]}")
     group = fields.get("group")
     if isinstance(group, bool) or not isinstance(group, (str, int)) or group == "":
-        raise DivgenError("divgen tag: 'group' must be a non-empty string or an integer (the guidance group id)")
+        raise DivgenError("divgen tag: 'divgen_group' must be a non-empty string or an integer (the guidance group id)")
     method = fields.get("method", "corrsynth")
     if method not in TAG_METHODS:
-        raise DivgenError(f"divgen tag: method must be one of {', '.join(TAG_METHODS)}, got {method!r}")
+        raise DivgenError(f"divgen tag: divgen_method must be one of {', '.join(TAG_METHODS)}, got {method!r}")
     if method == "corrsynth":
         return Tag(str(group), method, scale=_number(fields, "scale", 1.0))
     if method == "m-corrsynth":
         label = fields.get("label")
         if label is None:
-            raise DivgenError("divgen tag: m-corrsynth needs a 'label' per request")
+            raise DivgenError("divgen tag: m-corrsynth needs a 'divgen_label' per request")
         return Tag(str(group), method, label=str(label), gamma=_number(fields, "gamma", 0.0),
                    delta=_number(fields, "delta", 0.0))
     member, weights = fields.get("member"), fields.get("weights")
     if isinstance(member, bool) or not isinstance(member, int) or member < 0:
-        raise DivgenError("divgen tag: explicit guidance needs 'member', this request's index >= 0 in the group")
+        raise DivgenError("divgen tag: explicit guidance needs 'divgen_member', this request's index >= 0 in the group")
     if not isinstance(weights, (list, tuple)) or not weights:
-        raise DivgenError("divgen tag: explicit guidance needs 'weights', this request's γ toward member 0, 1, ...")
+        raise DivgenError("divgen tag: explicit guidance needs 'divgen_weights', this request's γ toward member 0, 1, ...")
     ws = []
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or abs(w) > MAX_WEIGHT:
-            raise DivgenError(f"divgen tag: weights must be finite numbers within ±{MAX_WEIGHT:g}, got {w!r}")
+            raise DivgenError(f"divgen tag: divgen_weights must be finite numbers within ±{MAX_WEIGHT:g}, got {w!r}")
         ws.append(float(w))
     return Tag(str(group), method, member=member, weights=tuple(ws))
 
 
 def divgen_tag(group, *, scale=None, method: str = "corrsynth", label=None, gamma=None, delta=None,
                member=None, weights=None) -> dict:
-    """``extra_args`` for a tagged request, checked now: ``SamplingParams(extra_args=divgen_tag(...))``."""
+    """``extra_args`` for a tagged request, checked now: ``SamplingParams(extra_args=divgen_tag(...))``
+    (merge it with other extra_args as a dict; over HTTP send it as ``vllm_xargs``)."""
     fields = {"group": group, "method": method}
     for name, value in (("scale", scale), ("label", label), ("gamma", gamma), ("delta", delta),
                         ("member", member), ("weights", list(weights) if weights is not None else None)):
         if value is not None:
             fields[name] = value
-    parse_tag({TAG_KEY: fields})
-    return {TAG_KEY: fields}
+    tag = {TAG_PREFIX + k: v for k, v in fields.items()}
+    parse_tag(tag)
+    return tag
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,9 +217,10 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
     """vLLM v1 logits processor: divgen guidance over tagged requests (see the module docstring).
 
     Steps, each vLLM step: (1) ``update_state`` follows the persistent batch (removed, added,
-    moved) and, when it changed, rebuilds the tagged rows' mix (block-diagonal by group) and
-    per-row parameters; (2) ``apply`` samples every tagged row with ``kernels.guided_sample``
-    and makes its logits one-hot on that token; untagged rows pass through unchanged.
+    moved) and, when it changed, rebuilds the tagged rows' mix (block-diagonal by group) into a
+    ``kernels.SamplePlan``, and their per-row parameters; (2) ``apply`` samples every tagged row
+    with ``kernels.guided_sample_step`` (each row at its own step counter) and makes its logits
+    one-hot on that token; untagged rows pass through unchanged.
     """
 
     def __init__(self, vllm_config=None, device: torch.device | str = "cpu", is_pin_memory: bool = False):
@@ -223,8 +228,10 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
         self.requests: dict[int, _Request] = {}      # batch index -> tagged request
         self._rng = random.Random()
         self._dirty = False
-        self.rows = torch.zeros(0, dtype=torch.int64)  # [T] batch indices of tagged rows, ascending
-        self.mix: torch.Tensor | None = None           # [T, T] or None (no row guided)
+        self.order: list[int] = []                     # batch indices of tagged rows, ascending
+        self.rows = torch.zeros(0, dtype=torch.int64)  # the same, [T] on the device
+        self.plan: kernels.SamplePlan | None = None    # the tagged rows' groups and mix
+        self.any_top_k_top_p = False
         self.params: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -261,43 +268,48 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
 
     def _rebuild(self) -> None:
         self._dirty = False
-        order = sorted(self.requests)
+        order = self.order = sorted(self.requests)
         reqs = [self.requests[i] for i in order]
+        if not reqs:                    # no tagged request left: apply() returns at once
+            self.plan, self.params = None, {}
+            return
         self.rows = torch.tensor(order, dtype=torch.int64, device=self.device)
         gam = torch.zeros(len(order), len(order), dtype=torch.float32)
         by_group: dict[str, list[int]] = {}
         for pos, r in enumerate(reqs):
             by_group.setdefault(r.tag.group, []).append(pos)
         for members in by_group.values():
-            idx = torch.tensor(members)
-            gam[idx[:, None], idx[None, :]] = group_gammas([reqs[p].tag for p in members])
-        self.mix = mix_from_gammas(gam).to(self.device) if bool((gam != 0).any()) else None
+            # the kernels take up to MAX_GROUP_ROWS rows per group: a larger group is contrasted
+            # in chunks of that many present members (batch order)
+            for lo in range(0, len(members), kernels.MAX_GROUP_ROWS):
+                chunk = members[lo:lo + kernels.MAX_GROUP_ROWS]
+                idx = torch.tensor(chunk)
+                gam[idx[:, None], idx[None, :]] = group_gammas([reqs[p].tag for p in chunk])
+        mix = mix_from_gammas(gam) if bool((gam != 0).any()) else None
+        self.plan = kernels.build_sample_plan(mix, self.device, rows=len(order))
+        self.any_top_k_top_p = any(r.top_k > 0 or r.top_p < 1 for r in reqs)
         dev = self.device
         self.params = dict(
             seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
             temperature=torch.tensor([r.temperature for r in reqs], dtype=torch.float32, device=dev),
             top_k=torch.tensor([r.top_k for r in reqs], dtype=torch.int64, device=dev),
             top_p=torch.tensor([r.top_p for r in reqs], dtype=torch.float32, device=dev),
-            alpha=torch.tensor([r.min_p for r in reqs], dtype=torch.float32, device=dev),
+            min_p=torch.tensor([r.min_p for r in reqs], dtype=torch.float32, device=dev),
         )
 
     def steps(self) -> list[int]:
         """Each tagged row's decode step: the tokens its request has generated so far."""
-        return [len(self.requests[i].output) for i in self.rows.tolist()]
+        return [len(self.requests[i].output) for i in self.order]   # host lists only: no device sync
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         # logits [B, V] -> the same tensor, tagged rows one-hot (0 at divgen's token, -inf elsewhere)
         if not self.requests:
             return logits
         p = self.params
-        steps = self.steps()
-        noise = None
-        if len(set(steps)) > 1:      # rows not in lockstep: each row's noise at its own step
-            vocab = logits.shape[1]
-            noise = torch.cat([reference.uniform_noise(p["seeds"][i:i + 1], s, vocab) for i, s in enumerate(steps)])
-        tokens = kernels.guided_sample(
-            logits[self.rows], self.mix, seeds=p["seeds"], step=steps[0], temperature=p["temperature"],
-            alpha=p["alpha"], top_k=p["top_k"], top_p=p["top_p"], noise=noise,
+        step = torch.tensor(self.steps(), dtype=torch.int64).to(self.device, non_blocking=True)   # [T]
+        tokens = kernels.guided_sample_step(
+            logits[self.rows], self.plan, p["seeds"], step, p["temperature"], p["min_p"], p["top_k"], p["top_p"],
+            any_top_k_top_p=self.any_top_k_top_p,
         )                                                                     # [T]
         logits[self.rows] = float("-inf")
         logits[self.rows, tokens.to(logits.device)] = 0.0

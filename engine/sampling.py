@@ -1,4 +1,4 @@
-"""Per-row sampling parameters and the one sampling entry point of the engine.
+"""Per-row sampling parameters and the sampling entry points of the engine.
 
 ``SamplingParams`` is a dataclass of per-row tensors with short-circuit flags (vLLM's
 SamplingMetadata habit). ``Sampler`` turns the logits of one decode step into tokens:
@@ -8,6 +8,10 @@ SamplingMetadata habit). ``Sampler`` turns the logits of one decode step into to
    reference elsewhere), with the guidance ``mix`` of the rows now in the batch.
 
 min-p is the α cutoff: keeping v with p(v) ≥ min_p · max p is keeping ℓ(v) ≥ max ℓ + log α.
+
+The compiled decode step calls the capturable API instead (``build_sample_plan`` once per batch
+change on the host, ``guided_sample_step`` inside the step: no host sync, fixed shapes, per-row
+step counters on the device).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 
 from divgen import kernels
 from divgen.engine.errors import DivgenError
+from divgen.kernels import build_sample_plan, guided_sample_step  # noqa: F401  (the capturable API)
 
 
 def _as_list(value, rows: int, name: str) -> list:
@@ -56,18 +61,12 @@ class SamplingParams:
             seed_list = [seeds + i for i in range(rows)]
         else:
             seed_list = [int(s) for s in _as_list(seeds, rows, "seeds")]
-        for t in temps:
-            if not (t >= 0 and t != float("inf")):
-                raise DivgenError(f"temperature must be >= 0 (0 is greedy), got {t}")
-        for k in ks:
-            if k < 0:
-                raise DivgenError(f"top_k must be >= 0 (0 disables it), got {k}")
-        for p in ps:
-            if not (0 < p <= 1):
-                raise DivgenError(f"top_p must be in (0, 1] (1 disables it), got {p}")
-        for a in alphas:
-            if not (0 <= a < 1):
-                raise DivgenError(f"alpha (min-p) must be in [0, 1) (0 disables it), got {a}")
+        from divgen.engine import limits   # the one set of limits (task files and the CLI use the same)
+
+        temps = [limits.temperature(t, "temperature") for t in temps]
+        ks = [limits.top_k(k, "top_k") for k in ks]
+        ps = [limits.top_p(p, "top_p") for p in ps]
+        alphas = [limits.min_p(a, "min_p (alpha)") for a in alphas]
         for s in seed_list:
             if not (-(2 ** 63) <= s < 2 ** 63):
                 raise DivgenError(f"seed must fit in a signed 64-bit integer, got {s}")

@@ -64,7 +64,7 @@ class KernelOps:
                            any_top_k_top_p=True, noise=None, return_logprobs=False):
         if self.uses_triton:
             return self._sample.guided_sample_step(
-                logits, plan, seeds, step, temperature, min_p, top_k, top_p,
+                logits, plan.for_rows(logits.shape[0]), seeds, step, temperature, min_p, top_k, top_p,
                 any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs)
         return reference.guided_sample_step(
             logits, plan.mix, seeds, step, temperature, min_p, top_k, top_p,
@@ -124,8 +124,9 @@ def guided_sample_step(logits, plan: SamplePlan, seeds, step, temperature, min_p
     """One decode step's guided sampling on device buffers (capturable: no host sync, fixed shapes).
 
     Args:
-        logits [R, V] fp32/bf16/fp16; plan: ``build_sample_plan`` for these R rows (it carries the
-        implementation); seeds [R] int64; step [R] int64 (each row's noise counter: noise =
+        logits [R, V] fp32/bf16/fp16; plan: ``build_sample_plan`` for these R rows, or
+        ``build_sample_plan(None, device)`` for independent rows of any count (it carries the
+        implementation; take one step before capturing a CUDA graph); seeds [R] int64; step [R] int64 (each row's noise counter: noise =
         f(seed, step, token), equal to ``uniform_noise(seeds, step, V)``); temperature [R] fp32
         (< 1e-6: greedy); min_p [R] fp32 (α, 0 = off); top_k [R] int64 (0 = off); top_p [R] fp32
         (1 = off); any_top_k_top_p: host flag fixed per plan (False skips the cutoff passes and

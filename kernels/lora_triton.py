@@ -151,8 +151,8 @@ _MAX_BLOCK_R = 64       # rank tile; larger ranks loop over it
 _SPLIT_K_MIN_SLICE = 512  # split-K: no slice of H_in shorter than this
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Read once: TRITON_INTERPRET only has an effect when set before triton is imported.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _block_m(rows: int) -> int:
@@ -265,8 +265,8 @@ def _shrink_partials(x, lora_a, scales, plan: LoraPlan, split_k: int) -> torch.T
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         t.stride(0), t.stride(1), t.stride(2),
         BLOCK_M=tiles.block_m, BLOCK_K=block_k, BLOCK_R=block_r,
-        DOT_IN_FP32=fp32 or _interpreting(),
-        DOT_PRECISION="ieee" if fp32 or _interpreting() else "tf32",
+        DOT_IN_FP32=fp32 or _INTERPRETING,
+        DOT_PRECISION="ieee" if fp32 or _INTERPRETING else "tf32",
         num_warps=warps,
     )
     return t

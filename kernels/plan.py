@@ -33,8 +33,14 @@ def next_power_of_2(n: int) -> int:
 
 @dataclass(frozen=True)
 class SamplePlan:
-    """Everything about a batch's guidance that stays fixed while its rows decode (see module doc)."""
-    rows: int
+    """Everything about a batch's guidance that stays fixed while its rows decode (see module doc).
+
+    ``build_sample_plan(None, device)`` without ``rows`` gives a plan for independent rows of any
+    count (rows None): the torch reference needs nothing more, and the Triton ops derive (once,
+    cached) the plan of R rows at the first step with R rows (``for_rows``); take that first step
+    before capturing a CUDA graph.
+    """
+    rows: int | None
     device: torch.device
     mix: torch.Tensor | None          # [R, R] fp32 on device, None = independent rows
     order: torch.Tensor               # [R] int32
@@ -45,6 +51,16 @@ class SamplePlan:
     logp_floor: float                 # LOGP_FLOOR when mixing, −inf for mix None (as the reference)
     ops: Any = field(repr=False, default=None)      # the implementation (divgen.kernels.KernelOps)
     prepared: Any = field(repr=False, default=None)  # what ``ops`` derived once (launch tiles)
+    _by_rows: dict = field(repr=False, compare=False, default_factory=dict)
+
+    def for_rows(self, rows: int) -> "SamplePlan":
+        """This plan for R rows: itself when R is fixed, else the cached plan of R independent rows."""
+        if self.rows is not None:
+            return self
+        plan = self._by_rows.get(rows)
+        if plan is None:
+            plan = self._by_rows[rows] = build_sample_plan(None, self.device, rows=rows, ops=self.ops)
+        return plan
 
     @property
     def num_groups(self) -> int:
@@ -101,15 +117,24 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
 
     Args:
         mix: [R, R] guidance mixing matrix (diagonal 1 + Σγ, off-diagonal −γ) or None for
-            independent rows; then ``rows`` gives R.
+            independent rows; then ``rows`` gives R (omitted: any R, see ``SamplePlan``).
         device: where the step runs; the plan's tensors live there.
         ops: the implementation; default ``divgen.kernels.ops_for(device)`` (chosen once here).
     Raises: ValueError for a non-square / non-finite mix or a group over MAX_GROUP_ROWS rows.
     """
     device = torch.device(device)
+    if ops is None:
+        from divgen.kernels import ops_for
+
+        ops = ops_for(device)
+    if mix is None and rows is None:      # independent rows, any count (see SamplePlan)
+        empty = torch.zeros(0, dtype=torch.int32, device=device)
+        return SamplePlan(rows=None, device=device, mix=None, order=empty, group_start=empty,
+                          w_offset=empty.long(), weights=empty.float(), group_sizes=(1,),
+                          logp_floor=float("-inf"), ops=ops)
     if mix is None:
-        if rows is None or int(rows) < 1:
-            raise ValueError("build_sample_plan(None, ...) needs rows=R >= 1 (the number of independent rows)")
+        if int(rows) < 1:
+            raise ValueError(f"rows must be >= 1 (the number of independent rows), got {rows}")
         rows = int(rows)
     else:
         rows = check_mix(mix, rows)
@@ -127,10 +152,6 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
         offsets.append(sum(b.numel() for b in blocks))
         idx = torch.tensor(g)
         blocks.append(torch.ones(1) if dense is None else dense[idx[:, None], idx[None, :]].reshape(-1))
-    if ops is None:
-        from divgen.kernels import ops_for
-
-        ops = ops_for(device)
     plan = SamplePlan(
         rows=rows, device=device,
         mix=None if dense is None else dense.to(device),

@@ -261,3 +261,22 @@ def test_adapter_files_follow_the_umask(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o755
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
         "adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
+
+
+@pytest.mark.parametrize("value", [101.0, float("inf"), -1.0])
+def test_python_api_task_file_and_cli_share_the_temperature_limits(value, capsys):
+    """One validation layer: the same range and wording wherever a temperature enters."""
+    from divgen.engine.errors import DivgenError
+    from divgen.engine.sampling import SamplingParams
+    from divgen.engine.synth import task_from_dict
+
+    messages = []
+    for enter in (lambda: SamplingParams.make(2, temperature=value),
+                  lambda: task_from_dict({**TASK, "sampling": {"temperature": value}})):
+        with pytest.raises(DivgenError) as err:
+            enter()
+        messages.append(str(err.value))
+    assert cli_main(["generate", "hi", "--temperature", str(value)]) == 2
+    messages.append(capsys.readouterr().err)
+    tail = "in [0, 100] (0 is greedy), got"
+    assert all(tail in m for m in messages), messages

@@ -620,6 +620,22 @@ def test_step_equals_guided_sample(impl, layout, kernel_device):
         assert tokens[r] == alone[r]
 
 
+def test_plan_of_independent_rows_takes_the_row_count_from_the_step(kernel_device):
+    """build_sample_plan(None, device) (the interface's form) serves any R: the reference needs
+    no groups; the Triton ops derive the R-row plan once, at the first step, and reuse it."""
+    logits, params = step_args(ROWS, VOCAB_SIZES[0], seed=6, top=False)
+    seeds, steps = make_seeds(ROWS), torch.full((ROWS,), 4)
+    want = reference.guided_sample(logits, None, seeds=seeds, step=4, **direct_kwargs(params))
+    for impl, device in (("reference", torch.device("cpu")), ("triton", kernel_device)):
+        plan = kernels.build_sample_plan(None, device, ops=kernels.ops_for(device, impl))
+        assert plan.rows is None
+        for _ in range(2):
+            got = kernels.guided_sample_step(logits.to(device), plan, seeds.to(device), steps.to(device),
+                                             **{k: v.to(device) for k, v in params.items()}, any_top_k_top_p=False)
+            assert torch.equal(got.cpu(), want)
+        assert plan.for_rows(ROWS) is plan.for_rows(ROWS) and plan.for_rows(ROWS).rows == ROWS
+
+
 def test_step_without_cutoffs_ignores_top_k_top_p(kernel_device):
     logits, params = step_args(ROWS, VOCAB_SIZES[0], seed=5, top=False)
     mix = make_mix("corrsynth")
@@ -653,8 +669,8 @@ def test_plan_rejects_bad_mix():
         kernels.build_sample_plan(torch.ones(2, 3), "cpu")
     with pytest.raises(ValueError, match="finite"):
         kernels.build_sample_plan(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "cpu")
-    with pytest.raises(ValueError, match="rows=R"):
-        kernels.build_sample_plan(None, "cpu")
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        kernels.build_sample_plan(None, "cpu", rows=0)
     with pytest.raises(ValueError, match="up to 256"):
         kernels.build_sample_plan(torch.ones(257, 257), "cpu")
 

@@ -138,3 +138,18 @@ def test_scores_are_one_hot_on_the_reference_sample():
     mix2 = torch.tensor([[3.0, -2.0], [-2.0, 3.0]])
     want2 = reference.guided_sample(scores[[0, 2]], mix2, seeds=torch.tensor([1, 3]), step=1, temperature=0.9)
     assert out.argmax(dim=1).tolist() == [want2[0].item(), 7, want2[1].item()]
+
+
+def test_readme_snippet_runs_and_gives_the_engines_tokens(embedded_lm, capsys):
+    from readme_snippets import snippet
+
+    scope = {}
+    exec(compile(snippet("hf"), "README.md:hf", "exec"), scope)
+    printed = capsys.readouterr().out
+    assert printed.startswith("[") and len(scope["out"]) == 2
+    lm = embedded_lm
+    prompts = [lm.format_prompt(f"Write a news headline about {t}.") for t in ("sports", "science")]
+    engine, _ = generate(lm, prompts, max_new_tokens=32, temperature=0.8, alpha=0.05, seeds=[1, 2],
+                         guidance=Guidance.corrsynth([0, 0], scale=2.0))
+    width = scope["batch"]["input_ids"].shape[1]
+    assert [_strip(ids, lm) for ids in scope["out"][:, width:].tolist()] == [r.token_ids for r in engine]

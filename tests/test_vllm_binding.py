@@ -2,6 +2,7 @@
 SmolLM2, guided vLLM output equals divgen's engine for rows admitted in lockstep, and untagged
 requests are untouched."""
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,8 +13,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")           # GiB; the defaul
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 
-from divgen.bindings.vllm import DivgenLogitsProcessor, divgen_tag  # noqa: E402
+from divgen.bindings.vllm import divgen_tag  # noqa: E402
 from divgen.engine.decode import generate  # noqa: E402
+from divgen.engine.diverse import generate_diverse  # noqa: E402
 from divgen.engine.guidance import Guidance  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -23,9 +25,19 @@ TOPICS = ["sports", "business", "science", "politics"]
 
 
 @pytest.fixture(scope="module")
-def llm(embedded_lm):
-    return LLM(model=str(embedded_lm.source_dir), dtype="float32", logits_processors=[DivgenLogitsProcessor],
-               max_model_len=1024, enforce_eager=True, seed=0)
+def readme(embedded_lm):
+    """The README's vLLM snippet, run as a user would; its LLM serves every test here."""
+    from readme_snippets import snippet
+
+    scope = {}
+    exec(compile(snippet("vllm"), "README.md:vllm", "exec"), scope)
+    return scope
+
+
+@pytest.fixture(scope="module")
+def llm(readme):
+    assert isinstance(readme["llm"], LLM)
+    return readme["llm"]
 
 
 def _ids(lm, prompts):
@@ -40,6 +52,14 @@ def _tokens(lm, outputs):
             ids = list(c.token_ids)
             out.append(ids[:-1] if ids and ids[-1] in lm.eos_token_ids else ids)
     return out
+
+
+def test_readme_snippet_gives_the_engines_diverse_samples(readme, embedded_lm):
+    lm = embedded_lm
+    engine, _ = generate_diverse(lm, lm.format_prompt("Give me a name for a cat."), n=8, diverse=2.0,
+                                 seeds=0, temperature=0.8, alpha=0.1, max_new_tokens=32)
+    got = _tokens(lm, [SimpleNamespace(outputs=readme["outputs"])])
+    assert sorted(got) == sorted(r.token_ids for r in engine)
 
 
 def test_corrsynth_group_equals_engine_with_rows_finishing_at_different_steps(llm, embedded_lm):
@@ -96,6 +116,6 @@ def test_two_groups_m_corrsynth_and_explicit_beside_untagged_requests(llm, embed
 
 
 def test_bad_tag_is_refused_before_decoding(llm, embedded_lm):
-    with pytest.raises(VLLMValidationError, match="'scale' is required"):
-        llm.generate(_ids(embedded_lm, ["Hello"]), SamplingParams(max_tokens=2, extra_args={"divgen": {"group": "g"}}),
+    with pytest.raises(VLLMValidationError, match="'divgen_scale' is required"):
+        llm.generate(_ids(embedded_lm, ["Hello"]), SamplingParams(max_tokens=2, extra_args={"divgen_group": "g"}),
                      use_tqdm=False)

@@ -72,6 +72,10 @@ def test_lockstep_group_untagged_row_and_members_leaving():
     assert torch.equal(out[1], logits[1])
     want = sample(logits[[0, 2]], corrsynth_mix(2, 3.0), [10, 12], 2, temperature=0.9, alpha=0.05)
     assert chosen(out[[0, 2]]) == want
+    # the last members finish; an untagged request joins: nothing is left to guide
+    proc.update_state(Update(2, removed=(2, 0), added=((0, params(5), None, []),)))
+    logits = torch.randn(2, VOCAB)
+    assert torch.equal(proc.apply(logits.clone()), logits)
 
 
 def test_guidance_really_changes_the_sample_and_one_member_is_plain_divgen_sampling():
@@ -150,19 +154,41 @@ def test_seedless_requests_draw_a_seed_once_and_greedy_rows_take_the_guided_argm
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"scale": 2.0}, "'group'"),
-    ({"group": "g"}, "'scale' is required"),
+    ({"scale": 2.0}, "'divgen_group'"),
+    ({"group": "g"}, "'divgen_scale' is required"),
     ({"group": "g", "scale": 0.5}, r"\[1, 100\]"),
-    ({"group": "g", "scale": 2.0, "sclae": 1}, "unknown field"),
-    ({"group": "g", "method": "cfg", "scale": 2.0}, "method must be one of"),
-    ({"group": "g", "method": "m-corrsynth", "gamma": 1.0, "delta": 0.0}, "'label'"),
-    ({"group": "g", "method": "explicit", "member": 0}, "'weights'"),
-    ({"group": "g", "method": "explicit", "member": -1, "weights": [1.0]}, "'member'"),
+    ({"group": "g", "scale": 2.0, "sclae": 1}, r"unknown key\(s\) \['divgen_sclae'\]"),
+    ({"group": "g", "method": "cfg", "scale": 2.0}, "divgen_method must be one of"),
+    ({"group": "g", "method": "m-corrsynth", "gamma": 1.0, "delta": 0.0}, "'divgen_label'"),
+    ({"group": "g", "method": "explicit", "member": 0}, "'divgen_weights'"),
+    ({"group": "g", "method": "explicit", "member": -1, "weights": [1.0]}, "'divgen_member'"),
 ])
 def test_bad_tags_are_refused_with_the_fix(fields, message):
+    flat = {"divgen_" + k: v for k, v in fields.items()}
     with pytest.raises(DivgenError, match=message):
-        parse_tag({"divgen": fields})
+        parse_tag(flat)
     with pytest.raises(ValueError, match=message):
-        DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args={"divgen": fields}))
+        DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args=flat))
     DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args=None))
     DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args={"other": 1}))
+
+
+def test_tags_are_flat_http_compatible_extra_args():
+    """vLLM's HTTP vllm_xargs: dict[str, str | int | float | list[...]] — no nested values."""
+    for tag in (divgen_tag("g", scale=2.0), divgen_tag(3, method="m-corrsynth", label="a", gamma=1.0, delta=0.5),
+                divgen_tag("g", method="explicit", member=1, weights=[0.5, 0.0])):
+        assert all(k.startswith("divgen_") and isinstance(v, (str, int, float, list)) for k, v in tag.items())
+    assert parse_tag({"divgen_group": "q", "divgen_scale": 2, "other_extension": {"x": 1}}) == parse_tag(
+        divgen_tag("q", scale=2.0))
+
+
+def test_a_group_over_the_kernel_limit_is_contrasted_in_chunks():
+    from divgen import kernels
+
+    proc = DivgenLogitsProcessor()
+    tag = divgen_tag("big", scale=2.0)
+    n = kernels.MAX_GROUP_ROWS + 2
+    proc.update_state(Update(n, added=tuple((i, params(i, tag), None, []) for i in range(n))))
+    assert sorted(proc.plan.group_sizes) == [2, kernels.MAX_GROUP_ROWS]
+    out = proc.apply(torch.randn(n, 11))
+    assert torch.isfinite(out).sum(dim=1).eq(1).all()

@@ -67,6 +67,7 @@ class SpaRunConfig:
     few_shot: str | None = None           # few-shot file of the synth job (pool rows only)
     real: str | None = None               # real labelled file the judge trains on (default: few_shot)
     synth_method: str = "fewgen"
+    synth_file: str | None = None         # an existing `divgen synth` output to use instead of synthesizing
     per_label: int = 100
     synth_max_new_tokens: int | None = None
     synth_batch_rows: int = 64
@@ -117,7 +118,7 @@ class SpaRunConfig:
             raise DivgenError("--lr and --lora-alpha must be > 0")
         if not 0 <= self.balance <= 1:
             raise DivgenError(f"--balance must be in [0, 1], got {self.balance}")
-        for flag, path in (("--few-shot", self.few_shot), ("--real", self.real)):
+        for flag, path in (("--few-shot", self.few_shot), ("--real", self.real), ("--synth", self.synth_file)):
             if path is not None and not Path(path).is_file():
                 raise DivgenError(f"{flag} {path} is not a file: pass a labelled CSV/JSONL file")
 
@@ -252,10 +253,13 @@ class SpaRun:
         from divgen.engine.synth import run_synth
 
         synth = self.out / "synth.jsonl"
-        lm = self.model()
-        report = run_synth(self.task, synth, lm=lm, batch_rows=self.cfg.synth_batch_rows, progress=self.progress)
-        self.cost["synth_seconds_this_run"] = round(report.wall_time_s, 1)
         by_name = {lab.name: lab for lab in self.task.labels}
+        if self.cfg.synth_file is not None:
+            self._take_synth_file(synth, by_name)
+        else:
+            report = run_synth(self.task, synth, lm=self.model(), batch_rows=self.cfg.synth_batch_rows,
+                               progress=self.progress)
+            self.cost["synth_seconds_this_run"] = round(report.wall_time_s, 1)
         pairs = []
         for rec in _read_jsonl(synth):
             text = rec["text"].strip()
@@ -267,6 +271,25 @@ class SpaRun:
         _atomic_jsonl(self.out / "data" / "train.jsonl", pairs)
         _atomic_jsonl(self.out / "data" / "queries.jsonl", queries_for(self.task, self.cfg.k))
         _atomic_jsonl(self.out / "data" / "heldout.jsonl", heldout_for(self.task, self.cfg.heldout_per_label))
+
+    def _take_synth_file(self, synth: Path, by_name: dict) -> None:
+        """Copy a finished `divgen synth` output of this task into the run (checked: text + a label of
+        the task on every line)."""
+        from divgen.engine.metrics import read_examples
+
+        source = Path(self.cfg.synth_file)
+        texts, labels = read_examples(source)
+        unknown = sorted(set(labels) - set(by_name))
+        if unknown:
+            raise DivgenError(f"--synth {source}: labels {unknown} are not labels of task {self.task.name} "
+                              f"({', '.join(by_name)}): pass an output of `divgen synth {self.cfg.task}`")
+        data = source.read_bytes()
+        if not synth.exists() or synth.read_bytes() != data:
+            synth.parent.mkdir(parents=True, exist_ok=True)
+            tmp = synth.with_name(".synth.jsonl.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, synth)
+        self.log(f"synth: {len(texts)} examples from {source} (sha256 {hashlib.sha256(data).hexdigest()[:16]})")
 
     def examples(self):
         from divgen.engine.spa.data import Example
@@ -430,7 +453,7 @@ class SpaRun:
         texts = sorted({r["text"] for t in self.cfg.temperatures for r in self.samples(t)} - set(verdicts))
         if not texts:
             return
-        judge = self.judge or default_judge(self.cfg, self.task)
+        judge = self.judge or default_judge(self.cfg, self.task, self.out)
         predicted = judge(texts)
         if len(predicted) != len(texts):
             raise DivgenError(f"the judge returned {len(predicted)} labels for {len(texts)} texts")
@@ -470,6 +493,9 @@ class SpaRun:
                               "temperatures": list(self.cfg.temperatures)},
                    "examples": len(self.examples()), "heldout_prompts": len(self.heldout()),
                    "rows": rows, "targets": targets(rows, self.cfg.methods)}
+        judge_file = self.out / "judge.json"
+        if judge_file.exists():
+            summary["judge"] = json.loads(judge_file.read_text())
         cost = self.out / "influence" / "cost.json"
         if cost.exists():
             summary["influence_cost"] = json.loads(cost.read_text())
@@ -481,16 +507,26 @@ class SpaRun:
         return summary
 
 
-def default_judge(cfg: SpaRunConfig, task) -> Judge:
-    """``divgen.engine.eval``'s judge, trained on the pool rows of the real file."""
+def default_judge(cfg: SpaRunConfig, task, out: Path | None = None, test_rows: int = 400) -> Judge:
+    """``divgen.engine.eval``'s judge, trained on the pool rows of the real file. With ``out``, its
+    accuracy on ``test_rows`` real test rows (evenly spaced, never shown to it) goes to
+    ``out/judge.json``, so the fidelity figures come with the judge's own error rate."""
     real = cfg.real or cfg.few_shot
     if real is None:
         raise DivgenError("the judge needs real labelled rows: pass --real FILE (e.g. ../shared/data/ag_news_test.csv)")
     try:
+        from divgen.engine.eval.data import read_real, split, thin
         from divgen.engine.eval.judge import Judge as EvalJudge
     except ImportError as exc:
         raise DivgenError(f"the judge (divgen.engine.eval) is not available ({exc}): update divgen") from exc
-    judge = EvalJudge.from_real(real, task)
+    pool, test = split(read_real(real, task), task.few_shot.every)
+    judge = EvalJudge.train(pool.texts, [pool.label_names[i] for i in pool.labels], pool.label_names)
+    if out is not None:
+        test = thin(test, test_rows)
+        gold = [test.label_names[i] for i in test.labels]
+        accuracy = sum(p == g for p, g in zip(judge.predict(test.texts), gold)) / len(gold)
+        _atomic_json(out / "judge.json", {"real": str(real), "trained_on_pool_rows": len(pool),
+                                          "test_rows": len(gold), "test_accuracy": accuracy})
     return judge.predict
 
 
