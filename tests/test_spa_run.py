@@ -213,3 +213,16 @@ def test_an_existing_synth_output_replaces_generation(tiny_dir, full_run, tmp_pa
     bad.write_text(json.dumps({"text": "Stocks rose.", "label": "finance"}) + "\n")
     with pytest.raises(DivgenError, match=r"labels \['finance'\] are not labels of task"):
         SpaRun(config(tiny_dir, synth_file=str(bad)), tmp_path / "r2", judge=fake_judge, progress=False).run()
+
+
+def test_cli_resumes_a_finished_run_and_prints_the_targets(tiny_dir, full_run, capsys):
+    """`divgen spa run` with the flags of config(): every stage is found finished (the judge is not
+    even built), and the printed targets are the run's."""
+    out, summary = full_run
+    argv = ["spa", "run", "ag_news", "--out", str(out), "--model", str(tiny_dir), "--per-label", "3",
+            "--synth-max-new-tokens", "8", "--k", "2", "--heldout-per-label", "1", "--temperatures", "0,1",
+            "--max-new-tokens", "6", "--steps", "2", "--whole-steps", "2", "--batch-size", "2", "--lr", "0.05",
+            "--lissa-depth", "2", "--grad-batch", "3", "--max-length", "96", "--lora-top-layers", "1", "--quiet"]
+    assert cli_main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["targets"] == json.loads(json.dumps(summary["targets"]))

@@ -453,7 +453,7 @@ class SpaRun:
         texts = sorted({r["text"] for t in self.cfg.temperatures for r in self.samples(t)} - set(verdicts))
         if not texts:
             return
-        judge = self.judge or default_judge(self.cfg, self.task)
+        judge = self.judge or default_judge(self.cfg, self.task, self.out)
         predicted = judge(texts)
         if len(predicted) != len(texts):
             raise DivgenError(f"the judge returned {len(predicted)} labels for {len(texts)} texts")
@@ -493,6 +493,9 @@ class SpaRun:
                               "temperatures": list(self.cfg.temperatures)},
                    "examples": len(self.examples()), "heldout_prompts": len(self.heldout()),
                    "rows": rows, "targets": targets(rows, self.cfg.methods)}
+        judge_file = self.out / "judge.json"
+        if judge_file.exists():
+            summary["judge"] = json.loads(judge_file.read_text())
         cost = self.out / "influence" / "cost.json"
         if cost.exists():
             summary["influence_cost"] = json.loads(cost.read_text())
@@ -504,16 +507,26 @@ class SpaRun:
         return summary
 
 
-def default_judge(cfg: SpaRunConfig, task) -> Judge:
-    """``divgen.engine.eval``'s judge, trained on the pool rows of the real file."""
+def default_judge(cfg: SpaRunConfig, task, out: Path | None = None, test_rows: int = 400) -> Judge:
+    """``divgen.engine.eval``'s judge, trained on the pool rows of the real file. With ``out``, its
+    accuracy on ``test_rows`` real test rows (evenly spaced, never shown to it) goes to
+    ``out/judge.json``, so the fidelity figures come with the judge's own error rate."""
     real = cfg.real or cfg.few_shot
     if real is None:
         raise DivgenError("the judge needs real labelled rows: pass --real FILE (e.g. ../shared/data/ag_news_test.csv)")
     try:
+        from divgen.engine.eval.data import read_real, split, thin
         from divgen.engine.eval.judge import Judge as EvalJudge
     except ImportError as exc:
         raise DivgenError(f"the judge (divgen.engine.eval) is not available ({exc}): update divgen") from exc
-    judge = EvalJudge.from_real(real, task)
+    pool, test = split(read_real(real, task), task.few_shot.every)
+    judge = EvalJudge.train(pool.texts, [pool.label_names[i] for i in pool.labels], pool.label_names)
+    if out is not None:
+        test = thin(test, test_rows)
+        gold = [test.label_names[i] for i in test.labels]
+        accuracy = sum(p == g for p, g in zip(judge.predict(test.texts), gold)) / len(gold)
+        _atomic_json(out / "judge.json", {"real": str(real), "trained_on_pool_rows": len(pool),
+                                          "test_rows": len(gold), "test_accuracy": accuracy})
     return judge.predict
 
 
