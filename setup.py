@@ -9,7 +9,8 @@ from setuptools import setup
 
 # Top-level folder -> package name (DESIGN.md, "Layout"). Every folder below them that holds an
 # __init__.py is a subpackage, found here so that a new subpackage needs no edit of this file.
-ROOTS = {"divgen": "divgen", "engine": "divgen.engine", "kernels": "divgen.kernels", "bindings": "divgen.bindings"}
+ROOTS = {"divgen": "divgen", "engine": "divgen.engine", "kernels": "divgen.kernels", "bindings": "divgen.bindings",
+         "benchmarks": "divgen.benchmarks"}   # benchmarks/ ships for `divgen bench`, files kept in place
 
 
 def package_dirs() -> dict[str, str]:
@@ -47,8 +48,10 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "plot": ["matplotlib>=3.5"],          # PNGs of divgen spa run and experiments/sweep.py
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.12"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "peft>=0.12", "datasets>=3"],
+        "plot": ["matplotlib>=3.5"],          # divgen bench --plot, divgen spa run and experiments/sweep.py PNGs
+        "datasets": ["datasets>=3"],          # divgen export
+        "ray": ["ray[data]>=2.60,<3"],        # divgen synth --ray
     },
     entry_points={"console_scripts": ["divgen=divgen.bindings.cli:main"]},
 )

@@ -124,3 +124,57 @@ def apply_common_args(args) -> torch.device:
     if threads:
         torch.set_num_threads(threads)
     return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Latency percentiles and plots (used by `divgen bench`)
+# ----------------------------------------------------------------------------------------------
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics
+    (numpy's default method)."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("percentile of no values")
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def latency_summary(seconds, prefix: str) -> dict:
+    """{prefix_p50_ms, prefix_p90_ms, prefix_p99_ms, prefix_mean_ms} of a list of durations in s;
+    empty dict for no values."""
+    if not seconds:
+        return {}
+    ms = [1000.0 * s for s in seconds]
+    return {f"{prefix}_p50_ms": percentile(ms, 50), f"{prefix}_p90_ms": percentile(ms, 90),
+            f"{prefix}_p99_ms": percentile(ms, 99), f"{prefix}_mean_ms": statistics.fmean(ms)}
+
+
+def plot_throughput(rows: list[dict], path: str | os.PathLike, *, y: str, title: str,
+                    x: str = "batch_size", series: str = "method") -> Path:
+    """PNG of ``y`` against ``x`` with one line per ``series`` value (matplotlib, optional)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name in dict.fromkeys(r[series] for r in rows):
+        pts = sorted((r[x], r[y]) for r in rows if r[series] == name and r.get(y) is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=str(name))
+    xs = sorted({r[x] for r in rows})
+    if xs and xs[-1] / max(xs[0], 1) >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(v) for v in xs])
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(y.replace("_per_s", "/s").replace("_", " "))
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")   # its warnings are not the user's to act on
 
-from divgen.bindings import cli_eval, cli_filter, cli_generate, cli_spa, cli_synth  # noqa: E402
+from divgen.bindings import cli_bench, cli_eval, cli_export, cli_filter, cli_generate, cli_show, cli_spa, cli_synth  # noqa: E402,E501
 from divgen.engine.errors import DivgenError  # noqa: E402
 
 # Flags that were renamed: an old name is answered with the new one.
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_spa.register(sub)
     cli_eval.register(sub)
     cli_filter.register(sub)
+    cli_bench.register(sub)
+    cli_export.register(sub)
+    cli_show.register(sub)
     return parser
 
 

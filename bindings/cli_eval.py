@@ -45,9 +45,11 @@ def task_for(files: list[str], task_arg: str | None):
 
     if task_arg:
         return load_task(task_arg)
+    from divgen.engine.synth.output import existing_sidecar
+
     for f in files:
-        side = Path(f).with_name(Path(f).name + ".task.json")
-        if side.is_file():
+        side = existing_sidecar(Path(f))          # .FILE.task.json (or the old FILE.task.json)
+        if side is not None:
             try:
                 named = json.loads(side.read_text(encoding="utf-8")).get("task_file")
             except (OSError, ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
+from divgen.bindings import cli_ray
 from divgen.bindings.cli_args import add_sampling_args, check_sampling_args
 from divgen.engine import limits
 from divgen.engine.errors import DivgenError
@@ -40,6 +41,7 @@ def register(subparsers) -> None:
                    help="rows decoded per engine call (default 64); does not change the texts")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                    help="no progress bar (default: a bar with examples/s on stderr)")
+    cli_ray.add_arguments(p)
     p.set_defaults(func=run_synth_command)
 
     m = subparsers.add_parser(
@@ -72,6 +74,8 @@ def run_synth_command(args) -> int:
         g=args.g, gamma=args.gamma, delta=args.delta, min_p=args.min_p, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos, dtype=args.dtype,
     )
+    if args.ray is not None:
+        return cli_ray.run(task, args, batch_rows)
     report = run_synth(task, args.out, batch_rows=batch_rows, progress=args.progress, device=args.device)
     counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
     if report.written:

@@ -93,9 +93,11 @@ def set_context(path: str | Path, records: list[dict], few_shot_file: str | Path
     A record's ``examples`` entries are data-row indices into the few-shot file (the sidecar's,
     or ``few_shot_file``) or, for inline task examples, the texts themselves."""
     path = Path(path)
-    side = path.with_name(path.name + ".task.json")
+    from divgen.engine.synth.output import existing_sidecar
+
+    side = existing_sidecar(path)              # .FILE.task.json (or the old FILE.task.json)
     sidecar = {}
-    if side.is_file():
+    if side is not None:
         try:
             sidecar = json.loads(side.read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,11 +131,14 @@ def convert_gguf(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from divgen.engine.progress import quiet_gguf_conversion
+
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-        )
+        with quiet_gguf_conversion(lambda msg: print(f"divgen: {msg}: {gguf.name}", file=sys.stderr)):
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+            )
     except Exception as exc:  # transformers raises many types for unreadable files
         raise DivgenError(f"could not read GGUF file {gguf}: {exc}. Is it a GGUF causal LM?") from exc
     # The de-quantised weights are ordinary fp32 tensors: drop the GGUF quantisation marker so

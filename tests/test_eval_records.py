@@ -7,6 +7,7 @@ import json
 from divgen.engine.metrics import read_records, set_context
 from divgen.engine.synth.few_shot import read_labelled_file
 from divgen.engine.synth.job import run_synth
+from divgen.engine.synth.output import sidecar_path
 from divgen.engine.synth.prompts import PromptCache
 from divgen.engine.synth.task import task_from_dict
 
@@ -50,5 +51,5 @@ def test_records_name_the_pool_rows_their_prompt_showed(embedded_lm, tmp_path):
     ctx = set_context(out, records)
     for r, shown in zip(records, ctx["examples"]):
         assert shown == [e if isinstance(e, str) else rows[e][1] for e in r["examples"]]
-    assert json.loads(out.with_name(out.name + ".task.json").read_text())["few_shot_file"] == str(few)
+    assert json.loads(sidecar_path(out).read_text())["few_shot_file"] == str(few)
     assert seen_inline

@@ -70,7 +70,7 @@ def train_adapter(lm: LoadedModel, examples: list[Example], cfg: TrainConfig, ou
     ``stop_after`` ends the run after that many steps *of this call* without saving the adapter
     (a checkpoint is written): tests use it to simulate a killed run; returns None then.
     """
-    from tqdm import tqdm
+    from divgen.engine.progress import progress_bar
 
     cfg.check()
     if not examples:
@@ -97,8 +97,7 @@ def train_adapter(lm: LoadedModel, examples: list[Example], cfg: TrainConfig, ou
             opt.load_state_dict(state["optimizer"])
             start, losses = int(state["step"]), list(state["losses"])
         lora.train(True)
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"adapt {name}", unit="step", file=sys.stderr,
-                   disable=not progress, leave=False)
+        bar = progress_bar(cfg.steps, f"adapt {name}", "step", initial=start, enabled=progress, leave=False)
         t0 = time.perf_counter()
         for step in range(start, cfg.steps):
             rows = batch_indices(len(encoded), cfg.batch_size, cfg.seed, step)

@@ -38,7 +38,6 @@ attention for the Hessian-vector products and back afterwards.
 """
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 
 import torch
@@ -155,15 +154,14 @@ def estimate_scale(model, lora, items, cfg: LissaConfig, pad_id, device) -> floa
 def lissa(model: nn.Module, lora: TrainableLora, items: list[Encoded], vectors: torch.Tensor, cfg: LissaConfig,
           pad_id: int, device, progress: bool = True) -> torch.Tensor:
     """(H + λI)⁻¹ v for every row of ``vectors`` [K, P] by LiSSA. Returns [K, P] fp32."""
-    from tqdm import tqdm
+    from divgen.engine.progress import progress_bar
 
     cfg.check()
     with eager_attention(model):
         scale = estimate_scale(model, lora, items, cfg, pad_id, device) if cfg.scale == "auto" else float(cfg.scale)
         v = vectors.float().to(device)
         total = torch.zeros_like(v)
-        bar = tqdm(total=cfg.depth * cfg.repeats, desc="LiSSA", unit="hvp", file=sys.stderr, disable=not progress,
-                   leave=False)
+        bar = progress_bar(cfg.depth * cfg.repeats, "LiSSA", "hvp", enabled=progress, leave=False)
         for rep in range(cfg.repeats):
             gen = torch.Generator().manual_seed(cfg.seed * 9973 + rep)
             h = v.clone()

@@ -143,6 +143,7 @@ def influence_scores_multi(lm, examples: list[Example], queries: list[Example], 
 
     from tqdm import tqdm
 
+    from divgen.engine.progress import progress_bar
     from divgen.engine.spa.finetune import TrainableLora, encode_example
     from divgen.engine.spa.influence import example_gradient, lissa, per_example_gradients
 
@@ -189,8 +190,8 @@ def influence_scores_multi(lm, examples: list[Example], queries: list[Example], 
         vectors = state["query_vectors"].to(dev)
         done: dict = state["scores"]                                             # batch start -> [b, kinds·K]
         starts = list(range(0, len(items), grad_batch))
-        bar = tqdm(total=len(items), initial=sum(min(grad_batch, len(items) - s) for s in done),
-                   desc="per-example gradients", unit="ex", file=sys.stderr, disable=not progress, leave=False)
+        bar = progress_bar(len(items), "per-example gradients", "ex", enabled=progress, leave=False,
+                           initial=sum(min(grad_batch, len(items) - s) for s in done))
         t0, new, peak = time.perf_counter(), 0, 0
         for start in starts:
             if start in done:

@@ -38,6 +38,8 @@ from divgen.engine.synth.output import (
 )
 from divgen.engine.synth.plan import BatchRows, Plan, make_guidance, plan, rows_for_groups, rows_in_group
 from divgen.engine.synth.prompts import PromptCache, pick_example_positions
+from divgen.engine.synth.schema import divgen_version, model_id, record_params
+from divgen.engine.synth.shards import ShardPlan
 from divgen.engine.synth.task import Task
 
 DEFAULT_BATCH_ROWS = 64
@@ -86,12 +88,15 @@ def run_synth(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    shard: tuple[int, int] | None = None,
     device=None,
 ) -> SynthReport:
     """Generate the task's examples into ``out`` (append-only, resumable). See module docstring.
 
-    lm: a loaded model (default: load ``task.model`` with ``task.dtype`` on ``device``). progress: a tqdm bar (None = when stderr
-    is a terminal). log: where one-line notes go (default: stderr)."""
+    lm: a loaded model (default: load ``task.model`` with ``task.dtype`` on ``device``). progress:
+    False = none; otherwise a tqdm bar when stderr is a terminal, else a line every few seconds
+    (engine/progress.py). log: where one-line notes go (default: stderr). shard: (i, N) = only the
+    groups of shard i of N (engine/synth/shards.py; ``divgen synth --ray``)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     limits.batch_rows(batch_rows, "batch_rows")
     device = limits.device(device, "device")
@@ -99,7 +104,7 @@ def run_synth(
     start = time.perf_counter()
     task = task.with_generation_defaults()
     pool, fp, content, existing = prepare(task, out)
-    groups = plan(task)
+    groups = plan(task) if shard is None else ShardPlan(plan(task), *shard)
     report = SynthReport(out=out, resumed_from=len(existing.done), fingerprint=fp)
     target = task.target()
     over = {lab: n for lab, n in existing.counts.items() if n > target.get(lab, 0)}
@@ -187,18 +192,18 @@ def decode_batch(task: Task, lm, b: BatchRows, progress: Callable[[int, int], No
 
 def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, fp, batch_rows, progress,
                    report) -> None:
-    from tqdm import tqdm
+    from divgen.engine.progress import progress_bar
 
     prompt = PromptCache(task, lm, pool)
     _, sources = pool_with_sources(task)      # where each pool item came from (records' "examples")
     prefixes = scaffolding_prefixes(task)
     names = task.label_names
-    params = {**task.params, **task.content()["sampling"], "max_new_tokens": task.max_new_tokens,
-              "rows_per_group": task.group_rows}
-    disable = (not sys.stderr.isatty()) if progress is None else (not progress)
-    bar = tqdm(total=missing_count(groups, existing), desc=f"synth {task.method}", unit="ex", file=sys.stderr,
-               disable=disable, dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
+    params = record_params(task)                  # the same keys and types for every method
+    model, version = model_id(task), divgen_version()
+    # A bar on a terminal, a line every few seconds (rate, ETA) in a log; progress=False: nothing.
+    bar = progress_bar(missing_count(groups, existing), f"synth {task.method}", "ex", enabled=progress is not False,
+                       dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
+                       bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
     try:
         for batch, missing in batches(task, groups, existing.done, batch_rows):
             b = rows_for_groups(task, batch, missing, prompt)
@@ -225,6 +230,7 @@ def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, f
                     text=clean_text(lm, r.token_ids, task.stop, prefixes), label=names[sl.label],
                     method=task.method, params=params, seed=r.seed, group=sl.group, slot=sl.slot,
                     finish_reason=r.finish_reason, tokens=len(r.token_ids), fingerprint=fp,
+                    model=model, divgen_version=version,
                     examples=[sources[names[sl.label]][i]
                               for i in pick_example_positions(task, pool, sl.group, sl.slot, names[sl.label])],
                 )

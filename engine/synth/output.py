@@ -3,7 +3,8 @@
 * Every record is one line ``{"text", "label", "method", "params", "seed", "group", "slot",
   "finish_reason", "tokens", "task"}`` (text first), written with its newline in one append +
   fsync per batch; (group, slot) identifies it, ``task`` is the task fingerprint.
-* ``FILE.task.json`` (the sidecar, replaced atomically) holds the fingerprint and what it was
+* ``.FILE.task.json`` (the sidecar, replaced atomically; hidden, so ``datasets`` loading a
+  folder skips it) holds the fingerprint and what it was
   computed from, so a changed task is refused with the fields that changed.
 * On resume, bytes after the last newline are a torn write and are cut off, but only when the
   file is a divgen output (``read_output``); any other existing file is refused, never changed.
@@ -20,7 +21,7 @@ from divgen.engine.errors import DivgenError
 from divgen.engine.jsonl import read_jsonl
 from divgen.engine.synth.task import Task
 
-SIDECAR_SUFFIX = ".task.json"
+SIDECAR_SUFFIX = ".task.json"     # sidecar of FILE: .FILE.task.json (before: FILE.task.json, still read)
 _RECORD_START = b'{"text": '
 
 
@@ -34,7 +35,21 @@ class ExistingOutput:
 
 
 def sidecar_path(out: Path) -> Path:
+    """Where the sidecar of ``out`` is written: a hidden file, which ``datasets`` skips in a folder."""
+    return out.with_name("." + out.name + SIDECAR_SUFFIX)
+
+
+def legacy_sidecar_path(out: Path) -> Path:
+    """The sidecar name of outputs written before: read for resume, replaced on the next write."""
     return out.with_name(out.name + SIDECAR_SUFFIX)
+
+
+def existing_sidecar(out: Path) -> Path | None:
+    """The sidecar file of ``out`` that exists (the current name first), or None."""
+    for side in (sidecar_path(out), legacy_sidecar_path(out)):
+        if side.is_file():
+            return side
+    return None
 
 
 def read_output(out: Path) -> ExistingOutput:
@@ -68,7 +83,7 @@ def read_output(out: Path) -> ExistingOutput:
             info.fingerprints.add(rec["task"])
     tail = contents.torn_tail
     if tail:
-        ours = bool(info.done) or sidecar_path(out).is_file()
+        ours = bool(info.done) or existing_sidecar(out) is not None
         if not (tail.startswith(_RECORD_START) and ours):
             raise DivgenError(f"--out {out} ends with {len(tail)} bytes that are not a divgen synth record: it is "
                               "not a synth output, so it is left as it is; write to a new --out")
@@ -97,7 +112,7 @@ def check_same_task(out: Path, existing: ExistingOutput, fp: str, content: dict)
     """Refuse an output that another task wrote (sidecar or line fingerprints differ)."""
     if not existing.done:
         return
-    side = sidecar_path(out)
+    side = existing_sidecar(out) or sidecar_path(out)
     stored = None
     if side.exists():
         stored = read_sidecar(out)
@@ -125,7 +140,7 @@ def check_writable(out: Path) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise DivgenError(f"the folder of --out {out} does not exist: create {parent} first")
-    for path in (out, sidecar_path(out)):
+    for path in (out, sidecar_path(out), legacy_sidecar_path(out)):
         if path.exists() and not os.access(path, os.W_OK):
             raise DivgenError(f"{path} is not writable: fix its permissions or choose another --out")
     if not os.access(parent, os.W_OK):
@@ -134,8 +149,8 @@ def check_writable(out: Path) -> None:
 
 def read_sidecar(out: Path) -> dict | None:
     """The sidecar of ``out`` (None when absent); one that is not ours is refused."""
-    side = sidecar_path(out)
-    if not side.exists():
+    side = existing_sidecar(out)
+    if side is None:
         return None
     try:
         stored = json.loads(side.read_text(encoding="utf-8"))
@@ -155,7 +170,8 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def write_sidecar(out: Path, fp: str, content: dict, task: Task) -> None:
-    """Atomically write FILE.task.json (fingerprint + what it was computed from)."""
+    """Atomically write .FILE.task.json (fingerprint + what it was computed from); a sidecar of the
+    old name (checked to match before this is called) is removed, so a folder holds one."""
     side = sidecar_path(out)
     tmp = side.with_name(side.name + ".tmp")
     body = {"fingerprint": fp, "task_name": task.name, "task_file": str(task.path) if task.path else None,
@@ -165,6 +181,7 @@ def write_sidecar(out: Path, fp: str, content: dict, task: Task) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, side)
+        legacy_sidecar_path(out).unlink(missing_ok=True)
     except OSError as exc:
         raise DivgenError(f"cannot write {side}: {exc}. Choose another --out") from exc
 
@@ -183,12 +200,15 @@ def fingerprint(task: Task, pool: dict[str, list[str]]) -> str:
 
 
 def synth_record(*, text: str, label: str, method: str, params: dict, seed: int, group: int, slot: int,
-                 finish_reason: str, tokens: int, fingerprint: str, examples: list | None = None) -> dict:
-    """One output line (text first: ``read_output`` recognises a torn record by its start).
+                 finish_reason: str, tokens: int, fingerprint: str, model: str, divgen_version: str,
+                 examples: list | None = None) -> dict:
+    """One output line (text first: ``read_output`` recognises a torn record by its start); the
+    fields and their types are the same for every method of a task (``schema.py``).
     ``examples``: the few-shot examples the row's own prompt showed, as data-row indices of the
     few-shot file (inline examples: their text) — for the copy rate and ``divgen filter``."""
     record = {"text": text, "label": label, "method": method, "params": params, "seed": seed, "group": group,
-              "slot": slot, "finish_reason": finish_reason, "tokens": tokens, "task": fingerprint}
+              "slot": slot, "finish_reason": finish_reason, "tokens": tokens, "task": fingerprint,
+              "model": model, "divgen_version": divgen_version}
     if examples is not None:
         record["examples"] = list(examples)
     return record

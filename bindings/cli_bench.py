@@ -1,0 +1,165 @@
+"""`divgen bench decode|synth|kernel`: throughput and latency per method and batch size.
+
+Options follow ``vllm bench``: --batch-sizes, --input-len, --output-len, --warmup, --repeats;
+prints tok/s, requests/s, examples/s and p50/p90/p99 latencies per token and per request, the
+ratio of each method to FewGen at the same batch size, writes --output-json, and with --plot a PNG
+of throughput against batch size, one line per method (matplotlib: ``pip install divgen[plot]``).
+The measurements are in ``divgen.benchmarks.suite``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+from divgen.engine.errors import DivgenError
+
+KINDS = ("decode", "synth", "kernel")
+METHODS = ("fewgen", "corrsynth", "cfg")
+DEFAULT_BATCH_SIZES = {"decode": (2, 4, 16), "synth": (16, 32, 64), "kernel": (2, 4, 16)}
+PLOT_METRIC = {"decode": "tok_per_s", "synth": "examples_per_s", "kernel": "tok_per_s"}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark decode, synth or the sampling kernel (throughput, latency percentiles, plot)",
+        description="Benchmark FewGen, CorrSynth and CFG side by side (interleaved rounds) at several batch "
+                    "sizes: decode (generate on random prompts of --input-len tokens, --output-len tokens each, "
+                    "EOS ignored), synth (divgen synth's job; batch size = rows per engine call) or kernel "
+                    "(one guided sampling step). Prints throughput and p50/p90/p99 latencies.",
+    )
+    p.add_argument("kind", choices=KINDS, help="what to benchmark")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
+                   help=f"methods to compare (default: {' '.join(METHODS)})")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None, metavar="N",
+                   help="sequences per call (default 2 4 16); synth: rows per engine call (default 16 32 64)")
+    p.add_argument("--input-len", type=int, default=64, help="prompt tokens (decode; default 64)")
+    p.add_argument("--output-len", type=int, default=32, help="generated tokens per sequence (default 32)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds; medians reported (default 3)")
+    p.add_argument("--group-size", type=int, default=4,
+                   help="rows per CorrSynth group and K (rows per sequence) of CFG (default 4)")
+    p.add_argument("--g", type=float, default=2.0, help="guidance scale (default 2)")
+    p.add_argument("--per-label", type=int, default=4, help="synth: examples per label (default 4)")
+    p.add_argument("--task", default="ag_news", help="synth: task file or shipped name (default ag_news)")
+    p.add_argument("--vocab", type=int, default=49152, help="kernel: vocabulary size (default 49152)")
+    p.add_argument("--model", default=None, help="model (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", default=None, metavar="PATH", help="write the result rows as JSON")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write throughput vs batch size per method")
+    p.set_defaults(func=run_bench_command)
+
+
+def check_args(args) -> None:
+    """Every user error before torch is imported or a model loads."""
+    if args.batch_sizes is None:
+        args.batch_sizes = list(DEFAULT_BATCH_SIZES[args.kind])
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        raise DivgenError(f"--methods: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    if len(set(args.methods)) != len(args.methods):
+        raise DivgenError("--methods lists a method twice: give each once")
+    for name in ("input_len", "output_len", "repeats", "per_label", "vocab"):
+        if getattr(args, name) < 1:
+            raise DivgenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise DivgenError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.group_size < 2:
+        raise DivgenError(f"--group-size must be >= 2 (rows contrasted per group), got {args.group_size}")
+    if args.threads is not None and args.threads < 1:
+        raise DivgenError(f"--threads must be >= 1, got {args.threads}")
+    if any(b < 1 for b in args.batch_sizes):
+        raise DivgenError(f"--batch-sizes must all be >= 1, got {args.batch_sizes}")
+    if args.kind != "synth" and "corrsynth" in args.methods and 1 in args.batch_sizes:
+        raise DivgenError("corrsynth contrasts at least 2 rows: use --batch-sizes >= 2 or drop corrsynth "
+                          "from --methods")
+    if args.kind == "synth" and min(args.batch_sizes) < args.group_size * (
+            args.group_size if "cfg" in args.methods else 1):
+        need = args.group_size * (args.group_size if "cfg" in args.methods else 1)
+        raise DivgenError(f"synth --batch-sizes are rows per engine call and must hold one whole group "
+                          f"({need} rows{' for cfg' if 'cfg' in args.methods else ''}): use values >= {need}")
+    for flag, path in (("--output-json", args.output_json), ("--plot", args.plot)):
+        if path:
+            parent = Path(path).expanduser().parent
+            if not parent.is_dir():
+                raise DivgenError(f"{flag} {path}: folder {parent} does not exist; create it first")
+    if args.plot:
+        if not args.plot.lower().endswith(".png"):
+            raise DivgenError(f"--plot writes a PNG: give a path ending in .png, got {args.plot}")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise DivgenError("--plot needs matplotlib: pip install 'divgen[plot]' (or matplotlib)")
+    if args.kind == "synth" and args.task:
+        from divgen.engine.synth import load_task
+
+        load_task(args.task)        # a bad task file fails here, before the model loads
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = ("method", "batch", "tok/s", "req/s", "ex/s", "token p50/p90/p99 ms", "request p50/p90/p99 ms")
+    lines = [head]
+
+    def pct(r, key):
+        if f"{key}_p50_ms" not in r:
+            return "-"
+        return "/".join(f"{r[f'{key}_p{q}_ms']:.1f}" for q in (50, 90, 99))
+
+    for r in rows:
+        lines.append((r["method"], str(r["batch_size"]), f"{r['tok_per_s']:.1f}", f"{r['requests_per_s']:.2f}",
+                      f"{r['examples_per_s']:.2f}", pct(r, "token"), pct(r, "request")))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+
+def run_bench_command(args) -> int:
+    check_args(args)
+    import torch
+
+    from divgen.benchmarks import suite
+    from divgen.benchmarks.common import device_name, plot_throughput, result_record
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = suite.BenchConfig(
+        kind=args.kind, methods=tuple(args.methods), batch_sizes=tuple(args.batch_sizes), input_len=args.input_len,
+        output_len=args.output_len, warmup=args.warmup, repeats=args.repeats, group_size=args.group_size,
+        scale=args.g, per_label=args.per_label, task=args.task, vocab=args.vocab, seed=args.seed,
+    )
+
+    def log(msg: str) -> None:
+        print(f"bench {args.kind}: {msg}", file=sys.stderr, flush=True)
+
+    if args.kind == "kernel":
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        rows = suite.run_kernel(cfg, device, log=log)
+    else:
+        from divgen.engine.model import load_model
+
+        lm = load_model(args.model, device=args.device)
+        device = lm.device
+        log(f"{lm.name} on {device_name()}, torch threads {torch.get_num_threads()}")
+        rows = suite.run_decode(lm, cfg, log=log) if args.kind == "decode" else suite.run_synth_bench(lm, cfg, log=log)
+
+    print(f"divgen bench {args.kind}: {device_name()}, torch threads {torch.get_num_threads()}, "
+          f"{cfg.repeats} interleaved rounds (median throughput; latencies pooled)")
+    print(format_rows(rows))
+    for b, name, ratio in suite.ratios(rows, PLOT_METRIC[args.kind]):
+        print(f"batch {b}: {name} = {ratio:.2f}x ({PLOT_METRIC[args.kind]})")
+    if args.output_json:
+        record = result_record(f"divgen bench {args.kind}", rows, config=vars(cfg), threads=torch.get_num_threads())
+        record["command"] = "divgen " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "divgen" \
+            else record["command"]
+        Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.output_json}", file=sys.stderr)
+    if args.plot:
+        metric = PLOT_METRIC[args.kind]
+        title = (f"divgen bench {args.kind} ({device_name()}, {torch.get_num_threads()} thread"
+                 f"{'s' if torch.get_num_threads() > 1 else ''}"
+                 + (f", {cfg.input_len} in / {cfg.output_len} out" if args.kind == "decode" else "") + ")")
+        plot_throughput(rows, os.path.expanduser(args.plot), y=metric, title=title)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
