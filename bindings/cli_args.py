@@ -1,13 +1,15 @@
 """The flags that ``generate`` and ``synth`` share, with one name per knob (vLLM's where it has one).
 
     --temperature --top-p --top-k --min-p --seed --stop --ignore-eos --max-new-tokens/--max-tokens
-    --model --device --dtype
+    --model --device --dtype --compile/--no-compile
 
 Every flag defaults to None, meaning "not set": ``generate`` then uses the model's
 ``generation_config.json`` and divgen's defaults, ``synth`` the task file. Values are checked by
 ``check_sampling_args`` with the limits of ``engine/limits.py`` before anything slow happens.
 """
 from __future__ import annotations
+
+import argparse
 
 from divgen.engine import limits
 
@@ -35,6 +37,9 @@ def add_model_args(g) -> None:
                    help="local HF model dir, .gguf file, or hub id in the local HF cache (never downloaded); "
                         "default: the task's model (synth), else the embedded SmolLM2-135M-Instruct")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (default: on CUDA only; on CPU the compile time "
+                        "exceeds what it saves in a typical run); --no-compile for debugging")
     g.add_argument("--dtype", default=None, help=f"auto, {', '.join(limits.DTYPES)} (default auto: bf16 on "
                                                  "CUDA, fp32 on CPU)")
 

@@ -66,7 +66,7 @@ def run(args) -> int:
     from divgen.engine.decode import generate
     from divgen.engine.model import load_model
 
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     s = resolve_sampling(args, lm.source_dir)
     prompt = lm.format_prompt(args.prompt, chat=args.chat)
     bar = tqdm(total=s["max_new_tokens"], desc="decoding", unit="tok", file=sys.stderr,

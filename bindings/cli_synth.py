@@ -76,7 +76,8 @@ def run_synth_command(args) -> int:
     )
     if args.ray is not None:
         return cli_ray.run(task, args, batch_rows)
-    report = run_synth(task, args.out, batch_rows=batch_rows, progress=args.progress, device=args.device)
+    report = run_synth(task, args.out, batch_rows=batch_rows, progress=args.progress, device=args.device,
+                       compile=args.compile)
     counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
     if report.written:
         print(f"{report.out}: wrote {report.written} examples in {report.wall_time_s:.1f}s "

@@ -1,30 +1,47 @@
-"""The decode loop: ragged prompts -> one batched prefill -> step loop over a KV cache.
+"""The decode engine: slot-based static KV cache, continuous batching of guidance groups, and one
+decode step with no host sync and fixed shapes (DESIGN.md, "Engine shape").
 
-    generate(lm, prompts, ...) -> (results, stats)
+    generate(lm, prompts, ...) -> (results, stats)          # the embedding API
 
-* Prompts are left-padded into one batch; positions come from the attention mask, so each row
-  sees exactly the positions it would see alone.
-* Each step forwards only the rows still running; when rows finish (EOS, stop string, length)
-  they leave the batch and the KV cache, so finished rows stop costing compute.
-* Guidance (CorrSynth, CFG, ...) is a ``Guidance`` over rows; rows are reordered so each group
-  is contiguous (the kernel's block form) and the mix is rebuilt only when the batch changes.
-  CFG shadow rows take their leader's token and are not returned.
-* Sampling noise is a pure function of (seed, step, token): a row's text does not depend on the
-  batch it was decoded in.
+Per ``generate`` call (Llama-family models; others take the HF slow path, ``models.hf_loop``):
+
+1. Rows are grouped into guidance groups (a CorrSynth group, a CFG leader with its shadows, one
+   FewGen row). The scheduler (``divgen.engine.scheduler``) admits whole groups, first come first
+   served, as soon as enough of the engine's S slots are free.
+2. Admission prefills the groups' prompts (all but the last token; one right-padded batch per
+   admission round) into their slots of the KV cache ``[layers, S, kv_heads, max_len, head_dim]``;
+   the last prompt token becomes the slot's input.
+3. When the batch changes, the host rebuilds the sampling plan (the γ mix of the groups' active
+   rows, ``build_sample_plan``), the CFG leader index and the multi-LoRA slots: once per change.
+4. ``decode_step`` runs forward + guided sampling + EOS/length checks for all slots on the device.
+   Each slot carries its own position, step counter (the noise counter: noise = f(seed, step,
+   token)), limits and an ``active`` flag; inactive slots compute and are ignored. It is
+   ``torch.compile``-d (``fullgraph=True``; CUDA graphs via ``mode="reduce-overhead"`` on CUDA).
+5. The tokens and done flags of step t are copied to the host and read — on CUDA asynchronously,
+   after step t+1 is launched (``lag``); on CPU, where the step has finished when it returns, at
+   once: rows are retired, stop strings checked (and cut exactly), freed slots refilled. On CPU a
+   member leaving its group changes the group's γ from the next step (DESIGN.md); with the CUDA
+   lag, from the second step after its last token. Either way the schedule is a function of the
+   rows alone, so a row's text does not depend on which other groups share the batch or on the
+   slot it lands in.
 """
 from __future__ import annotations
 
-import inspect
+import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
+from torch import nn
 
 from divgen.engine.errors import DivgenError
-from divgen.engine.guidance import Guidance, mixing_matrix
+from divgen.engine.guidance import Guidance
+from divgen.engine.kv_cache import KVCache
 from divgen.engine.model import LoadedModel
-from divgen.engine.sampling import Sampler, SamplingParams
+from divgen.engine.sampling import SamplingParams, build_sample_plan, guided_sample_step
+from divgen.engine.scheduler import Scheduler
 
 
 @dataclass
@@ -44,21 +61,28 @@ class RunStats:
 
     prompt_tokens: int = 0                  # real (unpadded) prompt tokens prefilled
     generated_tokens: int = 0               # tokens sampled for returned rows (EOS included)
-    rows_forwarded: int = 0                 # rows in the batch, summed over decode steps
+    rows_forwarded: int = 0                 # rows doing useful work, summed over decode steps
+    slots_forwarded: int = 0                # slots computed (useful or idle), summed over steps
     steps: int = 0                          # decode steps run
     wall_time_s: float = 0.0
     prefill_time_s: float = 0.0
     rows_forwarded_per_step: list[int] = field(default_factory=list)
+    slots: int = 0                          # slots of the engine (the fixed batch shape)
 
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
+    @property
+    def occupancy(self) -> float:
+        """Mean fraction of computed slots that did useful work."""
+        return self.rows_forwarded / self.slots_forwarded if self.slots_forwarded else 0.0
+
 
 class BatchListener:
     """Something that keeps per-row state for the model's forward (e.g. multi-LoRA slots)."""
 
-    def set_batch(self, rows: torch.Tensor) -> None:  # rows: [B] int64 prompt indices, batch order
+    def set_batch(self, rows: torch.Tensor) -> None:  # rows: [B] int64 prompt indices, -1 = empty slot
         raise NotImplementedError
 
 
@@ -82,7 +106,7 @@ def _encode_prompts(lm: LoadedModel, prompts: Sequence) -> list[list[int]]:
 
 
 def _check_lengths(lm: LoadedModel, encoded: list[list[int]], max_new_tokens: int) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise DivgenError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     longest = max(len(ids) for ids in encoded)
     if longest >= lm.context_length:
@@ -97,7 +121,7 @@ def _check_lengths(lm: LoadedModel, encoded: list[list[int]], max_new_tokens: in
 
 
 class _StopChecker:
-    """Per-row stop conditions: EOS ids, stop strings, length."""
+    """Per-row stop conditions on the host: EOS ids, stop strings, length."""
 
     def __init__(self, lm: LoadedModel, stop: Iterable[str], ignore_eos: bool, max_new_tokens: int):
         self.lm = lm
@@ -126,20 +150,287 @@ class _StopChecker:
         return ids, text
 
 
-def _leader_positions(guidance: Guidance | None, active: list[int], device) -> torch.Tensor | None:
-    """For CFG: batch position of each row's leader (itself for sample rows), [B] int64; else None.
-    Rebuilt only when the batch changes, not every step."""
-    if guidance is None or guidance.shadow_of is None:
-        return None
-    pos = {r: i for i, r in enumerate(active)}
-    return torch.tensor([pos[guidance.leader(r)] for r in active], dtype=torch.int64, device=device)
+# ----------------------------------------------------------------------------------------------
+# Device state and the step
+# ----------------------------------------------------------------------------------------------
+class DecodeState(nn.Module):
+    """Per-slot decode state on the device, [S] each (buffers: static addresses for CUDA graphs)."""
+
+    FIELDS = {  # name: (dtype, initial value)
+        "tokens": (torch.int64, 0),         # next input token of the slot
+        "pos": (torch.int64, 0),            # its position = the slot's KV length
+        "gen": (torch.int64, 0),            # tokens generated so far = the noise step counter
+        "max_new": (torch.int64, 1),        # the row's max_new_tokens
+        "active": (torch.bool, False),      # the slot holds a row that has not finished
+        "check_eos": (torch.bool, True),    # False: ignore_eos
+        "leader": (torch.int64, 0),         # slot whose token this slot takes (CFG shadows), else itself
+        "seeds": (torch.int64, 0),
+        "temperature": (torch.float32, 0.0),
+        "min_p": (torch.float32, 0.0),
+        "top_k": (torch.int64, 0),
+        "top_p": (torch.float32, 1.0),
+    }
+
+    def __init__(self, slots: int, device):
+        super().__init__()
+        for name, (dtype, value) in self.FIELDS.items():
+            self.register_buffer(name, torch.full((slots,), value, dtype=dtype, device=device), persistent=False)
+        self.leader.copy_(torch.arange(slots, device=device))
 
 
-def _supports_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+def decode_step(model, k_cache, v_cache, st, plan, eos_ids, any_top_k_top_p: bool, greedy_only: bool):
+    """One decode step for every slot, on the device, no host sync, fixed shapes.
+
+    Forward the slots' input tokens, sample (guided), let CFG shadows take their leader's token,
+    check EOS and length, and advance the active slots in place. Returns [2, S] int64: the
+    sampled tokens and the slots that finished in this step."""
+    logits = model.decode(st.tokens, st.pos, k_cache, v_cache)                      # [S, V] fp32
+    if greedy_only:
+        new = torch.argmax(logits, dim=-1)
+    else:
+        new = guided_sample_step(logits, plan, st.seeds, st.gen, st.temperature, st.min_p, st.top_k,
+                                 st.top_p, any_top_k_top_p=any_top_k_top_p)         # [S]
+    new = new[st.leader]
+    active = st.active.clone()
+    is_eos = (new[:, None] == eos_ids[None, :]).any(dim=-1) & st.check_eos
+    done = active & (is_eos | (st.gen + 1 >= st.max_new))
+    done = done[st.leader]
+    step = active.to(torch.int64)
+    st.tokens.copy_(torch.where(active, new, st.tokens))
+    st.pos.add_(step)
+    st.gen.add_(step)
+    st.active.copy_(active & ~done)
+    return torch.stack((new, done.to(torch.int64)))
 
 
-@torch.inference_mode()
+class _View:
+    """The first ``n`` slots of a DecodeState (views: in-place updates land in the state)."""
+
+    def __init__(self, st: DecodeState, n: int):
+        for name in DecodeState.FIELDS:
+            setattr(self, name, getattr(st, name)[:n])
+
+
+def default_compile(device: torch.device) -> bool:
+    """Compile the step where it pays: on CUDA (CUDA graphs remove the per-op launch cost). On
+    CPU, inductor's compile time (tens of seconds for the embedded model) exceeds what it saves
+    in a typical call (measured in benchmarks/decode_throughput.py), so CPU runs eager unless
+    asked (``compile=True`` / ``--compile``)."""
+    return device.type == "cuda"
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------
+class Engine:
+    """A model, its static KV cache of ``slots`` rows x ``max_len`` positions, and the compiled
+    step. One engine serves one ``run`` at a time; ``generate`` keeps compiled engines on the
+    LoadedModel so later calls of the same shape reuse the compiled step."""
+
+    def __init__(self, lm: LoadedModel, slots: int, max_len: int, *, compile: bool | None = None,
+                 trim: bool | None = None, lag: bool | None = None):
+        if lm.fast is None:
+            raise DivgenError(f"model {lm.name} has no divgen forward (not Llama-family): use generate(), which "
+                              "runs it on the HF forward")
+        if slots < 1 or max_len < 2:
+            raise DivgenError(f"an engine needs slots >= 1 and max_len >= 2, got {slots}, {max_len}")
+        self.lm, self.model = lm, lm.fast
+        a = self.model.args
+        self.slots, self.max_len, self.device = slots, max_len, lm.device
+        self.cache = KVCache(a.n_layers, slots, a.n_kv_heads, max_len, a.head_dim, lm.dtype, lm.device)
+        self.state = DecodeState(slots, lm.device)
+        self.model.setup_rope(max_len)
+        self.compiled = default_compile(lm.device) if compile is None else bool(compile)
+        # Eager steps may run on the live prefix of the slots only (cheaper on CPU, where a step
+        # costs what its rows cost); a compiled step keeps its one fixed shape.
+        self.trim = (not self.compiled) if trim is None else bool(trim)
+        # Read step t's tokens after launching step t+1 (lag) on CUDA, so the host never stalls
+        # the device; on CPU the step has finished when it returns, so it is read at once.
+        self.lag = (lm.device.type == "cuda") if lag is None else bool(lag)
+        if self.compiled:
+            mode = "reduce-overhead" if lm.device.type == "cuda" else None
+            if mode is not None:   # CUDA graphs: the cache and state keep their addresses between replays
+                for t in [self.cache.k, self.cache.v, *self.state.buffers()]:
+                    torch._dynamo.mark_static_address(t)
+            self._step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+        else:
+            self._step = decode_step
+
+    # ---- one run over a set of rows ----
+    @torch.inference_mode()
+    def run(self, encoded: list[list[int]], params: SamplingParams, *, max_new_tokens: int,
+            stopper: _StopChecker, guidance: Guidance | None = None, listeners: Sequence[BatchListener] = (),
+            progress: Callable[[int, int], None] | None = None,
+            on_result: Callable[[GenerationResult], None] | None = None) -> tuple[list[GenerationResult], RunStats]:
+        start = time.perf_counter()
+        dev, st, S = self.device, self.state, self.slots
+        sched = Scheduler(len(encoded), guidance, S)
+        for g in sched.groups:
+            self.cache.check_fits(max(len(encoded[r]) for r in g.rows), max_new_tokens, len(g.rows))
+        if listeners and self.compiled:
+            raise DivgenError("multi-LoRA listeners need an eager step: pass compile=False")
+        eos = sorted(self.lm.eos_token_ids) or [-1]
+        eos_ids = torch.tensor(eos, dtype=torch.int64, device=dev)
+        greedy_only = params.all_greedy and params.no_cutoffs and (guidance is None)
+        any_cut = bool((params.top_k > 0).any() or (params.top_p < 1).any())
+        seeds = params.seeds.tolist()
+        is_shadow = [guidance is not None and guidance.is_shadow(r) for r in range(len(encoded))]
+        sample_rows = [r for r in range(len(encoded)) if not is_shadow[r]]
+        stats = RunStats(slots=S)
+        st.active.zero_()
+        generated: dict[int, list[int]] = {}
+        finished: dict[int, GenerationResult] = {}
+        n_live = S
+        plan = None
+
+        def admit() -> bool:
+            """Admit every waiting group that fits, in order; prefill them in one batch."""
+            rows, slots = [], []
+            while (group := sched.next_admissible()) is not None:
+                slots += sched.admit(group, first_step=stats.steps)
+                rows += group.rows
+            if not rows:
+                return False
+            self._prefill([encoded[r] for r in rows], slots, rows, listeners)
+            idx = torch.tensor(slots, dtype=torch.int64, device=dev)
+            index = torch.tensor(rows, dtype=torch.int64, device=dev)
+            st.tokens[idx] = torch.tensor([encoded[r][-1] for r in rows], dtype=torch.int64, device=dev)
+            st.pos[idx] = torch.tensor([len(encoded[r]) - 1 for r in rows], dtype=torch.int64, device=dev)
+            st.gen[idx] = 0
+            st.max_new[idx] = max_new_tokens
+            st.active[idx] = True
+            st.check_eos[idx] = bool(stopper.eos)
+            st.seeds[idx] = params.seeds[index]
+            st.temperature[idx] = params.temperature[index]
+            st.min_p[idx] = params.alpha[index]
+            st.top_k[idx] = params.top_k[index]
+            st.top_p[idx] = params.top_p[index]
+            for r in rows:
+                generated[r] = []
+            stats.prompt_tokens += sum(len(encoded[r]) for r in rows)
+            return True
+
+        def rebuild() -> None:
+            nonlocal n_live, plan
+            n_live = (sched.highest_used_slot() + 1) if self.trim else S
+            n_live = max(n_live, 1)
+            mix = sched.mix(n_live)
+            plan = None if greedy_only else build_sample_plan(mix, dev, rows=n_live)
+            st.leader[:n_live] = torch.tensor(sched.leader_slots(n_live), dtype=torch.int64, device=dev)
+            rows = torch.tensor(sched.slot_rows(n_live), dtype=torch.int64, device=dev)
+            for listener in listeners:
+                listener.set_batch(rows)
+
+        def finish(row: int, reason: str) -> None:
+            ids, text = stopper.final_text(generated[row], reason)
+            res = GenerationResult(row=row, token_ids=ids, text=text, finish_reason=reason, seed=seeds[row])
+            finished[row] = res
+            stats.generated_tokens += len(generated[row])
+            freed = sched.retire(row)          # the row's slot and its shadows' slots
+            if reason == "stop":               # still active on the device: stop it there
+                st.active[torch.tensor(freed, dtype=torch.int64, device=dev)] = False
+            if on_result is not None:
+                on_result(res)
+
+        def process(rec) -> bool:
+            step_index, host = rec
+            host = self._read(host)
+            tokens, done = host[0].tolist(), host[1].tolist()
+            live = list(sched.live_slots(step_index, len(tokens)))   # rows that worked in this step
+            useful, changed = len(live), False
+            for slot, row in live:
+                if is_shadow[row] or row in finished:   # shadows (maybe retired with their leader just now)
+                    continue
+                generated[row].append(tokens[slot])
+                if done[slot]:
+                    reason = "eos" if tokens[slot] in stopper.eos else "length"
+                else:
+                    reason = stopper.check(generated[row]) if stopper.stop else None
+                if reason is not None:
+                    finish(row, reason)
+                    changed = True
+            stats.rows_forwarded += useful
+            stats.rows_forwarded_per_step.append(useful)
+            if progress is not None:
+                progress(len(finished), len(sample_rows))
+            return changed
+
+        t0 = time.perf_counter()
+        admit()
+        rebuild()
+        stats.prefill_time_s += time.perf_counter() - t0
+        prev = None
+        while len(finished) < len(sample_rows):
+            n = n_live
+            k, v = (self.cache.k, self.cache.v) if n == S else (self.cache.k[:, :n], self.cache.v[:, :n])
+            view = st if n == S else _View(st, n)
+            out = self._step(self.model, k, v, view, plan, eos_ids, any_cut, greedy_only)
+            rec = (stats.steps, self._to_host(out))
+            stats.steps += 1
+            stats.slots_forwarded += n
+            if not self.lag:                   # read this step now (free on CPU: no device to wait for)
+                prev, rec = rec, None
+            if prev is not None and process(prev):
+                t0 = time.perf_counter()
+                admit()
+                rebuild()
+                stats.prefill_time_s += time.perf_counter() - t0
+            prev = rec
+            if len(finished) < len(sample_rows) and not sched.any_live():
+                raise RuntimeError("decode engine: rows left but none in a slot (scheduler bug)")
+        stats.wall_time_s = time.perf_counter() - start
+        return [finished[r] for r in sample_rows], stats
+
+    def _to_host(self, out: torch.Tensor):
+        """Start copying a step's [2, n] output to the host; ``_read`` waits for it. On CUDA the copy
+        goes to one of two pinned buffers (step t's is read after step t+1 is launched)."""
+        if out.device.type == "cpu":
+            return out.clone() if self.compiled else out
+        if not hasattr(self, "_pinned"):
+            self._pinned = [torch.empty((2, self.slots), dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._flip = 0
+        self._flip ^= 1
+        host = self._pinned[self._flip][:, : out.shape[1]]
+        host.copy_(out, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    @staticmethod
+    def _read(rec) -> torch.Tensor:
+        if isinstance(rec, tuple):
+            host, event = rec
+            event.synchronize()
+            return host
+        return rec
+
+    def _prefill(self, prompts: list[list[int]], slots: list[int], rows: list[int], listeners) -> None:
+        """Write all but the last token of each prompt into its slot (right-padded, one batch)."""
+        width = max(len(p) for p in prompts) - 1
+        if width == 0:
+            return
+        pad = self.lm.pad_token_id
+        tokens = torch.tensor([p[:-1] + [pad] * (width - len(p) + 1) for p in prompts], dtype=torch.int64)
+        for listener in listeners:
+            listener.set_batch(torch.tensor(rows, dtype=torch.int64, device=self.device))
+        self.model.prefill(tokens.to(self.device), torch.tensor(slots, device=self.device),
+                           self.cache.k, self.cache.v)
+
+
+def _engine_for(lm: LoadedModel, slots: int, max_len: int, compile: bool | None) -> Engine:
+    compiled = default_compile(lm.device) if compile is None else bool(compile)
+    if not compiled:
+        return Engine(lm, slots, max_len, compile=False)
+    key = (slots, max_len)
+    if key not in lm.engines:
+        lm.engines[key] = Engine(lm, slots, max_len, compile=True)
+    return lm.engines[key]
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 def generate(
     lm: LoadedModel,
     prompts: Sequence,
@@ -149,124 +440,63 @@ def generate(
     top_k=0,
     top_p=1.0,
     alpha=0.0,
+    min_p=None,
     seeds=0,
     stop: Iterable[str] = (),
     ignore_eos: bool = False,
     guidance: Guidance | None = None,
     batch_listeners: Iterable[BatchListener] = (),
     progress: Callable[[int, int], None] | None = None,
+    max_batch_rows: int | None = None,
+    on_result: Callable[[GenerationResult], None] | None = None,
+    compile: bool | None = None,
 ) -> tuple[list[GenerationResult], RunStats]:
-    """Generate a continuation for every prompt in one batch. See the module docstring.
+    """Generate a continuation for every prompt. See the module docstring.
 
     Args:
         prompts: formatted text (see ``LoadedModel.format_prompt``) or token-id lists.
-        temperature, top_k, top_p, alpha: a scalar or one value per row; temperature 0 = greedy;
-            alpha is the plausibility cutoff on the row's own distribution (= min-p).
+        temperature, top_k, top_p, min_p: a scalar or one value per row; temperature 0 = greedy;
+            min_p is the plausibility cutoff α on the row's own distribution (``alpha`` is its alias).
         seeds: int (row i gets seeds + i) or one per row.
         guidance: rows contrasted in groups (``Guidance``); None = independent rows (FewGen).
-        batch_listeners: told which prompt rows are in the batch before every forward that
-            follows a change (multi-LoRA adapter slots).
+        batch_listeners: told which prompt row sits in each slot whenever that changes
+            (multi-LoRA adapter slots); they need an eager step.
         progress: called after every step with (finished sample rows, total sample rows).
+        max_batch_rows: KV slots (rows decoded at once); default all rows. Groups wait for
+            free slots and enter as soon as a finished row frees enough (continuous batching).
+        on_result: called with each sample's result as soon as it finishes.
+        compile: torch.compile the step (default: on CUDA only; see ``default_compile``).
     Returns: results for every non-shadow row in prompt order, and the run's stats.
     """
-    start = time.perf_counter()
+    if min_p is not None:
+        alpha = min_p
     encoded = _encode_prompts(lm, prompts)
     _check_lengths(lm, encoded, max_new_tokens)
     n_rows = len(encoded)
     if guidance is not None and guidance.rows != n_rows:
         raise DivgenError(f"guidance describes {guidance.rows} rows but {n_rows} prompts were given")
-    device = lm.device
-    params_all = SamplingParams.make(n_rows, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     alpha=alpha, seeds=seeds, device=device)
-    listeners = list(batch_listeners)
+    if max_batch_rows is not None and (isinstance(max_batch_rows, bool) or not isinstance(max_batch_rows, int)
+                                       or max_batch_rows < 1):
+        raise DivgenError(f"max_batch_rows must be an integer >= 1, got {max_batch_rows!r}")
+    params = SamplingParams.make(n_rows, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 alpha=alpha, seeds=seeds, device=lm.device)
     stopper = _StopChecker(lm, stop, ignore_eos, max_new_tokens)
-    sampler = Sampler()
+    listeners = list(batch_listeners)
+    if lm.fast is None:
+        from divgen.engine.models.hf_loop import generate_hf_batched
 
-    # Batch order: rows of a guidance group are contiguous (stable, so FewGen keeps prompt order).
-    order = list(range(n_rows))
-    if guidance is not None:
-        order.sort(key=lambda r: guidance.groups[r])
-    is_shadow = [guidance is not None and guidance.is_shadow(r) for r in range(n_rows)]
-    sample_rows = [r for r in range(n_rows) if not is_shadow[r]]
+        return generate_hf_batched(lm, encoded, params, max_new_tokens=max_new_tokens, stopper=stopper,
+                                   guidance=guidance, listeners=listeners, progress=progress,
+                                   max_batch_rows=max_batch_rows, on_result=on_result)
+    slots = min(n_rows, max_batch_rows or n_rows)
+    longest = max(len(ids) for ids in encoded)
+    max_len = min(_round_up(longest + max_new_tokens, 64), lm.context_length)
+    if compile is None:
+        compile = False if listeners else lm.compile
+    engine = _engine_for(lm, slots, max_len, compile)
+    return engine.run(encoded, params, max_new_tokens=max_new_tokens, stopper=stopper, guidance=guidance,
+                      listeners=listeners, progress=progress, on_result=on_result)
 
-    active = list(order)                                     # prompt rows in the batch, batch order
-    index = torch.tensor(active, dtype=torch.int64, device=device)
-    params = params_all.select(index)
-    for listener in listeners:
-        listener.set_batch(index)
 
-    # ---- prefill: left-padded batch; positions count only real tokens ----
-    lengths = [len(encoded[r]) for r in active]
-    width = max(lengths)
-    input_ids = torch.full((len(active), width), lm.pad_token_id, dtype=torch.int64)
-    mask = torch.zeros((len(active), width), dtype=torch.int64)
-    for i, r in enumerate(active):
-        input_ids[i, width - lengths[i]:] = torch.tensor(encoded[r])
-        mask[i, width - lengths[i]:] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    kwargs = {"logits_to_keep": 1} if _supports_logits_to_keep(lm.model) else {}
-    out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                   use_cache=True, **kwargs)
-    cache = out.past_key_values
-    logits = out.logits[:, -1, :]                            # [B, V]
-    next_pos = positions[:, -1:] + 1                         # [B, 1]
-    stats = RunStats(prompt_tokens=sum(lengths))
-    stats.prefill_time_s = time.perf_counter() - start
-
-    generated: dict[int, list[int]] = {r: [] for r in range(n_rows)}
-    finished: dict[int, GenerationResult] = {}
-    mix = mixing_matrix(guidance, active, device)
-    leaders = _leader_positions(guidance, active, device)
-    seed_of = params_all.seeds.tolist()
-
-    for step in range(max_new_tokens):
-        tokens = sampler(logits, params, step, mix)          # [B]
-        if leaders is not None:
-            tokens = tokens[leaders]                         # shadows take their leader's token
-        token_list = tokens.tolist()
-
-        done_now = []
-        for i, r in enumerate(active):
-            generated[r].append(token_list[i])
-            if is_shadow[r]:
-                continue
-            reason = stopper.check(generated[r])
-            if reason is not None:
-                ids, text = stopper.final_text(generated[r], reason)
-                finished[r] = GenerationResult(row=r, token_ids=ids, text=text, finish_reason=reason, seed=seed_of[r])
-                stats.generated_tokens += len(generated[r])
-                done_now.append(r)
-        if progress is not None:
-            progress(len(finished), len(sample_rows))
-        if len(finished) == len(sample_rows):
-            break
-
-        keep = list(range(len(active)))
-        if done_now:
-            gone = set(done_now)
-            keep = [i for i, r in enumerate(active)
-                    if r not in gone and not (is_shadow[r] and guidance.leader(r) in gone)]
-            keep_t = torch.tensor(keep, dtype=torch.int64, device=device)
-            active = [active[i] for i in keep]
-            cache.batch_select_indices(keep_t)
-            mask, next_pos, tokens = mask[keep_t], next_pos[keep_t], tokens[keep_t]
-            index = torch.tensor(active, dtype=torch.int64, device=device)
-            params = params_all.select(index)
-            mix = mixing_matrix(guidance, active, device)
-            leaders = _leader_positions(guidance, active, device)
-            for listener in listeners:
-                listener.set_batch(index)
-
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        out = lm.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
-                       past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :]
-        next_pos = next_pos + 1
-        stats.steps += 1
-        stats.rows_forwarded += len(active)
-        stats.rows_forwarded_per_step.append(len(active))
-
-    stats.wall_time_s = time.perf_counter() - start
-    return [finished[r] for r in sample_rows], stats
+def notice(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)

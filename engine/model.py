@@ -44,6 +44,14 @@ class LoadedModel:
     eos_token_ids: frozenset = field(default_factory=frozenset)
     pad_token_id: int = 0
     source_dir: Path | None = None  # the safetensors directory the weights were loaded from
+    fast_path: bool = True          # decode on divgen's own forward where the architecture allows
+    compile: bool | None = None     # torch.compile the decode step; None = where it pays (CUDA)
+    engines: dict = field(default_factory=dict, repr=False)   # compiled decode engines by shape
+
+    @property
+    def fast(self) -> torch.nn.Module | None:
+        """divgen's own forward on ``model``'s weights, or None: the HF slow path."""
+        return fast_forward(self.model, self.name) if self.fast_path else None
 
     @property
     def vocab_size(self) -> int:
@@ -171,7 +179,7 @@ def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, str]:
     return source.path, source.name
 
 
-def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None) -> LoadedModel:
+def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None, compile: bool | None = None) -> LoadedModel:
     """Load a causal LM for decoding: None/"default" (embedded SmolLM2), a HF dir, or a .gguf file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -198,4 +206,33 @@ def load_model(path: str | os.PathLike | None = None, *, device=None, dtype=None
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, device=device, dtype=dtype,
         context_length=context, eos_token_ids=frozenset(eos), pad_token_id=int(pad), source_dir=model_dir,
+        compile=compile,
     )
+
+
+_FAST_KEY = "_divgen_fast_forward"
+
+
+def fast_forward(model, name: str = "model"):
+    """divgen's own forward on the HF model's weights (shared tensors, no copy), built once and
+    kept on the model object, or None with a one-line notice when the architecture takes the HF slow path."""
+    if _FAST_KEY in model.__dict__:
+        fast = model.__dict__[_FAST_KEY]
+        # A deepcopy clones the twin's tensors apart from the copy's: rebuild on shared ones.
+        if fast is None or fast.model.embed_tokens.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr():
+            return fast
+    from divgen.engine.models import ModelArgs, Transformer, unsupported_reason
+
+    cfg = model.config.to_dict()
+    reason = unsupported_reason(cfg)
+    if reason is not None:
+        import sys
+
+        print(f"note: {name} runs on the HF forward (slow path): {reason}", file=sys.stderr)
+        fast = None
+    else:
+        from divgen.engine.models.packed import pack_linears
+
+        fast = pack_linears(Transformer.from_state_dict(ModelArgs.from_config(cfg), model.state_dict()))
+    model.__dict__[_FAST_KEY] = fast      # not an nn.Module attribute: not a submodule of the HF model
+    return fast

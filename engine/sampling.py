@@ -1,4 +1,4 @@
-"""Per-row sampling parameters and the one sampling entry point of the engine.
+"""Per-row sampling parameters and the sampling entry points of the engine.
 
 ``SamplingParams`` is a dataclass of per-row tensors with short-circuit flags (vLLM's
 SamplingMetadata habit). ``Sampler`` turns the logits of one decode step into tokens:
@@ -8,6 +8,10 @@ SamplingMetadata habit). ``Sampler`` turns the logits of one decode step into to
    reference elsewhere), with the guidance ``mix`` of the rows now in the batch.
 
 min-p is the α cutoff: keeping v with p(v) ≥ min_p · max p is keeping ℓ(v) ≥ max ℓ + log α.
+
+The compiled decode step calls the capturable API instead (``build_sample_plan`` once per batch
+change on the host, ``guided_sample_step`` inside the step: no host sync, fixed shapes, per-row
+step counters on the device).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 
 from divgen import kernels
 from divgen.engine.errors import DivgenError
+from divgen.kernels import build_sample_plan, guided_sample_step  # noqa: F401  (the capturable API)
 
 
 def _as_list(value, rows: int, name: str) -> list:

@@ -53,16 +53,17 @@ def test_same_seed_same_text_alone_or_inside_a_batch_of_16(embedded_lm):
     assert other_seed[0].token_ids != alone[0].token_ids
 
 
-def test_finished_rows_leave_the_batch(embedded_lm):
+def test_finished_rows_stop_working(embedded_lm):
     lm = embedded_lm
     prompts = chat(lm, ["Say only the word yes.", PROMPTS[3]])
     results, stats = generate(lm, prompts, max_new_tokens=30, temperature=0.0)
-    assert results[0].finish_reason == "eos"
+    assert results[0].finish_reason == "eos" and results[1].finish_reason == "length"
     short = len(results[0].token_ids) + 1  # + EOS
-    # rows forwarded: both rows until the short one ends, then one row
-    assert stats.rows_forwarded_per_step[: short - 1] == [2] * (short - 1)
-    assert set(stats.rows_forwarded_per_step[short - 1:]) == {1}
-    assert stats.rows_forwarded == sum(stats.rows_forwarded_per_step) < 2 * stats.steps
+    # useful rows per step: both rows until the short one's EOS, then one row
+    assert stats.rows_forwarded_per_step[:short] == [2] * short
+    assert stats.rows_forwarded_per_step[short:30] == [1] * (30 - short)
+    assert stats.rows_forwarded == short + 30 == sum(stats.rows_forwarded_per_step)
+    assert stats.occupancy == stats.rows_forwarded / stats.slots_forwarded < 1
 
 
 def test_stop_string_cuts_text_and_ends_row(embedded_lm):
@@ -126,7 +127,7 @@ def test_cfg_shadow_rows_share_leader_history_and_are_not_returned(embedded_lm):
         toks.append(t)
         a, b = a + [t], b + [t]
     assert results[0].token_ids == toks
-    assert stats.rows_forwarded == 2 * stats.steps
+    assert stats.rows_forwarded_per_step == [2] * steps        # leader + shadow forwarded every step
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -115,7 +115,7 @@ def test_rows_forwarded_per_step_k_labels_one_example_each(lm, tmp_path, method,
     CFG with the other labels as negative prompts K + K(K − 1) = K² rows."""
     task = topics(method=method, ignore_eos=True, max_new_tokens=4)
     report = run_synth(task, tmp_path / "out.jsonl", lm=lm, progress=False, log=lambda m: None)
-    assert report.rows_forwarded_per_step == [rows_per_step] * 3    # 4 tokens = prefill + 3 steps
+    assert report.rows_forwarded_per_step == [rows_per_step] * 4    # 4 tokens = 4 decode steps (the engine forwards the last prompt token in step 1)
     assert report.written == 4
     assert sorted(r["label"] for r in lines_of(tmp_path / "out.jsonl")) == sorted(task.label_names)
 

@@ -4,6 +4,10 @@
         ml.set_prompt_adapters(["a", "b", "__base__"])   # one slot per prompt given to generate()
         generate(lm, prompts, batch_listeners=[ml])     # set_batch(rows) picks the rows' slots
 
+The layers of divgen's own forward (``LoadedModel.fast``, same layer paths) are wrapped alongside
+the HF ones with the same stacked weights, so the adapter of a row follows its KV slot in the
+engine: ``set_batch`` gets the prompt row of every slot (-1 = empty slot, base model).
+
 Each wrapped linear computes ``y = W x`` with the base layer, then adds every row's own low-rank
 delta with one ``divgen.kernels.add_lora`` call (Triton on CUDA, the torch reference elsewhere):
 
@@ -93,6 +97,14 @@ class MultiLora:
     def _install(self) -> None:
         modules = dict(self.model.named_modules())
         paths = sorted({m for a in self.adapters for m in a.weights})
+        # divgen's own forward (engine.models) keeps the HF layer paths: wrap its layers too, so the
+        # adapters follow the decode engine's KV slots (built before the HF layers are wrapped).
+        from divgen.engine.model import fast_forward
+
+        fast = fast_forward(self.model) if hasattr(self.model, "config") else None
+        fast_modules = dict(fast.named_modules()) if fast is not None else {}
+        self._fast = fast
+        self._fast_originals: dict[str, nn.Linear] = {}
         for path in paths:
             base = modules[path]
             if isinstance(base, MultiLoraLinear):
@@ -111,12 +123,18 @@ class MultiLora:
                     scales[j] = adapter.scale_for(path)
             self._originals[path] = base
             replace_module(self.model, path, MultiLoraLinear(base, lora_a, lora_b, scales, self))
+            if path in fast_modules:
+                self._fast_originals[path] = fast_modules[path]
+                replace_module(fast, path, MultiLoraLinear(fast_modules[path], lora_a, lora_b, scales, self))
 
     def remove(self) -> None:
         """Put the original linear layers back."""
         for path, base in self._originals.items():
             replace_module(self.model, path, base)
+        for path, base in self._fast_originals.items():
+            replace_module(self._fast, path, base)
         self._originals.clear()
+        self._fast_originals.clear()
 
     def __enter__(self) -> "MultiLora":
         return self
@@ -145,14 +163,15 @@ class MultiLora:
         self._set_rows(None)
 
     def set_batch(self, rows: torch.Tensor) -> None:
-        """Batch listener: ``rows`` [B] are indices into the prompts, in batch order."""
+        """Batch listener: ``rows`` [B] are indices into the prompts, in batch (KV slot) order;
+        -1 marks an empty slot, which runs on the base model."""
         if self._slots is None:
             raise DivgenError("multi-LoRA: call set_prompt_adapters() before generate()")
         rows = rows.to(self._slots.device, torch.int64)
         if rows.numel() and int(rows.max()) >= self._slots.shape[0]:
             raise DivgenError(f"multi-LoRA: {self._slots.shape[0]} prompt slots were set but the batch has prompt "
                               f"row {int(rows.max())}: give one adapter per prompt")
-        self._set_rows(self._slots[rows])
+        self._set_rows(torch.where(rows >= 0, self._slots[rows.clamp(min=0)], -1))
 
     def set_row_adapters(self, adapters: Sequence[int | str] | torch.Tensor) -> None:
         """Slots of the rows of the next forwards directly (teacher-forced scoring, benchmarks)."""

@@ -8,9 +8,11 @@ Steps of ``run_synth``:
 2. Plan (``plan.Plan``): groups of slots, computed group by group on demand.
 3. Resume. Complete lines of an existing output name their (group, slot); the job generates only
    the kept slots that are missing. A torn last line (the process was killed mid-write) is cut off.
-4. Generate, a batch of whole groups at a time (at most ``batch_rows`` rows per call), through
-   ``decode_batch`` — the one call into the decoder.
-5. Write the batch's records in one append + fsync; a kill loses at most the batch in flight.
+4. Generate whole groups through ``decode_batch`` — the one call into the decoder — which keeps
+   ``batch_rows`` KV slots busy (continuous batching: a group enters when a finished one frees
+   its slots), ``BATCHES_PER_CALL`` batches' worth of groups per call.
+5. Write each group's records in one append + fsync as soon as the group finishes; a kill loses
+   at most the groups in flight.
 
 Prompts: slot s (label y) of group g shows the few-shot examples ``pick_examples(task, pool, g, s,
 y)``; FewGen and CorrSynth therefore see exactly the same prompts, slot by slot. A CFG shadow of
@@ -90,6 +92,7 @@ def run_synth(
     log: Callable[[str], None] | None = None,
     shard: tuple[int, int] | None = None,
     device=None,
+    compile: bool | None = None,
 ) -> SynthReport:
     """Generate the task's examples into ``out`` (append-only, resumable). See module docstring.
 
@@ -136,7 +139,8 @@ def run_synth(
         if lm is None:
             from divgen.engine.model import load_model
 
-            lm = load_model(None if task.model == "default" else task.model, device=device, dtype=task.dtype)
+            lm = load_model(None if task.model == "default" else task.model, device=device, dtype=task.dtype,
+                            compile=compile)
         if existing.size > existing.good_bytes:   # a torn last line from a killed run
             os.ftruncate(fd, existing.good_bytes)
             os.fsync(fd)
@@ -178,15 +182,27 @@ def batches(task: Task, groups: Plan, done: set, batch_rows: int) -> Iterator[tu
         yield current, missing
 
 
-def decode_batch(task: Task, lm, b: BatchRows, progress: Callable[[int, int], None]):
-    """The one call into the decoder: the rows of one batch -> (results, stats)."""
+# Groups handed to the decoder per call, in batches of ``batch_rows``: the engine keeps
+# ``batch_rows`` KV slots busy by admitting the next group as soon as a finished row frees enough
+# slots (continuous batching), so slots idle only at the end of a call. A group's records are
+# appended as soon as it finishes: a kill loses at most the groups in flight.
+BATCHES_PER_CALL = 8
+
+
+def decode_batch(task: Task, lm, b: BatchRows, progress: Callable[[int, int], None], slots: int | None = None,
+                 on_result=None):
+    """The one call into the decoder: the rows of one call -> (results, stats), decoded in at most
+    ``slots`` rows at a time (default: all at once); ``on_result`` gets each sample as it finishes."""
     from divgen.engine.decode import generate
 
     s = task.sampling
+    if slots is not None:   # a group larger than the slots still decodes whole (as it did alone)
+        slots = max([slots] + [b.groups.count(g) for g in set(b.groups)])
     return generate(
         lm, b.prompts, max_new_tokens=task.max_new_tokens, temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p, alpha=s.min_p, seeds=b.seeds, stop=task.stop,
         ignore_eos=task.ignore_eos, guidance=make_guidance(task, b), progress=progress,
+        max_batch_rows=slots, on_result=on_result,
     )
 
 
@@ -204,8 +220,9 @@ def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, f
     bar = progress_bar(missing_count(groups, existing), f"synth {task.method}", "ex", enabled=progress is not False,
                        dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
+    written_before_run = report.written
     try:
-        for batch, missing in batches(task, groups, existing.done, batch_rows):
+        for batch, missing in batches(task, groups, existing.done, batch_rows * BATCHES_PER_CALL):
             b = rows_for_groups(task, batch, missing, prompt)
             in_batch = sum(b.write)
             written_before = bar.n
@@ -216,31 +233,41 @@ def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, f
                 if ahead > 0:
                     bar.update(ahead)
 
-            results, stats = decode_batch(task, lm, b, on_progress)
+            # Records are appended as soon as every sample row of their group has finished
+            # (continuous batching retires groups in any order): a kill loses only groups in flight.
+            left = {}
+            for row, slot in enumerate(b.slots):
+                if slot is not None:
+                    left[b.groups[row]] = left.get(b.groups[row], 0) + 1
+            ready: dict = {}
+
+            def on_result(r) -> None:
+                sl = b.slots[r.row]
+                if b.write[r.row]:
+                    record = synth_record(
+                        text=clean_text(lm, r.token_ids, task.stop, prefixes), label=names[sl.label],
+                        method=task.method, params=params, seed=r.seed, group=sl.group, slot=sl.slot,
+                        finish_reason=r.finish_reason, tokens=len(r.token_ids), fingerprint=fp,
+                        model=model, divgen_version=version,
+                        examples=[sources[names[sl.label]][i]
+                                  for i in pick_example_positions(task, pool, sl.group, sl.slot, names[sl.label])],
+                    )
+                    ready.setdefault(sl.group, []).append((sl.slot, json.dumps(record, ensure_ascii=False)))
+                left[b.groups[r.row]] -= 1
+                if left[b.groups[r.row]] == 0:
+                    lines = sorted(ready.pop(sl.group, []))
+                    if lines:
+                        write_all(fd, "".join(line + "\n" for _, line in lines).encode("utf-8"))
+                        os.fsync(fd)
+                        report.written += len(lines)
+                        if report.written - written_before_run > bar.n:
+                            bar.update(report.written - written_before_run - bar.n)
+
+            results, stats = decode_batch(task, lm, b, on_progress, slots=batch_rows, on_result=on_result)
             report.generate_time_s += stats.wall_time_s
             report.rows_forwarded += stats.rows_forwarded
             report.steps += stats.steps
             report.rows_forwarded_per_step.extend(stats.rows_forwarded_per_step)
-            lines = []
-            for r in results:
-                sl = b.slots[r.row]
-                if not b.write[r.row]:
-                    continue
-                record = synth_record(
-                    text=clean_text(lm, r.token_ids, task.stop, prefixes), label=names[sl.label],
-                    method=task.method, params=params, seed=r.seed, group=sl.group, slot=sl.slot,
-                    finish_reason=r.finish_reason, tokens=len(r.token_ids), fingerprint=fp,
-                    model=model, divgen_version=version,
-                    examples=[sources[names[sl.label]][i]
-                              for i in pick_example_positions(task, pool, sl.group, sl.slot, names[sl.label])],
-                )
-                lines.append((sl.group, sl.slot, json.dumps(record, ensure_ascii=False)))
-            lines.sort()
-            write_all(fd, "".join(line + "\n" for _, _, line in lines).encode("utf-8"))
-            os.fsync(fd)
-            report.written += len(lines)
-            if written_before + len(lines) > bar.n:
-                bar.update(written_before + len(lines) - bar.n)
             prompt.clear()
     finally:
         bar.close()

@@ -1,0 +1,173 @@
+"""The engine core on a tiny random-weight Llama: compiled step = eager step token for token per
+method, batch invariance across admission time and slot reuse, the scheduler's γ recompute, and
+the errors of requests that do not fit. Several EOS ids make rows finish at different steps so
+slots are freed and refilled while others decode."""
+import dataclasses
+
+import pytest
+import torch
+
+from divgen.engine.decode import Engine, _StopChecker, generate
+from divgen.engine.errors import DivgenError
+from divgen.engine.guidance import Guidance, mix_from_gammas
+from divgen.engine.model import LoadedModel
+from divgen.engine.sampling import SamplingParams
+from divgen.engine.scheduler import Scheduler
+
+VOCAB = 97
+EOS = frozenset(range(6, 12))          # ~6 % per step: rows end at scattered steps
+NEW = 14
+SAMPLING = dict(temperature=1.0, min_p=0.02, seeds=7)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    hf = LlamaForCausalLM(cfg).eval()
+    lm = LoadedModel(model=hf, tokenizer=None, name="tiny", device=torch.device("cpu"), dtype=torch.float32,
+                     context_length=256, eos_token_ids=EOS, pad_token_id=0)
+    lm.decode = lambda ids: " ".join(map(str, ids))      # no tokenizer: ids as text
+    return lm
+
+
+def prompts(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(12, VOCAB, (int(k),), generator=g).tolist() for k in torch.randint(1, 12, (n,), generator=g)]
+
+
+def guidance_for(method, n):
+    if method == "fewgen":
+        return None
+    if method == "corrsynth":
+        return Guidance.corrsynth([i // 3 for i in range(n)], scale=2.5)
+    if method == "m-corrsynth":
+        return Guidance.m_corrsynth([i // 4 for i in range(n)], labels=[i % 2 for i in range(n)], gamma=1.0, delta=0.5)
+    # cfg: leader + 2 shadows per sample
+    return Guidance.cfg([i // 3 for i in range(n)], shadow_of=[None if i % 3 == 0 else i - i % 3 for i in range(n)],
+                        scale=3.0)
+
+
+def texts(results):
+    return [(r.row, r.token_ids, r.finish_reason) for r in results]
+
+
+METHODS = ["fewgen", "corrsynth", "m-corrsynth", "cfg"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled_step_equals_eager_step_token_for_token(tiny_lm, method):
+    """torch.compile(decode_step, fullgraph=True) on CPU: no graph break, same tokens as eager,
+    with slots freed and refilled (12 rows through 6 slots, EOS at scattered steps)."""
+    ps = prompts(12)
+    kw = dict(max_new_tokens=NEW, guidance=guidance_for(method, 12), max_batch_rows=6, **SAMPLING)
+    eager, stats = generate(tiny_lm, ps, compile=False, **kw)
+    compiled, _ = generate(tiny_lm, ps, compile=True, **kw)
+    assert texts(compiled) == texts(eager)
+    assert {r.finish_reason for r in eager} == {"eos", "length"}       # the schedule did change
+    assert stats.steps > NEW                                            # groups waited for slots
+
+
+@pytest.mark.parametrize("method", ["fewgen", "corrsynth", "cfg"])
+def test_group_in_a_refilled_batch_equals_the_group_alone(tiny_lm, method):
+    """On CPU (results read at once) and with the CUDA schedule (read one step late)."""
+    for lag in (False, True):
+        _group_alone(tiny_lm, method, lag)
+
+
+def _group_alone(tiny_lm, method, lag):
+    ps = prompts(18, seed=2)
+    g = guidance_for(method, 18)
+    together, stats = _run(tiny_lm, ps, g, 6, lag)
+    by_row = {r.row: r for r in together}
+    assert stats.rows_forwarded < stats.slots_forwarded or stats.steps > NEW
+    seeds = [SAMPLING["seeds"] + i for i in range(18)]
+    for first in (6, 15):                  # admitted late, after other groups finished
+        rows = list(range(first, first + 3))
+        sub = None if g is None else _restrict(g, rows)
+        alone, _ = _run(tiny_lm, [ps[r] for r in rows], sub, 3, lag, seeds=[seeds[r] for r in rows])
+        for res in alone:
+            ref = by_row[rows[res.row]]
+            assert (res.token_ids, res.finish_reason) == (ref.token_ids, ref.finish_reason)
+
+
+def _run(lm, ps, guidance, slots, lag, seeds=SAMPLING["seeds"]):
+    params = SamplingParams.make(len(ps), temperature=1.0, alpha=SAMPLING["min_p"], seeds=seeds)
+    engine = Engine(lm, slots=slots, max_len=64, compile=False, lag=lag)
+    return engine.run(ps, params, max_new_tokens=NEW, stopper=_StopChecker(lm, (), False, NEW), guidance=guidance)
+
+
+def _restrict(g, rows):
+    from divgen.engine.models.hf_loop import _restrict as restrict
+
+    return restrict(g, rows)
+
+
+def test_reused_slot_equals_fresh_cache(tiny_lm):
+    ps = prompts(6, seed=3)
+    params = SamplingParams.make(3, temperature=1.0, alpha=0.02, seeds=11)
+    stop = _StopChecker(tiny_lm, (), False, NEW)
+    used = Engine(tiny_lm, slots=3, max_len=64, compile=False)
+    used.run(ps[:3], params, max_new_tokens=NEW, stopper=stop)            # fills every slot
+    second, _ = used.run(ps[3:], params, max_new_tokens=NEW, stopper=stop)
+    fresh, _ = Engine(tiny_lm, slots=3, max_len=64, compile=False).run(ps[3:], params, max_new_tokens=NEW, stopper=stop)
+    assert texts(second) == texts(fresh)
+
+
+def test_streamed_results_arrive_as_rows_finish(tiny_lm):
+    seen = []
+    results, _ = generate(tiny_lm, prompts(8, seed=4), max_new_tokens=NEW, max_batch_rows=3,
+                          on_result=seen.append, **SAMPLING)
+    assert sorted(r.row for r in seen) == list(range(8))
+    assert {r.row: r.token_ids for r in seen} == {r.row: r.token_ids for r in results}
+    assert [r.row for r in seen] != list(range(8)) or len({r.finish_reason for r in seen}) == 1
+
+
+def test_stop_string_found_one_step_late_is_cut_exactly(tiny_lm):
+    ps = prompts(4, seed=5)
+    full, _ = generate(tiny_lm, ps, max_new_tokens=NEW, ignore_eos=True, **SAMPLING)
+    word = str(full[2].token_ids[4])                     # a token of row 2's text
+    cut, _ = generate(tiny_lm, ps, max_new_tokens=NEW, ignore_eos=True, stop=[word], **SAMPLING)
+    text = full[2].text
+    assert cut[2].finish_reason == "stop" and cut[2].text == text[: text.index(word)]
+    for f, c in zip(full, cut):           # rows without the stop string are unaffected
+        if word not in f.text:
+            assert c.token_ids == f.token_ids
+
+
+def test_gamma_recomputed_over_the_members_left():
+    g = Guidance.corrsynth([0, 0, 0, 1, 1], scale=3.0)
+    sched = Scheduler(5, g, slots=6)
+    for unit in list(sched.pending):
+        sched.admit(unit, first_step=0)
+    full = sched.mix(6)
+    assert torch.allclose(full[:3, :3], mix_from_gammas(g.gamma_matrix([0, 1, 2])))
+    assert full[5, 5] == 1 and full[5].abs().sum() == 1           # free slot: independent
+    sched.retire(1)
+    after = sched.mix(6)
+    idx = torch.tensor([0, 2])
+    assert torch.allclose(after[idx][:, idx], torch.tensor([[3.0, -2.0], [-2.0, 3.0]]))  # γ = (g-1)/1
+    assert after[1].abs().sum() == 1
+
+
+def test_request_that_cannot_fit_names_the_knob(tiny_lm):
+    with pytest.raises(DivgenError, match="max_batch_rows"):
+        generate(tiny_lm, prompts(6), max_new_tokens=4, guidance=guidance_for("corrsynth", 6), max_batch_rows=2)
+    params = SamplingParams.make(1, temperature=0.0)
+    engine = Engine(tiny_lm, slots=2, max_len=16, compile=False)
+    with pytest.raises(DivgenError, match="raise max_len to at least 20"):
+        engine.run([[20] * 10], params, max_new_tokens=10, stopper=_StopChecker(tiny_lm, (), False, 10))
+
+
+def test_slow_path_gives_the_same_tokens(tiny_lm):
+    """The HF forward (architectures without the own forward) decodes the same rows alike."""
+    ps = prompts(6, seed=6)
+    kw = dict(max_new_tokens=NEW, guidance=guidance_for("corrsynth", 6), temperature=0.0, ignore_eos=True)
+    fast, _ = generate(tiny_lm, ps, **kw)
+    slow_lm = dataclasses.replace(tiny_lm, fast_path=False)
+    slow_lm.decode = tiny_lm.decode
+    slow, _ = generate(slow_lm, ps, **kw)
+    assert [r.token_ids for r in slow] == [r.token_ids for r in fast]
