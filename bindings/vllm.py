@@ -41,7 +41,9 @@ Who counts as a member, step by step (vLLM's persistent batch has no lockstep):
   member that joins late starts its own step counter at 0 and is contrasted with the others'
   current distributions.
 * When all members are admitted in the same step (one ``generate`` call whose prompts fit the
-  batch) the rows are in lockstep and the tokens are divgen engine's tokens for the same seeds.
+  batch, with the engine core in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the rows are in
+  lockstep and the tokens are divgen engine's tokens for the same seeds. vLLM's default
+  multiprocess engine core may admit the members of one call over several steps.
 
 Untagged requests are never touched. A group with more than ``kernels.MAX_GROUP_ROWS`` (256)
 present members is contrasted in chunks of 256 (batch order). Limits: a member whose prompt is
