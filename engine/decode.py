@@ -31,7 +31,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -79,11 +79,11 @@ class RunStats:
         return self.rows_forwarded / self.slots_forwarded if self.slots_forwarded else 0.0
 
 
-class BatchListener:
-    """Something that keeps per-row state for the model's forward (e.g. multi-LoRA slots)."""
+class BatchListener(Protocol):
+    """Anything with ``set_batch`` that keeps per-row state for the model's forward (e.g. multi-LoRA
+    slots); a structural type, nothing to inherit."""
 
-    def set_batch(self, rows: torch.Tensor) -> None:  # rows: [B] int64 prompt indices, -1 = empty slot
-        raise NotImplementedError
+    def set_batch(self, rows: torch.Tensor) -> None: ...  # rows: [B] int64 prompt indices, -1 = empty slot
 
 
 def _encode_prompts(lm: LoadedModel, prompts: Sequence) -> list[list[int]]:
