@@ -97,3 +97,25 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A random 2-layer Llama with the embedded model's tokenizer and chat template (SPA tests)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from divgen.engine.model import resolve_model_dir
+
+    source, _ = resolve_model_dir(None)
+    d = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(d)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (source / name).exists():
+            shutil.copy(source / name, d / name)
+    return d

@@ -12,33 +12,16 @@ import shutil
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import single_thread
 from divgen.bindings.cli import main as cli_main
 from divgen.engine.errors import DivgenError
-from divgen.engine.model import load_model, resolve_model_dir
+from divgen.engine.model import load_model
 from divgen.engine.spa.metrics import answers_self_bleu, fidelity_at_k
 from divgen.engine.spa.pipeline import STAGES, SpaRun, SpaRunConfig, interpolate
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 LABELS = ["world", "sports", "business", "sci_tech"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A random 2-layer Llama with the embedded model's tokenizer and chat template."""
-    source, _ = resolve_model_dir(None)
-    d = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(d)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (source / name).exists():
-            shutil.copy(source / name, d / name)
-    return d
 
 
 def fake_judge(texts):
