@@ -21,12 +21,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from divgen.engine.errors import DivgenError
+from divgen.engine.files import replaced_dir
 
 FORMATS = ("parquet", "hf")
 SPLITS = ("train", "validation")
@@ -165,9 +164,7 @@ def export(paths, fmt: str, dest, *, validation: float = 0.1, seed: int = 0, met
     metric_rows = compute_card_metrics(sources, embeddings) if metrics else None
     card = dataset_card(sources, report, fmt, validation, seed, metric_rows)
 
-    parent = dest.parent if str(dest.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.export-", dir=parent))
-    try:
+    with replaced_dir(dest, ".export") as tmp:
         if fmt == "parquet":
             for split, part in ds.items():
                 part.to_parquet(str(tmp / f"{split}.parquet"))
@@ -177,12 +174,6 @@ def export(paths, fmt: str, dest, *, validation: float = 0.1, seed: int = 0, met
                 os.replace(item, tmp / item.name)
             (tmp / "data").rmdir()
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 

@@ -30,8 +30,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -40,6 +38,7 @@ import torch
 from torch import nn
 
 from divgen.engine.errors import DivgenError
+from divgen.engine.files import replaced_dir, umask
 from divgen.engine.spa.adapter_files import CONFIG_NAME, WEIGHTS_NAME, check_weights_finite, read_adapter_config
 KEY_PREFIX = "base_model.model."
 BASE = "__base__"                      # the name of "no adapter" in slot lists
@@ -233,20 +232,10 @@ def save_adapter(adapter: LoraAdapter, directory: str | os.PathLike) -> Path:
     if adapter.base_probe is not None:
         metadata[PROBE_KEY] = json.dumps(adapter.base_probe)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700; an adapter directory is an ordinary output
+    with replaced_dir(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
-        os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~umask)   # safetensors writes 0600: an adapter is an ordinary output
+        os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~umask())   # safetensors writes 0600: an adapter is an ordinary output
         (tmp / CONFIG_NAME).write_text(json.dumps(adapter.config.to_json(), indent=2, sort_keys=True) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
