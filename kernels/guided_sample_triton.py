@@ -73,6 +73,8 @@ from divgen.kernels.reference import (
 NUM_PIVOTS = 16            # measure columns per counting pass: 0 = total, 1..15 = pivots
 PIVOT_BITS = 4             # log2(NUM_PIVOTS)
 THRESHOLD_PASSES = 8       # 32 key bits / PIVOT_BITS bits per pass
+SAMPLE_ROUNDS = 2          # sample / verify rounds before the exact bisection (module docstring)
+STATE_OPEN, STATE_BISECT, STATE_ACCEPTED = 0, 1, 2   # per-row state of a top-k / top-p step
 KEY_BELOW_ALL = -(2**31) - 1   # an int64 below every int32 key: the bisection's first lower end
 GUMBEL_MAX = 17.0              # > −log(−log(1 − 2^-24)) = 16.64, the largest Gumbel of the noise
 MAX_CHUNKS = 64            # vocabulary chunks per row (later kernels combine them in one tile)
@@ -251,12 +253,12 @@ def _row_stats_kernel(
     tl.store(cut_ptr + r, row_max + tl.load(cutoff_ptr + r, mask=rmask, other=0.0), mask=rmask)
 
 
-@triton.jit(do_not_specialize=["pivot_shift"])
+@triton.jit(do_not_specialize=["pivot_shift", "skip_from"])
 def _threshold_count_kernel(
     logits_ptr, stride_logits,
     tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr,
     lse_ptr, cut_ptr, inv_t_ptr, lo_top_k_ptr,
-    lo_ptr, pivot_shift,
+    lo_ptr, pivot_shift, state_ptr, skip_from,
     measure_ptr, measure_max_ptr,        # out: [R, num_chunks, NUM_PIVOTS], [R, num_chunks]
     vocab, chunk_len, num_chunks, logp_floor,
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -272,7 +274,8 @@ def _threshold_count_kernel(
 
     Per-lane accumulation: each token's bucket b = #{pivots j ≥ 1 below its key} (one shift and
     clamp), and its weight is added into a [M, BLOCK_V, NUM_PIVOTS] accumulator at the columns
-    j ≤ b; the lanes are reduced once per chunk, not once per pivot and tile.
+    j ≤ b; the lanes are reduced once per chunk, not once per pivot and tile. A program whose
+    rows all have state ≥ skip_from (settled by a sample / verify round) loops over nothing.
     """
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -290,6 +293,8 @@ def _threshold_count_kernel(
     run_max = tl.full([M_BLOCK], float("-inf"), dtype=tl.float32)
     v_begin = chunk * chunk_len
     v_end = tl.minimum(v_begin + chunk_len, vocab)
+    active = pos_mask & (tl.load(state_ptr + rows, mask=pos_mask, other=0) < skip_from)
+    v_end = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, v_end, v_begin)   # all settled: no loop
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
@@ -323,6 +328,118 @@ def _threshold_count_kernel(
         tl.store(measure_max_ptr + rows * num_chunks + chunk, run_max, mask=pos_mask)
 
 
+@triton.jit
+def _verify_kernel(
+    logits_ptr, stride_logits,
+    tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr,
+    lse_ptr, cut_ptr, inv_t_ptr, top_k_ptr, top_p_ptr, state_ptr, cand_z_ptr, cand_z_max_ptr,
+    part_ptr,                                                     # out: [R, num_chunks, 8] fp32
+    vocab, chunk_len, num_chunks, logp_floor,
+    M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Measure a round's candidate x (z = zx) per (tile row, chunk): columns 0 #{z > zx},
+    1 #{z finite}, 2 Σ_{z > zx} e^(z − zmax), 3 Σ_{z ≥ zx} e^(z − zmax), 4 Σ e^(z − zmax),
+    with zmax the row's max z (every weight ≤ 1: no rescaling). Float comparison of z is the
+    order of the int32 keys (−0 = +0). Per-lane sums, reduced once per chunk; rows settled
+    (state ≥ 1) or with neither top-k nor top-p are skipped (a program with none loops over
+    nothing)."""
+    tile = tl.program_id(0)
+    chunk = tl.program_id(1)
+    pos, pos_mask, rows, start, size, w_off = _tile_rows(
+        tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, tile, M_BLOCK)
+    row_offsets = rows.to(tl.int64) * stride_logits
+    lse = tl.load(lse_ptr + rows, mask=pos_mask, other=0.0)
+    cut = tl.load(cut_ptr + rows, mask=pos_mask, other=0.0)
+    inv_t = tl.load(inv_t_ptr + rows, mask=pos_mask, other=1.0)
+    needs = (tl.load(top_k_ptr + rows, mask=pos_mask, other=0) > 0) | \
+        (tl.load(top_p_ptr + rows, mask=pos_mask, other=1.0) < 1.0)
+    active = pos_mask & needs & (tl.load(state_ptr + rows, mask=pos_mask, other=1) == 0)
+    zx = tl.load(cand_z_ptr + rows, mask=pos_mask, other=0.0)
+    zmax = tl.load(cand_z_max_ptr + rows, mask=pos_mask, other=0.0)
+    ref = tl.where(zmax == float("-inf"), 0.0, zmax)
+    cnt_gt = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
+    cnt_all = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
+    mass_gt = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
+    mass_ge = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
+    mass_all = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
+    v_begin = chunk * chunk_len
+    v_end = tl.minimum(v_begin + chunk_len, vocab)
+    v_end = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, v_end, v_begin)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        x = _load_logits(logits_ptr, row_offsets, pos_mask, cols, col_mask)
+        keep = (x > float("-inf")) & (x >= cut[:, None])
+        if tl.max(keep.to(tl.int32)) > 0:
+            s = _mix(x, lse, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
+                     logits_ptr, stride_logits, cols, col_mask, logp_floor, M_BLOCK, K_BLOCK, G_BLOCK, BLOCK_V)
+            z = tl.where(keep, s * inv_t[:, None], float("-inf"))
+            finite = z > float("-inf")
+            w = tl.where(finite, tl.exp(z - ref[:, None]), 0.0)
+            gt = z > zx[:, None]
+            ge = z >= zx[:, None]
+            cnt_gt += tl.where(gt, 1.0, 0.0)
+            cnt_all += tl.where(finite, 1.0, 0.0)
+            mass_gt += tl.where(gt, w, 0.0)
+            mass_ge += tl.where(ge, w, 0.0)
+            mass_all += w
+    out = (rows * num_chunks + chunk) * 8
+    tl.store(part_ptr + out + 0, tl.sum(cnt_gt, axis=1), mask=active)
+    tl.store(part_ptr + out + 1, tl.sum(cnt_all, axis=1), mask=active)
+    tl.store(part_ptr + out + 2, tl.sum(mass_gt, axis=1), mask=active)
+    tl.store(part_ptr + out + 3, tl.sum(mass_ge, axis=1), mask=active)
+    tl.store(part_ptr + out + 4, tl.sum(mass_all, axis=1), mask=active)
+
+
+@triton.jit(do_not_specialize=["last_round"])
+def _decide_kernel(
+    part_ptr, top_k_ptr, top_p_ptr, cand_z_ptr,
+    state_ptr, lo_ptr, rounds_ptr,                                 # in/out: [R] int32, int64, int32
+    rows_total, vocab, num_chunks, last_round,
+    BLOCK_R: tl.constexpr, C_BLOCK: tl.constexpr,
+):
+    """Accept or reject each open row's candidate x (state 0) from the verify sums.
+
+    x ∈ K iff #{z > zx} < k and (top-p) M(z > zx) < top_p · M_k, M_k the mass of the top-k set.
+    M_k is known only as bounds: M(z ≥ zx) ≤ M_k (x in the top-k set, which is upward closed;
+    = M(all) when the row has no top-k or #finite ≤ k) and M_k ≤ M(all). Accept (state 2, the
+    token stays) when x ∈ K for sure; when x ∉ K for sure, every key ≤ key(zx) is outside K, so
+    lo = max(lo, key(zx)) and the row stays open; otherwise (or after the last round) the row
+    goes to the exact bisection (state 1). Rows with neither cut are accepted. rounds counts the
+    rounds a row was open in.
+    """
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, C_BLOCK)
+    state = tl.load(state_ptr + r, mask=r < rows_total, other=1)
+    rmask = (r < rows_total) & (state == 0)
+    mask = rmask[:, None] & (c < num_chunks)[None, :]
+    offs = (r[:, None] * num_chunks + c[None, :]) * 8
+    cnt_gt = tl.sum(tl.load(part_ptr + offs + 0, mask=mask, other=0.0), axis=1)
+    cnt_all = tl.sum(tl.load(part_ptr + offs + 1, mask=mask, other=0.0), axis=1)
+    mass_gt = tl.sum(tl.load(part_ptr + offs + 2, mask=mask, other=0.0), axis=1)
+    mass_ge = tl.sum(tl.load(part_ptr + offs + 3, mask=mask, other=0.0), axis=1)
+    mass_all = tl.sum(tl.load(part_ptr + offs + 4, mask=mask, other=0.0), axis=1)
+    top_k = tl.load(top_k_ptr + r, mask=rmask, other=0)
+    top_p = tl.load(top_p_ptr + r, mask=rmask, other=1.0)
+    has_k = top_k > 0
+    has_p = top_p < 1.0
+    k = tl.minimum(top_k, vocab).to(tl.float32)
+    in_k = (cnt_gt < k) | (~has_k)
+    all_in_k = (~has_k) | (cnt_all <= k)
+    m_k_low = tl.where(all_in_k, mass_all, mass_ge)
+    in_p = (mass_gt < top_p * m_k_low) | (~has_p)
+    out_p = has_p & (mass_gt >= top_p * mass_all)
+    accept = in_k & in_p
+    reject = (~in_k) | out_p
+    zx = tl.load(cand_z_ptr + r, mask=rmask, other=0.0)
+    key_x = _ordered_key(zx).to(tl.int64)
+    lo = tl.load(lo_ptr + r, mask=rmask, other=0)
+    tl.store(lo_ptr + r, tl.where(reject, tl.maximum(lo, key_x), lo), mask=rmask)
+    new_state = tl.where(accept, 2, tl.where(reject & (last_round == 0), 0, 1))
+    tl.store(state_ptr + r, new_state, mask=rmask)
+    tl.store(rounds_ptr + r, tl.load(rounds_ptr + r, mask=rmask, other=0) + 1, mask=rmask)
+
+
 @triton.jit(do_not_specialize=["pivot_shift"])
 def _threshold_narrow_kernel(
     measure_ptr, measure_max_ptr, bound_ptr, lo_ptr, pivot_shift, num_chunks,
@@ -353,16 +470,17 @@ def _threshold_narrow_kernel(
     tl.store(lo_ptr + r, lo + (fails.to(tl.int64) << pivot_shift))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["skip_from"])
 def _sample_kernel(
     logits_ptr, stride_logits, noise_ptr, stride_noise,
     tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr,
     lse_ptr, cut_ptr, inv_t_ptr, greedy_ptr, seed_ptr, step_ptr, lo_top_k_ptr, lo_top_p_ptr,
+    state_ptr, skip_from,
     best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, z_sum_ptr,   # out: [R, num_chunks]
     vocab, chunk_len, num_chunks, logp_floor,
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_NOISE: tl.constexpr, TOP_K_TOP_P: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
-    GUMBEL_MAX: tl.constexpr,
+    CANDIDATE: tl.constexpr, GUMBEL_MAX: tl.constexpr,
 ):
     """Pass 2: per (tile row, chunk) the Gumbel-max winner (score, token) and log-prob partials.
 
@@ -371,6 +489,11 @@ def _sample_kernel(
     earlier, smaller token keeps a tie); the lanes are reduced once at the end of the chunk. Two
     exact shortcuts: a tile with no token in any row's α set is skipped after its load, and the
     noise of a tile is not computed when no z + max-noise of it reaches a row's best so far.
+
+    TOP_K_TOP_P: only tokens with key ≥ both lower bounds + 1 compete, and rows whose state
+    (``_decide_kernel``) is ≥ skip_from are left alone (a program with none left loops over
+    nothing). CANDIDATE: also the winner's z and the chunk max of z (a round of the sample /
+    verify scheme, module docstring) without the log-prob sum.
     """
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -383,17 +506,21 @@ def _sample_kernel(
     greedy = tl.load(greedy_ptr + rows, mask=pos_mask, other=1) != 0
     key1, key2 = _noise_keys(tl.load(seed_ptr + rows, mask=pos_mask, other=0),
                              tl.load(step_ptr + rows, mask=pos_mask, other=0))
+    active = pos_mask
     if TOP_K_TOP_P:
         key_top_k = tl.load(lo_top_k_ptr + rows, mask=pos_mask, other=0) + 1
         key_top_p = tl.load(lo_top_p_ptr + rows, mask=pos_mask, other=0) + 1
+        active = pos_mask & (tl.load(state_ptr + rows, mask=pos_mask, other=0) < skip_from)
     lane_best = tl.full([M_BLOCK, BLOCK_V], float("-inf"), dtype=tl.float32)
     lane_token = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.int32) + vocab
-    if RETURN_LOGPROBS:
+    if RETURN_LOGPROBS or CANDIDATE:
         lane_z = tl.full([M_BLOCK, BLOCK_V], float("-inf"), dtype=tl.float32)
     z_max = tl.full([M_BLOCK], float("-inf"), dtype=tl.float32)
     z_sum = tl.zeros([M_BLOCK], dtype=tl.float32)
     v_begin = chunk * chunk_len
     v_end = tl.minimum(v_begin + chunk_len, vocab)
+    if TOP_K_TOP_P:   # every row of the tile settled: loop over nothing
+        v_end = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, v_end, v_begin)
     row_best = tl.full([M_BLOCK], float("-inf"), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
@@ -413,6 +540,8 @@ def _sample_kernel(
                 ref = tl.where(new_max == float("-inf"), 0.0, new_max)
                 z_sum = z_sum * tl.exp(z_max - ref) + tl.sum(tl.exp(z - ref[:, None]), axis=1)
                 z_max = new_max
+            elif CANDIDATE:
+                z_max = tl.maximum(z_max, tile_max)
             # a row's winner can change only if z + noise can beat its best so far (noise ≤ 16.64)
             can_win = (tile_max > float("-inf")) & (tile_max + GUMBEL_MAX > row_best)
             if tl.max(can_win.to(tl.int32)) > 0:
@@ -425,34 +554,42 @@ def _sample_kernel(
                 better = score > lane_best
                 lane_best = tl.where(better, score, lane_best)
                 lane_token = tl.where(better, cols[None, :], lane_token)
-                if RETURN_LOGPROBS:
+                if RETURN_LOGPROBS or CANDIDATE:
                     lane_z = tl.where(better, z, lane_z)
                 row_best = tl.max(lane_best, axis=1)
     best = tl.max(lane_best, axis=1)
     is_best = lane_best == best[:, None]
     best_token = tl.min(tl.where(is_best, lane_token, vocab), axis=1)       # ties: smallest id
     out = rows * num_chunks + chunk
-    tl.store(best_score_ptr + out, best, mask=pos_mask)
-    tl.store(best_token_ptr + out, best_token, mask=pos_mask)
-    if RETURN_LOGPROBS:
+    tl.store(best_score_ptr + out, best, mask=active)
+    tl.store(best_token_ptr + out, best_token, mask=active)
+    if RETURN_LOGPROBS or CANDIDATE:
         best_z = tl.max(tl.where(lane_token == best_token[:, None], lane_z, float("-inf")), axis=1)
-        tl.store(best_z_ptr + out, best_z, mask=pos_mask)
-        tl.store(z_max_ptr + out, z_max, mask=pos_mask)
-        tl.store(z_sum_ptr + out, z_sum, mask=pos_mask)
+        tl.store(best_z_ptr + out, best_z, mask=active)
+        tl.store(z_max_ptr + out, z_max, mask=active)
+    if RETURN_LOGPROBS:
+        tl.store(z_sum_ptr + out, z_sum, mask=active)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["skip_from"])
 def _select_kernel(
     best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, z_sum_ptr,
+    state_ptr, skip_from,
     tokens_ptr, logprobs_ptr,                                        # out: [R] int64, [R] fp32
+    cand_z_ptr, cand_z_max_ptr,                                      # out (CANDIDATE): [R] fp32
     rows_total, vocab, num_chunks,
     BLOCK_R: tl.constexpr, C_BLOCK: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
+    SKIP_SETTLED: tl.constexpr, CANDIDATE: tl.constexpr,
 ):
     """Reduce the chunk winners of BLOCK_R rows: max score, ties → smallest token id; a row with
-    no candidate at all (every logit −inf: a slot not in use) gets token 0, as torch.argmax."""
+    no candidate at all (every logit −inf: a slot not in use) gets token 0, as torch.argmax.
+    SKIP_SETTLED: rows whose state is ≥ skip_from keep their token. CANDIDATE: also the winner's
+    z and the row's max z (for ``_verify_kernel``)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, C_BLOCK)
     rmask = r < rows_total
+    if SKIP_SETTLED:
+        rmask = rmask & (tl.load(state_ptr + r, mask=rmask, other=0) < skip_from)
     mask = rmask[:, None] & (c < num_chunks)[None, :]
     offs = r[:, None] * num_chunks + c[None, :]
     score = tl.load(best_score_ptr + offs, mask=mask, other=float("-inf"))        # [BLOCK_R, C]
@@ -462,6 +599,13 @@ def _select_kernel(
     chosen = tl.min(tl.where(is_top, token, vocab), axis=1)
     chosen = tl.where(chosen >= vocab, 0, chosen)
     tl.store(tokens_ptr + r, chosen.to(tl.int64), mask=rmask)
+    if CANDIDATE:
+        z_chosen = tl.max(tl.where(is_top & (token == chosen[:, None]),
+                                   tl.load(best_z_ptr + offs, mask=mask, other=float("-inf")),
+                                   float("-inf")), axis=1)
+        tl.store(cand_z_ptr + r, z_chosen, mask=rmask)
+        tl.store(cand_z_max_ptr + r, tl.max(tl.load(z_max_ptr + offs, mask=mask, other=float("-inf")), axis=1),
+                 mask=rmask)
     if RETURN_LOGPROBS:
         z_chosen = tl.max(tl.where(is_top & (token == chosen[:, None]),
                                    tl.load(best_z_ptr + offs, mask=mask, other=float("-inf")),
@@ -582,10 +726,11 @@ class _StepInputs:
 
 
 def _find_threshold(inp: _StepInputs, bound: torch.Tensor, *, mass: bool,
-                    lo_top_k: torch.Tensor | None) -> torch.Tensor:
+                    lo_top_k: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
     """Bisect the int32 key of each row's top-k (mass=False) or top-p threshold; lo [R] int64.
 
-    The rows keep token v iff key(z(v)) ≥ lo + 1."""
+    The rows keep token v iff key(z(v)) ≥ lo + 1. Rows with state ≥ STATE_ACCEPTED are skipped
+    (their lo is meaningless)."""
     logits, plan, tiles, cfg = inp.logits, inp.plan, inp.tiles, inp.cfg
     rows, vocab = logits.shape
     c_block = next_power_of_2(cfg.num_chunks)
@@ -598,7 +743,7 @@ def _find_threshold(inp: _StepInputs, bound: torch.Tensor, *, mass: bool,
             logits, logits.stride(0),
             tiles.tile_group, tiles.tile_row0, plan.order, plan.group_start, plan.w_offset, plan.weights,
             inp.lse, inp.cut, inp.inv_t, lo if lo_top_k is None else lo_top_k,
-            lo, shift,
+            lo, shift, state, STATE_ACCEPTED,
             measure, measure_max,
             vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
             M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.count_block_v,
@@ -615,7 +760,7 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
                        temperature: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                        *, any_top_k_top_p: bool = True, noise: torch.Tensor | None = None,
                        return_logprobs: bool = False, block_v: int | None = None,
-                       num_chunks: int | None = None):
+                       num_chunks: int | None = None, trace: dict | None = None):
     """The capturable step (Triton): device buffers in, tokens out; no checks, no host sync.
 
     Arguments as ``divgen.kernels.guided_sample_step``; the plan must come from
@@ -648,34 +793,64 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
         part_max, part_sum, cutoff, lse, cut, rows, cfg.num_chunks, BLOCK_R=block_r, C_BLOCK=c_block,
     )
     inp = _StepInputs(logits=logits, plan=plan, tiles=tiles, cfg=cfg, lse=lse, cut=cut, inv_t=inv_t)
-    lo_top_k = lo_top_p = lse                                        # placeholders (unused pointers)
-    if any_top_k_top_p:
-        inf = torch.full_like(inv_t, float("inf"))
-        k_bound = torch.where(top_k > 0, top_k.clamp(max=vocab).to(torch.float32), inf)
-        p_bound = torch.where(top_p < 1, top_p.float(), inf)
-        lo_top_k = _find_threshold(inp, k_bound, mass=False, lo_top_k=None)
-        lo_top_p = _find_threshold(inp, p_bound, mass=True, lo_top_k=lo_top_k)
-
+    tokens = torch.empty(rows, dtype=torch.int64, device=dev)
+    logprobs = torch.empty(rows, dtype=torch.float32, device=dev)
     best_score = torch.empty(rows, cfg.num_chunks, dtype=torch.float32, device=dev)
     best_token = torch.empty(rows, cfg.num_chunks, dtype=torch.int32, device=dev)
     best_z, z_max, z_sum = (torch.empty_like(best_score) for _ in range(3))
-    _sample_kernel[(tiles.count, cfg.num_chunks)](
-        logits, logits.stride(0), logits if noise is None else noise, 0 if noise is None else noise.stride(0),
-        tiles.tile_group, tiles.tile_row0, plan.order, plan.group_start, plan.w_offset, plan.weights,
-        lse, cut, inv_t, greedy.to(torch.int32), seeds, step, lo_top_k, lo_top_p,
-        best_score, best_token, best_z, z_max, z_sum,
-        vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
-        M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.block_v,
-        HAS_NOISE=noise is not None, TOP_K_TOP_P=any_top_k_top_p, RETURN_LOGPROBS=return_logprobs,
-        GUMBEL_MAX=GUMBEL_MAX, num_warps=cfg.num_warps,
-    )
-    tokens = torch.empty(rows, dtype=torch.int64, device=dev)
-    logprobs = torch.empty(rows, dtype=torch.float32, device=dev)
-    _select_kernel[(triton.cdiv(rows, block_r),)](
-        best_score, best_token, best_z, z_max, z_sum, tokens, logprobs,
-        rows, vocab, cfg.num_chunks,
-        BLOCK_R=block_r, C_BLOCK=c_block, RETURN_LOGPROBS=return_logprobs,
-    )
+    greedy_i = greedy.to(torch.int32)
+    seeds_noise = (logits if noise is None else noise, 0 if noise is None else noise.stride(0))
+    tile_args = (tiles.tile_group, tiles.tile_row0, plan.order, plan.group_start, plan.w_offset, plan.weights)
+
+    def sample(lo_k, lo_p, state, skip_from, *, top: bool, candidate: bool, cand_z=None, cand_z_max=None):
+        _sample_kernel[(tiles.count, cfg.num_chunks)](
+            logits, logits.stride(0), *seeds_noise, *tile_args,
+            lse, cut, inv_t, greedy_i, seeds, step, lo_k, lo_p, state, skip_from,
+            best_score, best_token, best_z, z_max, z_sum,
+            vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
+            M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.block_v,
+            HAS_NOISE=noise is not None, TOP_K_TOP_P=top, RETURN_LOGPROBS=return_logprobs and not candidate,
+            CANDIDATE=candidate, GUMBEL_MAX=GUMBEL_MAX, num_warps=cfg.num_warps,
+        )
+        _select_kernel[(triton.cdiv(rows, block_r),)](
+            best_score, best_token, best_z, z_max, z_sum, state, skip_from, tokens, logprobs,
+            lse if cand_z is None else cand_z, lse if cand_z_max is None else cand_z_max,
+            rows, vocab, cfg.num_chunks,
+            BLOCK_R=block_r, C_BLOCK=c_block, RETURN_LOGPROBS=return_logprobs and not candidate,
+            SKIP_SETTLED=top, CANDIDATE=candidate,
+        )
+
+    if not any_top_k_top_p:
+        sample(lse, lse, lse, 0, top=False, candidate=False)        # placeholders: unused pointers
+        return (tokens, logprobs) if return_logprobs else tokens
+
+    state = torch.zeros(rows, dtype=torch.int32, device=dev)
+    rounds = torch.zeros(rows, dtype=torch.int32, device=dev)
+    if not return_logprobs:       # log-probs need the whole of K: straight to the bisection
+        lo = torch.full((rows,), KEY_BELOW_ALL, dtype=torch.int64, device=dev)
+        cand_z = torch.empty(rows, dtype=torch.float32, device=dev)
+        cand_z_max = torch.empty_like(cand_z)
+        part = torch.empty(rows, cfg.num_chunks, 8, dtype=torch.float32, device=dev)
+        for r in range(SAMPLE_ROUNDS):
+            sample(lo, lo, state, STATE_BISECT, top=True, candidate=True, cand_z=cand_z, cand_z_max=cand_z_max)
+            _verify_kernel[(tiles.count, cfg.num_chunks)](
+                logits, logits.stride(0), *tile_args, lse, cut, inv_t, top_k, top_p, state, cand_z, cand_z_max,
+                part, vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
+                M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.block_v,
+                num_warps=cfg.num_warps,
+            )
+            _decide_kernel[(triton.cdiv(rows, block_r),)](
+                part, top_k, top_p, cand_z, state, lo, rounds, rows, vocab, cfg.num_chunks,
+                int(r == SAMPLE_ROUNDS - 1), BLOCK_R=block_r, C_BLOCK=c_block,
+            )
+    inf = torch.full_like(inv_t, float("inf"))
+    k_bound = torch.where(top_k > 0, top_k.clamp(max=vocab).to(torch.float32), inf)
+    p_bound = torch.where(top_p < 1, top_p.float(), inf)
+    lo_top_k = _find_threshold(inp, k_bound, mass=False, lo_top_k=None, state=state)
+    lo_top_p = _find_threshold(inp, p_bound, mass=True, lo_top_k=lo_top_k, state=state)
+    sample(lo_top_k, lo_top_p, state, STATE_ACCEPTED, top=True, candidate=False)
+    if trace is not None:           # tests and tools: per-row final state and rounds open
+        trace.update(state=state, rounds=rounds)
     return (tokens, logprobs) if return_logprobs else tokens
 
 
@@ -695,6 +870,7 @@ def guided_sample(
     num_chunks: int | None = None,
     m_block: int | None = None,
     k_block: int | None = None,
+    trace: dict | None = None,
 ):
     """Guided sampling from logits, fused (the twin of ``reference.guided_sample``), for direct
     callers: checks the arguments (host syncs), builds the plan, runs the capturable step.
@@ -716,7 +892,7 @@ def guided_sample(
         logits, plan, seeds.to(device=device, dtype=torch.int64).contiguous(), step_tensor(step, rows, device),
         temperature.contiguous(), alpha.contiguous(), top_k.contiguous(), top_p.contiguous(),
         any_top_k_top_p=bool((top_k > 0).any() or (top_p < 1).any()), noise=noise,
-        return_logprobs=return_logprobs, block_v=block_v, num_chunks=num_chunks,
+        return_logprobs=return_logprobs, block_v=block_v, num_chunks=num_chunks, trace=trace,
     )
 
 
