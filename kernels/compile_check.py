@@ -78,26 +78,44 @@ def sample_variants() -> list[Variant]:
         block_v, warps = gs.CUDA_TILES[m]
         count_v = max(16, 32 * warps // m)
         for dtype in (("fp32", "bf16", "fp16") if g_block in (1, 256) else ("bf16",)):
-            flag_sets = [(False, False), (True, True)] if dtype == "bf16" else [(True, True)]
-            for top, logprobs in flag_sets:
+            # (top-k/top-p, log-probs, candidate round): plain; a sample / verify round; the
+            # final sample after the bisection (with log-probs: the heaviest)
+            flag_sets = ([(False, False, False), (True, False, True), (True, True, False)] if dtype == "bf16"
+                         else [(True, True, False), (True, False, True)])
+            for top, logprobs, cand in flag_sets:
                 sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), ("noise_ptr", _ptr(dtype)),
                        ("stride_noise", "i32"), *tile_args,
                        ("lse_ptr", "*fp32"), ("cut_ptr", "*fp32"), ("inv_t_ptr", "*fp32"), ("greedy_ptr", "*i32"),
                        ("seed_ptr", "*i64"), ("step_ptr", "*i64"), ("lo_top_k_ptr", "*i64"), ("lo_top_p_ptr", "*i64"),
+                       ("state_ptr", "*i32"), ("skip_from", "i32"),
                        ("best_score_ptr", "*fp32"), ("best_token_ptr", "*i32"), ("best_z_ptr", "*fp32"),
                        ("z_max_ptr", "*fp32"), ("z_sum_ptr", "*fp32"),
                        ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"), ("logp_floor", "fp32"),
                        *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "HAS_NOISE",
-                                                     "TOP_K_TOP_P", "RETURN_LOGPROBS", "GUMBEL_MAX")))
-                tag = f"sample G={g_block} M={m} {dtype}{' top' if top else ''}{' logp' if logprobs else ''}"
+                                                     "TOP_K_TOP_P", "RETURN_LOGPROBS", "CANDIDATE", "GUMBEL_MAX")))
+                tag = (f"sample G={g_block} M={m} {dtype}{' top' if top else ''}{' logp' if logprobs else ''}"
+                       f"{' round' if cand else ''}")
                 out.append(Variant(f"{mod}:_sample_kernel", tag, sig, (
                     ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", block_v), ("HAS_NOISE", False),
-                    ("TOP_K_TOP_P", top), ("RETURN_LOGPROBS", logprobs), ("GUMBEL_MAX", gs.GUMBEL_MAX)),
+                    ("TOP_K_TOP_P", top), ("RETURN_LOGPROBS", logprobs), ("CANDIDATE", cand),
+                    ("GUMBEL_MAX", gs.GUMBEL_MAX)),
                     num_warps=warps, logits_per_thread=m * block_v / (32 * warps)))
+            verify_v = max(16, 64 * warps // m)
+            sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), *tile_args,
+                   ("lse_ptr", "*fp32"), ("cut_ptr", "*fp32"), ("inv_t_ptr", "*fp32"), ("top_k_ptr", "*i64"),
+                   ("top_p_ptr", "*fp32"), ("state_ptr", "*i32"), ("cand_z_ptr", "*fp32"), ("cand_z_max_ptr", "*fp32"),
+                   ("part_ptr", "*fp32"), ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"),
+                   ("logp_floor", "fp32"),
+                   *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "NUM_LEVELS")))
+            out.append(Variant(f"{mod}:_verify_kernel", f"verify G={g_block} M={m} {dtype}", sig, (
+                ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", verify_v),
+                ("NUM_LEVELS", gs.NUM_LEVELS)),
+                num_warps=warps, logits_per_thread=m * verify_v / (32 * warps)))
             for mass in ((False, True) if dtype == "bf16" else (True,)):
                 sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), *tile_args,
                        ("lse_ptr", "*fp32"), ("cut_ptr", "*fp32"), ("inv_t_ptr", "*fp32"), ("lo_top_k_ptr", "*i64"),
-                       ("lo_ptr", "*i64"), ("pivot_shift", "i32"), ("measure_ptr", "*fp32"), ("measure_max_ptr", "*fp32"),
+                       ("lo_ptr", "*i64"), ("pivot_shift", "i32"), ("state_ptr", "*i32"), ("skip_from", "i32"),
+                       ("measure_ptr", "*fp32"), ("measure_max_ptr", "*fp32"),
                        ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"), ("logp_floor", "fp32"),
                        *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "NUM_PIVOTS",
                                                      "MASS", "APPLY_TOP_K")))
@@ -113,6 +131,12 @@ def sample_variants() -> list[Variant]:
             ("pivot_shift", "i32"), ("num_chunks", "i32"),
             ("C_BLOCK", "constexpr"), ("NUM_PIVOTS", "constexpr"), ("MASS", "constexpr")),
             (("C_BLOCK", c_block), ("NUM_PIVOTS", gs.NUM_PIVOTS), ("MASS", mass))))
+    out.append(Variant(f"{mod}:_decide_kernel", "decide R=64", (
+        ("part_ptr", "*fp32"), ("top_k_ptr", "*i64"), ("top_p_ptr", "*fp32"), ("cand_z_ptr", "*fp32"),
+        ("cand_z_max_ptr", "*fp32"), ("state_ptr", "*i32"), ("lo_ptr", "*i64"), ("rounds_ptr", "*i32"),
+        ("rows_total", "i32"), ("vocab", "i32"), ("num_chunks", "i32"), ("last_round", "i32"),
+        ("BLOCK_R", "constexpr"), ("C_BLOCK", "constexpr"), ("NUM_LEVELS", "constexpr")),
+        (("BLOCK_R", 64), ("C_BLOCK", c_block), ("NUM_LEVELS", gs.NUM_LEVELS))))
     for block_r, logprobs in ((64, True), (64, False)):
         out.append(Variant(f"{mod}:_row_stats_kernel", f"row stats R={block_r}", (
             ("part_max_ptr", "*fp32"), ("part_sum_ptr", "*fp32"), ("cutoff_ptr", "*fp32"), ("lse_ptr", "*fp32"),
@@ -121,10 +145,13 @@ def sample_variants() -> list[Variant]:
             (("BLOCK_R", block_r), ("C_BLOCK", c_block)))) if logprobs else None
         out.append(Variant(f"{mod}:_select_kernel", f"select R={block_r}{' logp' if logprobs else ''}", (
             ("best_score_ptr", "*fp32"), ("best_token_ptr", "*i32"), ("best_z_ptr", "*fp32"), ("z_max_ptr", "*fp32"),
-            ("z_sum_ptr", "*fp32"), ("tokens_ptr", "*i64"), ("logprobs_ptr", "*fp32"),
+            ("z_sum_ptr", "*fp32"), ("state_ptr", "*i32"), ("skip_from", "i32"), ("tokens_ptr", "*i64"),
+            ("logprobs_ptr", "*fp32"), ("cand_z_ptr", "*fp32"), ("cand_z_max_ptr", "*fp32"),
             ("rows_total", "i32"), ("vocab", "i32"), ("num_chunks", "i32"),
-            ("BLOCK_R", "constexpr"), ("C_BLOCK", "constexpr"), ("RETURN_LOGPROBS", "constexpr")),
-            (("BLOCK_R", block_r), ("C_BLOCK", c_block), ("RETURN_LOGPROBS", logprobs))))
+            ("BLOCK_R", "constexpr"), ("C_BLOCK", "constexpr"), ("RETURN_LOGPROBS", "constexpr"),
+            ("SKIP_SETTLED", "constexpr"), ("CANDIDATE", "constexpr")),
+            (("BLOCK_R", block_r), ("C_BLOCK", c_block), ("RETURN_LOGPROBS", logprobs), ("SKIP_SETTLED", True),
+             ("CANDIDATE", not logprobs))))
     return out
 
 

@@ -73,9 +73,11 @@ from divgen.kernels.reference import (
 NUM_PIVOTS = 16            # measure columns per counting pass: 0 = total, 1..15 = pivots
 PIVOT_BITS = 4             # log2(NUM_PIVOTS)
 THRESHOLD_PASSES = 8       # 32 key bits / PIVOT_BITS bits per pass
-SAMPLE_ROUNDS = 2          # sample / verify rounds before the exact bisection (module docstring)
+SAMPLE_ROUNDS = 4          # sample / verify rounds before the exact bisection (module docstring)
 STATE_OPEN, STATE_BISECT, STATE_ACCEPTED = 0, 1, 2   # per-row state of a top-k / top-p step
 KEY_BELOW_ALL = -(2**31) - 1   # an int64 below every int32 key: the bisection's first lower end
+KEY_FLOOR: tl.constexpr = tl.constexpr(-(2**31) - 1)   # the same, inside kernels
+NUM_LEVELS = 8             # probe levels of the verify pass (``_probe_levels``)
 GUMBEL_MAX = 17.0              # > −log(−log(1 − 2^-24)) = 16.64, the largest Gumbel of the noise
 MAX_CHUNKS = 64            # vocabulary chunks per row (later kernels combine them in one tile)
 # Rows per program (M) and contracted rows per mixing step (K): a group of up to 16 rows is one
@@ -329,20 +331,31 @@ def _threshold_count_kernel(
 
 
 @triton.jit
+def _probe_levels(zx, NUM_LEVELS: tl.constexpr):
+    """The verify pass's probe levels [R, NUM_LEVELS] = zx − depth: depths 0, 1, 2, 4, 8 below
+    the candidate's z and 1, 2, 4 above it (nats of z). The same fp32 ops in both kernels."""
+    j = tl.arange(0, NUM_LEVELS)
+    depth = tl.where(j == 0, 0.0, tl.where(j <= 4, tl.exp2((j - 1).to(tl.float32)),
+                                            -tl.exp2((j - 5).to(tl.float32))))
+    return zx[:, None] - depth[None, :]
+
+
+@triton.jit
 def _verify_kernel(
     logits_ptr, stride_logits,
     tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr,
     lse_ptr, cut_ptr, inv_t_ptr, top_k_ptr, top_p_ptr, state_ptr, cand_z_ptr, cand_z_max_ptr,
-    part_ptr,                                                     # out: [R, num_chunks, 8] fp32
+    part_ptr,                                           # out: [R, num_chunks, 3, NUM_LEVELS] fp32
     vocab, chunk_len, num_chunks, logp_floor,
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+    NUM_LEVELS: tl.constexpr,
 ):
-    """Measure a round's candidate x (z = zx) per (tile row, chunk): columns 0 #{z > zx},
-    1 #{z finite}, 2 Σ_{z > zx} e^(z − zmax), 3 Σ_{z ≥ zx} e^(z − zmax), 4 Σ e^(z − zmax),
-    with zmax the row's max z (every weight ≤ 1: no rescaling). Float comparison of z is the
-    order of the int32 keys (−0 = +0). Per-lane sums, reduced once per chunk; rows settled
-    (state ≥ 1) or with neither top-k nor top-p are skipped (a program with none loops over
-    nothing)."""
+    """Measure a round's candidate x (z = zx) per (tile row, chunk), weights e^(z − zmax) ≤ 1
+    (zmax the row's max z: no rescaling): plane 0 / 1 = count / mass of z ≥ level_j at the probe
+    levels (``_probe_levels``), plane 2 = #{z > zx}, #{z finite}, M(z > zx), M(all). Float
+    comparison of z is the order of the int32 keys (−0 = +0). Per-lane sums, reduced once per
+    chunk; rows settled (state ≥ 1) or with neither cut are skipped (a program with none left
+    loops over nothing)."""
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
     pos, pos_mask, rows, start, size, w_off = _tile_rows(
@@ -357,10 +370,12 @@ def _verify_kernel(
     zx = tl.load(cand_z_ptr + rows, mask=pos_mask, other=0.0)
     zmax = tl.load(cand_z_max_ptr + rows, mask=pos_mask, other=0.0)
     ref = tl.where(zmax == float("-inf"), 0.0, zmax)
+    levels = _probe_levels(zx, NUM_LEVELS)                                     # [M, L]
+    cnt_lv = tl.zeros([M_BLOCK, BLOCK_V, NUM_LEVELS], dtype=tl.float32)
+    mass_lv = tl.zeros([M_BLOCK, BLOCK_V, NUM_LEVELS], dtype=tl.float32)
     cnt_gt = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
     cnt_all = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
     mass_gt = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
-    mass_ge = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
     mass_all = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
     v_begin = chunk * chunk_len
     v_end = tl.minimum(v_begin + chunk_len, vocab)
@@ -377,64 +392,85 @@ def _verify_kernel(
             finite = z > float("-inf")
             w = tl.where(finite, tl.exp(z - ref[:, None]), 0.0)
             gt = z > zx[:, None]
-            ge = z >= zx[:, None]
             cnt_gt += tl.where(gt, 1.0, 0.0)
             cnt_all += tl.where(finite, 1.0, 0.0)
             mass_gt += tl.where(gt, w, 0.0)
-            mass_ge += tl.where(ge, w, 0.0)
             mass_all += w
-    out = (rows * num_chunks + chunk) * 8
-    tl.store(part_ptr + out + 0, tl.sum(cnt_gt, axis=1), mask=active)
-    tl.store(part_ptr + out + 1, tl.sum(cnt_all, axis=1), mask=active)
-    tl.store(part_ptr + out + 2, tl.sum(mass_gt, axis=1), mask=active)
-    tl.store(part_ptr + out + 3, tl.sum(mass_ge, axis=1), mask=active)
-    tl.store(part_ptr + out + 4, tl.sum(mass_all, axis=1), mask=active)
+            ge = finite[:, :, None] & (z[:, :, None] >= levels[:, None, :])
+            cnt_lv += tl.where(ge, 1.0, 0.0)
+            mass_lv += tl.where(ge, w[:, :, None], 0.0)
+    j = tl.arange(0, NUM_LEVELS)
+    out = ((rows * num_chunks + chunk) * 3)[:, None] * NUM_LEVELS + j[None, :]          # [M, L]
+    amask = active[:, None] & (j[None, :] < NUM_LEVELS)
+    tl.store(part_ptr + out, tl.sum(cnt_lv, axis=1), mask=amask)
+    tl.store(part_ptr + out + NUM_LEVELS, tl.sum(mass_lv, axis=1), mask=amask)
+    scal = tl.where(j[None, :] == 0, tl.sum(cnt_gt, axis=1)[:, None],
+                    tl.where(j[None, :] == 1, tl.sum(cnt_all, axis=1)[:, None],
+                             tl.where(j[None, :] == 2, tl.sum(mass_gt, axis=1)[:, None],
+                                      tl.sum(mass_all, axis=1)[:, None])))
+    tl.store(part_ptr + out + 2 * NUM_LEVELS, scal, mask=amask & (j[None, :] < 4))
 
 
 @triton.jit(do_not_specialize=["last_round"])
 def _decide_kernel(
-    part_ptr, top_k_ptr, top_p_ptr, cand_z_ptr,
+    part_ptr, top_k_ptr, top_p_ptr, cand_z_ptr, cand_z_max_ptr,
     state_ptr, lo_ptr, rounds_ptr,                                 # in/out: [R] int32, int64, int32
     rows_total, vocab, num_chunks, last_round,
-    BLOCK_R: tl.constexpr, C_BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr, C_BLOCK: tl.constexpr, NUM_LEVELS: tl.constexpr,
 ):
     """Accept or reject each open row's candidate x (state 0) from the verify sums.
 
-    x ∈ K iff #{z > zx} < k and (top-p) M(z > zx) < top_p · M_k, M_k the mass of the top-k set.
-    M_k is known only as bounds: M(z ≥ zx) ≤ M_k (x in the top-k set, which is upward closed;
-    = M(all) when the row has no top-k or #finite ≤ k) and M_k ≤ M(all). Accept (state 2, the
-    token stays) when x ∈ K for sure; when x ∉ K for sure, every key ≤ key(zx) is outside K, so
-    lo = max(lo, key(zx)) and the row stays open; otherwise (or after the last round) the row
-    goes to the exact bisection (state 1). Rows with neither cut are accepted. rounds counts the
-    rounds a row was open in.
+    x ∈ K iff #{z > zx} < k and (top-p) M(z > zx) < top_p · M_k, M_k the mass of the top-k set
+    (M(all) without top-k). With top-k, M_k is bracketed from the probes (count C, mass M of
+    z ≥ L): C(L) ≤ k puts every such token in the top-k set (M_k ≥ M(L)); C(L) ≥ k puts every
+    token below L out (M_k ≤ M(L)); else at most k − C(L) tokens below L are in, each of weight
+    ≤ e^(L − zmax) (M_k ≤ M(L) + (k − C(L)) e^(L − zmax)). Accept (state 2, the token stays) when
+    x ∈ K for sure. Every level known to have all tokens below it outside K (C(L) ≥ k, or
+    M(L) ≥ top_p · M_k upper bound) raises lo to key(L) − 1, and x itself when surely outside
+    (lo ≥ key(zx)); the row stays open. Ambiguous rows, and open rows after the last round, go
+    to the exact bisection (state 1). Rows with neither cut are accepted. rounds: rounds open.
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, C_BLOCK)
+    j = tl.arange(0, NUM_LEVELS)
     state = tl.load(state_ptr + r, mask=r < rows_total, other=1)
     rmask = (r < rows_total) & (state == 0)
-    mask = rmask[:, None] & (c < num_chunks)[None, :]
-    offs = (r[:, None] * num_chunks + c[None, :]) * 8
-    cnt_gt = tl.sum(tl.load(part_ptr + offs + 0, mask=mask, other=0.0), axis=1)
-    cnt_all = tl.sum(tl.load(part_ptr + offs + 1, mask=mask, other=0.0), axis=1)
-    mass_gt = tl.sum(tl.load(part_ptr + offs + 2, mask=mask, other=0.0), axis=1)
-    mass_ge = tl.sum(tl.load(part_ptr + offs + 3, mask=mask, other=0.0), axis=1)
-    mass_all = tl.sum(tl.load(part_ptr + offs + 4, mask=mask, other=0.0), axis=1)
+    base = ((r[:, None] * num_chunks + c[None, :]) * 3)[:, :, None] * NUM_LEVELS + j[None, None, :]
+    mask = rmask[:, None, None] & (c < num_chunks)[None, :, None] & (j < NUM_LEVELS)[None, None, :]
+    cnt_lv = tl.sum(tl.load(part_ptr + base, mask=mask, other=0.0), axis=1)                  # [R, L]
+    mass_lv = tl.sum(tl.load(part_ptr + base + NUM_LEVELS, mask=mask, other=0.0), axis=1)
+    scal = tl.sum(tl.load(part_ptr + base + 2 * NUM_LEVELS, mask=mask & (j < 4)[None, None, :], other=0.0),
+                  axis=1)
+    cnt_gt = tl.sum(tl.where(j[None, :] == 0, scal, 0.0), axis=1)
+    cnt_all = tl.sum(tl.where(j[None, :] == 1, scal, 0.0), axis=1)
+    mass_gt = tl.sum(tl.where(j[None, :] == 2, scal, 0.0), axis=1)
+    mass_all = tl.sum(tl.where(j[None, :] == 3, scal, 0.0), axis=1)
     top_k = tl.load(top_k_ptr + r, mask=rmask, other=0)
     top_p = tl.load(top_p_ptr + r, mask=rmask, other=1.0)
     has_k = top_k > 0
     has_p = top_p < 1.0
     k = tl.minimum(top_k, vocab).to(tl.float32)
-    in_k = (cnt_gt < k) | (~has_k)
-    all_in_k = (~has_k) | (cnt_all <= k)
-    m_k_low = tl.where(all_in_k, mass_all, mass_ge)
-    in_p = (mass_gt < top_p * m_k_low) | (~has_p)
-    out_p = has_p & (mass_gt >= top_p * mass_all)
-    accept = in_k & in_p
-    reject = (~in_k) | out_p
     zx = tl.load(cand_z_ptr + r, mask=rmask, other=0.0)
-    key_x = _ordered_key(zx).to(tl.int64)
+    zmax = tl.load(cand_z_max_ptr + r, mask=rmask, other=0.0)
+    levels = _probe_levels(zx, NUM_LEVELS)
+    w_level = tl.exp(levels - tl.where(zmax == float("-inf"), 0.0, zmax)[:, None])
+    m_lo = tl.maximum(tl.where(cnt_all <= k, mass_all, 0.0),
+                      tl.max(tl.where(cnt_lv <= k[:, None], mass_lv, 0.0), axis=1))
+    m_hi = tl.minimum(mass_all, tl.min(tl.where(cnt_lv >= k[:, None], mass_lv,
+                                                 mass_lv + (k[:, None] - cnt_lv) * w_level), axis=1))
+    m_lo = tl.where(has_k, m_lo, mass_all)
+    m_hi = tl.where(has_k, m_hi, mass_all)
+    in_k = (cnt_gt < k) | (~has_k)
+    in_p = (mass_gt < top_p * m_lo) | (~has_p)
+    accept = in_k & in_p
+    reject = (~in_k) | (has_p & (mass_gt >= top_p * m_hi))
+    below_out = (has_k[:, None] & (cnt_lv >= k[:, None])) | \
+        (has_p[:, None] & (mass_lv >= (top_p * m_hi)[:, None]))                             # [R, L]
+    level_lo = tl.max(tl.where(below_out, _ordered_key(levels).to(tl.int64) - 1, KEY_FLOOR), axis=1)
     lo = tl.load(lo_ptr + r, mask=rmask, other=0)
-    tl.store(lo_ptr + r, tl.where(reject, tl.maximum(lo, key_x), lo), mask=rmask)
+    lo = tl.maximum(lo, level_lo)
+    lo = tl.where(reject, tl.maximum(lo, _ordered_key(zx).to(tl.int64)), lo)
+    tl.store(lo_ptr + r, lo, mask=rmask)
     new_state = tl.where(accept, 2, tl.where(reject & (last_round == 0), 0, 1))
     tl.store(state_ptr + r, new_state, mask=rmask)
     tl.store(rounds_ptr + r, tl.load(rounds_ptr + r, mask=rmask, other=0) + 1, mask=rmask)
@@ -683,6 +719,7 @@ def _sm_count(index: int) -> int:
 class LaunchConfig:
     block_v: int       # tokens per tile of the sample pass (power of two)
     count_block_v: int  # tokens per tile of the counting passes
+    verify_block_v: int  # tokens per tile of the verify pass (20 per-lane sums a logit)
     stats_block_v: int
     chunk_len: int     # tokens per program (a multiple of block_v)
     num_chunks: int    # programs per tile along the vocabulary (≤ MAX_CHUNKS)
@@ -697,20 +734,23 @@ def launch_config(vocab: int, tiles: Tiles, device: torch.device, block_v: int |
     if on_cuda:
         tile_v, num_warps = CUDA_TILES[m]
         count_v, stats_v = max(16, 32 * num_warps // m), CUDA_STATS_BLOCK_V
+        verify_v = max(16, 64 * num_warps // m)
     else:
         tile_v, num_warps = max(16, CPU_TILE_ELEMS // m), 4
         count_v, stats_v = tile_v, CPU_TILE_ELEMS
+        verify_v = tile_v
     if block_v is None:
         block_v = min(tile_v, max(16, next_power_of_2(vocab)))
     if block_v < 16 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
     count_v = min(count_v, block_v)
+    verify_v = min(verify_v, block_v)
     tiles_v = triton.cdiv(vocab, block_v)
     if num_chunks is None:
         num_chunks = triton.cdiv(4 * _sm_count(device.index or 0), tiles.count) if on_cuda else 1
     num_chunks = max(1, min(num_chunks, tiles_v, MAX_CHUNKS))
     chunk_len = triton.cdiv(tiles_v, num_chunks) * block_v
-    return LaunchConfig(block_v=block_v, count_block_v=count_v, stats_block_v=min(stats_v, next_power_of_2(vocab)),
+    return LaunchConfig(block_v=block_v, count_block_v=count_v, verify_block_v=verify_v, stats_block_v=min(stats_v, next_power_of_2(vocab)),
                         chunk_len=chunk_len, num_chunks=triton.cdiv(vocab, chunk_len), num_warps=num_warps)
 
 
@@ -830,18 +870,18 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
         lo = torch.full((rows,), KEY_BELOW_ALL, dtype=torch.int64, device=dev)
         cand_z = torch.empty(rows, dtype=torch.float32, device=dev)
         cand_z_max = torch.empty_like(cand_z)
-        part = torch.empty(rows, cfg.num_chunks, 8, dtype=torch.float32, device=dev)
+        part = torch.empty(rows, cfg.num_chunks, 3, NUM_LEVELS, dtype=torch.float32, device=dev)
         for r in range(SAMPLE_ROUNDS):
             sample(lo, lo, state, STATE_BISECT, top=True, candidate=True, cand_z=cand_z, cand_z_max=cand_z_max)
             _verify_kernel[(tiles.count, cfg.num_chunks)](
                 logits, logits.stride(0), *tile_args, lse, cut, inv_t, top_k, top_p, state, cand_z, cand_z_max,
                 part, vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
-                M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.block_v,
-                num_warps=cfg.num_warps,
+                M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.verify_block_v,
+                NUM_LEVELS=NUM_LEVELS, num_warps=cfg.num_warps,
             )
             _decide_kernel[(triton.cdiv(rows, block_r),)](
-                part, top_k, top_p, cand_z, state, lo, rounds, rows, vocab, cfg.num_chunks,
-                int(r == SAMPLE_ROUNDS - 1), BLOCK_R=block_r, C_BLOCK=c_block,
+                part, top_k, top_p, cand_z, cand_z_max, state, lo, rounds, rows, vocab, cfg.num_chunks,
+                int(r == SAMPLE_ROUNDS - 1), BLOCK_R=block_r, C_BLOCK=c_block, NUM_LEVELS=NUM_LEVELS,
             )
     inf = torch.full_like(inv_t, float("inf"))
     k_bound = torch.where(top_k > 0, top_k.clamp(max=vocab).to(torch.float32), inf)
