@@ -22,7 +22,7 @@ import torch
 DATA = Path("/work/shared/data/ag_news_test.csv")
 # sm_90 SASS loop-body instructions a logit, bf16 logits, one row a program (python -m
 # divgen.kernels.compile_check; kernels/README.md): the cost model of the printed figures
-COST = dict(stats=25.6, sample=104.2, round_sample=114.4, verify=109.0, count_k=127.0, count_p=206.0)
+COST = dict(stats=25.6, sample=104.2, round_sample=114.4, verify=71.5, count_k=127.0, count_p=206.0)
 SETTINGS = [  # (temperature, top_k, top_p)
     (1.0, 0, 0.9), (1.0, 0, 0.95), (0.8, 0, 0.9), (0.8, 0, 0.95),
     (1.0, 50, 1.0), (0.8, 50, 1.0), (1.0, 50, 0.9), (0.8, 50, 0.95),
@@ -56,8 +56,16 @@ def kept_set(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 PROBE_DEPTHS = (0.0, 1.0, 2.0, 4.0, 8.0, -1.0, -2.0, -4.0)   # guided_sample_triton._probe_levels
 
 
-def decide(z, zx, top_k: int, top_p: float, depths=PROBE_DEPTHS):
-    """``_decide_kernel``'s rule on [D] candidates: (accept, reject, lo raise as a z level) [D]."""
+def probe_levels(zx, refine, center, spacing, depths=PROBE_DEPTHS):
+    """``_probe_levels``: open rows zx − depth; refining rows center − j · spacing, j = 0..7."""
+    open_levels = torch.stack([zx - d for d in depths], dim=-1)
+    j = torch.arange(len(depths), dtype=zx.dtype)
+    return torch.where(refine[:, None], center[:, None] - spacing[:, None] * j, open_levels)
+
+
+def decide(z, zx, top_k: int, top_p: float, levels):
+    """``_decide_kernel``'s rule on [D] candidates: accept, reject, the z level below which all is
+    outside K, and the refine bracket (center, spacing) [D]."""
     finite = z > float("-inf")
     zmax = z.max(dim=-1, keepdim=True).values
     w = torch.where(finite, torch.exp(z - zmax), 0.0)
@@ -65,8 +73,7 @@ def decide(z, zx, top_k: int, top_p: float, depths=PROBE_DEPTHS):
     cnt_gt, cnt_all = gt.sum(-1).float(), finite.sum(-1).float()
     mass_gt, mass_all = (w * gt).sum(-1), w.sum(-1)
     has_k, has_p = top_k > 0, top_p < 1
-    k = float(min(top_k, z.shape[-1]))
-    levels = torch.stack([zx - d for d in depths], dim=-1)                       # [D, L]
+    k = float(min(top_k, z.shape[-1])) if has_k else 0.0
     ge = z[:, :, None] >= levels[:, None, :]
     c, m = ge.sum(1).float(), (w[:, :, None] * ge).sum(1)
     w_level = torch.exp(levels - zmax)
@@ -82,40 +89,54 @@ def decide(z, zx, top_k: int, top_p: float, depths=PROBE_DEPTHS):
         below_out |= c >= k
     if has_p:
         below_out |= m >= (top_p * m_hi)[:, None]
-    # every z below a level in below_out is outside K (the kernel: lo = key(level) − 1)
     raise_to = torch.where(below_out, levels, float("-inf")).max(-1).values
-    return in_k & in_p, (~in_k) | out_p, raise_to
+    upper = torch.where(c <= k, levels, float("inf")).min(-1).values
+    upper = torch.where(upper == float("inf"), levels.max(-1).values, upper)
+    lower = torch.where(c >= k, levels, float("-inf")).max(-1).values
+    lower = torch.where(lower == float("-inf"), upper - 32.0, lower)
+    return in_k & in_p, (~in_k) | out_p, raise_to, upper, (upper - lower) / (levels.shape[-1] - 1)
 
 
 def rounds_needed(z: torch.Tensor, gumbel: torch.Tensor, top_k: int, top_p: float, max_rounds: int = 4,
                   depths=PROBE_DEPTHS):
     """Per draw: the round (1..max_rounds) whose candidate is accepted, or 0 (bisection), and the
-    number of rounds the draw was open in."""
+    numbers of rounds the draw was sampled in (open) and verified in (open or refining; states
+    as ``_decide_kernel``)."""
     draws = z.shape[0]
     keep = kept_set(z, top_k, top_p)
     want = torch.argmax(torch.where(keep, z + gumbel, float("-inf")), dim=-1)
     z_min_kept = torch.where(keep, z, float("inf")).min(-1).values
-    floor = torch.full((draws,), float("-inf"))       # candidates compete iff z >= floor, or z > lo
+    floor = torch.full((draws,), float("-inf"))       # candidates compete iff z >= floor and z > lo
     lo = torch.full((draws,), float("-inf"))
+    state = torch.zeros(draws, dtype=torch.long)       # 0 open, 1 refine, 2 bisect, 3 accepted
+    center = torch.zeros(draws)
+    spacing = torch.zeros(draws)
+    x = torch.zeros(draws, dtype=torch.long)
     out = torch.zeros(draws, dtype=torch.long)
-    open_ = torch.ones(draws, dtype=torch.bool)
     rounds_open = torch.zeros(draws, dtype=torch.long)
+    rounds_sampled = torch.zeros(draws, dtype=torch.long)
     for r in range(1, max_rounds + 1):
-        rounds_open += open_.long()
+        live = state <= 1
+        rounds_open += live.long()
+        rounds_sampled += (state == 0).long()
         allowed = (z > lo[:, None]) & (z >= floor[:, None])
-        x = torch.argmax(torch.where(allowed, z + gumbel, float("-inf")), dim=-1)
+        x = torch.where(state == 0, torch.argmax(torch.where(allowed, z + gumbel, float("-inf")), dim=-1), x)
         zx = z.gather(1, x[:, None])[:, 0]
-        accept, reject, raise_to = decide(z, zx, top_k, top_p, depths)
-        newly = open_ & accept
+        levels = probe_levels(zx, state == 1, center, spacing, depths)
+        accept, reject, raise_to, c_new, s_new = decide(z, zx, top_k, top_p, levels)
+        newly = live & accept
         assert torch.equal(x[newly], want[newly]), "an accepted candidate differs from the reference"
         out[newly] = r
-        lo = torch.where(open_ & reject, torch.maximum(lo, zx), lo)
-        floor = torch.where(open_, torch.maximum(floor, raise_to), floor)
+        lo = torch.where(live & reject, torch.maximum(lo, zx), lo)
+        floor = torch.where(live, torch.maximum(floor, raise_to), floor)
         assert bool((z_min_kept > lo).all() and (z_min_kept >= floor).all()), "a bound cut into K"
-        open_ = open_ & ~accept & reject          # ambiguous rows go to the bisection at once
-        if not open_.any():
+        center = torch.where(live, c_new, center)
+        spacing = torch.where(live, s_new, spacing)
+        nxt = torch.where(accept, 3, torch.where(torch.tensor(r == max_rounds), 2, torch.where(reject, 0, 1)))
+        state = torch.where(live, nxt, state)
+        if not (state <= 1).any():
             break
-    return out, rounds_open
+    return out, rounds_sampled, rounds_open
 
 
 def load_prompts(n: int) -> list[str]:
@@ -170,17 +191,18 @@ def main() -> None:
     plain = COST["stats"] + COST["sample"]
     for t, top_k, top_p in SETTINGS:
         counts = torch.zeros(args.rounds + 1, dtype=torch.long)
-        opened = 0
+        opened = sampled = 0
         for row in logits:
             z = torch.log_softmax(row, -1)[None, :].expand(args.draws, -1) / t
             u = torch.rand(args.draws, row.shape[0]).clamp(2**-24, 1 - 2**-24)
-            acc, rounds_open = rounds_needed(z, -torch.log(-torch.log(u)), top_k, top_p, args.rounds, depths)
+            acc, rounds_sampled, rounds_open = rounds_needed(z, -torch.log(-torch.log(u)), top_k, top_p, args.rounds, depths)
             counts += torch.bincount(acc, minlength=args.rounds + 1)
             opened += rounds_open.sum().item()
+            sampled += rounds_sampled.sum().item()
         total = counts.sum().item()
         frac = (counts.double() / total).tolist()
         mean_rounds = opened / total
-        cost = (COST["stats"] + mean_rounds * (COST["round_sample"] + COST["verify"])
+        cost = (COST["stats"] + sampled / total * COST["round_sample"] + mean_rounds * COST["verify"]
                 + frac[0] * (8 * COST["count_k"] + 8 * COST["count_p"] + COST["round_sample"]))
         cells = " ".join(f"{f:6.3f}" for f in frac[1:])
         print(f"{t:4.1f} {top_k:5d} {top_p:5.2f} | {cells} {frac[0]:6.3f} | {mean_rounds:6.2f} |"

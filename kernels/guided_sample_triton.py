@@ -33,21 +33,62 @@ FLOOR is ``LOGP_FLOOR`` when a ``mix`` is given and −inf when ``mix`` is None.
    the same pass. Two exact shortcuts: a tile with no token in any row's α set is skipped after
    its load, and a tile whose max z + 16.64 (the largest Gumbel of 24-bit uniforms) cannot reach
    any row's best so far skips the noise.
-4. top-k and top-p are thresholds on z: keep v iff the measure of tokens strictly above z(v) is
-   below a bound (count < k; probability mass < top_p · total). The threshold is found without
-   sorting, by bisection over the order-preserving int32 keys of fp32 values: a counting pass
-   measures 15 pivots at once and narrows the key interval 16×, so 8 passes pin it. Each token
-   gets its bucket (how many pivots lie below its key: one subtract, shift and clamp) and adds
-   its weight into a per-lane [M, BLOCK_V, 16] accumulator; lanes are reduced once per chunk.
-   Mass uses an online max, rescaled only when a row's max grows.
+4. top-k and top-p: K (top-k, then top-p over the top-k set) is a threshold set, upward closed
+   in z (v ∈ K and z(u) ≥ z(v) ⇒ u ∈ K). So Gumbel-max over any S ⊇ K whose winner x lies in K
+   is the reference's token (x beats every token of K), and a token surely outside K puts every
+   token at or below its z outside K. Sample / verify rounds (SAMPLE_ROUNDS = 4, a fixed launch
+   list) use both; each row carries a state (open, refining, bisect, settled) and a lower key
+   bound lo (all of K has key > lo):
+   a. sample pass over S = {key(z) > lo} (``_sample_kernel`` with CANDIDATE): candidate x, its
+      z (zx) and the row's max z (zmax); only open rows.
+   b. verify pass (``_verify_kernel``): per-lane sums, one reduction per chunk, of #{z > zx},
+      #{z finite}, M(z > zx), M(all) and the count C(L) / mass M(L) of z ≥ L at 8 probe levels L
+      (zx − 0, 1, 2, 4, 8 and zx + 1, 2, 4 nats; spread over its bracket for a refining row),
+      with M the mass Σ e^(z − zmax) (every weight ≤ 1: no rescaling).
+   c. decide (``_decide_kernel``): x ∈ K iff #{z > zx} < k and M(z > zx) < top_p · M_k, M_k the
+      mass of the top-k set (= M(all) without top-k: exact). With both cuts M_k is bracketed from
+      the probes: C(L) ≤ k ⇒ M_k ≥ M(L); C(L) ≥ k ⇒ every token below L is out, M_k ≤ M(L); else
+      M_k ≤ M(L) + (k − C(L)) e^(L − zmax). x ∈ K for sure: settled (its token stays). x surely
+      out (#{z > zx} ≥ k, or M(z > zx) ≥ top_p · upper bound): lo ≥ key(zx), and lo ≥ key(L) − 1
+      for every level L with everything below it surely out; the row resamples next round.
+      Neither (the bracket is too wide): the row refines, no new sample (same noise, same x),
+      and the next verify probes 8 levels spread over its bracket of the top-k threshold
+      ([highest level with C ≥ k, lowest with C ≤ k]).
+   A program whose rows are all settled loops over nothing, so the rounds after acceptance cost
+   launches only. Rows still open after the last round, and every row of a step that returns
+   log-probs (the normaliser needs the whole of K), take the exact bisection: the int32 key of
+   each threshold is pinned without sorting by 8 counting passes, each measuring 15 pivots at
+   once (interval narrowed 16×): each token gets its bucket (how many pivots lie below its key:
+   one subtract, shift and clamp) and adds its weight into a per-lane [M, BLOCK_V, 16]
+   accumulator, reduced once per chunk (mass with an online max, rescaled only when a row's max
+   grows); settled rows are skipped there too, and a final sample over key ≥ both thresholds
+   serves the bisected rows. Exactness never depends on the rounds: a row settles only when
+   x ∈ K is proven, otherwise the bisection decides.
 5. Noise: u = (2·(h >> 9) + 1) / 2^24 with h = fmix32(fmix32(v ^ k1) ^ k2), in uint32; the row
    keys (k1, k2) = f(seed, step) are computed in the kernel from the device-side seeds and per-row
    step counters, so the bits equal ``reference.uniform_noise`` and a replayed CUDA graph draws
    fresh noise at every step.
 
-Passes over the logits: 2 (stats, sample) + 16 counting passes when ``any_top_k_top_p``.
-Launches: 4, plus 2 per counting pass, plus a few elementwise torch ops for the per-row
-parameters; nothing reads back to the host, so the step can be captured in a CUDA graph.
+Passes over the logits and their cost (sm_90 SASS loop-body instructions a logit, bf16, one
+row a program; ``python -m divgen.kernels.compile_check``, kernels/README.md):
+
+    pass                               insn/logit   runs
+    stats (pass 1)                         25.6      always
+    sample, plain                         104        without top-k/top-p
+    sample, round (top, candidate)        114        each round a row is open
+    verify                                 71.5      each round a row is open or refining
+    bisection count, top-k / top-p        127 / 206  8 + 8 passes, rows unsettled after 4 rounds
+    final sample (top)                   ≤ 125       bisected rows
+
+A plain step is 25.6 + 104 = 130 insn/logit. A top-k/top-p row costs 25.6 + 114 · (rounds
+sampled) + 71.5 · (rounds verified) [+ 2,780 when it falls to the bisection]: 211 (1.6×) when
+round 1 accepts, 3,740 (29×) in the worst case (4 rounds, then the bisection). Measured on
+SmolLM2-135M next-token distributions (``benchmarks/top_k_top_p_rounds.py``, kernels/README.md):
+ROUNDS_SUMMARY.
+Launches: 4 for a plain step; with ``any_top_k_top_p`` 2 + 4 · 4 (rounds: sample, select,
+verify, decide) + 2 · 16 (bisection) + 2 = 52, most of them on programs that exit at once
+once their rows are settled; a few elementwise torch ops for the per-row parameters. Nothing
+reads back to the host, so the step can be captured in a CUDA graph.
 
 Compiled figures (sm_90 / sm_80 registers, spills, shared memory, instructions per logit) are
 measured by ``tests/test_kernels_compile.py``; see ``kernels/README.md``.
@@ -74,9 +115,10 @@ NUM_PIVOTS = 16            # measure columns per counting pass: 0 = total, 1..15
 PIVOT_BITS = 4             # log2(NUM_PIVOTS)
 THRESHOLD_PASSES = 8       # 32 key bits / PIVOT_BITS bits per pass
 SAMPLE_ROUNDS = 4          # sample / verify rounds before the exact bisection (module docstring)
-STATE_OPEN, STATE_BISECT, STATE_ACCEPTED = 0, 1, 2   # per-row state of a top-k / top-p step
+STATE_OPEN, STATE_REFINE, STATE_BISECT, STATE_ACCEPTED = 0, 1, 2, 3   # per-row state (module docstring)
 KEY_BELOW_ALL = -(2**31) - 1   # an int64 below every int32 key: the bisection's first lower end
 KEY_FLOOR: tl.constexpr = tl.constexpr(-(2**31) - 1)   # the same, inside kernels
+REFINE_FLOOR_NATS: tl.constexpr = tl.constexpr(32.0)   # refine bracket's depth when no level has C ≥ k
 NUM_LEVELS = 8             # probe levels of the verify pass (``_probe_levels``)
 GUMBEL_MAX = 17.0              # > −log(−log(1 − 2^-24)) = 16.64, the largest Gumbel of the noise
 MAX_CHUNKS = 64            # vocabulary chunks per row (later kernels combine them in one tile)
@@ -331,13 +373,16 @@ def _threshold_count_kernel(
 
 
 @triton.jit
-def _probe_levels(zx, NUM_LEVELS: tl.constexpr):
-    """The verify pass's probe levels [R, NUM_LEVELS] = zx − depth: depths 0, 1, 2, 4, 8 below
-    the candidate's z and 1, 2, 4 above it (nats of z). The same fp32 ops in both kernels."""
+def _probe_levels(zx, refine, center, spacing, NUM_LEVELS: tl.constexpr):
+    """The verify pass's probe levels [R, NUM_LEVELS]. An open row: zx − depth, depths 0, 1, 2,
+    4, 8 below the candidate's z and 1, 2, 4 above it (nats of z); a refining row: center −
+    j · spacing, j = 0..7 (its bracket of the top-k threshold). The same fp32 ops in both kernels."""
     j = tl.arange(0, NUM_LEVELS)
     depth = tl.where(j == 0, 0.0, tl.where(j <= 4, tl.exp2((j - 1).to(tl.float32)),
                                             -tl.exp2((j - 5).to(tl.float32))))
-    return zx[:, None] - depth[None, :]
+    levels = tl.where(refine[:, None], center[:, None] - spacing[:, None] * j.to(tl.float32)[None, :],
+                      zx[:, None] - depth[None, :])
+    return tl.maximum(levels, -3.4028234663852886e38)     # finite: a −inf z is below every level
 
 
 @triton.jit
@@ -345,6 +390,7 @@ def _verify_kernel(
     logits_ptr, stride_logits,
     tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr,
     lse_ptr, cut_ptr, inv_t_ptr, top_k_ptr, top_p_ptr, state_ptr, cand_z_ptr, cand_z_max_ptr,
+    center_ptr, spacing_ptr,
     part_ptr,                                           # out: [R, num_chunks, 3, NUM_LEVELS] fp32
     vocab, chunk_len, num_chunks, logp_floor,
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -354,7 +400,7 @@ def _verify_kernel(
     (zmax the row's max z: no rescaling): plane 0 / 1 = count / mass of z ≥ level_j at the probe
     levels (``_probe_levels``), plane 2 = #{z > zx}, #{z finite}, M(z > zx), M(all). Float
     comparison of z is the order of the int32 keys (−0 = +0). Per-lane sums, reduced once per
-    chunk; rows settled (state ≥ 1) or with neither cut are skipped (a program with none left
+    chunk; rows settled (state ≥ 2) or with neither cut are skipped (a program with none left
     loops over nothing)."""
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -366,11 +412,13 @@ def _verify_kernel(
     inv_t = tl.load(inv_t_ptr + rows, mask=pos_mask, other=1.0)
     needs = (tl.load(top_k_ptr + rows, mask=pos_mask, other=0) > 0) | \
         (tl.load(top_p_ptr + rows, mask=pos_mask, other=1.0) < 1.0)
-    active = pos_mask & needs & (tl.load(state_ptr + rows, mask=pos_mask, other=1) == 0)
+    state = tl.load(state_ptr + rows, mask=pos_mask, other=2)
+    active = pos_mask & needs & (state <= 1)                          # open or refining
     zx = tl.load(cand_z_ptr + rows, mask=pos_mask, other=0.0)
     zmax = tl.load(cand_z_max_ptr + rows, mask=pos_mask, other=0.0)
     ref = tl.where(zmax == float("-inf"), 0.0, zmax)
-    levels = _probe_levels(zx, NUM_LEVELS)                                     # [M, L]
+    levels = _probe_levels(zx, state == 1, tl.load(center_ptr + rows, mask=pos_mask, other=0.0),
+                           tl.load(spacing_ptr + rows, mask=pos_mask, other=0.0), NUM_LEVELS)   # [M, L]
     cnt_lv = tl.zeros([M_BLOCK, BLOCK_V, NUM_LEVELS], dtype=tl.float32)
     mass_lv = tl.zeros([M_BLOCK, BLOCK_V, NUM_LEVELS], dtype=tl.float32)
     cnt_gt = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
@@ -389,16 +437,16 @@ def _verify_kernel(
             s = _mix(x, lse, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
                      logits_ptr, stride_logits, cols, col_mask, logp_floor, M_BLOCK, K_BLOCK, G_BLOCK, BLOCK_V)
             z = tl.where(keep, s * inv_t[:, None], float("-inf"))
-            finite = z > float("-inf")
-            w = tl.where(finite, tl.exp(z - ref[:, None]), 0.0)
-            gt = z > zx[:, None]
-            cnt_gt += tl.where(gt, 1.0, 0.0)
-            cnt_all += tl.where(finite, 1.0, 0.0)
-            mass_gt += tl.where(gt, w, 0.0)
+            finite = (z > float("-inf")).to(tl.float32)
+            w = tl.exp(z - ref[:, None])                      # 0 where z = −inf
+            gt = (z > zx[:, None]).to(tl.float32)
+            cnt_gt += gt
+            cnt_all += finite
+            mass_gt += gt * w
             mass_all += w
-            ge = finite[:, :, None] & (z[:, :, None] >= levels[:, None, :])
-            cnt_lv += tl.where(ge, 1.0, 0.0)
-            mass_lv += tl.where(ge, w[:, :, None], 0.0)
+            ge = (z[:, :, None] >= levels[:, None, :]).to(tl.float32)   # 0/1: sums by fma
+            cnt_lv += ge
+            mass_lv += ge * w[:, :, None]
     j = tl.arange(0, NUM_LEVELS)
     out = ((rows * num_chunks + chunk) * 3)[:, None] * NUM_LEVELS + j[None, :]          # [M, L]
     amask = active[:, None] & (j[None, :] < NUM_LEVELS)
@@ -414,7 +462,7 @@ def _verify_kernel(
 @triton.jit(do_not_specialize=["last_round"])
 def _decide_kernel(
     part_ptr, top_k_ptr, top_p_ptr, cand_z_ptr, cand_z_max_ptr,
-    state_ptr, lo_ptr, rounds_ptr,                                 # in/out: [R] int32, int64, int32
+    state_ptr, lo_ptr, rounds_ptr, center_ptr, spacing_ptr,        # in/out: [R] i32, i64, i32, f32, f32
     rows_total, vocab, num_chunks, last_round,
     BLOCK_R: tl.constexpr, C_BLOCK: tl.constexpr, NUM_LEVELS: tl.constexpr,
 ):
@@ -427,14 +475,17 @@ def _decide_kernel(
     ≤ e^(L − zmax) (M_k ≤ M(L) + (k − C(L)) e^(L − zmax)). Accept (state 2, the token stays) when
     x ∈ K for sure. Every level known to have all tokens below it outside K (C(L) ≥ k, or
     M(L) ≥ top_p · M_k upper bound) raises lo to key(L) − 1, and x itself when surely outside
-    (lo ≥ key(zx)); the row stays open. Ambiguous rows, and open rows after the last round, go
-    to the exact bisection (state 1). Rows with neither cut are accepted. rounds: rounds open.
+    (lo ≥ key(zx)); the row stays open (state 0, a new sample). An ambiguous row refines (state
+    1: no new sample, the next verify probes 8 levels spread over its bracket of the top-k
+    threshold, [highest level with C ≥ k, lowest with C ≤ k]). Rows still open or refining after
+    the last round go to the exact bisection (state 2). Rows with neither cut are accepted.
+    rounds: the rounds a row was open or refining in.
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, C_BLOCK)
     j = tl.arange(0, NUM_LEVELS)
-    state = tl.load(state_ptr + r, mask=r < rows_total, other=1)
-    rmask = (r < rows_total) & (state == 0)
+    state = tl.load(state_ptr + r, mask=r < rows_total, other=2)
+    rmask = (r < rows_total) & (state <= 1)
     base = ((r[:, None] * num_chunks + c[None, :]) * 3)[:, :, None] * NUM_LEVELS + j[None, None, :]
     mask = rmask[:, None, None] & (c < num_chunks)[None, :, None] & (j < NUM_LEVELS)[None, None, :]
     cnt_lv = tl.sum(tl.load(part_ptr + base, mask=mask, other=0.0), axis=1)                  # [R, L]
@@ -452,7 +503,9 @@ def _decide_kernel(
     k = tl.minimum(top_k, vocab).to(tl.float32)
     zx = tl.load(cand_z_ptr + r, mask=rmask, other=0.0)
     zmax = tl.load(cand_z_max_ptr + r, mask=rmask, other=0.0)
-    levels = _probe_levels(zx, NUM_LEVELS)
+    center = tl.load(center_ptr + r, mask=rmask, other=0.0)
+    spacing = tl.load(spacing_ptr + r, mask=rmask, other=0.0)
+    levels = _probe_levels(zx, state == 1, center, spacing, NUM_LEVELS)
     w_level = tl.exp(levels - tl.where(zmax == float("-inf"), 0.0, zmax)[:, None])
     m_lo = tl.maximum(tl.where(cnt_all <= k, mass_all, 0.0),
                       tl.max(tl.where(cnt_lv <= k[:, None], mass_lv, 0.0), axis=1))
@@ -471,7 +524,14 @@ def _decide_kernel(
     lo = tl.maximum(lo, level_lo)
     lo = tl.where(reject, tl.maximum(lo, _ordered_key(zx).to(tl.int64)), lo)
     tl.store(lo_ptr + r, lo, mask=rmask)
-    new_state = tl.where(accept, 2, tl.where(reject & (last_round == 0), 0, 1))
+    # the refine bracket: [highest level with C ≥ k, lowest level with C ≤ k]
+    upper = tl.min(tl.where(cnt_lv <= k[:, None], levels, float("inf")), axis=1)
+    upper = tl.where(upper == float("inf"), tl.max(levels, axis=1), upper)
+    lower = tl.max(tl.where(cnt_lv >= k[:, None], levels, float("-inf")), axis=1)
+    lower = tl.where(lower == float("-inf"), upper - REFINE_FLOOR_NATS, lower)
+    tl.store(center_ptr + r, upper, mask=rmask)
+    tl.store(spacing_ptr + r, (upper - lower) * (1.0 / (NUM_LEVELS - 1)), mask=rmask)
+    new_state = tl.where(accept, 3, tl.where(last_round != 0, 2, tl.where(reject, 0, 1)))
     tl.store(state_ptr + r, new_state, mask=rmask)
     tl.store(rounds_ptr + r, tl.load(rounds_ptr + r, mask=rmask, other=0) + 1, mask=rmask)
 
@@ -805,8 +865,12 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
 
     Arguments as ``divgen.kernels.guided_sample_step``; the plan must come from
     ``build_sample_plan`` with this module's ops (it carries the launch tiles). Fixed launches:
-    2 (stats) + [16 · 2 counting/narrowing if any_top_k_top_p] + 1 sample + 1 select, plus a few
-    elementwise torch ops for the per-row parameters; all capturable in a CUDA graph.
+    2 (stats) + 1 sample + 1 select, and with any_top_k_top_p 4 rounds of (sample, select,
+    verify, decide) + 16 · 2 counting/narrowing before the final sample and select (module
+    docstring, item 4), plus a few elementwise torch ops for the per-row parameters; all
+    capturable in a CUDA graph. trace (tests, tools): a dict that receives the per-row final
+    ``state`` (STATE_ACCEPTED: settled by a round; STATE_BISECT: by the bisection) and
+    ``rounds`` (rounds the row was open or refining in) as device tensors.
     """
     rows, vocab = logits.shape
     dev = logits.device
@@ -871,16 +935,19 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
         cand_z = torch.empty(rows, dtype=torch.float32, device=dev)
         cand_z_max = torch.empty_like(cand_z)
         part = torch.empty(rows, cfg.num_chunks, 3, NUM_LEVELS, dtype=torch.float32, device=dev)
+        center = torch.zeros(rows, dtype=torch.float32, device=dev)
+        spacing = torch.zeros_like(center)
         for r in range(SAMPLE_ROUNDS):
-            sample(lo, lo, state, STATE_BISECT, top=True, candidate=True, cand_z=cand_z, cand_z_max=cand_z_max)
+            sample(lo, lo, state, STATE_REFINE, top=True, candidate=True, cand_z=cand_z, cand_z_max=cand_z_max)
             _verify_kernel[(tiles.count, cfg.num_chunks)](
                 logits, logits.stride(0), *tile_args, lse, cut, inv_t, top_k, top_p, state, cand_z, cand_z_max,
-                part, vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
+                center, spacing, part, vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
                 M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.verify_block_v,
                 NUM_LEVELS=NUM_LEVELS, num_warps=cfg.num_warps,
             )
             _decide_kernel[(triton.cdiv(rows, block_r),)](
-                part, top_k, top_p, cand_z, cand_z_max, state, lo, rounds, rows, vocab, cfg.num_chunks,
+                part, top_k, top_p, cand_z, cand_z_max, state, lo, rounds, center, spacing, rows, vocab,
+                cfg.num_chunks,
                 int(r == SAMPLE_ROUNDS - 1), BLOCK_R=block_r, C_BLOCK=c_block, NUM_LEVELS=NUM_LEVELS,
             )
     inf = torch.full_like(inv_t, float("inf"))
