@@ -788,3 +788,97 @@ def test_gpu_cuda_graph_replay_draws_fresh_noise():
         graph.replay()
         want = reference.guided_sample(logits, torch.eye(rows, device="cuda"), seeds=seeds, step=s)
         assert torch.equal(out, want)
+
+
+# ---- (l) top-k / top-p by sample / verify rounds (no log-probs: the rounds path) ---------------
+def run_rounds(kernel_device, logits, mix, noise, **params):
+    """The Triton module's guided_sample on the kernel device: tokens, and per row the final
+    state and the rounds it was open in (the step's trace), as CPU tensors."""
+    trace = {}
+    dev = {k: v.to(kernel_device) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+    rows = logits.shape[0]
+    tokens = guided_sample_triton.guided_sample(
+        logits.to(kernel_device), None if mix is None else mix.to(kernel_device),
+        seeds=make_seeds(rows).to(kernel_device), step=0, noise=noise.to(kernel_device), trace=trace, **dev)
+    return tokens.cpu(), trace["state"].cpu(), trace["rounds"].cpu()
+
+
+def test_rounds_accept_a_candidate_in_k_at_once_and_resample_one_outside(kernel_device):
+    """Flat logits (K of top_p = 0.05 is tokens 0..3). Row 0: the noise favours the top token,
+    which is in K: settled in round 1. Rows 1 (top_k = 3) and 2 (top_p = 0.05): it favours the
+    last token, outside K: round 1 rejects, lo moves past it, round 2 draws token 0 and settles.
+    Row 3 has neither cut, row 4 is greedy: round 1."""
+    rows, vocab = 5, 64
+    logits = (-0.01 * torch.arange(vocab, dtype=torch.float32)).expand(rows, vocab).contiguous()
+    noise = torch.full((rows, vocab), 0.5)
+    noise[0, 0] = 1 - 1e-6
+    noise[1:4, vocab - 1] = 1 - 1e-6
+    noise[4, 30] = 1 - 1e-6
+    params = dict(temperature=torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0]), top_k=torch.tensor([3, 3, 0, 0, 2]),
+                  top_p=torch.tensor([0.05, 1.0, 0.05, 1.0, 1.0]))
+    tokens, state, rounds = run_rounds(kernel_device, logits, None, noise, **params)
+    want = reference.guided_sample(logits, None, seeds=make_seeds(rows), step=0, noise=noise, **params)
+    assert torch.equal(tokens, want)
+    assert tokens.tolist() == [0, 0, 0, vocab - 1, 0]
+    assert (state == guided_sample_triton.STATE_ACCEPTED).all()
+    assert rounds.tolist() == [1, 2, 2, 1, 1]
+
+
+@pytest.mark.parametrize("case", ["flat_small_cuts", "near_ties"])
+def test_rounds_on_flat_and_near_tied_scores_equal_reference(case, kernel_device):
+    """Round 1 rejects often (top_k = 1..3, top_p = 0.05 on flat scores), and many near-tied
+    values (3 distinct scores, ties at every threshold) need several rounds or the bisection;
+    the tokens are the reference's."""
+    rows, vocab = 6, 53
+    g = torch.Generator().manual_seed(21)
+    if case == "flat_small_cuts":
+        logits = torch.randn(rows, vocab, generator=g) * 0.05
+        params = dict(top_k=torch.tensor([1, 2, 3, 0, 2, 0]), top_p=torch.tensor([1.0, 1.0, 0.05, 0.05, 0.3, 0.1]))
+    else:
+        logits = torch.randint(0, 3, (rows, vocab), generator=g).float() * 1e-3
+        params = dict(top_k=torch.tensor([1, 5, 20, 0, 7, 30]), top_p=torch.tensor([1.0, 0.5, 0.9, 0.2, 0.3, 1.0]))
+    noise = make_noise(rows, vocab, seed=22)
+    tokens, state, rounds = run_rounds(kernel_device, logits, None, noise, temperature=0.7, **params)
+    want = reference.guided_sample(logits, None, seeds=make_seeds(rows), step=0, noise=noise, temperature=0.7,
+                                   **params)
+    assert torch.equal(tokens, want)
+    assert rounds.max() >= 2                 # some row needed more than one round
+
+
+def test_rows_unsettled_after_the_rounds_take_the_bisection(kernel_device, monkeypatch):
+    """With one round, a rejected row goes to the exact bisection (state BISECT); its token is
+    still the reference's, and the settled rows keep theirs."""
+    monkeypatch.setattr(guided_sample_triton, "SAMPLE_ROUNDS", 1)
+    rows, vocab = 3, 40
+    logits = (-0.02 * torch.arange(vocab, dtype=torch.float32)).expand(rows, vocab).contiguous()
+    noise = torch.full((rows, vocab), 0.5)
+    noise[:, vocab - 1] = 1 - 1e-6
+    noise[2, 1] = 1 - 1e-7
+    params = dict(temperature=1.0, top_k=torch.tensor([2, 0, 3]), top_p=torch.tensor([1.0, 0.1, 1.0]))
+    tokens, state, rounds = run_rounds(kernel_device, logits, None, noise, **params)
+    want = reference.guided_sample(logits, None, seeds=make_seeds(rows), step=0, noise=noise, **params)
+    assert torch.equal(tokens, want)
+    s = guided_sample_triton
+    assert state.tolist() == [s.STATE_BISECT, s.STATE_BISECT, s.STATE_ACCEPTED]
+
+
+@pytest.mark.parametrize("layout,m_block", [("corrsynth", None), ("mixed_sizes", None), ("group20", 16)])
+def test_rounds_with_groups_and_per_row_cuts_equal_reference(layout, m_block, kernel_device):
+    """Per-row mixes of top-k / top-p / both / neither in guidance groups of 1..4 rows, and a
+    20-row group split over 16-row tiles and K blocks: tokens equal the reference."""
+    if layout == "group20":
+        rows, vocab = 21, 37
+        mix = torch.block_diag(corrsynth_block(20, 2.0), torch.ones(1, 1))
+        params = dict(temperature=torch.linspace(0.0, 1.5, rows), alpha=0.01, top_k=torch.arange(rows) % 9,
+                      top_p=torch.where(torch.arange(rows) % 3 == 0, 0.6, 1.0))
+        extra = dict(m_block=16, k_block=16)
+    else:
+        rows, vocab = ROWS, VOCAB_SIZES[0]
+        mix = make_mix(layout)
+        params = dict(PER_ROW_PARAMS, **TOP_SETTINGS["both_per_row"])
+        extra = dict(block_v=32, num_chunks=2)
+    logits = make_logits(rows, vocab, torch.float32, seed=33)
+    noise = make_noise(rows, vocab, seed=33)
+    tokens, state, rounds = run_rounds(kernel_device, logits, mix, noise, **params, **extra)
+    want = reference.guided_sample(logits, mix, seeds=make_seeds(rows), step=0, noise=noise, **params)
+    assert torch.equal(tokens, want)
