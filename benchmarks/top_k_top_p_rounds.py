@@ -8,7 +8,7 @@ pool prompts of ag_news (row index % 10 == 0) and a few decode positions each, m
 draws per distribution, and prints how many rounds rows need; every accepted token is checked
 against the torch reference's token (argmax over K of z + Gumbel).
 
-    .venv/bin/python -m benchmarks.top_k_top_p_rounds --prompts 40 --draws 64
+    .venv/bin/python -m benchmarks.top_k_top_p_rounds --prompts 40 --positions 2 --draws 32
 """
 from __future__ import annotations
 
@@ -57,10 +57,11 @@ PROBE_DEPTHS = (0.0, 1.0, 2.0, 4.0, 8.0, -1.0, -2.0, -4.0)   # guided_sample_tri
 
 
 def probe_levels(zx, refine, center, spacing, depths=PROBE_DEPTHS):
-    """``_probe_levels``: open rows zx − depth; refining rows center − j · spacing, j = 0..7."""
+    """``_probe_levels``: level 0 is zx; open rows zx − depth; refining rows center −
+    (j − 1) · spacing, j = 1..7."""
     open_levels = torch.stack([zx - d for d in depths], dim=-1)
     j = torch.arange(len(depths), dtype=zx.dtype)
-    return torch.where(refine[:, None], center[:, None] - spacing[:, None] * j, open_levels)
+    return torch.where(refine[:, None] & (j > 0), center[:, None] - spacing[:, None] * (j - 1), open_levels)
 
 
 def decide(z, zx, top_k: int, top_p: float, levels):
@@ -79,9 +80,10 @@ def decide(z, zx, top_k: int, top_p: float, levels):
     w_level = torch.exp(levels - zmax)
     m_lo = torch.maximum(torch.where(cnt_all <= k, mass_all, 0.0), torch.where(c <= k, m, 0.0).max(-1).values)
     m_hi = torch.minimum(mass_all, torch.where(c >= k, m, m + (k - c) * w_level).min(-1).values)
+    in_k = (cnt_gt < k) if has_k else torch.ones_like(gt[:, 0])
+    m_lo = torch.maximum(m_lo, torch.where(in_k, m[:, 0], 0.0))      # every z >= zx is in the top-k set
     if not has_k:
         m_lo = m_hi = mass_all
-    in_k = (cnt_gt < k) if has_k else torch.ones_like(gt[:, 0])
     in_p = (mass_gt < top_p * m_lo) if has_p else torch.ones_like(in_k)
     out_p = (mass_gt >= top_p * m_hi) if has_p else torch.zeros_like(in_k)
     below_out = torch.zeros_like(ge[:, 0, :])
@@ -94,7 +96,7 @@ def decide(z, zx, top_k: int, top_p: float, levels):
     upper = torch.where(upper == float("inf"), levels.max(-1).values, upper)
     lower = torch.where(c >= k, levels, float("-inf")).max(-1).values
     lower = torch.where(lower == float("-inf"), upper - 32.0, lower)
-    return in_k & in_p, (~in_k) | out_p, raise_to, upper, (upper - lower) / (levels.shape[-1] - 1)
+    return in_k & in_p, (~in_k) | out_p, raise_to, upper, (upper - lower) / (levels.shape[-1] - 2)
 
 
 def rounds_needed(z: torch.Tensor, gumbel: torch.Tensor, top_k: int, top_p: float, max_rounds: int = 4,
@@ -103,7 +105,7 @@ def rounds_needed(z: torch.Tensor, gumbel: torch.Tensor, top_k: int, top_p: floa
     numbers of rounds the draw was sampled in (open) and verified in (open or refining; states
     as ``_decide_kernel``)."""
     draws = z.shape[0]
-    keep = kept_set(z, top_k, top_p)
+    keep = kept_set(z[:1], top_k, top_p).expand_as(z)       # the draws share one distribution
     want = torch.argmax(torch.where(keep, z + gumbel, float("-inf")), dim=-1)
     z_min_kept = torch.where(keep, z, float("inf")).min(-1).values
     floor = torch.full((draws,), float("-inf"))       # candidates compete iff z >= floor and z > lo

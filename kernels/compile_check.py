@@ -100,7 +100,7 @@ def sample_variants() -> list[Variant]:
                     ("TOP_K_TOP_P", top), ("RETURN_LOGPROBS", logprobs), ("CANDIDATE", cand),
                     ("GUMBEL_MAX", gs.GUMBEL_MAX)),
                     num_warps=warps, logits_per_thread=m * block_v / (32 * warps)))
-            verify_v = max(16, 64 * warps // m)
+            verify_v = max(16, (64 if m == 1 else 32) * warps // m)
             sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), *tile_args,
                    ("lse_ptr", "*fp32"), ("cut_ptr", "*fp32"), ("inv_t_ptr", "*fp32"), ("top_k_ptr", "*i64"),
                    ("top_p_ptr", "*fp32"), ("state_ptr", "*i32"), ("cand_z_ptr", "*fp32"), ("cand_z_max_ptr", "*fp32"),

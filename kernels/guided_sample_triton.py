@@ -48,7 +48,8 @@ FLOOR is ``LOGP_FLOOR`` when a ``mix`` is given and −inf when ``mix`` is None.
    c. decide (``_decide_kernel``): x ∈ K iff #{z > zx} < k and M(z > zx) < top_p · M_k, M_k the
       mass of the top-k set (= M(all) without top-k: exact). With both cuts M_k is bracketed from
       the probes: C(L) ≤ k ⇒ M_k ≥ M(L); C(L) ≥ k ⇒ every token below L is out, M_k ≤ M(L); else
-      M_k ≤ M(L) + (k − C(L)) e^(L − zmax). x ∈ K for sure: settled (its token stays). x surely
+      M_k ≤ M(L) + (k − C(L)) e^(L − zmax); and x in the top-k set gives M_k ≥ M(z ≥ zx)
+      (level 0 is zx, ties included). x ∈ K for sure: settled (its token stays). x surely
       out (#{z > zx} ≥ k, or M(z > zx) ≥ top_p · upper bound): lo ≥ key(zx), and lo ≥ key(L) − 1
       for every level L with everything below it surely out; the row resamples next round.
       Neither (the bracket is too wide): the row refines, no new sample (same noise, same x),
@@ -374,13 +375,15 @@ def _threshold_count_kernel(
 
 @triton.jit
 def _probe_levels(zx, refine, center, spacing, NUM_LEVELS: tl.constexpr):
-    """The verify pass's probe levels [R, NUM_LEVELS]. An open row: zx − depth, depths 0, 1, 2,
-    4, 8 below the candidate's z and 1, 2, 4 above it (nats of z); a refining row: center −
-    j · spacing, j = 0..7 (its bracket of the top-k threshold). The same fp32 ops in both kernels."""
+    """The verify pass's probe levels [R, NUM_LEVELS]. Level 0 is zx. An open row: zx − depth,
+    depths 1, 2, 4, 8 below the candidate's z and 1, 2, 4 above it (nats of z); a refining row:
+    center − (j − 1) · spacing, j = 1..7 (its bracket of the top-k threshold). The same fp32 ops
+    in both kernels."""
     j = tl.arange(0, NUM_LEVELS)
     depth = tl.where(j == 0, 0.0, tl.where(j <= 4, tl.exp2((j - 1).to(tl.float32)),
                                             -tl.exp2((j - 5).to(tl.float32))))
-    levels = tl.where(refine[:, None], center[:, None] - spacing[:, None] * j.to(tl.float32)[None, :],
+    levels = tl.where(refine[:, None] & (j > 0)[None, :],
+                      center[:, None] - spacing[:, None] * (j - 1).to(tl.float32)[None, :],
                       zx[:, None] - depth[None, :])
     return tl.maximum(levels, -3.4028234663852886e38)     # finite: a −inf z is below every level
 
@@ -472,7 +475,8 @@ def _decide_kernel(
     (M(all) without top-k). With top-k, M_k is bracketed from the probes (count C, mass M of
     z ≥ L): C(L) ≤ k puts every such token in the top-k set (M_k ≥ M(L)); C(L) ≥ k puts every
     token below L out (M_k ≤ M(L)); else at most k − C(L) tokens below L are in, each of weight
-    ≤ e^(L − zmax) (M_k ≤ M(L) + (k − C(L)) e^(L − zmax)). Accept (state 2, the token stays) when
+    ≤ e^(L − zmax) (M_k ≤ M(L) + (k − C(L)) e^(L − zmax)); x in the top-k set puts every z ≥ zx
+    in it (M_k ≥ M(z ≥ zx), level 0). Accept (state 2, the token stays) when
     x ∈ K for sure. Every level known to have all tokens below it outside K (C(L) ≥ k, or
     M(L) ≥ top_p · M_k upper bound) raises lo to key(L) − 1, and x itself when surely outside
     (lo ≥ key(zx)); the row stays open (state 0, a new sample). An ambiguous row refines (state
@@ -482,16 +486,18 @@ def _decide_kernel(
     rounds: the rounds a row was open or refining in.
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, C_BLOCK)
     j = tl.arange(0, NUM_LEVELS)
     state = tl.load(state_ptr + r, mask=r < rows_total, other=2)
     rmask = (r < rows_total) & (state <= 1)
-    base = ((r[:, None] * num_chunks + c[None, :]) * 3)[:, :, None] * NUM_LEVELS + j[None, None, :]
-    mask = rmask[:, None, None] & (c < num_chunks)[None, :, None] & (j < NUM_LEVELS)[None, None, :]
-    cnt_lv = tl.sum(tl.load(part_ptr + base, mask=mask, other=0.0), axis=1)                  # [R, L]
-    mass_lv = tl.sum(tl.load(part_ptr + base + NUM_LEVELS, mask=mask, other=0.0), axis=1)
-    scal = tl.sum(tl.load(part_ptr + base + 2 * NUM_LEVELS, mask=mask & (j < 4)[None, None, :], other=0.0),
-                  axis=1)
+    mask = rmask[:, None] & (j < NUM_LEVELS)[None, :]
+    cnt_lv = tl.zeros([BLOCK_R, NUM_LEVELS], dtype=tl.float32)
+    mass_lv = tl.zeros([BLOCK_R, NUM_LEVELS], dtype=tl.float32)
+    scal = tl.zeros([BLOCK_R, NUM_LEVELS], dtype=tl.float32)
+    for c in range(0, num_chunks):          # chunk partials, one [BLOCK_R, L] block at a time
+        base = ((r * num_chunks + c) * 3)[:, None] * NUM_LEVELS + j[None, :]
+        cnt_lv += tl.load(part_ptr + base, mask=mask, other=0.0)
+        mass_lv += tl.load(part_ptr + base + NUM_LEVELS, mask=mask, other=0.0)
+        scal += tl.load(part_ptr + base + 2 * NUM_LEVELS, mask=mask & (j < 4)[None, :], other=0.0)
     cnt_gt = tl.sum(tl.where(j[None, :] == 0, scal, 0.0), axis=1)
     cnt_all = tl.sum(tl.where(j[None, :] == 1, scal, 0.0), axis=1)
     mass_gt = tl.sum(tl.where(j[None, :] == 2, scal, 0.0), axis=1)
@@ -507,13 +513,15 @@ def _decide_kernel(
     spacing = tl.load(spacing_ptr + r, mask=rmask, other=0.0)
     levels = _probe_levels(zx, state == 1, center, spacing, NUM_LEVELS)
     w_level = tl.exp(levels - tl.where(zmax == float("-inf"), 0.0, zmax)[:, None])
+    in_k = (cnt_gt < k) | (~has_k)
     m_lo = tl.maximum(tl.where(cnt_all <= k, mass_all, 0.0),
                       tl.max(tl.where(cnt_lv <= k[:, None], mass_lv, 0.0), axis=1))
+    # x in the top-k set: so is every z ≥ zx (ties included), level 0 is zx
+    m_lo = tl.maximum(m_lo, tl.where(in_k, tl.sum(tl.where(j[None, :] == 0, mass_lv, 0.0), axis=1), 0.0))
     m_hi = tl.minimum(mass_all, tl.min(tl.where(cnt_lv >= k[:, None], mass_lv,
                                                  mass_lv + (k[:, None] - cnt_lv) * w_level), axis=1))
     m_lo = tl.where(has_k, m_lo, mass_all)
     m_hi = tl.where(has_k, m_hi, mass_all)
-    in_k = (cnt_gt < k) | (~has_k)
     in_p = (mass_gt < top_p * m_lo) | (~has_p)
     accept = in_k & in_p
     reject = (~in_k) | (has_p & (mass_gt >= top_p * m_hi))
@@ -530,7 +538,7 @@ def _decide_kernel(
     lower = tl.max(tl.where(cnt_lv >= k[:, None], levels, float("-inf")), axis=1)
     lower = tl.where(lower == float("-inf"), upper - REFINE_FLOOR_NATS, lower)
     tl.store(center_ptr + r, upper, mask=rmask)
-    tl.store(spacing_ptr + r, (upper - lower) * (1.0 / (NUM_LEVELS - 1)), mask=rmask)
+    tl.store(spacing_ptr + r, (upper - lower) * (1.0 / (NUM_LEVELS - 2)), mask=rmask)
     new_state = tl.where(accept, 3, tl.where(last_round != 0, 2, tl.where(reject, 0, 1)))
     tl.store(state_ptr + r, new_state, mask=rmask)
     tl.store(rounds_ptr + r, tl.load(rounds_ptr + r, mask=rmask, other=0) + 1, mask=rmask)
@@ -794,7 +802,7 @@ def launch_config(vocab: int, tiles: Tiles, device: torch.device, block_v: int |
     if on_cuda:
         tile_v, num_warps = CUDA_TILES[m]
         count_v, stats_v = max(16, 32 * num_warps // m), CUDA_STATS_BLOCK_V
-        verify_v = max(16, 64 * num_warps // m)
+        verify_v = max(16, (64 if m == 1 else 32) * num_warps // m)   # 2 / 1 logits a thread
     else:
         tile_v, num_warps = max(16, CPU_TILE_ELEMS // m), 4
         count_v, stats_v = tile_v, CPU_TILE_ELEMS
