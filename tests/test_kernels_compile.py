@@ -2,7 +2,7 @@
 fits the target: shared memory within the launch limit, no register spills, bounded instruction
 cost per logit. Recipe and the full table: kernels/README.md (``python -m divgen.kernels.compile_check``).
 
-CI budget: the heaviest variant of each class on both targets (~30 compiles in two spawned
+CI budget: the heaviest variant of each class on both targets (~40 compiles in two spawned
 workers, ~1-2 min on 2 cores with a cold Triton cache, seconds with a warm one). The variants
 left out differ from a compiled one only in a smaller tile or another pointer dtype.
 """
@@ -30,7 +30,8 @@ CI_SM90 = [
     "stats bf16",
     "sample G=1 M=1 bf16", "sample G=1 M=1 bf16 top logp", "sample G=8 M=8 bf16 top logp",
     "sample G=16 M=16 bf16 top logp", "sample G=32 M=32 bf16 top logp", "sample G=64 M=32 bf16 top logp",
-    "sample G=256 M=32 fp32 top logp",
+    "sample G=256 M=32 fp32 top logp", "sample G=1 M=1 bf16 top round",
+    "verify G=1 M=1 bf16", "verify G=8 M=8 bf16", "verify G=256 M=32 fp32", "decide R=64",
     "count G=1 M=1 bf16 top-k", "count G=1 M=1 bf16 top-p", "count G=8 M=8 bf16 top-p",
     "count G=64 M=32 bf16 top-k", "count G=256 M=32 fp32 top-p",
     "narrow mass", "row stats R=64", "select R=64 logp",
@@ -40,6 +41,7 @@ CI_SM90 = [
 CI_SM80 = [
     "sample G=8 M=8 bf16 top logp", "sample G=64 M=32 bf16 top logp", "sample G=256 M=32 fp32 top logp",
     "count G=256 M=32 fp32 top-p", "count G=8 M=8 bf16 top-p",
+    "verify G=256 M=32 fp32", "verify G=8 M=8 bf16", "decide R=64",
     "shrink prefill r=128 fp32", "shrink prefill r=128 bf16", "expand prefill r=128 bf16", "shrink decode r=128 bf16",
 ]
 
@@ -62,13 +64,18 @@ def test_every_variant_fits_its_target(compiled):
 @needs_toolchain
 def test_instruction_cost_per_logit(compiled):
     """Stated bounds (sm_90 SASS, static loop-body counts): pass 1 ≤ 32 instructions a logit; a
-    plain sample pass ≤ 130; a top-k counting pass at most 1.5× and a top-p pass at most 2.2×
-    the plain sample pass (per-lane accumulation, one reduction per chunk; it was ~15 block
-    reductions a tile, ~170-190 instructions a logit)."""
+    plain sample pass ≤ 130; a top-k/top-p round: its sample pass at most 1.15× and its verify
+    pass at most 0.75× the plain sample pass (so a row settled in round 1 costs ≤ 1.7× a plain
+    step); the bisection's top-k counting pass at most 1.5× and top-p pass at most 2.2× (per-lane
+    accumulation, one reduction per chunk; it was ~15 block reductions a tile)."""
     ipl = {label: compiled[(label, 90)].instructions_per_logit for label, arch in compiled if arch == 90}
     plain = ipl["sample G=1 M=1 bf16"]
     assert ipl["stats bf16"] <= 32
     assert 0 < plain <= 130
+    assert ipl["sample G=1 M=1 bf16 top round"] <= 1.15 * plain
+    assert 0 < ipl["verify G=1 M=1 bf16"] <= 0.75 * plain
+    settled_in_round_1 = ipl["stats bf16"] + ipl["sample G=1 M=1 bf16 top round"] + ipl["verify G=1 M=1 bf16"]
+    assert settled_in_round_1 <= 1.7 * (ipl["stats bf16"] + plain)
     assert ipl["count G=1 M=1 bf16 top-k"] <= 1.5 * plain
     assert ipl["count G=1 M=1 bf16 top-p"] <= 2.2 * plain
 
@@ -83,6 +90,7 @@ def test_ci_subset_covers_every_shape_the_wrappers_launch():
         shown = {1, 2, 4, 8, 16, 32, 64, 256}
         if g_block in shown:
             assert f"sample G={g_block} M={m} bf16 top logp" in labels
+            assert f"sample G={g_block} M={m} bf16 top round" in labels and f"verify G={g_block} M={m} bf16" in labels
         else:   # 128: the loop path, identical code to 64 and 256 (G_BLOCK picks the branch only)
             assert (m, k) == gs.tile_shape(256, on_cuda=True)
     for shape in ("decode", "prefill"):
