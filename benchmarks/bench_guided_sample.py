@@ -23,8 +23,11 @@ Grid: R ∈ {4, 16, 64, 256} rows, V ∈ {32000, 128256, 151936}, bf16 logits, K
 sampled, the kernel's compute-bound worst case).
 
 Bytes and floor. Each pass of the kernel reads every logit once: R·V·2 bytes (bf16). The basic
-path makes 2 passes; top-k and top-p add 8 counting passes each (module docstring of
-``kernels/guided_sample_triton.py``). ``GB/s`` is passes · R·V·2 / graph time, next to a measured
+path makes 2 passes; with top-k/top-p a row makes 2 passes a sample / verify round (1.2–1.7
+rounds on average on SmolLM2 distributions, kernels/README.md) and only rows left unsettled
+after 4 rounds add the bisection's 8 counting passes per threshold (module docstring of
+``kernels/guided_sample_triton.py``). The ``top`` rows' ``GB/s`` still count 2 + 16 passes
+(``COUNTING_PASSES``): an upper bound, no longer the bytes read. ``GB/s`` is passes · R·V·2 / graph time, next to a measured
 device-to-device copy (read + write bytes / s); the second pass may partly hit L2 on small problems.
 
 Targets on H100/H200 (basic mode): ≥ 10× the torch reference at R = 64, V = 128256 (eager kernel

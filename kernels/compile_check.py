@@ -79,9 +79,9 @@ def sample_variants() -> list[Variant]:
         count_v = max(16, 32 * warps // m)
         for dtype in (("fp32", "bf16", "fp16") if g_block in (1, 256) else ("bf16",)):
             # (top-k/top-p, log-probs, candidate round): plain; a sample / verify round; the
-            # final sample after the bisection (with log-probs: the heaviest)
-            flag_sets = ([(False, False, False), (True, False, True), (True, True, False)] if dtype == "bf16"
-                         else [(True, True, False), (True, False, True)])
+            # final sample after the bisection, without and with log-probs (the heaviest)
+            flag_sets = ([(False, False, False), (True, False, True), (True, False, False), (True, True, False)]
+                         if dtype == "bf16" else [(True, True, False), (True, False, True)])
             for top, logprobs, cand in flag_sets:
                 sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), ("noise_ptr", _ptr(dtype)),
                        ("stride_noise", "i32"), *tile_args,
