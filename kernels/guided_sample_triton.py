@@ -79,24 +79,29 @@ row a program; ``python -m divgen.kernels.compile_check``, kernels/README.md):
     sample, round (top, candidate)        114        each round a row is open
     verify                                 71.5      each round a row is open or refining
     bisection count, top-k / top-p        127 / 206  8 + 8 passes, rows unsettled after 4 rounds
-    final sample (top)                   ≤ 125       bisected rows
+    final sample (top; with log-probs)   113; 125   bisected rows
 
 A plain step is 25.6 + 104 = 130 insn/logit. A top-k/top-p row costs 25.6 + 114 · (rounds
-sampled) + 71.5 · (rounds verified) [+ 2,780 when it falls to the bisection]: 211 (1.6×) when
-round 1 accepts, 3,740 (29×) in the worst case (4 rounds, then the bisection). Measured on
-SmolLM2-135M next-token distributions (``benchmarks/top_k_top_p_rounds.py``, kernels/README.md):
-ROUNDS_SUMMARY.
+sampled) + 71.5 · (rounds verified) [+ 2,777 when it falls to the bisection]: 211 (1.6×) when
+round 1 settles it, 3,547 (27×) in the worst case (4 rounds, then the bisection); the old step
+was ~2,800 (21×) for every row. Measured rounds on SmolLM2-135M next-token distributions
+(``benchmarks/top_k_top_p_rounds.py``, 80 distributions × 32 draws, kernels/README.md): round 1
+settles 90 % (top_p 0.9) / 96 % (0.95) of rows, 66–83 % at top_k 50 alone, 52–75 % with both;
+expected 220–231 insn/logit (1.7–1.8× plain) for top-p alone, 245–283 (1.9–2.2×) for top_k 50,
+259–322 (2.0–2.5×) for top_k 50 with top_p 0.9/0.95; ≤ 0.4 % of rows reach the bisection.
 Launches: 4 for a plain step; with ``any_top_k_top_p`` 2 + 4 · 4 (rounds: sample, select,
-verify, decide) + 2 · 16 (bisection) + 2 = 52, most of them on programs that exit at once
-once their rows are settled; a few elementwise torch ops for the per-row parameters. Nothing
-reads back to the host, so the step can be captured in a CUDA graph.
+verify, decide) + 2 · 16 (bisection) + 2 = 52 (20 before), most of them, once rows settle, on
+programs that read their rows' state and exit (a fixed cost not measured without a GPU); and a
+few elementwise torch ops for the per-row parameters. Nothing reads back to the host, so the
+step can be captured in a CUDA graph.
 
 Compiled figures (sm_90 / sm_80 registers, spills, shared memory, instructions per logit) are
 measured by ``tests/test_kernels_compile.py``; see ``kernels/README.md``.
 
 Equality with the reference: with the same noise the tokens are those of the reference except
 where two scores lie within float rounding (~1e-6 relative) of each other: s is summed in another
-order, 1/T multiplies instead of dividing, and the GPU's log differs from torch's in the last bit.
+order, 1/T multiplies instead of dividing, and the GPU's log differs from torch's in the last bit;
+likewise a top-p mass within rounding of top_p · total (summed in another order) may fall either way.
 """
 from __future__ import annotations
 
