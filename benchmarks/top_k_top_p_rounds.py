@@ -197,7 +197,8 @@ def main() -> None:
         for row in logits:
             z = torch.log_softmax(row, -1)[None, :].expand(args.draws, -1) / t
             u = torch.rand(args.draws, row.shape[0]).clamp(2**-24, 1 - 2**-24)
-            acc, rounds_sampled, rounds_open = rounds_needed(z, -torch.log(-torch.log(u)), top_k, top_p, args.rounds, depths)
+            gumbel = -torch.log(-torch.log(u))
+            acc, rounds_sampled, rounds_open = rounds_needed(z, gumbel, top_k, top_p, args.rounds, depths)
             counts += torch.bincount(acc, minlength=args.rounds + 1)
             opened += rounds_open.sum().item()
             sampled += rounds_sampled.sum().item()

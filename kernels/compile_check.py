@@ -104,7 +104,8 @@ def sample_variants() -> list[Variant]:
             sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), *tile_args,
                    ("lse_ptr", "*fp32"), ("cut_ptr", "*fp32"), ("inv_t_ptr", "*fp32"), ("top_k_ptr", "*i64"),
                    ("top_p_ptr", "*fp32"), ("state_ptr", "*i32"), ("cand_z_ptr", "*fp32"), ("cand_z_max_ptr", "*fp32"),
-                   ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"), ("part_ptr", "*fp32"), ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"),
+                   ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"), ("part_ptr", "*fp32"),
+                   ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"),
                    ("logp_floor", "fp32"),
                    *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "NUM_LEVELS")))
             out.append(Variant(f"{mod}:_verify_kernel", f"verify G={g_block} M={m} {dtype}", sig, (
@@ -134,7 +135,8 @@ def sample_variants() -> list[Variant]:
     out.append(Variant(f"{mod}:_decide_kernel", "decide R=64", (
         ("part_ptr", "*fp32"), ("top_k_ptr", "*i64"), ("top_p_ptr", "*fp32"), ("cand_z_ptr", "*fp32"),
         ("cand_z_max_ptr", "*fp32"), ("state_ptr", "*i32"), ("lo_ptr", "*i64"), ("rounds_ptr", "*i32"),
-        ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"), ("rows_total", "i32"), ("vocab", "i32"), ("num_chunks", "i32"), ("last_round", "i32"),
+        ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"),
+        ("rows_total", "i32"), ("vocab", "i32"), ("num_chunks", "i32"), ("last_round", "i32"),
         ("BLOCK_R", "constexpr"), ("C_BLOCK", "constexpr"), ("NUM_LEVELS", "constexpr")),
         (("BLOCK_R", 64), ("C_BLOCK", c_block), ("NUM_LEVELS", gs.NUM_LEVELS))))
     for block_r, logprobs in ((64, True), (64, False)):

@@ -823,7 +823,8 @@ def launch_config(vocab: int, tiles: Tiles, device: torch.device, block_v: int |
         num_chunks = triton.cdiv(4 * _sm_count(device.index or 0), tiles.count) if on_cuda else 1
     num_chunks = max(1, min(num_chunks, tiles_v, MAX_CHUNKS))
     chunk_len = triton.cdiv(tiles_v, num_chunks) * block_v
-    return LaunchConfig(block_v=block_v, count_block_v=count_v, verify_block_v=verify_v, stats_block_v=min(stats_v, next_power_of_2(vocab)),
+    return LaunchConfig(block_v=block_v, count_block_v=count_v, verify_block_v=verify_v,
+                        stats_block_v=min(stats_v, next_power_of_2(vocab)),
                         chunk_len=chunk_len, num_chunks=triton.cdiv(vocab, chunk_len), num_warps=num_warps)
 
 
