@@ -155,11 +155,13 @@ def batching(args) -> int:
 
     def recording(*a, **kw):
         results, stats = real_decode(*a, **kw)
-        calls.append((stats.rows_forwarded, stats.slots * len(stats.rows_forwarded_per_step), stats.slots_forwarded))
+        waiting = [u for u, w in zip(stats.rows_forwarded_per_step, stats.waiting_per_step) if w]
+        calls.append((stats.rows_forwarded, stats.slots * len(stats.rows_forwarded_per_step), stats.slots_forwarded,
+                      sum(waiting), stats.slots * len(waiting)))
         return results, stats
 
     job.decode_batch = recording
-    variants = {"fixed": 1, "continuous": job.BATCHES_PER_CALL}     # batches of groups per decoder call
+    variants = {"fixed": 1, "continuous": job.ROWS_PER_CALL}     # rows per decoder call (fixed: one batch)
     print(f"{device_name()}, torch threads {torch.get_num_threads()}: {k} labels x {args.per_label} examples, "
           f"up to {args.max_new_tokens} tokens (EOS honoured), {args.batch_rows} slots", file=sys.stderr)
     runs = {(m, v): [] for m in methods for v in variants}
@@ -172,7 +174,7 @@ def batching(args) -> int:
                                            few_shot_file=args.few_shot, model=args.model,
                                            g=args.g if m != "fewgen" else None)
                 for v, per_call in variants.items():
-                    job.BATCHES_PER_CALL = per_call
+                    job.ROWS_PER_CALL = per_call
                     calls.clear()
                     out = Path(tmp) / f"{m}-{v}-{rep}.jsonl"
                     report = run_synth(task, out, lm=lm, batch_rows=args.batch_rows, progress=False,
@@ -180,22 +182,30 @@ def batching(args) -> int:
                     assert report.written == examples, (m, v, report.written)
                     useful, slots = sum(c[0] for c in calls), sum(c[1] for c in calls)
                     computed = sum(c[2] for c in calls)
-                    runs[(m, v)].append((report.wall_time_s, useful / slots, useful / computed))
+                    w_useful, w_slots = sum(c[3] for c in calls), sum(c[4] for c in calls)
+                    steady = w_useful / w_slots if w_slots else float("nan")
+                    runs[(m, v)].append((report.wall_time_s, useful / slots, useful / computed, steady,
+                                         1 - w_slots / slots, len(calls)))
                     print(f"  round {rep + 1} {m:10s} {v:10s} {report.wall_time_s:7.2f}s "
-                          f"{examples / report.wall_time_s:6.2f} ex/s  occupancy {100 * useful / slots:5.1f} %",
-                          file=sys.stderr)
-    job.BATCHES_PER_CALL = variants["continuous"]
+                          f"{examples / report.wall_time_s:6.2f} ex/s  occupancy {100 * useful / slots:5.1f} % "
+                          f"(while groups wait {100 * steady:5.1f} %; drain {100 * (1 - w_slots / slots):4.1f} % "
+                          f"of steps; {len(calls)} calls)", file=sys.stderr)
+    job.ROWS_PER_CALL = variants["continuous"]
     job.decode_batch = real_decode
     rows = []
-    print(f"\n{'method':10s} {'batching':10s} {'examples/s':>10s} {'occupancy':>9s} {'computed-slot use':>17s}")
+    print(f"\n{'method':10s} {'batching':10s} {'examples/s':>10s} {'occupancy':>9s} {'while waiting':>13s} "
+          f"{'drain steps':>11s} {'computed-slot use':>17s}")
     for (m, v), rs in runs.items():
         wall = statistics.median(r[0] for r in rs)
         row = {"method": m, "batching": v, "examples": examples, "examples_per_s": examples / wall,
                "median_wall_s": wall, "occupancy": statistics.fmean(r[1] for r in rs),
                "computed_slot_use": statistics.fmean(r[2] for r in rs),
+               "occupancy_while_waiting": statistics.fmean(r[3] for r in rs),
+               "drain_step_fraction": statistics.fmean(r[4] for r in rs), "decoder_calls": rs[0][5],
                "wall_s_all_repeats": [r[0] for r in rs]}
         rows.append(row)
         print(f"{m:10s} {v:10s} {row['examples_per_s']:10.2f} {100 * row['occupancy']:8.1f}% "
+              f"{100 * row['occupancy_while_waiting']:12.1f}% {100 * row['drain_step_fraction']:10.1f}% "
               f"{100 * row['computed_slot_use']:16.1f}%")
     ratios = {}
     for m in methods:
@@ -209,7 +219,9 @@ def batching(args) -> int:
             batch_rows=args.batch_rows, max_new_tokens=args.max_new_tokens, repeats=args.repeats, g=args.g,
             threads=torch.get_num_threads(), few_shot=args.few_shot,
             note="occupancy = useful rows / slots per step (slots = the engine's batch shape); computed_slot_use "
-                 "= useful rows / slots actually computed (eager CPU steps skip trailing free slots)"))
+                 "= useful rows / slots actually computed (eager CPU steps skip trailing free slots); "
+                 "occupancy_while_waiting = occupancy over the steps in which groups waited for slots (the "
+                 "steady state); drain_step_fraction = steps with nothing left to admit (each call's end)"))
     return 0
 
 

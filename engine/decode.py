@@ -67,6 +67,8 @@ class RunStats:
     wall_time_s: float = 0.0
     prefill_time_s: float = 0.0
     rows_forwarded_per_step: list[int] = field(default_factory=list)
+    # per step: did groups wait for free slots (False: the call's drain, nothing left to admit)
+    waiting_per_step: list[bool] = field(default_factory=list)
     slots: int = 0                          # slots of the engine (the fixed batch shape)
 
     @property
@@ -282,6 +284,7 @@ class Engine:
         finished: dict[int, GenerationResult] = {}
         n_live = S
         plan = None
+        waiting: list[bool] = []                # per step: were groups left waiting for slots
 
         def admit() -> bool:
             """Admit every waiting group that fits, in order; prefill them in one batch."""
@@ -351,6 +354,7 @@ class Engine:
                     changed = True
             stats.rows_forwarded += useful
             stats.rows_forwarded_per_step.append(useful)
+            stats.waiting_per_step.append(waiting[step_index])
             if progress is not None:
                 progress(len(finished), len(sample_rows))
             return changed
@@ -366,6 +370,7 @@ class Engine:
             view = st if n == S else _View(st, n)
             out = self._step(self.model, k, v, view, plan, eos_ids, any_cut, greedy_only)
             rec = (stats.steps, self._to_host(out))
+            waiting.append(bool(sched.pending))
             stats.steps += 1
             stats.slots_forwarded += n
             if not self.lag:                   # read this step now (free on CPU: no device to wait for)
