@@ -13,6 +13,8 @@ Per ``generate`` call (Llama-family models; others take the HF slow path, ``mode
    the last prompt token becomes the slot's input.
 3. When the batch changes, the host rebuilds the sampling plan (the γ mix of the groups' active
    rows, ``build_sample_plan``), the CFG leader index and the multi-LoRA slots: once per change.
+   A compiled step gets one static plan per run (fixed shapes, refilled in place: no recompile,
+   and a captured CUDA graph keeps reading the right buffers; ``kernels/plan.py``).
 4. ``decode_step`` runs forward + guided sampling + EOS/length checks for all slots on the device.
    Each slot carries its own position, step counter (the noise counter: noise = f(seed, step,
    token)), limits and an ``active`` flag; inactive slots compute and are ignored. It is
@@ -42,6 +44,7 @@ from divgen.engine.kv_cache import KVCache
 from divgen.engine.model import LoadedModel
 from divgen.engine.sampling import SamplingParams, build_sample_plan, guided_sample_step
 from divgen.engine.scheduler import Scheduler
+from divgen.kernels.plan import next_power_of_2
 
 
 @dataclass
@@ -284,6 +287,7 @@ class Engine:
         finished: dict[int, GenerationResult] = {}
         n_live = S
         plan = None
+        block = next_power_of_2(max(len(u.rows) for u in sched.groups))   # the largest group of the run
         waiting: list[bool] = []                # per step: were groups left waiting for slots
 
         def admit() -> bool:
@@ -318,7 +322,13 @@ class Engine:
             n_live = (sched.highest_used_slot() + 1) if self.trim else S
             n_live = max(n_live, 1)
             mix = sched.mix(n_live)
-            plan = None if greedy_only else build_sample_plan(mix, dev, rows=n_live)
+            if greedy_only:
+                plan = None
+            elif self.compiled:     # one static plan refilled in place: no recompile, CUDA graphs stay valid
+                new = build_sample_plan(mix, dev, rows=n_live, static_block=block)
+                plan = new if plan is None else plan.copy_from(new)
+            else:
+                plan = build_sample_plan(mix, dev, rows=n_live)
             st.leader[:n_live] = torch.tensor(sched.leader_slots(n_live), dtype=torch.int64, device=dev)
             rows = torch.tensor(sched.slot_rows(n_live), dtype=torch.int64, device=dev)
             for listener in listeners:
