@@ -216,6 +216,12 @@ class _View:
             setattr(self, name, getattr(st, name)[:n])
 
 
+# Whether engines read a step's tokens one step late (after launching the next). None: by device
+# (CUDA lags, CPU reads at once). benchmarks/synth_throughput.py sets True to measure the CUDA
+# schedule's slot occupancy on a CPU.
+READ_LAG: bool | None = None
+
+
 def default_compile(device: torch.device) -> bool:
     """Compile the step where it pays: on CUDA (CUDA graphs remove the per-op launch cost). On
     CPU, inductor's compile time (tens of seconds for the embedded model) exceeds what it saves
@@ -251,7 +257,9 @@ class Engine:
         self.trim = (not self.compiled) if trim is None else bool(trim)
         # Read step t's tokens after launching step t+1 (lag) on CUDA, so the host never stalls
         # the device; on CPU the step has finished when it returns, so it is read at once.
-        self.lag = (lm.device.type == "cuda") if lag is None else bool(lag)
+        if lag is None:
+            lag = (lm.device.type == "cuda") if READ_LAG is None else READ_LAG
+        self.lag = bool(lag)
         if self.compiled:
             mode = "reduce-overhead" if lm.device.type == "cuda" else None
             if mode is not None:   # CUDA graphs: the cache and state keep their addresses between replays
