@@ -22,9 +22,11 @@ continuous batching of guidance groups against fixed batches (every call one bat
     python benchmarks/synth_throughput.py --batching --threads 1 --few-shot ../shared/data/ag_news_test.csv
 
 and prints the mean slot occupancy (rows doing useful work / slots, per step; goal >= 90 % for
-continuous batching) and examples/s for both (continuous >= 0.95x fixed on CPU, where a step
+continuous batching; also split into the steps in which groups waited for slots, the steady
+state, and the drain at the end of each decoder call) and examples/s for both (continuous >= 0.95x fixed on CPU, where a step
 costs about what its rows cost; the gain is a GPU's, where a step costs about the same at 8 rows
-as at 64).
+as at 64). ``--variants continuous-lag`` adds continuous batching with the CUDA schedule (the
+host reads each step's tokens one step late, so a finished row's slot idles one step longer).
 """
 from __future__ import annotations
 
@@ -61,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--batching", action="store_true",
                    help="compare continuous batching with fixed batches (EOS honoured) instead of methods")
+    p.add_argument("--variants", nargs="+", default=["fixed", "continuous"],
+                   choices=["fixed", "continuous", "continuous-lag"],
+                   help="with --batching: what to compare (continuous-lag: continuous batching with the CUDA "
+                        "schedule, each step's tokens read one step late; default fixed continuous)")
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                    help="methods to run (default: all; with --batching: fewgen corrsynth)")
     p.add_argument("--output-json", nargs="?", const="default", default=None,
@@ -155,11 +161,17 @@ def batching(args) -> int:
 
     def recording(*a, **kw):
         results, stats = real_decode(*a, **kw)
-        calls.append((stats.rows_forwarded, stats.slots * len(stats.rows_forwarded_per_step), stats.slots_forwarded))
+        waiting = [u for u, w in zip(stats.rows_forwarded_per_step, stats.waiting_per_step) if w]
+        calls.append((stats.rows_forwarded, stats.slots * len(stats.rows_forwarded_per_step), stats.slots_forwarded,
+                      sum(waiting), stats.slots * len(waiting)))
         return results, stats
 
     job.decode_batch = recording
-    variants = {"fixed": 1, "continuous": job.BATCHES_PER_CALL}     # batches of groups per decoder call
+    from divgen.engine import decode
+
+    # rows per decoder call (fixed: one batch) and whether the host reads each step one step late
+    known = {"fixed": (1, None), "continuous": (job.ROWS_PER_CALL, None), "continuous-lag": (job.ROWS_PER_CALL, True)}
+    variants = {v: known[v] for v in args.variants}
     print(f"{device_name()}, torch threads {torch.get_num_threads()}: {k} labels x {args.per_label} examples, "
           f"up to {args.max_new_tokens} tokens (EOS honoured), {args.batch_rows} slots", file=sys.stderr)
     runs = {(m, v): [] for m in methods for v in variants}
@@ -171,8 +183,8 @@ def batching(args) -> int:
                 task = base.with_overrides(method=m, per_label=args.per_label, max_new_tokens=args.max_new_tokens,
                                            few_shot_file=args.few_shot, model=args.model,
                                            g=args.g if m != "fewgen" else None)
-                for v, per_call in variants.items():
-                    job.BATCHES_PER_CALL = per_call
+                for v, (per_call, lag) in variants.items():
+                    job.ROWS_PER_CALL, decode.READ_LAG = per_call, lag
                     calls.clear()
                     out = Path(tmp) / f"{m}-{v}-{rep}.jsonl"
                     report = run_synth(task, out, lm=lm, batch_rows=args.batch_rows, progress=False,
@@ -180,28 +192,38 @@ def batching(args) -> int:
                     assert report.written == examples, (m, v, report.written)
                     useful, slots = sum(c[0] for c in calls), sum(c[1] for c in calls)
                     computed = sum(c[2] for c in calls)
-                    runs[(m, v)].append((report.wall_time_s, useful / slots, useful / computed))
+                    w_useful, w_slots = sum(c[3] for c in calls), sum(c[4] for c in calls)
+                    steady = w_useful / w_slots if w_slots else float("nan")
+                    runs[(m, v)].append((report.wall_time_s, useful / slots, useful / computed, steady,
+                                         1 - w_slots / slots, len(calls)))
                     print(f"  round {rep + 1} {m:10s} {v:10s} {report.wall_time_s:7.2f}s "
-                          f"{examples / report.wall_time_s:6.2f} ex/s  occupancy {100 * useful / slots:5.1f} %",
-                          file=sys.stderr)
-    job.BATCHES_PER_CALL = variants["continuous"]
+                          f"{examples / report.wall_time_s:6.2f} ex/s  occupancy {100 * useful / slots:5.1f} % "
+                          f"(while groups wait {100 * steady:5.1f} %; drain {100 * (1 - w_slots / slots):4.1f} % "
+                          f"of steps; {len(calls)} calls)", file=sys.stderr)
+    job.ROWS_PER_CALL, decode.READ_LAG = known["continuous"]
     job.decode_batch = real_decode
     rows = []
-    print(f"\n{'method':10s} {'batching':10s} {'examples/s':>10s} {'occupancy':>9s} {'computed-slot use':>17s}")
+    print(f"\n{'method':10s} {'batching':10s} {'examples/s':>10s} {'occupancy':>9s} {'while waiting':>13s} "
+          f"{'drain steps':>11s} {'computed-slot use':>17s}")
     for (m, v), rs in runs.items():
         wall = statistics.median(r[0] for r in rs)
         row = {"method": m, "batching": v, "examples": examples, "examples_per_s": examples / wall,
                "median_wall_s": wall, "occupancy": statistics.fmean(r[1] for r in rs),
                "computed_slot_use": statistics.fmean(r[2] for r in rs),
+               "occupancy_while_waiting": statistics.fmean(r[3] for r in rs),
+               "drain_step_fraction": statistics.fmean(r[4] for r in rs), "decoder_calls": rs[0][5],
                "wall_s_all_repeats": [r[0] for r in rs]}
         rows.append(row)
         print(f"{m:10s} {v:10s} {row['examples_per_s']:10.2f} {100 * row['occupancy']:8.1f}% "
+              f"{100 * row['occupancy_while_waiting']:12.1f}% {100 * row['drain_step_fraction']:10.1f}% "
               f"{100 * row['computed_slot_use']:16.1f}%")
     ratios = {}
     for m in methods:
         eps = {r["batching"]: r["examples_per_s"] for r in rows if r["method"] == m}
-        ratios[f"{m} continuous/fixed"] = eps["continuous"] / eps["fixed"]
-        print(f"{m}: continuous / fixed = {ratios[f'{m} continuous/fixed']:.2f}x examples/s")
+        for v in eps:
+            if v != "fixed" and "fixed" in eps:
+                ratios[f"{m} {v}/fixed"] = eps[v] / eps["fixed"]
+                print(f"{m}: {v} / fixed = {ratios[f'{m} {v}/fixed']:.2f}x examples/s")
     if args.output_json:
         path = default_results_path() if args.output_json == "default" else Path(args.output_json)
         write_json(path, result_record(
@@ -209,7 +231,9 @@ def batching(args) -> int:
             batch_rows=args.batch_rows, max_new_tokens=args.max_new_tokens, repeats=args.repeats, g=args.g,
             threads=torch.get_num_threads(), few_shot=args.few_shot,
             note="occupancy = useful rows / slots per step (slots = the engine's batch shape); computed_slot_use "
-                 "= useful rows / slots actually computed (eager CPU steps skip trailing free slots)"))
+                 "= useful rows / slots actually computed (eager CPU steps skip trailing free slots); "
+                 "occupancy_while_waiting = occupancy over the steps in which groups waited for slots (the "
+                 "steady state); drain_step_fraction = steps with nothing left to admit (each call's end)"))
     return 0
 
 

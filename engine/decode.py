@@ -13,6 +13,8 @@ Per ``generate`` call (Llama-family models; others take the HF slow path, ``mode
    the last prompt token becomes the slot's input.
 3. When the batch changes, the host rebuilds the sampling plan (the γ mix of the groups' active
    rows, ``build_sample_plan``), the CFG leader index and the multi-LoRA slots: once per change.
+   A compiled step gets one static plan per run (fixed shapes, refilled in place: no recompile,
+   and a captured CUDA graph keeps reading the right buffers; ``kernels/plan.py``).
 4. ``decode_step`` runs forward + guided sampling + EOS/length checks for all slots on the device.
    Each slot carries its own position, step counter (the noise counter: noise = f(seed, step,
    token)), limits and an ``active`` flag; inactive slots compute and are ignored. It is
@@ -42,6 +44,7 @@ from divgen.engine.kv_cache import KVCache
 from divgen.engine.model import LoadedModel
 from divgen.engine.sampling import SamplingParams, build_sample_plan, guided_sample_step
 from divgen.engine.scheduler import Scheduler
+from divgen.kernels.plan import next_power_of_2
 
 
 @dataclass
@@ -67,6 +70,8 @@ class RunStats:
     wall_time_s: float = 0.0
     prefill_time_s: float = 0.0
     rows_forwarded_per_step: list[int] = field(default_factory=list)
+    # per step: did groups wait for free slots (False: the call's drain, nothing left to admit)
+    waiting_per_step: list[bool] = field(default_factory=list)
     slots: int = 0                          # slots of the engine (the fixed batch shape)
 
     @property
@@ -211,6 +216,12 @@ class _View:
             setattr(self, name, getattr(st, name)[:n])
 
 
+# Whether engines read a step's tokens one step late (after launching the next). None: by device
+# (CUDA lags, CPU reads at once). benchmarks/synth_throughput.py sets True to measure the CUDA
+# schedule's slot occupancy on a CPU.
+READ_LAG: bool | None = None
+
+
 def default_compile(device: torch.device) -> bool:
     """Compile the step where it pays: on CUDA (CUDA graphs remove the per-op launch cost). On
     CPU, inductor's compile time (tens of seconds for the embedded model) exceeds what it saves
@@ -246,7 +257,9 @@ class Engine:
         self.trim = (not self.compiled) if trim is None else bool(trim)
         # Read step t's tokens after launching step t+1 (lag) on CUDA, so the host never stalls
         # the device; on CPU the step has finished when it returns, so it is read at once.
-        self.lag = (lm.device.type == "cuda") if lag is None else bool(lag)
+        if lag is None:
+            lag = (lm.device.type == "cuda") if READ_LAG is None else READ_LAG
+        self.lag = bool(lag)
         if self.compiled:
             mode = "reduce-overhead" if lm.device.type == "cuda" else None
             if mode is not None:   # CUDA graphs: the cache and state keep their addresses between replays
@@ -282,6 +295,8 @@ class Engine:
         finished: dict[int, GenerationResult] = {}
         n_live = S
         plan = None
+        block = next_power_of_2(max(len(u.rows) for u in sched.groups))   # the largest group of the run
+        waiting: list[bool] = []                # per step: were groups left waiting for slots
 
         def admit() -> bool:
             """Admit every waiting group that fits, in order; prefill them in one batch."""
@@ -315,7 +330,13 @@ class Engine:
             n_live = (sched.highest_used_slot() + 1) if self.trim else S
             n_live = max(n_live, 1)
             mix = sched.mix(n_live)
-            plan = None if greedy_only else build_sample_plan(mix, dev, rows=n_live)
+            if greedy_only:
+                plan = None
+            elif self.compiled:     # one static plan refilled in place: no recompile, CUDA graphs stay valid
+                new = build_sample_plan(mix, dev, rows=n_live, static_block=block)
+                plan = new if plan is None else plan.copy_from(new)
+            else:
+                plan = build_sample_plan(mix, dev, rows=n_live)
             st.leader[:n_live] = torch.tensor(sched.leader_slots(n_live), dtype=torch.int64, device=dev)
             rows = torch.tensor(sched.slot_rows(n_live), dtype=torch.int64, device=dev)
             for listener in listeners:
@@ -351,6 +372,7 @@ class Engine:
                     changed = True
             stats.rows_forwarded += useful
             stats.rows_forwarded_per_step.append(useful)
+            stats.waiting_per_step.append(waiting[step_index])
             if progress is not None:
                 progress(len(finished), len(sample_rows))
             return changed
@@ -366,6 +388,7 @@ class Engine:
             view = st if n == S else _View(st, n)
             out = self._step(self.model, k, v, view, plan, eos_ids, any_cut, greedy_only)
             rec = (stats.steps, self._to_host(out))
+            waiting.append(bool(sched.pending))
             stats.steps += 1
             stats.slots_forwarded += n
             if not self.lag:                   # read this step now (free on CPU: no device to wait for)

@@ -121,11 +121,25 @@ def split_of(records: list[dict], validation: float, seed: int) -> list[str]:
     return out
 
 
+def typed_examples(record: dict) -> dict:
+    """A record's ``examples`` (few-shot file rows as int, inline examples as str, both possible in
+    one prompt) as two typed columns: ``example_rows`` (list of int) and ``example_texts`` (list of
+    str). One untyped list cannot be an Arrow column once outputs with file rows and outputs with
+    inline examples (or a prompt with both) are exported together."""
+    if "examples" not in record:
+        return record
+    out = {k: v for k, v in record.items() if k != "examples"}
+    shown = record["examples"] or []
+    out["example_rows"] = [e for e in shown if isinstance(e, int) and not isinstance(e, bool)]
+    out["example_texts"] = [e for e in shown if isinstance(e, str)]
+    return out
+
+
 def build_dataset(records: list[dict], names: list[str], splits: list[str]):
     """A DatasetDict (train, validation) with ``label`` as a ClassLabel of ``names``."""
     import datasets
 
-    rows = [{**r, "label": names.index(r["label"])} for r in records]
+    rows = [typed_examples({**r, "label": names.index(r["label"])}) for r in records]
     table = datasets.Dataset.from_list(rows)
     features = table.features.copy()
     features["label"] = datasets.ClassLabel(names=names)
@@ -261,7 +275,11 @@ def dataset_card(sources: list[Source], report: ExportReport, fmt: str, validati
                   "Over all texts of each file; '(label)' columns are means over labels. Lower Self-BLEU, cosine "
                   "and dup (exact-duplicate rate) and higher distinct-n mean more diverse (divgen's "
                   "engine/metrics.py).", "", format_comparison(metric_rows, markdown=True)]
-    lines += ["", "## Load it", "", "```python"]
+    lines += ["", "## Columns", "",
+              "The synth record fields (divgen's engine/synth/schema.py), with `label` as a ClassLabel and the "
+              "prompt's few-shot examples as `example_rows` (row indices in the task's few-shot file; only "
+              "pool rows are ever shown) and `example_texts` (the task's inline examples).",
+              "", "## Load it", "", "```python"]
     if fmt == "parquet":
         lines += ["from datasets import load_dataset", "", 'ds = load_dataset("parquet", data_dir="PATH/TO/THIS/FOLDER")']
     else:

@@ -109,18 +109,17 @@ class Scheduler:
         return out
 
     def mix(self, n: int) -> torch.Tensor | None:
-        """[n, n] fp32 guidance mix of the first n slots (identity for free / unguided slots), or
-        None when no slot is guided."""
+        """[n, n] fp32 guidance mix of the first n slots (identity for free slots and rows without
+        a partner left), or None for an unguided run. A guided run keeps a mix to its end, so the
+        step's inputs keep one form (and one log-prob floor, see ``kernels.reference``)."""
         if self.guidance is None:
             return None
         slots = [s for s in range(n) if self.slot_row[s] is not None]
         active = [self.slot_row[s] for s in slots]
-        if not active:
-            return None
-        gam = self.guidance.gamma_matrix(active)                          # [A, A]
-        if not bool((gam != 0).any()):
-            return None
         full = torch.eye(n, dtype=torch.float32)
+        if not active:
+            return full
+        gam = self.guidance.gamma_matrix(active)                          # [A, A]
         idx = torch.tensor(slots, dtype=torch.int64)
         full[idx[:, None], idx[None, :]] = mix_from_gammas(gam)
         return full

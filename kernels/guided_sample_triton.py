@@ -776,6 +776,10 @@ def prepare_plan(plan: SamplePlan, m_block: int | None = None, k_block: int | No
         for r in range(0, n, m_block):
             groups.append(g)
             row0.append(r)
+    if plan.static_block:       # R tiles whatever the groups (a fixed grid); the extra ones on an empty group
+        empty = plan.group_sizes.index(0) if len(groups) < plan.rows else 0
+        groups += [empty] * (plan.rows - len(groups))
+        row0 += [0] * (plan.rows - len(row0))
     dev = plan.device
     tiles = Tiles(m_block=m_block, k_block=k_block, g_block=g_block,
                   tile_group=torch.tensor(groups, dtype=torch.int32, device=dev),

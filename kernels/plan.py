@@ -11,7 +11,15 @@ splits it into guidance groups (the connected components of its non-zero pattern
     mix         [R, R] fp32 or None, the dense mix (the torch reference multiplies with it)
 
 Storage is ragged (Σ n_g² weights, not NG · G²), so one 256-row group beside 100 single rows
-costs 256² + 100 weights. The plan also holds the implementation (``ops``) chosen for its device
+costs 256² + 100 weights.
+
+Static plans (a compiled step, CUDA graphs): ``build_sample_plan(mix, device, rows=R,
+static_block=B)`` pads every tensor to a shape that depends on R and B only (B: a power of two >=
+the largest group the run will have): R groups (the missing ones empty), R·B weights, and — for
+the Triton ops — R launch tiles (the extra ones on an empty group do nothing). Each later batch
+composition is then copied into the first plan in place (``SamplePlan.copy_from``): the step
+sees the same object with the same shapes and addresses, so ``torch.compile`` never recompiles and
+a captured CUDA graph stays valid as groups come and go. The plan also holds the implementation (``ops``) chosen for its device
 (``divgen.kernels.ops_for``) and whatever that implementation prepares once (the Triton launch
 tiles). Building a plan reads ``mix`` on the host (a sync); the step never does.
 """
@@ -49,6 +57,7 @@ class SamplePlan:
     weights: torch.Tensor             # [Σ n_g²] fp32
     group_sizes: tuple[int, ...]      # n_g on the host (launch planning)
     logp_floor: float                 # LOGP_FLOOR when mixing, −inf for mix None (as the reference)
+    static_block: int = 0             # > 0: a static plan (module doc); g_block is this, whatever the groups
     ops: Any = field(repr=False, default=None)      # the implementation (divgen.kernels.KernelOps)
     prepared: Any = field(repr=False, default=None)  # what ``ops`` derived once (launch tiles)
     _by_rows: dict = field(repr=False, compare=False, default_factory=dict)
@@ -72,8 +81,28 @@ class SamplePlan:
 
     @property
     def g_block(self) -> int:
-        """Next power of two >= the largest group."""
-        return next_power_of_2(self.largest_group)
+        """Next power of two >= the largest group (a static plan: its fixed block)."""
+        return self.static_block or next_power_of_2(self.largest_group)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every device tensor the step reads (the plan's and its prepared launch tiles')."""
+        out = {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+        if self.prepared is not None:
+            out.update({f"prepared.{k}": v for k, v in self.prepared.__dict__.items() if isinstance(v, torch.Tensor)})
+        return out
+
+    def copy_from(self, other: "SamplePlan") -> "SamplePlan":
+        """Copy a static plan of the same shape into this one, in place (same tensors, same
+        addresses: a compiled step sees no change but the values); returns self."""
+        if not self.static_block or (other.static_block, other.rows) != (self.static_block, self.rows):
+            raise ValueError("copy_from needs two static plans of the same rows and block")
+        mine, theirs = self.tensors(), other.tensors()
+        if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+            raise ValueError("copy_from needs plans of the same tensor shapes")
+        for k, t in mine.items():
+            t.copy_(theirs[k])
+        object.__setattr__(self, "group_sizes", other.group_sizes)      # host-side, informational
+        return self
 
 
 def check_mix(mix, rows: int | None = None) -> int:
@@ -112,7 +141,7 @@ def guidance_groups(mix: torch.Tensor | None, rows: int) -> list[list[int]]:
 
 
 def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, rows: int | None = None,
-                      ops=None) -> SamplePlan:
+                      ops=None, static_block: int | None = None) -> SamplePlan:
     """Validate ``mix`` and derive the group plan (host side, once per batch composition).
 
     Args:
@@ -120,13 +149,18 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
             independent rows; then ``rows`` gives R (omitted: any R, see ``SamplePlan``).
         device: where the step runs; the plan's tensors live there.
         ops: the implementation; default ``divgen.kernels.ops_for(device)`` (chosen once here).
-    Raises: ValueError for a non-square / non-finite mix or a group over MAX_GROUP_ROWS rows.
+        static_block: build a static plan (module doc) for groups of up to this many rows (a
+            power of two); needs ``rows``.
+    Raises: ValueError for a non-square / non-finite mix, a group over MAX_GROUP_ROWS rows, or
+    (static) a group larger than ``static_block``.
     """
     device = torch.device(device)
     if ops is None:
         from divgen.kernels import ops_for
 
         ops = ops_for(device)
+    if static_block is not None and rows is None and mix is None:
+        raise ValueError("a static plan needs rows (its fixed row count)")
     if mix is None and rows is None:      # independent rows, any count (see SamplePlan)
         empty = torch.zeros(0, dtype=torch.int32, device=device)
         return SamplePlan(rows=None, device=device, mix=None, order=empty, group_start=empty,
@@ -143,6 +177,13 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
     if largest > MAX_GROUP_ROWS:
         raise ValueError(f"mix couples {largest} rows into one guidance group; the kernels handle up to "
                          f"{MAX_GROUP_ROWS} (split the batch into smaller groups)")
+    block = 0
+    if static_block is not None:
+        block = int(static_block)
+        if block < 1 or block & (block - 1) or block > MAX_GROUP_ROWS:
+            raise ValueError(f"static_block must be a power of two in [1, {MAX_GROUP_ROWS}], got {static_block}")
+        if largest > block:
+            raise ValueError(f"a group of {largest} rows does not fit static_block {block}")
     dense = None if mix is None else mix.detach().to("cpu", torch.float32)
     order = [r for g in groups for r in g]
     starts = [0]
@@ -152,6 +193,14 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
         offsets.append(sum(b.numel() for b in blocks))
         idx = torch.tensor(g)
         blocks.append(torch.ones(1) if dense is None else dense[idx[:, None], idx[None, :]].reshape(-1))
+    sizes = tuple(len(g) for g in groups)
+    if block:                   # pad to R groups (empty ones at the end) and R · block weights
+        filled = sum(b.numel() for b in blocks)
+        pad = rows - len(groups)
+        starts += [rows] * pad
+        offsets += [filled] * pad
+        blocks.append(torch.zeros(rows * block - filled))
+        sizes += (0,) * pad
     plan = SamplePlan(
         rows=rows, device=device,
         mix=None if dense is None else dense.to(device),
@@ -159,8 +208,9 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
         group_start=torch.tensor(starts, dtype=torch.int32, device=device),
         w_offset=torch.tensor(offsets, dtype=torch.int64, device=device),
         weights=torch.cat(blocks).to(device),
-        group_sizes=tuple(len(g) for g in groups),
+        group_sizes=sizes,
         logp_floor=float("-inf") if mix is None else LOGP_FLOOR,
+        static_block=block,
         ops=ops,
     )
     return ops.prepare_plan(plan)

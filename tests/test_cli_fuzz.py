@@ -177,6 +177,10 @@ ROWS = [
     ("spa-adapt-alpha-renamed", [*ADAPT, "--alpha", "8"], "--lora-alpha (LoRA's alpha, spa)"),
     ("spa-adapt-rank-0", [*ADAPT, "--rank", "0"], "--rank (rank) must be in"),
     ("spa-adapt-device", [*ADAPT, "--device", "bogus"], "is not a device"),
+    ("spa-run-model-missing", ["spa", "run", "ag_news", "--model", "{d}/nomodel", "--out", "{d}/run"],
+     "is not a model directory"),
+    ("spa-run-out-file", ["spa", "run", "ag_news", "--out", "{d}/existing_file"], "is an existing file"),
+    ("spa-run-k", ["spa", "run", "ag_news", "--k", "1", "--out", "{d}/run"], "--k must be >= 2"),
 ]
 SLOW_ROWS = [
     # a model that fails to load after the output was opened: no empty --out, no sidecar (issue 8.7)

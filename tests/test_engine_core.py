@@ -7,6 +7,8 @@ import dataclasses
 import pytest
 import torch
 
+from torch._dynamo.utils import counters
+
 from divgen.engine.decode import Engine, _StopChecker, generate
 from divgen.engine.errors import DivgenError
 from divgen.engine.guidance import Guidance, mix_from_gammas
@@ -65,8 +67,12 @@ def test_compiled_step_equals_eager_step_token_for_token(tiny_lm, method):
     ps = prompts(12)
     kw = dict(max_new_tokens=NEW, guidance=guidance_for(method, 12), max_batch_rows=6, **SAMPLING)
     eager, stats = generate(tiny_lm, ps, compile=False, **kw)
+    graphs = counters["stats"]["unique_graphs"]
     compiled, _ = generate(tiny_lm, ps, compile=True, **kw)
     assert texts(compiled) == texts(eager)
+    # one graph for the whole run (static plan, a mix to the end): groups coming and going and
+    # members leaving never recompile the step
+    assert counters["stats"]["unique_graphs"] - graphs <= 1
     assert {r.finish_reason for r in eager} == {"eos", "length"}       # the schedule did change
     assert stats.steps > NEW                                            # groups waited for slots
 
@@ -171,3 +177,24 @@ def test_slow_path_gives_the_same_tokens(tiny_lm):
     slow_lm.decode = tiny_lm.decode
     slow, _ = generate(slow_lm, ps, **kw)
     assert [r.token_ids for r in slow] == [r.token_ids for r in fast]
+
+
+def test_waiting_steps_cover_exactly_the_steps_before_the_last_admission(tiny_lm):
+    """RunStats.waiting_per_step (the benchmark's steady state vs drain split): True while a group
+    waits for slots, False from the step in which the last group decodes with nothing left."""
+    ps = prompts(12, seed=8)
+    _, alone = generate(tiny_lm, ps, max_new_tokens=NEW, guidance=guidance_for("corrsynth", 12), **SAMPLING)
+    assert alone.waiting_per_step == [False] * alone.steps            # every group admitted at once
+    _, stats = generate(tiny_lm, ps, max_new_tokens=NEW, guidance=guidance_for("corrsynth", 12),
+                        max_batch_rows=6, **SAMPLING)
+    waiting = stats.waiting_per_step
+    assert len(waiting) == stats.steps == len(stats.rows_forwarded_per_step)
+    first_drain = waiting.index(False)
+    assert waiting[0] and not any(waiting[first_drain:])              # waiting, then only the drain
+    # while groups waited, at most group size − 1 = 2 of the 6 slots idled; in the drain, more may
+    assert all(used >= 4 for used, w in zip(stats.rows_forwarded_per_step, waiting) if w)
+    slow_lm = dataclasses.replace(tiny_lm, fast_path=False)
+    slow_lm.decode = tiny_lm.decode
+    _, slow = generate(slow_lm, ps, max_new_tokens=NEW, guidance=guidance_for("corrsynth", 12),
+                       max_batch_rows=6, **SAMPLING)
+    assert len(slow.waiting_per_step) == slow.steps and slow.waiting_per_step[0] and not slow.waiting_per_step[-1]

@@ -213,3 +213,24 @@ def test_no_half_folder_when_export_fails(tmp_path, monkeypatch):
         ex.export([src], "parquet", tmp_path / "d", metrics=False)
     assert not (tmp_path / "d").exists()
     assert [p for p in os.listdir(tmp_path) if p.startswith(".d.export-")] == []
+
+
+def test_examples_from_a_file_and_inline_examples_export_together(outputs, tmp_path):
+    """Few-shot file rows (int) and inline examples (str), in different outputs and mixed in one
+    record, become two typed columns instead of an untyped list that Arrow cannot hold."""
+    src = _lines(outputs / "fewgen.jsonl")
+    files = []
+    for name, shown in (("rows", [3, 10]), ("inline", ["a fine film", "dull"]), ("mixed", ["great", 20])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({**r, "examples": shown, "seed": r["seed"] + len(files)}) + "\n"
+                                for r in src))
+        files.append(str(path))
+    dest = tmp_path / "ds"
+    assert main(["export", *files, "--to", "parquet", str(dest), "--validation", "0", "--no-metrics"]) == 0
+    ds = datasets.load_dataset("parquet", data_dir=str(dest))["train"]
+    assert ds.features["example_rows"].feature.dtype == "int64"
+    assert ds.features["example_texts"].feature.dtype == "string"
+    got = sorted((tuple(r["example_rows"]), tuple(r["example_texts"])) for r in ds)
+    want = sorted([((3, 10), ())] * len(src) + [((), ("a fine film", "dull"))] * len(src) + [((20,), ("great",))] * len(src))
+    assert got == want
+    assert "examples" not in ds.features

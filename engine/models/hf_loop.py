@@ -74,7 +74,7 @@ def generate_hf_batched(lm: LoadedModel, encoded: list[list[int]], params: Sampl
         current = current + unit.rows
     batches.append(current)
     results, total = {}, RunStats(slots=limit)
-    for rows in batches:
+    for i, rows in enumerate(batches):
         sub = None
         if guidance is not None:
             sub = _restrict(guidance, rows)
@@ -92,6 +92,7 @@ def generate_hf_batched(lm: LoadedModel, encoded: list[list[int]], params: Sampl
                      "wall_time_s", "prefill_time_s"):
             setattr(total, name, getattr(total, name) + getattr(stats, name))
         total.rows_forwarded_per_step += stats.rows_forwarded_per_step
+        total.waiting_per_step += [i < len(batches) - 1] * len(stats.rows_forwarded_per_step)
     return [results[r] for r in sorted(results)], total
 
 

@@ -121,6 +121,9 @@ class SpaRunConfig:
         for flag, path in (("--few-shot", self.few_shot), ("--real", self.real), ("--synth", self.synth_file)):
             if path is not None and not Path(path).is_file():
                 raise DivgenError(f"{flag} {path} is not a file: pass a labelled CSV/JSONL file")
+        from divgen.engine.model_source import find_model
+
+        find_model(self.model)                    # a missing or broken --model, before torch loads
 
     def train_config(self, steps: int, lm):
         from divgen.engine.spa.adapt import TrainConfig
@@ -206,6 +209,9 @@ class SpaRun:
 
     def __post_init__(self):
         self.out = Path(self.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise DivgenError(f"--out {self.out} is an existing file, not a directory: give a new or existing run "
+                              "directory")
         self.cfg.check()
         self.task = load_run_task(self.cfg)
 

@@ -10,7 +10,7 @@ Steps of ``run_synth``:
    the kept slots that are missing. A torn last line (the process was killed mid-write) is cut off.
 4. Generate whole groups through ``decode_batch`` — the one call into the decoder — which keeps
    ``batch_rows`` KV slots busy (continuous batching: a group enters when a finished one frees
-   its slots), ``BATCHES_PER_CALL`` batches' worth of groups per call.
+   its slots), up to ``ROWS_PER_CALL`` rows per call (one drain of the slots per call).
 5. Write each group's records in one append + fsync as soon as the group finishes; a kill loses
    at most the groups in flight.
 
@@ -182,11 +182,18 @@ def batches(task: Task, groups: Plan, done: set, batch_rows: int) -> Iterator[tu
         yield current, missing
 
 
-# Groups handed to the decoder per call, in batches of ``batch_rows``: the engine keeps
-# ``batch_rows`` KV slots busy by admitting the next group as soon as a finished row frees enough
-# slots (continuous batching), so slots idle only at the end of a call. A group's records are
-# appended as soon as it finishes: a kill loses at most the groups in flight.
-BATCHES_PER_CALL = 8
+# Rows handed to the decoder per call (at least ``batch_rows``): the engine keeps ``batch_rows``
+# KV slots busy by admitting the next group as soon as a finished row frees enough slots
+# (continuous batching), so slots idle only while a call drains at its end. A call of 2048 rows
+# is 32 refills of 64 slots, so the drain costs a few per cent of the slot-steps; its prompts
+# (a few hundred tokens each, encoded when the call starts) stay well under 100 MB. A group's
+# records are appended as soon as it finishes: a kill loses at most the groups in flight.
+ROWS_PER_CALL = 2048
+
+
+def rows_per_call(batch_rows: int) -> int:
+    """Rows of one decoder call: ``ROWS_PER_CALL`` rounded down to whole batches, at least one."""
+    return batch_rows * max(1, ROWS_PER_CALL // batch_rows)
 
 
 def decode_batch(task: Task, lm, b: BatchRows, progress: Callable[[int, int], None], slots: int | None = None,
@@ -222,7 +229,7 @@ def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, f
                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
     written_before_run = report.written
     try:
-        for batch, missing in batches(task, groups, existing.done, batch_rows * BATCHES_PER_CALL):
+        for batch, missing in batches(task, groups, existing.done, rows_per_call(batch_rows)):
             b = rows_for_groups(task, batch, missing, prompt)
             in_batch = sum(b.write)
             written_before = bar.n
