@@ -749,10 +749,17 @@ class Tiles:
     g_block: int
     tile_group: torch.Tensor    # [T] int32
     tile_row0: torch.Tensor     # [T] int32
+    busy: int = 0               # static plans: tiles with rows when the run's groups are full (chunking)
 
     @property
     def count(self) -> int:
         return self.tile_group.shape[0]
+
+    @property
+    def working(self) -> int:
+        """Tiles that do work, for splitting the vocabulary: a static plan's padding tiles exit at
+        once, so it splits as for its full groups, not for its R padded tiles."""
+        return self.busy or self.count
 
 
 def tile_shape(g_block: int, on_cuda: bool) -> tuple[int, int]:
@@ -781,9 +788,12 @@ def prepare_plan(plan: SamplePlan, m_block: int | None = None, k_block: int | No
         groups += [empty] * (plan.rows - len(groups))
         row0 += [0] * (plan.rows - len(row0))
     dev = plan.device
+    # a static plan splits the vocabulary as for full groups of its block: R / block groups of
+    # ⌈block / m_block⌉ tiles (a fixed number, so the launch shape never changes either)
+    busy = max(1, plan.rows // g_block) * triton.cdiv(g_block, m_block) if plan.static_block else 0
     tiles = Tiles(m_block=m_block, k_block=k_block, g_block=g_block,
                   tile_group=torch.tensor(groups, dtype=torch.int32, device=dev),
-                  tile_row0=torch.tensor(row0, dtype=torch.int32, device=dev))
+                  tile_row0=torch.tensor(row0, dtype=torch.int32, device=dev), busy=busy)
     return SamplePlan(**{**plan.__dict__, "prepared": tiles})
 
 
@@ -824,7 +834,7 @@ def launch_config(vocab: int, tiles: Tiles, device: torch.device, block_v: int |
     verify_v = min(verify_v, block_v)
     tiles_v = triton.cdiv(vocab, block_v)
     if num_chunks is None:
-        num_chunks = triton.cdiv(4 * _sm_count(device.index or 0), tiles.count) if on_cuda else 1
+        num_chunks = triton.cdiv(4 * _sm_count(device.index or 0), tiles.working) if on_cuda else 1
     num_chunks = max(1, min(num_chunks, tiles_v, MAX_CHUNKS))
     chunk_len = triton.cdiv(tiles_v, num_chunks) * block_v
     return LaunchConfig(block_v=block_v, count_block_v=count_v, verify_block_v=verify_v,

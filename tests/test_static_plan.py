@@ -105,3 +105,36 @@ def test_scheduler_mix_stays_a_mix_when_no_member_contrasts():
     mix = sched.mix(4)
     assert mix is not None and torch.equal(mix, torch.eye(4))
     assert Scheduler(4, None, slots=4).mix(4) is None           # unguided runs stay mix-free
+
+
+def test_static_plan_splits_the_vocabulary_as_for_its_full_groups():
+    """R padded tiles, most of them empty: the vocabulary split (programs per tile) follows the
+    tiles that work when the run's groups are full, and is the same for every composition."""
+    from divgen.kernels import guided_sample_triton as gs
+
+    ops = kernels.ops_for("cpu", "triton")
+    full = kernels.build_sample_plan(block_mix(COMPOSITIONS["full"]), "cpu", rows=ROWS, ops=ops, static_block=4)
+    drain = kernels.build_sample_plan(block_mix(COMPOSITIONS["drain"]), "cpu", rows=ROWS, ops=ops, static_block=4)
+    plain = kernels.build_sample_plan(block_mix(COMPOSITIONS["full"]), "cpu", rows=ROWS, ops=ops)
+    assert full.prepared.count == drain.prepared.count == ROWS           # one launch shape
+    assert full.prepared.working == drain.prepared.working == plain.prepared.count == 3
+    wide = kernels.build_sample_plan(None, "cpu", rows=ROWS, ops=ops, static_block=1)
+    assert wide.prepared.working == wide.prepared.count == ROWS
+    big = kernels.build_sample_plan(block_mix([list(range(12))]), "cpu", rows=ROWS, ops=ops, static_block=16)
+    assert big.prepared.working == 1
+
+def test_static_plan_launches_as_many_vocabulary_chunks_as_the_plain_plan(monkeypatch):
+    """On a GPU (launch planning only: no kernel runs) 64 slots in groups of 4 get the chunks of
+    16 working tiles (~4 programs an SM), not of the 64 padded ones."""
+    from divgen.kernels import guided_sample_triton as gs
+
+    monkeypatch.setattr(gs, "_sm_count", lambda index: 132)
+    ops = kernels.ops_for("cpu", "triton")
+    mix = block_mix([list(range(i, i + 4)) for i in range(0, 64, 4)], rows=64)
+    chunks = {}
+    for name, block in (("plain", None), ("static", 4)):
+        plan = gs.prepare_plan(kernels.build_sample_plan(mix, "cpu", rows=64, ops=gs._NoPrepare, static_block=block))
+        # planned as on a GPU (the tiles' shape is the CPU one; only the count matters here)
+        chunks[name] = gs.launch_config(128256, plan.prepared, torch.device("cuda")).num_chunks
+    # ⌈4 · 132 / 16⌉ = 33 asked, rounded to whole 512-token tiles: 32 (padded tiles would give 9)
+    assert chunks["static"] == chunks["plain"] == 32
