@@ -91,54 +91,60 @@ def sample_variants() -> list[Variant]:
                        ("best_score_ptr", "*fp32"), ("best_token_ptr", "*i32"), ("best_z_ptr", "*fp32"),
                        ("z_max_ptr", "*fp32"), ("z_sum_ptr", "*fp32"),
                        ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"), ("logp_floor", "fp32"),
+                       ("top_k_ptr", "*i64"), ("top_p_ptr", "*fp32"), ("part_ptr", "*fp32"), ("cand_z_ptr", "*fp32"),
+                       ("cand_z_max_ptr", "*fp32"), ("state_out_ptr", "*i32"), ("lo_out_ptr", "*i64"),
+                       ("rounds_ptr", "*i32"), ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"),
+                       ("center_out_ptr", "*fp32"), ("spacing_out_ptr", "*fp32"),
+                       ("measure_ptr", "*fp32"), ("measure_max_ptr", "*fp32"),
                        *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "HAS_NOISE",
-                                                     "TOP_K_TOP_P", "RETURN_LOGPROBS", "CANDIDATE", "GUMBEL_MAX")))
+                                                     "TOP_K_TOP_P", "RETURN_LOGPROBS", "CANDIDATE", "GUMBEL_MAX",
+                                                     "DECIDE", "NARROW_P", "NUM_LEVELS", "NUM_PIVOTS")))
                 tag = (f"sample G={g_block} M={m} {dtype}{' top' if top else ''}{' logp' if logprobs else ''}"
                        f"{' round' if cand else ''}")
                 out.append(Variant(f"{mod}:_sample_kernel", tag, sig, (
                     ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", block_v), ("HAS_NOISE", False),
                     ("TOP_K_TOP_P", top), ("RETURN_LOGPROBS", logprobs), ("CANDIDATE", cand),
-                    ("GUMBEL_MAX", gs.GUMBEL_MAX)),
+                    ("GUMBEL_MAX", gs.GUMBEL_MAX), ("DECIDE", cand), ("NARROW_P", top and not cand),
+                    ("NUM_LEVELS", gs.NUM_LEVELS), ("NUM_PIVOTS", gs.NUM_PIVOTS)),
                     num_warps=warps, logits_per_thread=m * block_v / (32 * warps)))
             verify_v = max(16, (64 if m == 1 else 32) * warps // m)
             sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), *tile_args,
                    ("lse_ptr", "*fp32"), ("cut_ptr", "*fp32"), ("inv_t_ptr", "*fp32"), ("top_k_ptr", "*i64"),
-                   ("top_p_ptr", "*fp32"), ("state_ptr", "*i32"), ("cand_z_ptr", "*fp32"), ("cand_z_max_ptr", "*fp32"),
+                   ("top_p_ptr", "*fp32"), ("state_ptr", "*i32"),
+                   ("best_score_ptr", "*fp32"), ("best_token_ptr", "*i32"), ("best_z_ptr", "*fp32"), ("z_max_ptr", "*fp32"),
+                   ("tokens_ptr", "*i64"), ("cand_z_ptr", "*fp32"), ("cand_z_max_ptr", "*fp32"),
                    ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"), ("part_ptr", "*fp32"),
                    ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"),
                    ("logp_floor", "fp32"),
-                   *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "NUM_LEVELS")))
+                   *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "NUM_LEVELS", "C_BLOCK")))
             out.append(Variant(f"{mod}:_verify_kernel", f"verify G={g_block} M={m} {dtype}", sig, (
                 ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", verify_v),
-                ("NUM_LEVELS", gs.NUM_LEVELS)),
+                ("NUM_LEVELS", gs.NUM_LEVELS), ("C_BLOCK", gs.MAX_CHUNKS)),
                 num_warps=warps, logits_per_thread=m * verify_v / (32 * warps)))
-            for mass in ((False, True) if dtype == "bf16" else (True,)):
+            # (MASS, first pass): a narrowing pass of each threshold; the first top-k pass (it
+            # decides the last round) and the first top-p pass (it finishes the top-k threshold)
+            for mass, first in ([(False, False), (True, False), (False, True), (True, True)] if dtype == "bf16"
+                                else [(True, False)]):
                 sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), *tile_args,
-                       ("lse_ptr", "*fp32"), ("cut_ptr", "*fp32"), ("inv_t_ptr", "*fp32"), ("lo_top_k_ptr", "*i64"),
-                       ("lo_ptr", "*i64"), ("pivot_shift", "i32"), ("state_ptr", "*i32"), ("skip_from", "i32"),
+                       ("lse_ptr", "*fp32"), ("cut_ptr", "*fp32"), ("inv_t_ptr", "*fp32"), ("top_k_ptr", "*i64"),
+                       ("top_p_ptr", "*fp32"), ("lo_top_k_ptr", "*i64"), ("lo_prev_ptr", "*i64"), ("lo_ptr", "*i64"),
+                       ("pivot_shift", "i32"), ("prev_shift", "i32"), ("state_ptr", "*i32"), ("state_out_ptr", "*i32"),
+                       ("measure_in_ptr", "*fp32"), ("measure_max_in_ptr", "*fp32"),
                        ("measure_ptr", "*fp32"), ("measure_max_ptr", "*fp32"),
+                       ("part_ptr", "*fp32"), ("cand_z_ptr", "*fp32"), ("cand_z_max_ptr", "*fp32"),
+                       ("lo_r_ptr", "*i64"), ("rounds_ptr", "*i32"), ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"),
                        ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"), ("logp_floor", "fp32"),
                        *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "NUM_PIVOTS",
-                                                     "MASS", "APPLY_TOP_K")))
-                tag = f"count G={g_block} M={m} {dtype} {'top-p' if mass else 'top-k'}"
+                                                     "MASS", "APPLY_TOP_K", "FIRST", "DECIDE", "FINISH_TOP_K",
+                                                     "NUM_LEVELS")))
+                tag = (f"count G={g_block} M={m} {dtype} {'top-p' if mass else 'top-k'}"
+                       f"{(' finish' if mass else ' decide') if first else ''}")
                 out.append(Variant(f"{mod}:_threshold_count_kernel", tag, sig, (
                     ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", count_v),
-                    ("NUM_PIVOTS", gs.NUM_PIVOTS), ("MASS", mass), ("APPLY_TOP_K", mass)),
+                    ("NUM_PIVOTS", gs.NUM_PIVOTS), ("MASS", mass), ("APPLY_TOP_K", mass), ("FIRST", first),
+                    ("DECIDE", first and not mass), ("FINISH_TOP_K", first and mass), ("NUM_LEVELS", gs.NUM_LEVELS)),
                     num_warps=warps, logits_per_thread=m * count_v / (32 * warps)))
     c_block = gs.MAX_CHUNKS
-    for mass in (False, True):
-        out.append(Variant(f"{mod}:_threshold_narrow_kernel", f"narrow {'mass' if mass else 'count'}", (
-            ("measure_ptr", "*fp32"), ("measure_max_ptr", "*fp32"), ("bound_ptr", "*fp32"), ("lo_ptr", "*i64"),
-            ("pivot_shift", "i32"), ("num_chunks", "i32"),
-            ("C_BLOCK", "constexpr"), ("NUM_PIVOTS", "constexpr"), ("MASS", "constexpr")),
-            (("C_BLOCK", c_block), ("NUM_PIVOTS", gs.NUM_PIVOTS), ("MASS", mass))))
-    out.append(Variant(f"{mod}:_decide_kernel", "decide R=64", (
-        ("part_ptr", "*fp32"), ("top_k_ptr", "*i64"), ("top_p_ptr", "*fp32"), ("cand_z_ptr", "*fp32"),
-        ("cand_z_max_ptr", "*fp32"), ("state_ptr", "*i32"), ("lo_ptr", "*i64"), ("rounds_ptr", "*i32"),
-        ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"),
-        ("rows_total", "i32"), ("vocab", "i32"), ("num_chunks", "i32"), ("last_round", "i32"),
-        ("BLOCK_R", "constexpr"), ("C_BLOCK", "constexpr"), ("NUM_LEVELS", "constexpr")),
-        (("BLOCK_R", 64), ("C_BLOCK", c_block), ("NUM_LEVELS", gs.NUM_LEVELS))))
     for block_r, logprobs in ((64, True), (64, False)):
         out.append(Variant(f"{mod}:_row_stats_kernel", f"row stats R={block_r}", (
             ("part_max_ptr", "*fp32"), ("part_sum_ptr", "*fp32"), ("cutoff_ptr", "*fp32"), ("lse_ptr", "*fp32"),
@@ -148,12 +154,11 @@ def sample_variants() -> list[Variant]:
         out.append(Variant(f"{mod}:_select_kernel", f"select R={block_r}{' logp' if logprobs else ''}", (
             ("best_score_ptr", "*fp32"), ("best_token_ptr", "*i32"), ("best_z_ptr", "*fp32"), ("z_max_ptr", "*fp32"),
             ("z_sum_ptr", "*fp32"), ("state_ptr", "*i32"), ("skip_from", "i32"), ("tokens_ptr", "*i64"),
-            ("logprobs_ptr", "*fp32"), ("cand_z_ptr", "*fp32"), ("cand_z_max_ptr", "*fp32"),
+            ("logprobs_ptr", "*fp32"),
             ("rows_total", "i32"), ("vocab", "i32"), ("num_chunks", "i32"),
             ("BLOCK_R", "constexpr"), ("C_BLOCK", "constexpr"), ("RETURN_LOGPROBS", "constexpr"),
-            ("SKIP_SETTLED", "constexpr"), ("CANDIDATE", "constexpr")),
-            (("BLOCK_R", block_r), ("C_BLOCK", c_block), ("RETURN_LOGPROBS", logprobs), ("SKIP_SETTLED", True),
-             ("CANDIDATE", not logprobs))))
+            ("SKIP_SETTLED", "constexpr")),
+            (("BLOCK_R", block_r), ("C_BLOCK", c_block), ("RETURN_LOGPROBS", logprobs), ("SKIP_SETTLED", True))))
     return out
 
 

@@ -303,47 +303,122 @@ def _row_stats_kernel(
     tl.store(cut_ptr + r, row_max + tl.load(cutoff_ptr + r, mask=rmask, other=0.0), mask=rmask)
 
 
-@triton.jit(do_not_specialize=["pivot_shift", "skip_from"])
+@triton.jit
+def _narrow_rows(rows, live, measure_ptr, measure_max_ptr, lo_prev, shift, num_chunks, vocab,
+                 top_k_ptr, top_p_ptr,
+                 M_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr, MASS: tl.constexpr):
+    """The narrowing after a counting pass, for the rows ``live`` of a program: with F(pivot j) the
+    measure above pivot j (chunk partials summed in chunk order), lo = lo_prev + 2^shift ·
+    #{j ≥ 1 : F(j) ≥ bound}, bound = k (top-k) or top_p · total mass (top-p), ∞ without the cut.
+
+    F is non-increasing in j (sums of the same terms, fewer of them), so this moves lo to the last
+    pivot that still fails "F < bound": the threshold stays in (lo, lo + 2^shift]. Every program
+    of the next launch computes it for its own rows from the same partials in the same order (the
+    same result everywhere: no narrowing launch)."""
+    j = tl.arange(0, NUM_PIVOTS)
+    mask = live[:, None] & (j < NUM_PIVOTS)[None, :]
+    above = tl.zeros([M_BLOCK, NUM_PIVOTS], dtype=tl.float32)
+    if MASS:
+        top = tl.full([M_BLOCK], float("-inf"), dtype=tl.float32)
+        for c in range(0, num_chunks):
+            top = tl.maximum(top, tl.load(measure_max_ptr + rows * num_chunks + c, mask=live,
+                                          other=float("-inf")))
+        ref = tl.where(top == float("-inf"), 0.0, top)
+        for c in range(0, num_chunks):
+            cmax = tl.load(measure_max_ptr + rows * num_chunks + c, mask=live, other=float("-inf"))
+            meas = tl.load(measure_ptr + (rows * num_chunks + c)[:, None] * NUM_PIVOTS + j[None, :],
+                           mask=mask, other=0.0)
+            above += meas * tl.exp(cmax - ref)[:, None]
+        top_p = tl.load(top_p_ptr + rows, mask=live, other=1.0)
+        total = tl.sum(tl.where(j[None, :] == 0, above, 0.0), axis=1)
+        bound = tl.where(top_p < 1.0, top_p * total, float("inf"))
+    else:
+        for c in range(0, num_chunks):
+            above += tl.load(measure_ptr + (rows * num_chunks + c)[:, None] * NUM_PIVOTS + j[None, :],
+                             mask=mask, other=0.0)
+        top_k = tl.load(top_k_ptr + rows, mask=live, other=0)
+        bound = tl.where(top_k > 0, tl.minimum(top_k, vocab).to(tl.float32), float("inf"))
+    fails = tl.sum(tl.where((j[None, :] > 0) & (above >= bound[:, None]), 1, 0), axis=1)
+    return lo_prev + (fails.to(tl.int64) << shift)
+
+
+@triton.jit(do_not_specialize=["pivot_shift", "prev_shift"])
 def _threshold_count_kernel(
     logits_ptr, stride_logits,
     tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr,
-    lse_ptr, cut_ptr, inv_t_ptr, lo_top_k_ptr,
-    lo_ptr, pivot_shift, state_ptr, skip_from,
-    measure_ptr, measure_max_ptr,        # out: [R, num_chunks, NUM_PIVOTS], [R, num_chunks]
+    lse_ptr, cut_ptr, inv_t_ptr, top_k_ptr, top_p_ptr,
+    lo_top_k_ptr,          # [R] i64: the top-k threshold's lo (APPLY_TOP_K; out with FINISH_TOP_K)
+    lo_prev_ptr, lo_ptr,   # [R] i64: lo of the previous counting pass (in), of this one (out)
+    pivot_shift, prev_shift,
+    state_ptr, state_out_ptr,                                   # [R] i32 (state_out: DECIDE)
+    measure_in_ptr, measure_max_in_ptr,  # the previous pass's [R, num_chunks, NUM_PIVOTS], [R, num_chunks]
+    measure_ptr, measure_max_ptr,        # out: this pass's
+    part_ptr, cand_z_ptr, cand_z_max_ptr, lo_r_ptr, rounds_ptr, center_ptr, spacing_ptr,   # DECIDE
     vocab, chunk_len, num_chunks, logp_floor,
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
-    NUM_PIVOTS: tl.constexpr, MASS: tl.constexpr, APPLY_TOP_K: tl.constexpr,
+    NUM_PIVOTS: tl.constexpr, MASS: tl.constexpr, APPLY_TOP_K: tl.constexpr, FIRST: tl.constexpr,
+    DECIDE: tl.constexpr, FINISH_TOP_K: tl.constexpr, NUM_LEVELS: tl.constexpr,
 ):
     """A counting pass of the threshold bisection, per (tile row, chunk).
 
-    Pivot j of row r is lo[r] + j · 2^pivot_shift. Column 0 measures
-    every token, column j the tokens whose key is > pivot j. MASS: the measure is Σ exp(z − chunk
-    max) over z after the top-k cut (top-p), with the chunk max written beside it; otherwise it is
-    a count (top-k). Only finite z are measured; a tile with no token in any row's α set is
-    skipped after its load.
+    The pass's lo comes first: KEY_FLOOR for the FIRST pass of a threshold, else the narrowing of
+    the previous pass (``_narrow_rows``) from its partials (double-buffered: this pass writes the
+    other buffer); chunk 0 stores it for the next pass. DECIDE (the first pass after the rounds):
+    the last round's decision (``_decide_rows``) first, chunk 0 storing the final states.
+    FINISH_TOP_K (the first top-p pass): the top-k threshold's last narrowing, stored at
+    lo_top_k. Rows settled by a round (state ≥ STATE_ACCEPTED) are skipped; a program with none
+    left loops over nothing.
 
-    Per-lane accumulation: each token's bucket b = #{pivots j ≥ 1 below its key} (one shift and
-    clamp), and its weight is added into a [M, BLOCK_V, NUM_PIVOTS] accumulator at the columns
-    j ≤ b; the lanes are reduced once per chunk, not once per pivot and tile. A program whose
-    rows all have state ≥ skip_from (settled by a sample / verify round) loops over nothing.
+    Pivot j of row r is lo[r] + j · 2^pivot_shift. Column 0 measures every token, column j the
+    tokens whose key is > pivot j. MASS: the measure is Σ exp(z − chunk max) over z after the
+    top-k cut (top-p), with the chunk max written beside it; otherwise it is a count (top-k).
+    Only finite z are measured; a tile with no token in any row's α set is skipped after its
+    load. Per-lane accumulation: each token's bucket b = #{pivots j ≥ 1 below its key} (one
+    shift and clamp), and its weight is added into a [M, BLOCK_V, NUM_PIVOTS] accumulator at the
+    columns j ≤ b; the lanes are reduced once per chunk, not once per pivot and tile.
     """
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
     pos, pos_mask, rows, start, size, w_off = _tile_rows(
         tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, tile, M_BLOCK)
+    writer = pos_mask & ((pos * 0 + chunk) == 0)   # chunk 0 stores the per-row results (a tensor:
+    # the interpreter cannot mask with "tensor & scalar")
+    if DECIDE:
+        state_prev = tl.load(state_ptr + rows, mask=pos_mask, other=3)
+        state, lo_r, center, spacing, live = _decide_rows(
+            rows, pos_mask, state_prev, part_ptr, top_k_ptr, top_p_ptr, cand_z_ptr, cand_z_max_ptr,
+            lo_r_ptr, center_ptr, spacing_ptr, vocab, num_chunks, M_BLOCK, NUM_LEVELS, True)
+        tl.store(state_out_ptr + rows, state, mask=writer)
+        tl.store(rounds_ptr + rows, tl.load(rounds_ptr + rows, mask=writer & live, other=0) + 1,
+                 mask=writer & live)
+    else:
+        state = tl.load(state_ptr + rows, mask=pos_mask, other=3)
+    active = pos_mask & (state < 3)                              # STATE_BISECT rows (or open: log-probs)
+    if FIRST:
+        lo = tl.full([M_BLOCK], KEY_FLOOR, dtype=tl.int64)
+    else:
+        lo = _narrow_rows(rows, active, measure_in_ptr, measure_max_in_ptr,
+                          tl.load(lo_prev_ptr + rows, mask=active, other=0), prev_shift, num_chunks, vocab,
+                          top_k_ptr, top_p_ptr, M_BLOCK, NUM_PIVOTS, MASS)
+    tl.store(lo_ptr + rows, lo, mask=writer & active)
     row_offsets = rows.to(tl.int64) * stride_logits
     lse = tl.load(lse_ptr + rows, mask=pos_mask, other=0.0)
     cut = tl.load(cut_ptr + rows, mask=pos_mask, other=0.0)
     inv_t = tl.load(inv_t_ptr + rows, mask=pos_mask, other=1.0)
-    lo = tl.load(lo_ptr + rows, mask=pos_mask, other=0)                          # [M] int64
     if APPLY_TOP_K:
-        key_top_k = tl.load(lo_top_k_ptr + rows, mask=pos_mask, other=0) + 1
+        if FINISH_TOP_K:
+            lo_k = _narrow_rows(rows, active, measure_in_ptr, measure_max_in_ptr,
+                                tl.load(lo_prev_ptr + rows, mask=active, other=0), 0, num_chunks, vocab,
+                                top_k_ptr, top_p_ptr, M_BLOCK, NUM_PIVOTS, False)
+            tl.store(lo_top_k_ptr + rows, lo_k, mask=writer & active)
+        else:
+            lo_k = tl.load(lo_top_k_ptr + rows, mask=pos_mask, other=0)
+        key_top_k = lo_k + 1
     j = tl.arange(0, NUM_PIVOTS)
     acc = tl.zeros([M_BLOCK, BLOCK_V, NUM_PIVOTS], dtype=tl.float32)
     run_max = tl.full([M_BLOCK], float("-inf"), dtype=tl.float32)
     v_begin = chunk * chunk_len
     v_end = tl.minimum(v_begin + chunk_len, vocab)
-    active = pos_mask & (tl.load(state_ptr + rows, mask=pos_mask, other=0) < skip_from)
     v_end = tl.where(tl.max(active.to(tl.int32), axis=0) > 0, v_end, v_begin)   # all settled: no loop
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
@@ -383,7 +458,7 @@ def _probe_levels(zx, refine, center, spacing, NUM_LEVELS: tl.constexpr):
     """The verify pass's probe levels [R, NUM_LEVELS]. Level 0 is zx. An open row: zx − depth,
     depths 1, 2, 4, 8 below the candidate's z and 1, 2, 4 above it (nats of z); a refining row:
     center − (j − 1) · spacing, j = 1..7 (its bracket of the top-k threshold). The same fp32 ops
-    in both kernels."""
+    wherever they are computed."""
     j = tl.arange(0, NUM_LEVELS)
     depth = tl.where(j == 0, 0.0, tl.where(j <= 4, tl.exp2((j - 1).to(tl.float32)),
                                             -tl.exp2((j - 5).to(tl.float32))))
@@ -394,36 +469,68 @@ def _probe_levels(zx, refine, center, spacing, NUM_LEVELS: tl.constexpr):
 
 
 @triton.jit
+def _pick_candidate(rows, live, best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, vocab, num_chunks,
+                    C_BLOCK: tl.constexpr):
+    """A round's candidate of each live row from the sample pass's chunk winners (as
+    ``_select_kernel``: max score, ties → smallest token id, none → token 0): (token, its z, the
+    row's max z)."""
+    c = tl.arange(0, C_BLOCK)
+    mask = live[:, None] & (c < num_chunks)[None, :]
+    offs = rows[:, None] * num_chunks + c[None, :]
+    score = tl.load(best_score_ptr + offs, mask=mask, other=float("-inf"))
+    token = tl.load(best_token_ptr + offs, mask=mask, other=vocab)
+    top = tl.max(score, axis=1)
+    is_top = score == top[:, None]
+    chosen = tl.min(tl.where(is_top, token, vocab), axis=1)
+    chosen = tl.where(chosen >= vocab, 0, chosen)
+    zx = tl.max(tl.where(is_top & (token == chosen[:, None]),
+                         tl.load(best_z_ptr + offs, mask=mask, other=float("-inf")), float("-inf")), axis=1)
+    zmax = tl.max(tl.load(z_max_ptr + offs, mask=mask, other=float("-inf")), axis=1)
+    return chosen, zx, zmax
+
+
+@triton.jit
 def _verify_kernel(
     logits_ptr, stride_logits,
     tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr,
-    lse_ptr, cut_ptr, inv_t_ptr, top_k_ptr, top_p_ptr, state_ptr, cand_z_ptr, cand_z_max_ptr,
+    lse_ptr, cut_ptr, inv_t_ptr, top_k_ptr, top_p_ptr, state_ptr,
+    best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr,        # the round's sample partials
+    tokens_ptr, cand_z_ptr, cand_z_max_ptr,                       # out (chunk 0): [R] i64, f32, f32
     center_ptr, spacing_ptr,
     part_ptr,                                           # out: [R, num_chunks, 3, NUM_LEVELS] fp32
     vocab, chunk_len, num_chunks, logp_floor,
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
-    NUM_LEVELS: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, C_BLOCK: tl.constexpr,
 ):
     """Measure a round's candidate x (z = zx) per (tile row, chunk), weights e^(z − zmax) ≤ 1
     (zmax the row's max z: no rescaling): plane 0 / 1 = count / mass of z ≥ level_j at the probe
     levels (``_probe_levels``), plane 2 = #{z > zx}, #{z finite}, M(z > zx), M(all). Float
     comparison of z is the order of the int32 keys (−0 = +0). Per-lane sums, reduced once per
     chunk; rows settled (state ≥ 2) or with neither cut are skipped (a program with none left
-    loops over nothing)."""
+    loops over nothing).
+
+    The candidate comes first (no select launch): every program reduces its rows' chunk winners
+    (``_pick_candidate``); chunk 0 stores the token of each row sampled this round (state 0, also
+    rows without a cut: their token is final) and (zx, zmax) for the next launch's decision."""
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
     pos, pos_mask, rows, start, size, w_off = _tile_rows(
         tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, tile, M_BLOCK)
+    state = tl.load(state_ptr + rows, mask=pos_mask, other=2)
+    live = pos_mask & (state <= 1)                                    # open or refining
+    chosen, zx, zmax = _pick_candidate(rows, live, best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr,
+                                       vocab, num_chunks, C_BLOCK)
+    writer = live & ((pos * 0 + chunk) == 0)
+    tl.store(tokens_ptr + rows, chosen.to(tl.int64), mask=writer & (state == 0))
+    tl.store(cand_z_ptr + rows, zx, mask=writer)
+    tl.store(cand_z_max_ptr + rows, zmax, mask=writer)
     row_offsets = rows.to(tl.int64) * stride_logits
     lse = tl.load(lse_ptr + rows, mask=pos_mask, other=0.0)
     cut = tl.load(cut_ptr + rows, mask=pos_mask, other=0.0)
     inv_t = tl.load(inv_t_ptr + rows, mask=pos_mask, other=1.0)
     needs = (tl.load(top_k_ptr + rows, mask=pos_mask, other=0) > 0) | \
         (tl.load(top_p_ptr + rows, mask=pos_mask, other=1.0) < 1.0)
-    state = tl.load(state_ptr + rows, mask=pos_mask, other=2)
-    active = pos_mask & needs & (state <= 1)                          # open or refining
-    zx = tl.load(cand_z_ptr + rows, mask=pos_mask, other=0.0)
-    zmax = tl.load(cand_z_max_ptr + rows, mask=pos_mask, other=0.0)
+    active = live & needs
     ref = tl.where(zmax == float("-inf"), 0.0, zmax)
     levels = _probe_levels(zx, state == 1, tl.load(center_ptr + rows, mask=pos_mask, other=0.0),
                            tl.load(spacing_ptr + rows, mask=pos_mask, other=0.0), NUM_LEVELS)   # [M, L]
@@ -467,39 +574,38 @@ def _verify_kernel(
     tl.store(part_ptr + out + 2 * NUM_LEVELS, scal, mask=amask & (j[None, :] < 4))
 
 
-@triton.jit(do_not_specialize=["last_round"])
-def _decide_kernel(
-    part_ptr, top_k_ptr, top_p_ptr, cand_z_ptr, cand_z_max_ptr,
-    state_ptr, lo_ptr, rounds_ptr, center_ptr, spacing_ptr,        # in/out: [R] i32, i64, i32, f32, f32
-    rows_total, vocab, num_chunks, last_round,
-    BLOCK_R: tl.constexpr, C_BLOCK: tl.constexpr, NUM_LEVELS: tl.constexpr,
+@triton.jit
+def _decide_rows(
+    rows, valid, state, part_ptr, top_k_ptr, top_p_ptr, cand_z_ptr, cand_z_max_ptr,
+    lo_ptr, center_ptr, spacing_ptr, vocab, num_chunks,
+    M_BLOCK: tl.constexpr, NUM_LEVELS: tl.constexpr, LAST: tl.constexpr,
 ):
-    """Accept or reject each open row's candidate x (state 0) from the verify sums.
+    """Accept or reject each live row's candidate x (valid, state ≤ 1) from the verify sums of
+    the last round; returns (state, lo, center, spacing, live) for the rows, unchanged where not
+    live. Computed by every program of the launch after the verify pass (the next round's sample
+    pass, or the first counting pass after the last round), the same for all.
 
     x ∈ K iff #{z > zx} < k and (top-p) M(z > zx) < top_p · M_k, M_k the mass of the top-k set
     (M(all) without top-k). With top-k, M_k is bracketed from the probes (count C, mass M of
     z ≥ L): C(L) ≤ k puts every such token in the top-k set (M_k ≥ M(L)); C(L) ≥ k puts every
     token below L out (M_k ≤ M(L)); else at most k − C(L) tokens below L are in, each of weight
     ≤ e^(L − zmax) (M_k ≤ M(L) + (k − C(L)) e^(L − zmax)); x in the top-k set puts every z ≥ zx
-    in it (M_k ≥ M(z ≥ zx), level 0). Accept (state 2, the token stays) when
+    in it (M_k ≥ M(z ≥ zx), level 0). Accept (state 3, the token stays) when
     x ∈ K for sure. Every level known to have all tokens below it outside K (C(L) ≥ k, or
     M(L) ≥ top_p · M_k upper bound) raises lo to key(L) − 1, and x itself when surely outside
     (lo ≥ key(zx)); the row stays open (state 0, a new sample). An ambiguous row refines (state
     1: no new sample, the next verify probes 8 levels spread over its bracket of the top-k
-    threshold, [highest level with C ≥ k, lowest with C ≤ k]). Rows still open or refining after
-    the last round go to the exact bisection (state 2). Rows with neither cut are accepted.
-    rounds: the rounds a row was open or refining in.
+    threshold, [highest level with C ≥ k, lowest with C ≤ k]). LAST: rows not accepted go to the
+    exact bisection (state 2). Rows with neither cut are accepted.
     """
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     j = tl.arange(0, NUM_LEVELS)
-    state = tl.load(state_ptr + r, mask=r < rows_total, other=2)
-    rmask = (r < rows_total) & (state <= 1)
+    rmask = valid & (state <= 1)
     mask = rmask[:, None] & (j < NUM_LEVELS)[None, :]
-    cnt_lv = tl.zeros([BLOCK_R, NUM_LEVELS], dtype=tl.float32)
-    mass_lv = tl.zeros([BLOCK_R, NUM_LEVELS], dtype=tl.float32)
-    scal = tl.zeros([BLOCK_R, NUM_LEVELS], dtype=tl.float32)
-    for c in range(0, num_chunks):          # chunk partials, one [BLOCK_R, L] block at a time
-        base = ((r * num_chunks + c) * 3)[:, None] * NUM_LEVELS + j[None, :]
+    cnt_lv = tl.zeros([M_BLOCK, NUM_LEVELS], dtype=tl.float32)
+    mass_lv = tl.zeros([M_BLOCK, NUM_LEVELS], dtype=tl.float32)
+    scal = tl.zeros([M_BLOCK, NUM_LEVELS], dtype=tl.float32)
+    for c in range(0, num_chunks):          # chunk partials, one [M, L] block at a time
+        base = ((rows * num_chunks + c) * 3)[:, None] * NUM_LEVELS + j[None, :]
         cnt_lv += tl.load(part_ptr + base, mask=mask, other=0.0)
         mass_lv += tl.load(part_ptr + base + NUM_LEVELS, mask=mask, other=0.0)
         scal += tl.load(part_ptr + base + 2 * NUM_LEVELS, mask=mask & (j < 4)[None, :], other=0.0)
@@ -507,16 +613,16 @@ def _decide_kernel(
     cnt_all = tl.sum(tl.where(j[None, :] == 1, scal, 0.0), axis=1)
     mass_gt = tl.sum(tl.where(j[None, :] == 2, scal, 0.0), axis=1)
     mass_all = tl.sum(tl.where(j[None, :] == 3, scal, 0.0), axis=1)
-    top_k = tl.load(top_k_ptr + r, mask=rmask, other=0)
-    top_p = tl.load(top_p_ptr + r, mask=rmask, other=1.0)
+    top_k = tl.load(top_k_ptr + rows, mask=rmask, other=0)
+    top_p = tl.load(top_p_ptr + rows, mask=rmask, other=1.0)
     has_k = top_k > 0
     has_p = top_p < 1.0
     k = tl.minimum(top_k, vocab).to(tl.float32)
-    zx = tl.load(cand_z_ptr + r, mask=rmask, other=0.0)
-    zmax = tl.load(cand_z_max_ptr + r, mask=rmask, other=0.0)
-    center = tl.load(center_ptr + r, mask=rmask, other=0.0)
-    spacing = tl.load(spacing_ptr + r, mask=rmask, other=0.0)
-    levels = _probe_levels(zx, state == 1, center, spacing, NUM_LEVELS)
+    zx = tl.load(cand_z_ptr + rows, mask=rmask, other=0.0)
+    zmax = tl.load(cand_z_max_ptr + rows, mask=rmask, other=0.0)
+    center_old = tl.load(center_ptr + rows, mask=valid, other=0.0)
+    spacing_old = tl.load(spacing_ptr + rows, mask=valid, other=0.0)
+    levels = _probe_levels(zx, state == 1, center_old, spacing_old, NUM_LEVELS)
     w_level = tl.exp(levels - tl.where(zmax == float("-inf"), 0.0, zmax)[:, None])
     in_k = (cnt_gt < k) | (~has_k)
     m_lo = tl.maximum(tl.where(cnt_all <= k, mass_all, 0.0),
@@ -531,52 +637,23 @@ def _decide_kernel(
     accept = in_k & in_p
     reject = (~in_k) | (has_p & (mass_gt >= top_p * m_hi))
     below_out = (has_k[:, None] & (cnt_lv >= k[:, None])) | \
-        (has_p[:, None] & (mass_lv >= (top_p * m_hi)[:, None]))                             # [R, L]
+        (has_p[:, None] & (mass_lv >= (top_p * m_hi)[:, None]))                             # [M, L]
     level_lo = tl.max(tl.where(below_out, _ordered_key(levels).to(tl.int64) - 1, KEY_FLOOR), axis=1)
-    lo = tl.load(lo_ptr + r, mask=rmask, other=0)
-    lo = tl.maximum(lo, level_lo)
+    lo_old = tl.load(lo_ptr + rows, mask=valid, other=0)
+    lo = tl.maximum(lo_old, level_lo)
     lo = tl.where(reject, tl.maximum(lo, _ordered_key(zx).to(tl.int64)), lo)
-    tl.store(lo_ptr + r, lo, mask=rmask)
     # the refine bracket: [highest level with C ≥ k, lowest level with C ≤ k]
     upper = tl.min(tl.where(cnt_lv <= k[:, None], levels, float("inf")), axis=1)
     upper = tl.where(upper == float("inf"), tl.max(levels, axis=1), upper)
     lower = tl.max(tl.where(cnt_lv >= k[:, None], levels, float("-inf")), axis=1)
     lower = tl.where(lower == float("-inf"), upper - REFINE_FLOOR_NATS, lower)
-    tl.store(center_ptr + r, upper, mask=rmask)
-    tl.store(spacing_ptr + r, (upper - lower) * (1.0 / (NUM_LEVELS - 2)), mask=rmask)
-    new_state = tl.where(accept, 3, tl.where(last_round != 0, 2, tl.where(reject, 0, 1)))
-    tl.store(state_ptr + r, new_state, mask=rmask)
-    tl.store(rounds_ptr + r, tl.load(rounds_ptr + r, mask=rmask, other=0) + 1, mask=rmask)
-
-
-@triton.jit(do_not_specialize=["pivot_shift"])
-def _threshold_narrow_kernel(
-    measure_ptr, measure_max_ptr, bound_ptr, lo_ptr, pivot_shift, num_chunks,
-    C_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr, MASS: tl.constexpr,
-):
-    """Per row: F(pivot j) = measure above pivot j; lo += 2^shift · #{j ≥ 1 : F(j) ≥ bound}.
-
-    F is non-increasing in j (sums of the same terms, fewer of them), so this moves lo to the last
-    pivot that still fails "F < bound": the threshold stays in (lo, lo + 2^shift].
-    """
-    r = tl.program_id(0)
-    c = tl.arange(0, C_BLOCK)
-    j = tl.arange(0, NUM_PIVOTS)
-    cmask = c < num_chunks
-    meas = tl.load(measure_ptr + (r * num_chunks + c[:, None]) * NUM_PIVOTS + j[None, :],
-                   mask=cmask[:, None], other=0.0)                                # [C_BLOCK, NP]
-    bound = tl.load(bound_ptr + r)
-    if MASS:
-        cmax = tl.load(measure_max_ptr + r * num_chunks + c, mask=cmask, other=float("-inf"))
-        top = tl.max(cmax, axis=0)
-        meas = meas * tl.exp(cmax - top)[:, None]
-        above = tl.sum(meas, axis=0)                                              # [NP]
-        bound = bound * tl.sum(tl.where(j == 0, above, 0.0), axis=0)             # top_p · total
+    if LAST:
+        new_state = tl.where(accept, 3, 2)
     else:
-        above = tl.sum(meas, axis=0)
-    fails = tl.sum(tl.where((j > 0) & (above >= bound), 1, 0), axis=0)
-    lo = tl.load(lo_ptr + r)
-    tl.store(lo_ptr + r, lo + (fails.to(tl.int64) << pivot_shift))
+        new_state = tl.where(accept, 3, tl.where(reject, 0, 1))
+    return (tl.where(rmask, new_state, state), tl.where(rmask, lo, lo_old),
+            tl.where(rmask, upper, center_old),
+            tl.where(rmask, (upper - lower) * (1.0 / (NUM_LEVELS - 2)), spacing_old), rmask)
 
 
 @triton.jit(do_not_specialize=["skip_from"])
@@ -587,9 +664,16 @@ def _sample_kernel(
     state_ptr, skip_from,
     best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, z_sum_ptr,   # out: [R, num_chunks]
     vocab, chunk_len, num_chunks, logp_floor,
+    # DECIDE (rounds ≥ 2): the previous round's verify partials and candidates, this round's
+    # state / lo / bracket (out, chunk 0), the rounds counter; NARROW_P (the final sample after
+    # the bisection): the last top-p counting pass's partials
+    top_k_ptr, top_p_ptr, part_ptr, cand_z_ptr, cand_z_max_ptr,
+    state_out_ptr, lo_out_ptr, rounds_ptr, center_ptr, spacing_ptr, center_out_ptr, spacing_out_ptr,
+    measure_ptr, measure_max_ptr,
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_NOISE: tl.constexpr, TOP_K_TOP_P: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
-    CANDIDATE: tl.constexpr, GUMBEL_MAX: tl.constexpr,
+    CANDIDATE: tl.constexpr, GUMBEL_MAX: tl.constexpr, DECIDE: tl.constexpr, NARROW_P: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, NUM_PIVOTS: tl.constexpr,
 ):
     """Pass 2: per (tile row, chunk) the Gumbel-max winner (score, token) and log-prob partials.
 
@@ -599,10 +683,12 @@ def _sample_kernel(
     exact shortcuts: a tile with no token in any row's α set is skipped after its load, and the
     noise of a tile is not computed when no z + max-noise of it reaches a row's best so far.
 
-    TOP_K_TOP_P: only tokens with key ≥ both lower bounds + 1 compete, and rows whose state
-    (``_decide_kernel``) is ≥ skip_from are left alone (a program with none left loops over
-    nothing). CANDIDATE: also the winner's z and the chunk max of z (a round of the sample /
-    verify scheme, module docstring) without the log-prob sum.
+    TOP_K_TOP_P: only tokens with key ≥ both lower bounds + 1 compete, and rows whose state is
+    ≥ skip_from are left alone (a program with none left loops over nothing). CANDIDATE: also
+    the winner's z and the chunk max of z (a round of the sample / verify scheme, module
+    docstring) without the log-prob sum. DECIDE: the rows' state and lo come from the previous
+    round's decision (``_decide_rows``, here: no decide launch; chunk 0 stores them for this
+    round). NARROW_P: the top-p lo is the last counting pass's narrowing (``_narrow_rows``).
     """
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -617,9 +703,31 @@ def _sample_kernel(
                              tl.load(step_ptr + rows, mask=pos_mask, other=0))
     active = pos_mask
     if TOP_K_TOP_P:
-        key_top_k = tl.load(lo_top_k_ptr + rows, mask=pos_mask, other=0) + 1
-        key_top_p = tl.load(lo_top_p_ptr + rows, mask=pos_mask, other=0) + 1
-        active = pos_mask & (tl.load(state_ptr + rows, mask=pos_mask, other=0) < skip_from)
+        if DECIDE:
+            writer = pos_mask & ((pos * 0 + chunk) == 0)
+            state, lo_r, center, spacing, live = _decide_rows(
+                rows, pos_mask, tl.load(state_ptr + rows, mask=pos_mask, other=3), part_ptr, top_k_ptr,
+                top_p_ptr, cand_z_ptr, cand_z_max_ptr, lo_top_k_ptr, center_ptr, spacing_ptr, vocab,
+                num_chunks, M_BLOCK, NUM_LEVELS, False)
+            tl.store(state_out_ptr + rows, state, mask=writer)
+            tl.store(lo_out_ptr + rows, lo_r, mask=writer)
+            tl.store(center_out_ptr + rows, center, mask=writer)
+            tl.store(spacing_out_ptr + rows, spacing, mask=writer)
+            tl.store(rounds_ptr + rows, tl.load(rounds_ptr + rows, mask=writer & live, other=0) + 1,
+                     mask=writer & live)
+            key_top_k = lo_r + 1
+            key_top_p = key_top_k
+        else:
+            state = tl.load(state_ptr + rows, mask=pos_mask, other=0)
+            key_top_k = tl.load(lo_top_k_ptr + rows, mask=pos_mask, other=0) + 1
+            if NARROW_P:
+                lo_p = _narrow_rows(rows, pos_mask & (state < skip_from), measure_ptr, measure_max_ptr,
+                                    tl.load(lo_top_p_ptr + rows, mask=pos_mask & (state < skip_from), other=0),
+                                    0, num_chunks, vocab, top_k_ptr, top_p_ptr, M_BLOCK, NUM_PIVOTS, True)
+                key_top_p = lo_p + 1
+            else:
+                key_top_p = tl.load(lo_top_p_ptr + rows, mask=pos_mask, other=0) + 1
+        active = pos_mask & (state < skip_from)
     lane_best = tl.full([M_BLOCK, BLOCK_V], float("-inf"), dtype=tl.float32)
     lane_token = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.int32) + vocab
     if RETURN_LOGPROBS or CANDIDATE:
@@ -685,15 +793,14 @@ def _select_kernel(
     best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, z_sum_ptr,
     state_ptr, skip_from,
     tokens_ptr, logprobs_ptr,                                        # out: [R] int64, [R] fp32
-    cand_z_ptr, cand_z_max_ptr,                                      # out (CANDIDATE): [R] fp32
     rows_total, vocab, num_chunks,
     BLOCK_R: tl.constexpr, C_BLOCK: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
-    SKIP_SETTLED: tl.constexpr, CANDIDATE: tl.constexpr,
+    SKIP_SETTLED: tl.constexpr,
 ):
     """Reduce the chunk winners of BLOCK_R rows: max score, ties → smallest token id; a row with
     no candidate at all (every logit −inf: a slot not in use) gets token 0, as torch.argmax.
-    SKIP_SETTLED: rows whose state is ≥ skip_from keep their token. CANDIDATE: also the winner's
-    z and the row's max z (for ``_verify_kernel``)."""
+    SKIP_SETTLED: rows whose state is ≥ skip_from keep their token. (A round's candidate is
+    reduced by its verify pass itself, ``_pick_candidate``.)"""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, C_BLOCK)
     rmask = r < rows_total
@@ -708,13 +815,6 @@ def _select_kernel(
     chosen = tl.min(tl.where(is_top, token, vocab), axis=1)
     chosen = tl.where(chosen >= vocab, 0, chosen)
     tl.store(tokens_ptr + r, chosen.to(tl.int64), mask=rmask)
-    if CANDIDATE:
-        z_chosen = tl.max(tl.where(is_top & (token == chosen[:, None]),
-                                   tl.load(best_z_ptr + offs, mask=mask, other=float("-inf")),
-                                   float("-inf")), axis=1)
-        tl.store(cand_z_ptr + r, z_chosen, mask=rmask)
-        tl.store(cand_z_max_ptr + r, tl.max(tl.load(z_max_ptr + offs, mask=mask, other=float("-inf")), axis=1),
-                 mask=rmask)
     if RETURN_LOGPROBS:
         z_chosen = tl.max(tl.where(is_top & (token == chosen[:, None]),
                                    tl.load(best_z_ptr + offs, mask=mask, other=float("-inf")),
@@ -853,35 +953,51 @@ class _StepInputs:
     inv_t: torch.Tensor
 
 
-def _find_threshold(inp: _StepInputs, bound: torch.Tensor, *, mass: bool,
-                    lo_top_k: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
-    """Bisect the int32 key of each row's top-k (mass=False) or top-p threshold; lo [R] int64.
-
-    The rows keep token v iff key(z(v)) ≥ lo + 1. Rows with state ≥ STATE_ACCEPTED are skipped
-    (their lo is meaningless)."""
+def _bisect(inp: _StepInputs, top_k: torch.Tensor, top_p: torch.Tensor, state_prev: torch.Tensor,
+            state: torch.Tensor, decide: tuple | None):
+    """The exact bisection of both thresholds: THRESHOLD_PASSES counting passes for the top-k
+    threshold, then as many for top-p (over the top-k set), one launch each; every pass narrows
+    the previous one's interval itself (``_narrow_rows``), the first top-p pass finishes the
+    top-k threshold (stored in lo_top_k), and the final sample finishes top-p. decide: the last
+    round's (part, cand_z, cand_z_max, lo_r, rounds, center, spacing), decided by the first pass
+    (state_prev → state); None: state is already final (log-probs: every row bisects).
+    Returns (lo_top_k, the last top-p pass's lo, its partials)."""
     logits, plan, tiles, cfg = inp.logits, inp.plan, inp.tiles, inp.cfg
     rows, vocab = logits.shape
-    c_block = next_power_of_2(cfg.num_chunks)
-    lo = torch.full((rows,), KEY_BELOW_ALL, dtype=torch.int64, device=logits.device)
-    measure = torch.empty(rows, cfg.num_chunks, NUM_PIVOTS, dtype=torch.float32, device=logits.device)
-    measure_max = torch.empty(rows, cfg.num_chunks, dtype=torch.float32, device=logits.device)
-    for p in range(THRESHOLD_PASSES):
+    dev = logits.device
+    measure = torch.empty(2, rows, cfg.num_chunks, NUM_PIVOTS, dtype=torch.float32, device=dev)
+    measure_max = torch.empty(2, rows, cfg.num_chunks, dtype=torch.float32, device=dev)
+    lo = torch.empty(2 * THRESHOLD_PASSES, rows, dtype=torch.int64, device=dev)
+    lo_top_k = torch.empty(rows, dtype=torch.int64, device=dev)
+    unused = decide or (inp.lse,) * 7
+    for g in range(2 * THRESHOLD_PASSES):
+        p = g % THRESHOLD_PASSES
+        mass = g >= THRESHOLD_PASSES
         shift = 32 - PIVOT_BITS * (p + 1)
         _threshold_count_kernel[(tiles.count, cfg.num_chunks)](
             logits, logits.stride(0),
             tiles.tile_group, tiles.tile_row0, plan.order, plan.group_start, plan.w_offset, plan.weights,
-            inp.lse, inp.cut, inp.inv_t, lo if lo_top_k is None else lo_top_k,
-            lo, shift, state, STATE_ACCEPTED,
-            measure, measure_max,
+            inp.lse, inp.cut, inp.inv_t, top_k, top_p, lo_top_k, lo[g - 1] if g else lo[0], lo[g],
+            shift, shift + PIVOT_BITS, state_prev if g == 0 else state, state,
+            measure[(g - 1) % 2], measure_max[(g - 1) % 2], measure[g % 2], measure_max[g % 2], *unused,
             vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
             M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.count_block_v,
-            NUM_PIVOTS=NUM_PIVOTS, MASS=mass, APPLY_TOP_K=lo_top_k is not None, num_warps=cfg.num_warps,
+            NUM_PIVOTS=NUM_PIVOTS, MASS=mass, APPLY_TOP_K=mass, FIRST=p == 0,
+            DECIDE=g == 0 and decide is not None, FINISH_TOP_K=g == THRESHOLD_PASSES, NUM_LEVELS=NUM_LEVELS,
+            num_warps=cfg.num_warps,
         )
-        _threshold_narrow_kernel[(rows,)](
-            measure, measure_max, bound, lo, shift, cfg.num_chunks,
-            C_BLOCK=c_block, NUM_PIVOTS=NUM_PIVOTS, MASS=mass,
-        )
-    return lo
+    last = 2 * THRESHOLD_PASSES - 1
+    return lo_top_k, lo[last], measure[last % 2], measure_max[last % 2]
+
+
+def launch_count(any_top_k_top_p: bool, return_logprobs: bool = False, rounds: int | None = None) -> int:
+    """Triton launches of one step (the fixed launch list of ``guided_sample_step``; the per-row
+    parameters add a few elementwise torch ops): 2 stats + sample + select, and with top-k/top-p
+    2 a round (sample, verify; none with log-probs) + 2 · THRESHOLD_PASSES counting passes."""
+    rounds = SAMPLE_ROUNDS if rounds is None else rounds
+    if not any_top_k_top_p:
+        return 4
+    return 4 + (0 if return_logprobs else 2 * rounds) + 2 * THRESHOLD_PASSES
 
 
 def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tensor, step: torch.Tensor,
@@ -892,10 +1008,11 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
     """The capturable step (Triton): device buffers in, tokens out; no checks, no host sync.
 
     Arguments as ``divgen.kernels.guided_sample_step``; the plan must come from
-    ``build_sample_plan`` with this module's ops (it carries the launch tiles). Fixed launches:
-    2 (stats) + 1 sample + 1 select, and with any_top_k_top_p 4 rounds of (sample, select,
-    verify, decide) + 16 · 2 counting/narrowing before the final sample and select (module
-    docstring, item 4), plus a few elementwise torch ops for the per-row parameters; all
+    ``build_sample_plan`` with this module's ops (it carries the launch tiles). Fixed launches
+    (``launch_count``): 2 (stats) + 1 sample + 1 select = 4, and with any_top_k_top_p
+    SAMPLE_ROUNDS rounds of (sample, verify) + 2 · THRESHOLD_PASSES counting passes before the
+    final sample and select: 4 + 2 · 3 + 16 = 26 (20 with log-probs, which skip the rounds;
+    module docstring, item 4), plus a few elementwise torch ops for the per-row parameters; all
     capturable in a CUDA graph. trace (tests, tools): a dict that receives the per-row final
     ``state`` (STATE_ACCEPTED: settled by a round; STATE_BISECT: by the bisection) and
     ``rounds`` (rounds the row was open or refining in) as device tensors.
@@ -934,56 +1051,61 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
     seeds_noise = (logits if noise is None else noise, 0 if noise is None else noise.stride(0))
     tile_args = (tiles.tile_group, tiles.tile_row0, plan.order, plan.group_start, plan.w_offset, plan.weights)
 
-    def sample(lo_k, lo_p, state, skip_from, *, top: bool, candidate: bool, cand_z=None, cand_z_max=None):
+    def sample(lo_k, lo_p, state, skip_from, *, top: bool, candidate: bool, decide=None, narrow=None):
+        extra = (top_k, top_p, *(decide or (lse,) * 10), *(narrow or (lse, lse)))
         _sample_kernel[(tiles.count, cfg.num_chunks)](
             logits, logits.stride(0), *seeds_noise, *tile_args,
             lse, cut, inv_t, greedy_i, seeds, step, lo_k, lo_p, state, skip_from,
             best_score, best_token, best_z, z_max, z_sum,
-            vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
+            vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor, *extra,
             M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.block_v,
             HAS_NOISE=noise is not None, TOP_K_TOP_P=top, RETURN_LOGPROBS=return_logprobs and not candidate,
-            CANDIDATE=candidate, GUMBEL_MAX=GUMBEL_MAX, num_warps=cfg.num_warps,
+            CANDIDATE=candidate, GUMBEL_MAX=GUMBEL_MAX, DECIDE=decide is not None, NARROW_P=narrow is not None,
+            NUM_LEVELS=NUM_LEVELS, NUM_PIVOTS=NUM_PIVOTS, num_warps=cfg.num_warps,
         )
+
+    def select(state, skip_from, *, top: bool):
         _select_kernel[(triton.cdiv(rows, block_r),)](
             best_score, best_token, best_z, z_max, z_sum, state, skip_from, tokens, logprobs,
-            lse if cand_z is None else cand_z, lse if cand_z_max is None else cand_z_max,
             rows, vocab, cfg.num_chunks,
-            BLOCK_R=block_r, C_BLOCK=c_block, RETURN_LOGPROBS=return_logprobs and not candidate,
-            SKIP_SETTLED=top, CANDIDATE=candidate,
+            BLOCK_R=block_r, C_BLOCK=c_block, RETURN_LOGPROBS=return_logprobs, SKIP_SETTLED=top,
         )
 
     if not any_top_k_top_p:
         sample(lse, lse, lse, 0, top=False, candidate=False)        # placeholders: unused pointers
+        select(lse, 0, top=False)
         return (tokens, logprobs) if return_logprobs else tokens
 
-    state = torch.zeros(rows, dtype=torch.int32, device=dev)
     rounds = torch.zeros(rows, dtype=torch.int32, device=dev)
-    if not return_logprobs:       # log-probs need the whole of K: straight to the bisection
-        lo = torch.full((rows,), KEY_BELOW_ALL, dtype=torch.int64, device=dev)
-        cand_z = torch.empty(rows, dtype=torch.float32, device=dev)
-        cand_z_max = torch.empty_like(cand_z)
+    if return_logprobs:           # log-probs need the whole of K: straight to the bisection
+        state_prev = state = torch.zeros(rows, dtype=torch.int32, device=dev)
+        decide = None
+    else:
+        n = SAMPLE_ROUNDS
+        # per-round buffers (round r reads round r − 1's, the deciding program of a row writes
+        # round r's: no launch reads what it writes)
+        st = torch.zeros(n + 1, rows, dtype=torch.int32, device=dev)
+        lo_r = torch.full((n + 1, rows), KEY_BELOW_ALL, dtype=torch.int64, device=dev)
+        bracket = torch.zeros(2, n + 1, rows, dtype=torch.float32, device=dev)     # center, spacing
+        cand = torch.empty(2, rows, dtype=torch.float32, device=dev)                # zx, zmax
         part = torch.empty(rows, cfg.num_chunks, 3, NUM_LEVELS, dtype=torch.float32, device=dev)
-        center = torch.zeros(rows, dtype=torch.float32, device=dev)
-        spacing = torch.zeros_like(center)
-        for r in range(SAMPLE_ROUNDS):
-            sample(lo, lo, state, STATE_REFINE, top=True, candidate=True, cand_z=cand_z, cand_z_max=cand_z_max)
+        for r in range(n):
+            prev = max(r - 1, 0)
+            decide = (part, cand[0], cand[1], st[r], lo_r[r], rounds, bracket[0, prev], bracket[1, prev],
+                      bracket[0, r], bracket[1, r]) if r else None
+            sample(lo_r[prev], lo_r[prev], st[prev], STATE_REFINE, top=True, candidate=True, decide=decide)
             _verify_kernel[(tiles.count, cfg.num_chunks)](
-                logits, logits.stride(0), *tile_args, lse, cut, inv_t, top_k, top_p, state, cand_z, cand_z_max,
-                center, spacing, part, vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
+                logits, logits.stride(0), *tile_args, lse, cut, inv_t, top_k, top_p, st[r],
+                best_score, best_token, best_z, z_max, tokens, cand[0], cand[1],
+                bracket[0, r], bracket[1, r], part, vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
                 M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.verify_block_v,
-                NUM_LEVELS=NUM_LEVELS, num_warps=cfg.num_warps,
+                NUM_LEVELS=NUM_LEVELS, C_BLOCK=c_block, num_warps=cfg.num_warps,
             )
-            _decide_kernel[(triton.cdiv(rows, block_r),)](
-                part, top_k, top_p, cand_z, cand_z_max, state, lo, rounds, center, spacing, rows, vocab,
-                cfg.num_chunks,
-                int(r == SAMPLE_ROUNDS - 1), BLOCK_R=block_r, C_BLOCK=c_block, NUM_LEVELS=NUM_LEVELS,
-            )
-    inf = torch.full_like(inv_t, float("inf"))
-    k_bound = torch.where(top_k > 0, top_k.clamp(max=vocab).to(torch.float32), inf)
-    p_bound = torch.where(top_p < 1, top_p.float(), inf)
-    lo_top_k = _find_threshold(inp, k_bound, mass=False, lo_top_k=None, state=state)
-    lo_top_p = _find_threshold(inp, p_bound, mass=True, lo_top_k=lo_top_k, state=state)
-    sample(lo_top_k, lo_top_p, state, STATE_ACCEPTED, top=True, candidate=False)
+        state_prev, state = st[n - 1], st[n]
+        decide = (part, cand[0], cand[1], lo_r[n - 1], rounds, bracket[0, n - 1], bracket[1, n - 1])
+    lo_top_k, lo_p, measure, measure_max = _bisect(inp, top_k, top_p, state_prev, state, decide)
+    sample(lo_top_k, lo_p, state, STATE_ACCEPTED, top=True, candidate=False, narrow=(measure, measure_max))
+    select(state, STATE_ACCEPTED, top=True)
     if trace is not None:           # tests and tools: per-row final state and rounds open
         trace.update(state=state, rounds=rounds)
     return (tokens, logprobs) if return_logprobs else tokens

@@ -882,3 +882,47 @@ def test_rounds_with_groups_and_per_row_cuts_equal_reference(layout, m_block, ke
     tokens, state, rounds = run_rounds(kernel_device, logits, mix, noise, **params, **extra)
     want = reference.guided_sample(logits, mix, seeds=make_seeds(rows), step=0, noise=noise, **params)
     assert torch.equal(tokens, want)
+
+
+def test_step_launch_count_is_fixed(kernel_device, monkeypatch):
+    """The step's Triton launches are a fixed list (``launch_count``): 4 for a plain step, 2 a
+    round + 2 · THRESHOLD_PASSES counting passes more with top-k/top-p, whatever the rows need
+    (here row 0 settles in round 1, row 1 takes the bisection); log-probs skip the rounds."""
+    s = guided_sample_triton
+    launches = []
+
+    class Counted:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            launches.append(self.name)
+            return self.fn[grid]
+
+    for name in [n for n in dir(s) if n.startswith("_") and n.endswith("_kernel")]:
+        monkeypatch.setattr(s, name, Counted(name, getattr(s, name)))
+    rows, vocab = 2, 40
+    logits = (-0.02 * torch.arange(vocab, dtype=torch.float32)).expand(rows, vocab).contiguous()
+    noise = torch.full((rows, vocab), 0.5)
+    noise[0, 0] = 1 - 1e-6
+    noise[1, vocab - 1] = 1 - 1e-6
+    params = dict(top_k=torch.tensor([2, 0]), top_p=torch.tensor([1.0, 0.1]))
+    monkeypatch.setattr(s, "SAMPLE_ROUNDS", 1)    # the interpreter is slow; the count is per round
+    tokens, state, _ = run_rounds(kernel_device, logits, None, noise, **params)
+    assert state.tolist() == [s.STATE_ACCEPTED, s.STATE_BISECT]
+    want = reference.guided_sample(logits, None, seeds=make_seeds(rows), step=0, noise=noise, **params)
+    assert torch.equal(tokens, want)
+    assert len(launches) == s.launch_count(True, rounds=1) == 4 + 2 + 2 * s.THRESHOLD_PASSES
+    assert launches.count("_threshold_count_kernel") == 2 * s.THRESHOLD_PASSES
+    assert not {"_decide_kernel", "_threshold_narrow_kernel"} & set(launches)
+    assert s.launch_count(True) == 4 + 2 * s.SAMPLE_ROUNDS + 2 * s.THRESHOLD_PASSES
+    monkeypatch.setattr(s, "SAMPLE_ROUNDS", 4)
+    assert s.launch_count(True) <= 28
+    launches.clear()
+    s.guided_sample(logits.to(kernel_device), None, seeds=make_seeds(rows).to(kernel_device), step=0,
+                    noise=noise.to(kernel_device))
+    assert len(launches) == s.launch_count(False) == 4
+    launches.clear()
+    s.guided_sample(logits.to(kernel_device), None, seeds=make_seeds(rows).to(kernel_device), step=0,
+                    noise=noise.to(kernel_device), return_logprobs=True, **params)
+    assert len(launches) == s.launch_count(True, return_logprobs=True) == 4 + 2 * s.THRESHOLD_PASSES
