@@ -22,13 +22,18 @@ Grid: R ∈ {4, 16, 64, 256} rows, V ∈ {32000, 128256, 151936}, bf16 logits, K
 (α = 0.05), ``top`` (α = 0.05, top_k = 50, top_p = 0.9) and ``alpha0`` (α = 0: every token is
 sampled, the kernel's compute-bound worst case).
 
-Bytes and floor. Each pass of the kernel reads every logit once: R·V·2 bytes (bf16). The basic
-path makes 2 passes; with top-k/top-p a row makes 2 passes a sample / verify round (1.2–1.7
-rounds on average on SmolLM2 distributions, kernels/README.md) and only rows left unsettled
-after 4 rounds add the bisection's 8 counting passes per threshold (module docstring of
-``kernels/guided_sample_triton.py``). The ``top`` rows' ``GB/s`` still count 2 + 16 passes
-(``COUNTING_PASSES``): an upper bound, no longer the bytes read. ``GB/s`` is passes · R·V·2 / graph time, next to a measured
-device-to-device copy (read + write bytes / s); the second pass may partly hit L2 on small problems.
+Bytes and floor. Each pass of the kernel reads every logit of the rows it works on once: V·2
+bytes a row (bf16). The basic path makes 2 passes over every row. With top-k/top-p a row makes
+the stats pass, then a sample and a verify pass each round it is open or refining in, and only
+rows left unsettled after the rounds add the bisection's counting passes and the final sample
+(module docstring of ``kernels/guided_sample_triton.py``); a tile (here: a group) reads all of
+its rows while any of them works. ``passes`` is that count, averaged over the rows, from one
+traced step on the benchmark's logits (the step's ``trace=``: rounds and final state per row; a
+refining row's skipped sample is counted as read, so it is a slight upper bound). ``GB/s`` is
+passes · R·V·2 / graph time, next to a measured device-to-device copy (read + write bytes / s);
+the second pass may partly hit L2 on small problems. ``launches`` is the step's fixed Triton
+launch count (``guided_sample_triton.launch_count``: 4 basic, 28 with top-k/top-p), paid in
+every step whatever the rows need.
 
 Targets on H100/H200 (basic mode): ≥ 10× the torch reference at R = 64, V = 128256 (eager kernel
 vs eager reference); ≥ 50% of copy bandwidth where R·V·2 ≥ 16 MB and ≤ 20 µs for R ≤ 64 at
@@ -60,7 +65,19 @@ TEMPERATURE = 0.8
 # after their load. α = 0 samples every token: the sample pass is then compute-bound (hash, logs).
 MODES = {"basic": dict(alpha=0.05), "top": dict(alpha=0.05, top_k=50, top_p=0.9), "alpha0": dict(alpha=0.0)}
 BASIC_PASSES = 2
-COUNTING_PASSES = 8           # per threshold (top-k, top-p), see kernels/guided_sample_triton.py
+
+
+def traced_passes(gs, logits, plan, seeds, per_row, group: int) -> float:
+    """Passes over the logits a row of one top-k/top-p step makes, on average: stats, then per
+    tile (= group here) 2 a round while a row of it is live, and the bisection's counting passes
+    + the final sample when a row of it is bisected (from the step's trace)."""
+    trace = {}
+    step = torch.zeros_like(seeds)
+    gs.guided_sample_step(logits, plan, seeds, step, **per_row, any_top_k_top_p=True, trace=trace)
+    rounds = trace["rounds"].view(-1, group).amax(dim=1).float()                    # [groups]
+    bisect = (trace["state"] == gs.STATE_BISECT).view(-1, group).any(dim=1).float()
+    per_group = 2 * rounds + bisect * (2 * gs.THRESHOLD_PASSES + 1)
+    return 1 + per_group.mean().item()
 
 
 def corrsynth_mix(rows: int, group: int, device) -> torch.Tensor:
@@ -138,8 +155,9 @@ def run_case(rows, vocab, group, mode_name, args, device, use_kernel, copy_gbs) 
         result["kernel_us"] = bench(step_once, **timing)["median_s"] * 1e6
         result["graph_us"] = bench(graphed(step_once), **timing)["median_s"] * 1e6
         result["wrapper_us"] = bench(lambda: gs.guided_sample(logits, mix, **kwargs), **timing)["median_s"] * 1e6
-        passes = BASIC_PASSES + COUNTING_PASSES * (("top_k" in mode) + ("top_p" in mode))
+        passes = traced_passes(gs, logits, plan, seeds, per_row, group) if cut else BASIC_PASSES
         result["passes"] = passes
+        result["launches"] = gs.launch_count(cut)
         result["kernel_gbs"] = passes * rows * vocab * 2 / (result["graph_us"] * 1e-6) / 1e9
         result["copy_fraction"] = result["kernel_gbs"] / copy_gbs
         result["reference_over_kernel"] = result["reference_us"] / result["kernel_us"]
@@ -153,7 +171,7 @@ def print_table(results, use_kernel: bool) -> None:
     head = f"{'mode':>6} {'R':>4} {'V':>7} {'K':>3} {'MB':>6} {'ref µs':>9} {'hf µs':>9}"
     if use_kernel:
         head += (f" {'kern µs':>8} {'graph µs':>8} {'wrap µs':>8} {'ref/kern':>8} {'hf/kern':>8}"
-                 f" {'ref/wrap':>8} {'GB/s':>7} {'%copy':>6}")
+                 f" {'ref/wrap':>8} {'passes':>6} {'launch':>6} {'GB/s':>7} {'%copy':>6}")
     else:
         head += f" {'hf/ref':>7}"
     print(head)
@@ -164,7 +182,7 @@ def print_table(results, use_kernel: bool) -> None:
             line += (f" {r['kernel_us']:>8.1f} {r['graph_us']:>8.1f} {r['wrapper_us']:>8.1f}"
                      f" {r['reference_over_kernel']:>8.1f}"
                      f" {r['hf_over_kernel']:>8.1f} {r['reference_over_wrapper']:>8.1f}"
-                     f" {r['kernel_gbs']:>7.0f} {100 * r['copy_fraction']:>5.0f}%")
+                     f" {r['passes']:>6.2f} {r['launches']:>6d} {r['kernel_gbs']:>7.0f} {100 * r['copy_fraction']:>5.0f}%")
         else:
             line += f" {r['hf_over_reference']:>7.2f}"
         print(line)
