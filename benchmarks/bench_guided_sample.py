@@ -182,7 +182,8 @@ def print_table(results, use_kernel: bool) -> None:
             line += (f" {r['kernel_us']:>8.1f} {r['graph_us']:>8.1f} {r['wrapper_us']:>8.1f}"
                      f" {r['reference_over_kernel']:>8.1f}"
                      f" {r['hf_over_kernel']:>8.1f} {r['reference_over_wrapper']:>8.1f}"
-                     f" {r['passes']:>6.2f} {r['launches']:>6d} {r['kernel_gbs']:>7.0f} {100 * r['copy_fraction']:>5.0f}%")
+                     f" {r['passes']:>6.2f} {r['launches']:>6d}"
+                     f" {r['kernel_gbs']:>7.0f} {100 * r['copy_fraction']:>5.0f}%")
         else:
             line += f" {r['hf_over_reference']:>7.2f}"
         print(line)

@@ -39,14 +39,18 @@ FLOOR is ``LOGP_FLOOR`` when a ``mix`` is given and −inf when ``mix`` is None.
    token at or below its z outside K. Sample / verify rounds (SAMPLE_ROUNDS = 4, a fixed launch
    list) use both; each row carries a state (open, refining, bisect, settled) and a lower key
    bound lo (all of K has key > lo):
-   a. sample pass over S = {key(z) > lo} (``_sample_kernel`` with CANDIDATE): candidate x, its
-      z (zx) and the row's max z (zmax); only open rows.
-   b. verify pass (``_verify_kernel``): per-lane sums, one reduction per chunk, of #{z > zx},
+   a. sample pass over S = {key(z) > lo} (``_sample_kernel`` with CANDIDATE): per-chunk
+      winners; only open rows.
+   b. verify pass (``_verify_kernel``): each program first reduces its rows' chunk winners to
+      the candidate x, its z (zx) and the row's max z (zmax) (chunk 0 stores the token), then
+      per-lane sums, one reduction per chunk, of #{z > zx},
       #{z finite}, M(z > zx), M(all) and the count C(L) / mass M(L) of z ≥ L at 8 probe levels L
       (zx − 0, 1, 2, 4, 8 and zx + 1, 2, 4 nats; spread over its bracket for a refining row),
       with M the mass Σ e^(z − zmax) (every weight ≤ 1: no rescaling).
-   c. decide (``_decide_kernel``): x ∈ K iff #{z > zx} < k and M(z > zx) < top_p · M_k, M_k the
-      mass of the top-k set (= M(all) without top-k: exact). With both cuts M_k is bracketed from
+   c. decide (``_decide_rows``, computed by every program of the next launch for its own rows:
+      the next round's sample pass, or the first counting pass after the last round): x ∈ K iff
+      #{z > zx} < k and M(z > zx) < top_p · M_k, M_k the mass of the top-k set (= M(all) without
+      top-k: exact). With both cuts M_k is bracketed from
       the probes: C(L) ≤ k ⇒ M_k ≥ M(L); C(L) ≥ k ⇒ every token below L is out, M_k ≤ M(L); else
       M_k ≤ M(L) + (k − C(L)) e^(L − zmax); and x in the top-k set gives M_k ≥ M(z ≥ zx)
       (level 0 is zx, ties included). x ∈ K for sure: settled (its token stays). x surely
@@ -59,7 +63,9 @@ FLOOR is ``LOGP_FLOOR`` when a ``mix`` is given and −inf when ``mix`` is None.
    launches only. Rows still open after the last round, and every row of a step that returns
    log-probs (the normaliser needs the whole of K), take the exact bisection: the int32 key of
    each threshold is pinned without sorting by 8 counting passes, each measuring 15 pivots at
-   once (interval narrowed 16×): each token gets its bucket (how many pivots lie below its key:
+   once (interval narrowed 16×; each pass starts by narrowing the previous pass's interval from
+   its double-buffered partials, ``_narrow_rows``, so there is no narrowing launch): each token
+   gets its bucket (how many pivots lie below its key:
    one subtract, shift and clamp) and adds its weight into a per-lane [M, BLOCK_V, 16]
    accumulator, reduced once per chunk (mass with an online max, rescaled only when a row's max
    grows); settled rows are skipped there too, and a final sample over key ≥ both thresholds
@@ -89,11 +95,23 @@ was ~2,800 (21×) for every row. Measured rounds on SmolLM2-135M next-token dist
 settles 90 % (top_p 0.9) / 96 % (0.95) of rows, 66–83 % at top_k 50 alone, 52–75 % with both;
 expected 220–231 insn/logit (1.7–1.8× plain) for top-p alone, 245–283 (1.9–2.2×) for top_k 50,
 259–322 (2.0–2.5×) for top_k 50 with top_p 0.9/0.95; ≤ 0.4 % of rows reach the bisection.
-Launches: 4 for a plain step; with ``any_top_k_top_p`` 2 + 4 · 4 (rounds: sample, select,
-verify, decide) + 2 · 16 (bisection) + 2 = 52 (20 before), most of them, once rows settle, on
-programs that read their rows' state and exit (a fixed cost not measured without a GPU); and a
-few elementwise torch ops for the per-row parameters. Nothing reads back to the host, so the
-step can be captured in a CUDA graph.
+Launches (``launch_count``): 4 for a plain step; with ``any_top_k_top_p`` 2 (stats) + 4 · 2
+(rounds: sample, verify) + 2 · 8 (counting passes) + 2 (final sample, select) = 28 (20 with
+log-probs, which skip the rounds; 52 before the fusions below, 20 before the rounds), most of
+them, once rows settle, on programs that read their rows' state and exit (a fixed cost, ~1–2 µs
+each in a CUDA graph, not measured without a GPU); and a few elementwise torch ops for the
+per-row parameters and buffers. No launch has a reduction of its own: a round's candidate is
+reduced by the verify programs (``_pick_candidate``), the decision by the next launch's programs
+(``_decide_rows``), each narrowing by the next counting pass's (``_narrow_rows``), every program
+for its own rows from the same partials in the same order (identical results; chunk 0 stores
+them). Per-round state buffers keep any launch from reading what it writes. The price: each
+program re-reads its rows' partials (≤ M · 64 chunks · 24 floats, masked to live rows), from L2.
+Why 4 rounds, not fewer: a row still open after the last round costs the bisection, 16 more
+passes; on SmolLM2 (kernels/README.md) round 4 settles up to 2.3 % of rows (top_k 50, top_p
+0.9, T = 1), so with 3 rounds ~2.7 % of rows (83 % of 64-row steps) would pay 16 passes to
+save 2 launches. Nor 32 pivots a pass (7 passes a threshold, 24 launches): the counting passes
+grow from 127 / 206 to 207 / 306 insn/logit and spill on sm_80 (G = 256 fp32, G = 1 top-k).
+Nothing reads back to the host, so the step can be captured in a CUDA graph.
 
 Compiled figures (sm_90 / sm_80 registers, spills, shared memory, instructions per logit) are
 measured by ``tests/test_kernels_compile.py``; see ``kernels/README.md``.
@@ -304,10 +322,11 @@ def _row_stats_kernel(
 
 
 @triton.jit
-def _narrow_rows(rows, live, measure_ptr, measure_max_ptr, lo_prev, shift, num_chunks, vocab,
+def _narrow_rows(rows, slots, live, measure_ptr, measure_max_ptr, lo_prev, shift, num_chunks, vocab,
                  top_k_ptr, top_p_ptr,
                  M_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr, MASS: tl.constexpr):
-    """The narrowing after a counting pass, for the rows ``live`` of a program: with F(pivot j) the
+    """The narrowing after a counting pass, for the rows ``live`` of a program (partials at their
+    tile slots, ``slots`` = tile · M + position): with F(pivot j) the
     measure above pivot j (chunk partials summed in chunk order), lo = lo_prev + 2^shift ·
     #{j ≥ 1 : F(j) ≥ bound}, bound = k (top-k) or top_p · total mass (top-p), ∞ without the cut.
 
@@ -321,12 +340,12 @@ def _narrow_rows(rows, live, measure_ptr, measure_max_ptr, lo_prev, shift, num_c
     if MASS:
         top = tl.full([M_BLOCK], float("-inf"), dtype=tl.float32)
         for c in range(0, num_chunks):
-            top = tl.maximum(top, tl.load(measure_max_ptr + rows * num_chunks + c, mask=live,
+            top = tl.maximum(top, tl.load(measure_max_ptr + slots * num_chunks + c, mask=live,
                                           other=float("-inf")))
         ref = tl.where(top == float("-inf"), 0.0, top)
         for c in range(0, num_chunks):
-            cmax = tl.load(measure_max_ptr + rows * num_chunks + c, mask=live, other=float("-inf"))
-            meas = tl.load(measure_ptr + (rows * num_chunks + c)[:, None] * NUM_PIVOTS + j[None, :],
+            cmax = tl.load(measure_max_ptr + slots * num_chunks + c, mask=live, other=float("-inf"))
+            meas = tl.load(measure_ptr + (slots * num_chunks + c)[:, None] * NUM_PIVOTS + j[None, :],
                            mask=mask, other=0.0)
             above += meas * tl.exp(cmax - ref)[:, None]
         top_p = tl.load(top_p_ptr + rows, mask=live, other=1.0)
@@ -334,7 +353,7 @@ def _narrow_rows(rows, live, measure_ptr, measure_max_ptr, lo_prev, shift, num_c
         bound = tl.where(top_p < 1.0, top_p * total, float("inf"))
     else:
         for c in range(0, num_chunks):
-            above += tl.load(measure_ptr + (rows * num_chunks + c)[:, None] * NUM_PIVOTS + j[None, :],
+            above += tl.load(measure_ptr + (slots * num_chunks + c)[:, None] * NUM_PIVOTS + j[None, :],
                              mask=mask, other=0.0)
         top_k = tl.load(top_k_ptr + rows, mask=live, other=0)
         bound = tl.where(top_k > 0, tl.minimum(top_k, vocab).to(tl.float32), float("inf"))
@@ -351,7 +370,7 @@ def _threshold_count_kernel(
     lo_prev_ptr, lo_ptr,   # [R] i64: lo of the previous counting pass (in), of this one (out)
     pivot_shift, prev_shift,
     state_ptr, state_out_ptr,                                   # [R] i32 (state_out: DECIDE)
-    measure_in_ptr, measure_max_in_ptr,  # the previous pass's [R, num_chunks, NUM_PIVOTS], [R, num_chunks]
+    measure_in_ptr, measure_max_in_ptr,  # the previous pass's [T·M, num_chunks, NUM_PIVOTS], [T·M, num_chunks]
     measure_ptr, measure_max_ptr,        # out: this pass's
     part_ptr, cand_z_ptr, cand_z_max_ptr, lo_r_ptr, rounds_ptr, center_ptr, spacing_ptr,   # DECIDE
     vocab, chunk_len, num_chunks, logp_floor,
@@ -394,10 +413,11 @@ def _threshold_count_kernel(
     else:
         state = tl.load(state_ptr + rows, mask=pos_mask, other=3)
     active = pos_mask & (state < 3)                              # STATE_BISECT rows (or open: log-probs)
+    slots = tile * M_BLOCK + tl.arange(0, M_BLOCK)               # the tile's partials (``_narrow_rows``)
     if FIRST:
         lo = tl.full([M_BLOCK], KEY_FLOOR, dtype=tl.int64)
     else:
-        lo = _narrow_rows(rows, active, measure_in_ptr, measure_max_in_ptr,
+        lo = _narrow_rows(rows, slots, active, measure_in_ptr, measure_max_in_ptr,
                           tl.load(lo_prev_ptr + rows, mask=active, other=0), prev_shift, num_chunks, vocab,
                           top_k_ptr, top_p_ptr, M_BLOCK, NUM_PIVOTS, MASS)
     tl.store(lo_ptr + rows, lo, mask=writer & active)
@@ -407,7 +427,7 @@ def _threshold_count_kernel(
     inv_t = tl.load(inv_t_ptr + rows, mask=pos_mask, other=1.0)
     if APPLY_TOP_K:
         if FINISH_TOP_K:
-            lo_k = _narrow_rows(rows, active, measure_in_ptr, measure_max_in_ptr,
+            lo_k = _narrow_rows(rows, slots, active, measure_in_ptr, measure_max_in_ptr,
                                 tl.load(lo_prev_ptr + rows, mask=active, other=0), 0, num_chunks, vocab,
                                 top_k_ptr, top_p_ptr, M_BLOCK, NUM_PIVOTS, False)
             tl.store(lo_top_k_ptr + rows, lo_k, mask=writer & active)
@@ -447,10 +467,11 @@ def _threshold_count_kernel(
             bucket = tl.minimum(tl.maximum((key - lo[:, None] - 1) >> pivot_shift, 0), NUM_PIVOTS - 1)
             acc += tl.where(j[None, None, :] <= bucket.to(tl.int32)[:, :, None], w[:, :, None], 0.0)
     measure = tl.sum(acc, axis=1)                                           # [M, NUM_PIVOTS]
-    offs = (rows[:, None] * num_chunks + chunk) * NUM_PIVOTS + j[None, :]
-    tl.store(measure_ptr + offs, measure, mask=pos_mask[:, None])
+    # partials by tile slot (tile · M + position), not by row: nothing of the rows stays live
+    # over the loop for the stores (it spilled), and padding slots hold zeros
+    tl.store(measure_ptr + (slots[:, None] * num_chunks + chunk) * NUM_PIVOTS + j[None, :], measure)
     if MASS:
-        tl.store(measure_max_ptr + rows * num_chunks + chunk, run_max, mask=pos_mask)
+        tl.store(measure_max_ptr + slots * num_chunks + chunk, run_max)
 
 
 @triton.jit
@@ -721,7 +742,8 @@ def _sample_kernel(
             state = tl.load(state_ptr + rows, mask=pos_mask, other=0)
             key_top_k = tl.load(lo_top_k_ptr + rows, mask=pos_mask, other=0) + 1
             if NARROW_P:
-                lo_p = _narrow_rows(rows, pos_mask & (state < skip_from), measure_ptr, measure_max_ptr,
+                lo_p = _narrow_rows(rows, tile * M_BLOCK + tl.arange(0, M_BLOCK), pos_mask & (state < skip_from),
+                                    measure_ptr, measure_max_ptr,
                                     tl.load(lo_top_p_ptr + rows, mask=pos_mask & (state < skip_from), other=0),
                                     0, num_chunks, vocab, top_k_ptr, top_p_ptr, M_BLOCK, NUM_PIVOTS, True)
                 key_top_p = lo_p + 1
@@ -965,8 +987,9 @@ def _bisect(inp: _StepInputs, top_k: torch.Tensor, top_p: torch.Tensor, state_pr
     logits, plan, tiles, cfg = inp.logits, inp.plan, inp.tiles, inp.cfg
     rows, vocab = logits.shape
     dev = logits.device
-    measure = torch.empty(2, rows, cfg.num_chunks, NUM_PIVOTS, dtype=torch.float32, device=dev)
-    measure_max = torch.empty(2, rows, cfg.num_chunks, dtype=torch.float32, device=dev)
+    slots = tiles.count * tiles.m_block           # partials by tile slot (``_narrow_rows``)
+    measure = torch.empty(2, slots, cfg.num_chunks, NUM_PIVOTS, dtype=torch.float32, device=dev)
+    measure_max = torch.empty(2, slots, cfg.num_chunks, dtype=torch.float32, device=dev)
     lo = torch.empty(2 * THRESHOLD_PASSES, rows, dtype=torch.int64, device=dev)
     lo_top_k = torch.empty(rows, dtype=torch.int64, device=dev)
     unused = decide or (inp.lse,) * 7
@@ -1011,7 +1034,7 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
     ``build_sample_plan`` with this module's ops (it carries the launch tiles). Fixed launches
     (``launch_count``): 2 (stats) + 1 sample + 1 select = 4, and with any_top_k_top_p
     SAMPLE_ROUNDS rounds of (sample, verify) + 2 · THRESHOLD_PASSES counting passes before the
-    final sample and select: 4 + 2 · 3 + 16 = 26 (20 with log-probs, which skip the rounds;
+    final sample and select: 4 + 2 · 4 + 16 = 28 (20 with log-probs, which skip the rounds;
     module docstring, item 4), plus a few elementwise torch ops for the per-row parameters; all
     capturable in a CUDA graph. trace (tests, tools): a dict that receives the per-row final
     ``state`` (STATE_ACCEPTED: settled by a round; STATE_BISECT: by the bisection) and

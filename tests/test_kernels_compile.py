@@ -31,17 +31,19 @@ CI_SM90 = [
     "sample G=1 M=1 bf16", "sample G=1 M=1 bf16 top logp", "sample G=8 M=8 bf16 top logp",
     "sample G=16 M=16 bf16 top logp", "sample G=32 M=32 bf16 top logp", "sample G=64 M=32 bf16 top logp",
     "sample G=256 M=32 fp32 top logp", "sample G=1 M=1 bf16 top round",
-    "verify G=1 M=1 bf16", "verify G=8 M=8 bf16", "verify G=256 M=32 fp32", "decide R=64",
+    "verify G=1 M=1 bf16", "verify G=8 M=8 bf16", "verify G=256 M=32 fp32",
     "count G=1 M=1 bf16 top-k", "count G=1 M=1 bf16 top-p", "count G=8 M=8 bf16 top-p",
+    "count G=1 M=1 bf16 top-k decide", "count G=32 M=32 bf16 top-p", "count G=64 M=32 bf16 top-p finish",
     "count G=64 M=32 bf16 top-k", "count G=256 M=32 fp32 top-p",
-    "narrow mass", "row stats R=64", "select R=64 logp",
+    "row stats R=64", "select R=64 logp",
     "shrink decode r=128 bf16", "shrink prefill r=128 bf16", "shrink prefill r=128 fp32", "shrink prefill r=8 bf16",
     "expand decode r=128 fp32", "expand prefill r=128 bf16",
 ]
 CI_SM80 = [
     "sample G=8 M=8 bf16 top logp", "sample G=64 M=32 bf16 top logp", "sample G=256 M=32 fp32 top logp",
     "count G=256 M=32 fp32 top-p", "count G=8 M=8 bf16 top-p",
-    "verify G=256 M=32 fp32", "verify G=8 M=8 bf16", "decide R=64",
+    "verify G=256 M=32 fp32", "verify G=8 M=8 bf16", "count G=4 M=4 bf16 top-k decide",
+    "count G=256 M=32 bf16 top-k decide",
     "shrink prefill r=128 fp32", "shrink prefill r=128 bf16", "expand prefill r=128 bf16", "shrink decode r=128 bf16",
 ]
 
