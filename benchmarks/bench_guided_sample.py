@@ -32,8 +32,8 @@ traced step on the benchmark's logits (the step's ``trace=``: rounds and final s
 refining row's skipped sample is counted as read, so it is a slight upper bound). ``GB/s`` is
 passes · R·V·2 / graph time, next to a measured device-to-device copy (read + write bytes / s);
 the second pass may partly hit L2 on small problems. ``launches`` is the step's fixed Triton
-launch count (``guided_sample_triton.launch_count``: 4 basic, 28 with top-k/top-p), paid in
-every step whatever the rows need.
+launch count (``guided_sample_triton.launch_count``: 3 basic, 27 with top-k/top-p; 4 and 28 with
+groups over 16 rows), paid in every step whatever the rows need.
 
 Targets on H100/H200 (basic mode): ≥ 10× the torch reference at R = 64, V = 128256 (eager kernel
 vs eager reference); ≥ 50% of copy bandwidth where R·V·2 ≥ 16 MB and ≤ 20 µs for R ≤ 64 at
@@ -157,7 +157,7 @@ def run_case(rows, vocab, group, mode_name, args, device, use_kernel, copy_gbs) 
         result["wrapper_us"] = bench(lambda: gs.guided_sample(logits, mix, **kwargs), **timing)["median_s"] * 1e6
         passes = traced_passes(gs, logits, plan, seeds, per_row, group) if cut else BASIC_PASSES
         result["passes"] = passes
-        result["launches"] = gs.launch_count(cut)
+        result["launches"] = gs.launch_count(cut, fused_stats=gs.fuses_stats(plan.prepared, cut, False))
         result["kernel_gbs"] = passes * rows * vocab * 2 / (result["graph_us"] * 1e-6) / 1e9
         result["copy_fraction"] = result["kernel_gbs"] / copy_gbs
         result["reference_over_kernel"] = result["reference_us"] / result["kernel_us"]

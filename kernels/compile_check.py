@@ -80,9 +80,13 @@ def sample_variants() -> list[Variant]:
         for dtype in (("fp32", "bf16", "fp16") if g_block in (1, 256) else ("bf16",)):
             # (top-k/top-p, log-probs, candidate round): plain; a sample / verify round; the
             # final sample after the bisection, without and with log-probs (the heaviest)
-            flag_sets = ([(False, False, False), (True, False, True), (True, False, False), (True, True, False)]
-                         if dtype == "bf16" else [(True, True, False), (True, False, True)])
+            # cand 2: round 1 (no decide; it combines the stats when the tiles are whole groups, as
+            # the plain pass does); cand 1: rounds 2.. (they decide the previous round)
+            flag_sets = ([(False, False, False), (True, False, 1), (True, False, 2), (True, False, False),
+                          (True, True, False)]
+                         if dtype == "bf16" else [(True, True, False), (True, False, 1)])
             for top, logprobs, cand in flag_sets:
+                fuse = m == g_block and (not top or cand == 2)
                 sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), ("noise_ptr", _ptr(dtype)),
                        ("stride_noise", "i32"), *tile_args,
                        ("lse_ptr", "*fp32"), ("cut_ptr", "*fp32"), ("inv_t_ptr", "*fp32"), ("greedy_ptr", "*i32"),
@@ -96,16 +100,19 @@ def sample_variants() -> list[Variant]:
                        ("rounds_ptr", "*i32"), ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"),
                        ("center_out_ptr", "*fp32"), ("spacing_out_ptr", "*fp32"),
                        ("measure_ptr", "*fp32"), ("measure_max_ptr", "*fp32"),
+                       ("part_max_ptr", "*fp32"), ("part_sum_ptr", "*fp32"), ("cutoff_ptr", "*fp32"),
                        *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "HAS_NOISE",
                                                      "TOP_K_TOP_P", "RETURN_LOGPROBS", "CANDIDATE", "GUMBEL_MAX",
-                                                     "DECIDE", "NARROW_P", "NUM_LEVELS", "NUM_PIVOTS")))
+                                                     "DECIDE", "NARROW_P", "NUM_LEVELS", "NUM_PIVOTS",
+                                                     "FUSE_STATS", "C_BLOCK")))
                 tag = (f"sample G={g_block} M={m} {dtype}{' top' if top else ''}{' logp' if logprobs else ''}"
-                       f"{' round' if cand else ''}")
+                       f"{' round' if cand else ''}{' 1' if cand == 2 else ''}")
                 out.append(Variant(f"{mod}:_sample_kernel", tag, sig, (
                     ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", block_v), ("HAS_NOISE", False),
-                    ("TOP_K_TOP_P", top), ("RETURN_LOGPROBS", logprobs), ("CANDIDATE", cand),
-                    ("GUMBEL_MAX", gs.GUMBEL_MAX), ("DECIDE", cand), ("NARROW_P", top and not cand),
-                    ("NUM_LEVELS", gs.NUM_LEVELS), ("NUM_PIVOTS", gs.NUM_PIVOTS)),
+                    ("TOP_K_TOP_P", top), ("RETURN_LOGPROBS", logprobs), ("CANDIDATE", bool(cand)),
+                    ("GUMBEL_MAX", gs.GUMBEL_MAX), ("DECIDE", cand == 1), ("NARROW_P", top and not cand),
+                    ("NUM_LEVELS", gs.NUM_LEVELS), ("NUM_PIVOTS", gs.NUM_PIVOTS), ("FUSE_STATS", fuse),
+                    ("C_BLOCK", gs.MAX_CHUNKS)),
                     num_warps=warps, logits_per_thread=m * block_v / (32 * warps)))
             verify_v = max(16, (64 if m == 1 else 32) * warps // m)
             sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), *tile_args,

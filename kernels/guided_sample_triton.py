@@ -83,9 +83,9 @@ row a program; ``python -m divgen.kernels.compile_check``, kernels/README.md):
     stats (pass 1)                         25.6      always
     sample, plain                         104        without top-k/top-p
     sample, round (top, candidate)        114        each round a row is open
-    verify                                 71.5      each round a row is open or refining
-    bisection count, top-k / top-p        127 / 206  8 + 8 passes, rows unsettled after 4 rounds
-    final sample (top; with log-probs)   113; 125   bisected rows
+    verify                                 72        each round a row is open or refining
+    bisection count, top-k / top-p        137 / 199  8 + 8 passes, rows unsettled after 4 rounds
+    final sample (top; with log-probs)   114; 126   bisected rows
 
 A plain step is 25.6 + 104 = 130 insn/logit. A top-k/top-p row costs 25.6 + 114 · (rounds
 sampled) + 71.5 · (rounds verified) [+ 2,777 when it falls to the bisection]: 211 (1.6×) when
@@ -95,22 +95,26 @@ was ~2,800 (21×) for every row. Measured rounds on SmolLM2-135M next-token dist
 settles 90 % (top_p 0.9) / 96 % (0.95) of rows, 66–83 % at top_k 50 alone, 52–75 % with both;
 expected 220–231 insn/logit (1.7–1.8× plain) for top-p alone, 245–283 (1.9–2.2×) for top_k 50,
 259–322 (2.0–2.5×) for top_k 50 with top_p 0.9/0.95; ≤ 0.4 % of rows reach the bisection.
-Launches (``launch_count``): 4 for a plain step; with ``any_top_k_top_p`` 2 (stats) + 4 · 2
-(rounds: sample, verify) + 2 · 8 (counting passes) + 2 (final sample, select) = 28 (20 with
-log-probs, which skip the rounds; 52 before the fusions below, 20 before the rounds), most of
-them, once rows settle, on programs that read their rows' state and exit (a fixed cost, ~1–2 µs
-each in a CUDA graph, not measured without a GPU); and a few elementwise torch ops for the
-per-row parameters and buffers. No launch has a reduction of its own: a round's candidate is
-reduced by the verify programs (``_pick_candidate``), the decision by the next launch's programs
-(``_decide_rows``), each narrowing by the next counting pass's (``_narrow_rows``), every program
-for its own rows from the same partials in the same order (identical results; chunk 0 stores
-them). Per-round state buffers keep any launch from reading what it writes. The price: each
-program re-reads its rows' partials (≤ M · 64 chunks · 24 floats, masked to live rows), from L2.
+Launches (``launch_count``), a fixed list per plan: a plain step 3 (stats, sample, select; the
+sample pass combines the stats itself, ``_combine_stats``, when its tiles are whole groups, i.e.
+groups of ≤ 16 rows; 4 with larger groups, whose mixing reads other tiles' rows' lse). With
+``any_top_k_top_p``: stats + 4 rounds · 2 (sample, verify) + 2 · 8 counting passes + final
+sample + select = 27 (28 with groups > 16 rows; 20 with log-probs, which skip the rounds and
+keep the row-stats launch), against 52 before the fusions below (20 before the rounds). Most of
+them, once rows settle, run programs that read their rows' state and exit (a fixed cost, ~1–2 µs
+each in a CUDA graph, not measured without a GPU); a few elementwise torch ops set up the per-row
+parameters and buffers. No launch has a reduction of its own: a round's candidate is reduced by
+the verify programs (``_pick_candidate``), its decision by the next launch's programs
+(``_decide_rows``), each narrowing by the next counting pass's (``_narrow_rows``), the stats by
+the first sample pass's (``_combine_stats``), every program for its own rows from the same
+partials in the same order (identical results; chunk 0 stores them). Per-round state buffers
+keep any launch from reading what it writes. The price: each program re-reads its rows'
+partials from L2 (≤ M · 64 chunks · 24 floats, masked to live rows).
 Why 4 rounds, not fewer: a row still open after the last round costs the bisection, 16 more
 passes; on SmolLM2 (kernels/README.md) round 4 settles up to 2.3 % of rows (top_k 50, top_p
 0.9, T = 1), so with 3 rounds ~2.7 % of rows (83 % of 64-row steps) would pay 16 passes to
-save 2 launches. Nor 32 pivots a pass (7 passes a threshold, 24 launches): the counting passes
-grow from 127 / 206 to 207 / 306 insn/logit and spill on sm_80 (G = 256 fp32, G = 1 top-k).
+save 2 launches. Nor 32 pivots a pass (7 passes a threshold, 2 launches fewer): the counting
+passes grow from 137 / 199 to 207 / 306 insn/logit (the bisection +35 %) and spill on sm_80.
 Nothing reads back to the host, so the step can be captured in a CUDA graph.
 
 Compiled figures (sm_90 / sm_80 registers, spills, shared memory, instructions per logit) are
@@ -319,6 +323,21 @@ def _row_stats_kernel(
     lse = tl.where(row_max == float("-inf"), 0.0, ref + tl.log(tl.where(total > 0, total, 1.0)))
     tl.store(lse_ptr + r, lse, mask=rmask)
     tl.store(cut_ptr + r, row_max + tl.load(cutoff_ptr + r, mask=rmask, other=0.0), mask=rmask)
+
+
+@triton.jit
+def _combine_stats(rows, valid, part_max_ptr, part_sum_ptr, cutoff_ptr, num_chunks, C_BLOCK: tl.constexpr):
+    """``_row_stats_kernel``'s combine (the same ops) for the rows of a program: (lse, cut)."""
+    c = tl.arange(0, C_BLOCK)
+    mask = valid[:, None] & (c < num_chunks)[None, :]
+    offs = rows[:, None] * num_chunks + c[None, :]
+    pmax = tl.load(part_max_ptr + offs, mask=mask, other=float("-inf"))
+    psum = tl.load(part_sum_ptr + offs, mask=mask, other=0.0)
+    row_max = tl.max(pmax, axis=1)
+    ref = tl.where(row_max == float("-inf"), 0.0, row_max)
+    total = tl.sum(psum * tl.exp(pmax - ref[:, None]), axis=1)
+    lse = tl.where(row_max == float("-inf"), 0.0, ref + tl.log(tl.where(total > 0, total, 1.0)))
+    return lse, row_max + tl.load(cutoff_ptr + rows, mask=valid, other=0.0)
 
 
 @triton.jit
@@ -691,10 +710,11 @@ def _sample_kernel(
     top_k_ptr, top_p_ptr, part_ptr, cand_z_ptr, cand_z_max_ptr,
     state_out_ptr, lo_out_ptr, rounds_ptr, center_ptr, spacing_ptr, center_out_ptr, spacing_out_ptr,
     measure_ptr, measure_max_ptr,
+    part_max_ptr, part_sum_ptr, cutoff_ptr,          # FUSE_STATS: the stats pass's chunk partials
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_NOISE: tl.constexpr, TOP_K_TOP_P: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
     CANDIDATE: tl.constexpr, GUMBEL_MAX: tl.constexpr, DECIDE: tl.constexpr, NARROW_P: tl.constexpr,
-    NUM_LEVELS: tl.constexpr, NUM_PIVOTS: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, NUM_PIVOTS: tl.constexpr, FUSE_STATS: tl.constexpr, C_BLOCK: tl.constexpr,
 ):
     """Pass 2: per (tile row, chunk) the Gumbel-max winner (score, token) and log-prob partials.
 
@@ -710,14 +730,23 @@ def _sample_kernel(
     docstring) without the log-prob sum. DECIDE: the rows' state and lo come from the previous
     round's decision (``_decide_rows``, here: no decide launch; chunk 0 stores them for this
     round). NARROW_P: the top-p lo is the last counting pass's narrowing (``_narrow_rows``).
+    FUSE_STATS (the first pass after the stats pass, tiles that are whole groups: the mixing
+    reads no other row's lse): the rows' lse and α cut are combined here from the chunk
+    partials (``_combine_stats``; no row-stats launch), chunk 0 storing them for later passes.
     """
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
     pos, pos_mask, rows, start, size, w_off = _tile_rows(
         tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, tile, M_BLOCK)
     row_offsets = rows.to(tl.int64) * stride_logits
-    lse = tl.load(lse_ptr + rows, mask=pos_mask, other=0.0)
-    cut = tl.load(cut_ptr + rows, mask=pos_mask, other=0.0)
+    if FUSE_STATS:
+        lse, cut = _combine_stats(rows, pos_mask, part_max_ptr, part_sum_ptr, cutoff_ptr, num_chunks, C_BLOCK)
+        first = pos_mask & ((pos * 0 + chunk) == 0)
+        tl.store(lse_ptr + rows, lse, mask=first)
+        tl.store(cut_ptr + rows, cut, mask=first)
+    else:
+        lse = tl.load(lse_ptr + rows, mask=pos_mask, other=0.0)
+        cut = tl.load(cut_ptr + rows, mask=pos_mask, other=0.0)
     inv_t = tl.load(inv_t_ptr + rows, mask=pos_mask, other=1.0)
     greedy = tl.load(greedy_ptr + rows, mask=pos_mask, other=1) != 0
     key1, key2 = _noise_keys(tl.load(seed_ptr + rows, mask=pos_mask, other=0),
@@ -1013,14 +1042,24 @@ def _bisect(inp: _StepInputs, top_k: torch.Tensor, top_p: torch.Tensor, state_pr
     return lo_top_k, lo[last], measure[last % 2], measure_max[last % 2]
 
 
-def launch_count(any_top_k_top_p: bool, return_logprobs: bool = False, rounds: int | None = None) -> int:
+def fuses_stats(tiles: Tiles, any_top_k_top_p: bool, return_logprobs: bool) -> bool:
+    """Whether the first sample pass combines the stats itself (no row-stats launch): its tiles
+    are whole groups (the mixing reads only the tile's own rows' lse) and it is the first pass
+    after the stats (not so for top-k/top-p with log-probs, which start with a counting pass)."""
+    return tiles.m_block == tiles.g_block and not (any_top_k_top_p and return_logprobs)
+
+
+def launch_count(any_top_k_top_p: bool, return_logprobs: bool = False, rounds: int | None = None,
+                 fused_stats: bool = True) -> int:
     """Triton launches of one step (the fixed launch list of ``guided_sample_step``; the per-row
-    parameters add a few elementwise torch ops): 2 stats + sample + select, and with top-k/top-p
-    2 a round (sample, verify; none with log-probs) + 2 · THRESHOLD_PASSES counting passes."""
+    parameters add a few elementwise torch ops): stats (+ row stats unless fused, ``fuses_stats``)
+    + sample + select, and with top-k/top-p 2 a round (sample, verify; none with log-probs)
+    + 2 · THRESHOLD_PASSES counting passes."""
     rounds = SAMPLE_ROUNDS if rounds is None else rounds
+    base = 3 + (not (fused_stats and not (any_top_k_top_p and return_logprobs)))
     if not any_top_k_top_p:
-        return 4
-    return 4 + (0 if return_logprobs else 2 * rounds) + 2 * THRESHOLD_PASSES
+        return base
+    return base + (0 if return_logprobs else 2 * rounds) + 2 * THRESHOLD_PASSES
 
 
 def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tensor, step: torch.Tensor,
@@ -1032,13 +1071,13 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
 
     Arguments as ``divgen.kernels.guided_sample_step``; the plan must come from
     ``build_sample_plan`` with this module's ops (it carries the launch tiles). Fixed launches
-    (``launch_count``): 2 (stats) + 1 sample + 1 select = 4, and with any_top_k_top_p
-    SAMPLE_ROUNDS rounds of (sample, verify) + 2 · THRESHOLD_PASSES counting passes before the
-    final sample and select: 4 + 2 · 4 + 16 = 28 (20 with log-probs, which skip the rounds;
-    module docstring, item 4), plus a few elementwise torch ops for the per-row parameters; all
-    capturable in a CUDA graph. trace (tests, tools): a dict that receives the per-row final
-    ``state`` (STATE_ACCEPTED: settled by a round; STATE_BISECT: by the bisection) and
-    ``rounds`` (rounds the row was open or refining in) as device tensors.
+    (``launch_count``): stats (+ row stats for groups > 16 rows, ``fuses_stats``) + sample +
+    select = 3 (4), and with any_top_k_top_p SAMPLE_ROUNDS rounds of (sample, verify) + 2 ·
+    THRESHOLD_PASSES counting passes before the final sample and select: 3 + 2 · 4 + 16 = 27
+    (28; 20 with log-probs, which skip the rounds; module docstring), plus a few elementwise torch
+    ops for the per-row parameters; all capturable in a CUDA graph. trace (tests, tools): a dict
+    that receives the per-row final ``state`` (STATE_ACCEPTED: settled by a round; STATE_BISECT:
+    by the bisection) and ``rounds`` (rounds the row was open or refining in) as device tensors.
     """
     rows, vocab = logits.shape
     dev = logits.device
@@ -1061,9 +1100,11 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
     lse = torch.empty(rows, dtype=torch.float32, device=dev)
     cut = torch.empty_like(lse)
     block_r = max(1, min(next_power_of_2(rows), 4096 // c_block, 64))
-    _row_stats_kernel[(triton.cdiv(rows, block_r),)](
-        part_max, part_sum, cutoff, lse, cut, rows, cfg.num_chunks, BLOCK_R=block_r, C_BLOCK=c_block,
-    )
+    fuse_stats = fuses_stats(tiles, any_top_k_top_p, return_logprobs)    # else a row-stats launch
+    if not fuse_stats:
+        _row_stats_kernel[(triton.cdiv(rows, block_r),)](
+            part_max, part_sum, cutoff, lse, cut, rows, cfg.num_chunks, BLOCK_R=block_r, C_BLOCK=c_block,
+        )
     inp = _StepInputs(logits=logits, plan=plan, tiles=tiles, cfg=cfg, lse=lse, cut=cut, inv_t=inv_t)
     tokens = torch.empty(rows, dtype=torch.int64, device=dev)
     logprobs = torch.empty(rows, dtype=torch.float32, device=dev)
@@ -1074,8 +1115,9 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
     seeds_noise = (logits if noise is None else noise, 0 if noise is None else noise.stride(0))
     tile_args = (tiles.tile_group, tiles.tile_row0, plan.order, plan.group_start, plan.w_offset, plan.weights)
 
-    def sample(lo_k, lo_p, state, skip_from, *, top: bool, candidate: bool, decide=None, narrow=None):
-        extra = (top_k, top_p, *(decide or (lse,) * 10), *(narrow or (lse, lse)))
+    def sample(lo_k, lo_p, state, skip_from, *, top: bool, candidate: bool, decide=None, narrow=None,
+               stats: bool = False):
+        extra = (top_k, top_p, *(decide or (lse,) * 10), *(narrow or (lse, lse)), part_max, part_sum, cutoff)
         _sample_kernel[(tiles.count, cfg.num_chunks)](
             logits, logits.stride(0), *seeds_noise, *tile_args,
             lse, cut, inv_t, greedy_i, seeds, step, lo_k, lo_p, state, skip_from,
@@ -1084,7 +1126,8 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
             M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.block_v,
             HAS_NOISE=noise is not None, TOP_K_TOP_P=top, RETURN_LOGPROBS=return_logprobs and not candidate,
             CANDIDATE=candidate, GUMBEL_MAX=GUMBEL_MAX, DECIDE=decide is not None, NARROW_P=narrow is not None,
-            NUM_LEVELS=NUM_LEVELS, NUM_PIVOTS=NUM_PIVOTS, num_warps=cfg.num_warps,
+            NUM_LEVELS=NUM_LEVELS, NUM_PIVOTS=NUM_PIVOTS, FUSE_STATS=stats, C_BLOCK=c_block,
+            num_warps=cfg.num_warps,
         )
 
     def select(state, skip_from, *, top: bool):
@@ -1095,7 +1138,7 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
         )
 
     if not any_top_k_top_p:
-        sample(lse, lse, lse, 0, top=False, candidate=False)        # placeholders: unused pointers
+        sample(lse, lse, lse, 0, top=False, candidate=False, stats=fuse_stats)   # placeholders: unused
         select(lse, 0, top=False)
         return (tokens, logprobs) if return_logprobs else tokens
 
@@ -1116,7 +1159,8 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
             prev = max(r - 1, 0)
             decide = (part, cand[0], cand[1], st[r], lo_r[r], rounds, bracket[0, prev], bracket[1, prev],
                       bracket[0, r], bracket[1, r]) if r else None
-            sample(lo_r[prev], lo_r[prev], st[prev], STATE_REFINE, top=True, candidate=True, decide=decide)
+            sample(lo_r[prev], lo_r[prev], st[prev], STATE_REFINE, top=True, candidate=True, decide=decide,
+                   stats=fuse_stats and r == 0)
             _verify_kernel[(tiles.count, cfg.num_chunks)](
                 logits, logits.stride(0), *tile_args, lse, cut, inv_t, top_k, top_p, st[r],
                 best_score, best_token, best_z, z_max, tokens, cand[0], cand[1],

@@ -885,9 +885,11 @@ def test_rounds_with_groups_and_per_row_cuts_equal_reference(layout, m_block, ke
 
 
 def test_step_launch_count_is_fixed(kernel_device, monkeypatch):
-    """The step's Triton launches are a fixed list (``launch_count``): 4 for a plain step, 2 a
-    round + 2 · THRESHOLD_PASSES counting passes more with top-k/top-p, whatever the rows need
-    (here row 0 settles in round 1, row 1 takes the bisection); log-probs skip the rounds."""
+    """The step's Triton launches are a fixed list (``launch_count``): 3 for a plain step whose
+    tiles are whole groups (the first sample pass combines the stats), 2 a round + 2 ·
+    THRESHOLD_PASSES counting passes more with top-k/top-p, whatever the rows need (here row 0
+    settles in round 1, row 1 takes the bisection); log-probs skip the rounds (and keep the
+    row-stats launch: their first pass is a counting pass)."""
     s = guided_sample_triton
     launches = []
 
@@ -912,17 +914,17 @@ def test_step_launch_count_is_fixed(kernel_device, monkeypatch):
     assert state.tolist() == [s.STATE_ACCEPTED, s.STATE_BISECT]
     want = reference.guided_sample(logits, None, seeds=make_seeds(rows), step=0, noise=noise, **params)
     assert torch.equal(tokens, want)
-    assert len(launches) == s.launch_count(True, rounds=1) == 4 + 2 + 2 * s.THRESHOLD_PASSES
+    assert len(launches) == s.launch_count(True, rounds=1) == 3 + 2 + 2 * s.THRESHOLD_PASSES
     assert launches.count("_threshold_count_kernel") == 2 * s.THRESHOLD_PASSES
-    assert not {"_decide_kernel", "_threshold_narrow_kernel"} & set(launches)
-    assert s.launch_count(True) == 4 + 2 * s.SAMPLE_ROUNDS + 2 * s.THRESHOLD_PASSES
+    assert not {"_decide_kernel", "_threshold_narrow_kernel", "_row_stats_kernel"} & set(launches)
     monkeypatch.setattr(s, "SAMPLE_ROUNDS", 4)
-    assert s.launch_count(True) <= 28
+    assert s.launch_count(True) == 27 and s.launch_count(True, fused_stats=False) == 28     # was 52
     launches.clear()
     s.guided_sample(logits.to(kernel_device), None, seeds=make_seeds(rows).to(kernel_device), step=0,
                     noise=noise.to(kernel_device))
-    assert len(launches) == s.launch_count(False) == 4
+    assert len(launches) == s.launch_count(False) == 3
     launches.clear()
     s.guided_sample(logits.to(kernel_device), None, seeds=make_seeds(rows).to(kernel_device), step=0,
                     noise=noise.to(kernel_device), return_logprobs=True, **params)
     assert len(launches) == s.launch_count(True, return_logprobs=True) == 4 + 2 * s.THRESHOLD_PASSES
+    assert "_row_stats_kernel" in launches
