@@ -146,6 +146,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
 def batching(args) -> int:
     """Continuous batching vs fixed batches, EOS honoured: occupancy and examples/s."""
     from divgen.engine.model import load_model
@@ -193,12 +197,12 @@ def batching(args) -> int:
                     useful, slots = sum(c[0] for c in calls), sum(c[1] for c in calls)
                     computed = sum(c[2] for c in calls)
                     w_useful, w_slots = sum(c[3] for c in calls), sum(c[4] for c in calls)
-                    steady = w_useful / w_slots if w_slots else float("nan")
+                    steady = w_useful / w_slots if w_slots else None       # no step waited (fixed batches)
                     runs[(m, v)].append((report.wall_time_s, useful / slots, useful / computed, steady,
                                          1 - w_slots / slots, len(calls)))
                     print(f"  round {rep + 1} {m:10s} {v:10s} {report.wall_time_s:7.2f}s "
                           f"{examples / report.wall_time_s:6.2f} ex/s  occupancy {100 * useful / slots:5.1f} % "
-                          f"(while groups wait {100 * steady:5.1f} %; drain {100 * (1 - w_slots / slots):4.1f} % "
+                          f"(while groups wait {_pct(steady)}; drain {100 * (1 - w_slots / slots):4.1f} % "
                           f"of steps; {len(calls)} calls)", file=sys.stderr)
     job.ROWS_PER_CALL, decode.READ_LAG = known["continuous"]
     job.decode_batch = real_decode
@@ -210,12 +214,12 @@ def batching(args) -> int:
         row = {"method": m, "batching": v, "examples": examples, "examples_per_s": examples / wall,
                "median_wall_s": wall, "occupancy": statistics.fmean(r[1] for r in rs),
                "computed_slot_use": statistics.fmean(r[2] for r in rs),
-               "occupancy_while_waiting": statistics.fmean(r[3] for r in rs),
+               "occupancy_while_waiting": None if rs[0][3] is None else statistics.fmean(r[3] for r in rs),
                "drain_step_fraction": statistics.fmean(r[4] for r in rs), "decoder_calls": rs[0][5],
                "wall_s_all_repeats": [r[0] for r in rs]}
         rows.append(row)
         print(f"{m:10s} {v:10s} {row['examples_per_s']:10.2f} {100 * row['occupancy']:8.1f}% "
-              f"{100 * row['occupancy_while_waiting']:12.1f}% {100 * row['drain_step_fraction']:10.1f}% "
+              f"{_pct(row['occupancy_while_waiting']):>13s} {100 * row['drain_step_fraction']:10.1f}% "
               f"{100 * row['computed_slot_use']:16.1f}%")
     ratios = {}
     for m in methods:
