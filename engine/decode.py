@@ -44,7 +44,7 @@ from divgen.engine.kv_cache import KVCache
 from divgen.engine.model import LoadedModel
 from divgen.engine.sampling import SamplingParams, build_sample_plan, guided_sample_step
 from divgen.engine.scheduler import Scheduler
-from divgen.kernels.plan import next_power_of_2
+from divgen.kernels.plan import MAX_GROUP_ROWS, next_power_of_2
 
 
 @dataclass
@@ -295,7 +295,8 @@ class Engine:
         finished: dict[int, GenerationResult] = {}
         n_live = S
         plan = None
-        block = next_power_of_2(max(len(u.rows) for u in sched.groups))   # the largest group of the run
+        # the largest group of the run (a group over the kernels' maximum gets the plan's own error)
+        block = min(next_power_of_2(max(len(u.rows) for u in sched.groups)), MAX_GROUP_ROWS)
         waiting: list[bool] = []                # per step: were groups left waiting for slots
 
         def admit() -> bool:
