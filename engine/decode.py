@@ -13,8 +13,8 @@ Per ``generate`` call (Llama-family models; others take the HF slow path, ``mode
    the last prompt token becomes the slot's input.
 3. When the batch changes, the host rebuilds the sampling plan (the γ mix of the groups' active
    rows, ``build_sample_plan``), the CFG leader index and the multi-LoRA slots: once per change.
-   A compiled step gets one static plan per run (fixed shapes, refilled in place: no recompile,
-   and a captured CUDA graph keeps reading the right buffers; ``kernels/plan.py``).
+   A compiled step gets one static plan per run (fixed shapes and addresses, refilled in place,
+   so the compiled step's guards and a captured graph's buffers stay the same; ``kernels/plan.py``).
 4. ``decode_step`` runs forward + guided sampling + EOS/length checks for all slots on the device.
    Each slot carries its own position, step counter (the noise counter: noise = f(seed, step,
    token)), limits and an ``active`` flag; inactive slots compute and are ignored. It is
@@ -333,7 +333,7 @@ class Engine:
             mix = sched.mix(n_live)
             if greedy_only:
                 plan = None
-            elif self.compiled:     # one static plan refilled in place: no recompile, CUDA graphs stay valid
+            elif self.compiled:     # one static plan, refilled in place (fixed shapes and addresses)
                 new = build_sample_plan(mix, dev, rows=n_live, static_block=block)
                 plan = new if plan is None else plan.copy_from(new)
             else:

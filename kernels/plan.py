@@ -18,8 +18,11 @@ static_block=B)`` pads every tensor to a shape that depends on R and B only (B: 
 the largest group the run will have): R groups (the missing ones empty), R·B weights, and — for
 the Triton ops — R launch tiles (the extra ones on an empty group do nothing). Each later batch
 composition is then copied into the first plan in place (``SamplePlan.copy_from``): the step
-sees the same object with the same shapes and addresses, so ``torch.compile`` never recompiles and
-a captured CUDA graph stays valid as groups come and go. The plan also holds the implementation (``ops``) chosen for its device
+sees the same object with the same shapes and addresses, so what ``torch.compile`` guards on and
+what a captured CUDA graph reads do not change as groups come and go (tests/test_static_plan.py
+checks shapes, addresses and tokens on CPU; no GPU has replayed it yet).
+
+The plan also holds the implementation (``ops``) chosen for its device
 (``divgen.kernels.ops_for``) and whatever that implementation prepares once (the Triton launch
 tiles). Building a plan reads ``mix`` on the host (a sync); the step never does.
 """
