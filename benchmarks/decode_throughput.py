@@ -24,11 +24,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import bench, default_results_path, result_record, sync, write_json  # noqa: E402
+from divgen.bench.common import bench, default_results_path, result_record, sync, write_json
 
 # Real architectures' shapes (public configs), for random-weight GPU runs.
 RANDOM_CONFIGS = {

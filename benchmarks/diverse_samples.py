@@ -21,16 +21,13 @@ import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import default_results_path, result_record, write_json  # noqa: E402
-from divgen.engine.diverse import generate_diverse  # noqa: E402
-from divgen.engine.metrics import distinct_n, self_bleu, tokenize  # noqa: E402
-from divgen.engine.model import load_model  # noqa: E402
+from divgen.bench.common import default_results_path, result_record, write_json
+from divgen.engine.diverse import generate_diverse
+from divgen.engine.metrics import distinct_n, self_bleu, tokenize
+from divgen.engine.model import load_model
 
 PROMPTS = [
     "Give me a name for a cat.",

@@ -39,11 +39,9 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import default_results_path, device_name, result_record, write_json  # noqa: E402
+from divgen.bench.common import default_results_path, device_name, result_record, write_json
 
 METHODS = ("fewgen", "corrsynth", "cfg")
 TARGETS = {"corrsynth/fewgen": 0.85, "corrsynth/cfg": 3.0}

@@ -10,8 +10,8 @@ import random
 import numpy as np
 import pytest
 
-from divgen.benchmarks import suite
-from divgen.benchmarks.common import latency_summary, percentile
+from divgen.bench import suite
+from divgen.bench.common import latency_summary, percentile
 from divgen.bindings.cli import main
 
 

@@ -231,9 +231,11 @@ def test_no_row_imports_torch(tmp_path):
     """All rows in one fresh interpreter: every one is refused before torch is imported."""
     build_inputs(tmp_path)
     script = f"""
-import io, json, sys, contextlib
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_cli_fuzz import ROWS
+import contextlib, importlib.util, io, json, sys
+spec = importlib.util.spec_from_file_location("test_cli_fuzz", {str(Path(__file__))!r})
+fuzz = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fuzz)
+ROWS = fuzz.ROWS
 from divgen.bindings.cli import main
 codes = []
 for _, argv, _ in ROWS:

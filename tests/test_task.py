@@ -44,7 +44,7 @@ def test_shipped_tasks_load():
     assert [l.name for l in senti.labels] == ["positive", "negative"]
     assert all(len(l.examples) >= 2 for l in senti.labels)
     # a path works as well as a name
-    assert load_task(Path(__file__).resolve().parents[1] / "engine" / "tasks" / "ag_news.yaml").labels == ag.labels
+    assert load_task(Path(__file__).resolve().parents[1] / "divgen" / "engine" / "tasks" / "ag_news.yaml").labels == ag.labels
 
 
 def test_json_task_and_defaults(tmp_path):

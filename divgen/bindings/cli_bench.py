@@ -4,7 +4,7 @@ Options follow ``vllm bench``: --batch-sizes, --input-len, --output-len, --warmu
 prints tok/s, requests/s, examples/s and p50/p90/p99 latencies per token and per request, the
 ratio of each method to FewGen at the same batch size, writes --output-json, and with --plot a PNG
 of throughput against batch size, one line per method (matplotlib: ``pip install divgen[plot]``).
-The measurements are in ``divgen.benchmarks.suite``.
+The measurements are in ``divgen.bench.suite``.
 """
 from __future__ import annotations
 
@@ -119,8 +119,8 @@ def run_bench_command(args) -> int:
     check_args(args)
     import torch
 
-    from divgen.benchmarks import suite
-    from divgen.benchmarks.common import device_name, plot_throughput, result_record
+    from divgen.bench import suite
+    from divgen.bench.common import device_name, plot_throughput, result_record
 
     if args.threads:
         torch.set_num_threads(args.threads)

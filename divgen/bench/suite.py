@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from divgen.benchmarks.common import latency_summary, sync
+from divgen.bench.common import latency_summary, sync
 
 KINDS = ("decode", "synth", "kernel")
 METHODS = ("fewgen", "corrsynth", "cfg")

@@ -1,7 +1,7 @@
 """Shared benchmark helpers: one ``bench()`` (sync, warm-up, repeats, median) and result files.
 
 Every benchmark prints ratios measured side by side in one run and can write JSON with the
-command, git SHA, device name and timestamp (STYLE.md, "benchmarks").
+command, git SHA, device name and timestamp .
 """
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from typing import Callable
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# benchmarks/results/ of the checkout this package was installed from (editable install); from a
+# plain install, benchmarks/results/ under the working folder.
+_CHECKOUT_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+RESULTS_DIR = _CHECKOUT_RESULTS if _CHECKOUT_RESULTS.is_dir() else Path("benchmarks") / "results"
 
 
 def sync(device: torch.device | str | None = None) -> None:
