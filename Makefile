@@ -115,5 +115,12 @@ test-vllm: $(VLLM_STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/decode_throughput.py
 
+# On a CUDA machine, first: the GPU tests, kernel and decode benchmarks, the CUDA-graph replay
+# check, in one command (< 8 min), writing benchmarks/results/<device>.json. Needs only torch,
+# triton, transformers (pytest for the tests) and this checkout: no venv, no downloads.
+GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+gpu-check:
+	$(GPU_PYTHON) -m divgen.bench.gpu_check $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

@@ -57,6 +57,9 @@ def device_name() -> str:
 
 
 def git_sha() -> str:
+    """The checkout's short SHA; DIVGEN_GIT_SHA where the tree travelled without its .git."""
+    if os.environ.get("DIVGEN_GIT_SHA"):
+        return os.environ["DIVGEN_GIT_SHA"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, stderr=subprocess.DEVNULL
