@@ -79,7 +79,10 @@ def traced_passes(gs, logits, plan, seeds, per_row, group: int) -> float:
 
 
 def corrsynth_mix(rows: int, group: int, device) -> torch.Tensor:
-    """Block-diagonal K-CorrSynth mix: diagonal 1 + Σγ, off-diagonal −γ, γ = (g − 1)/(K − 1)."""
+    """Block-diagonal K-CorrSynth mix: diagonal 1 + Σγ, off-diagonal −γ, γ = (g − 1)/(K − 1).
+    Groups of 1 are FewGen rows: the identity (plain sampling)."""
+    if group == 1:
+        return torch.eye(rows, device=device)
     gamma = (GUIDANCE_SCALE - 1) / (group - 1)
     block = torch.full((group, group), -gamma) + torch.eye(group) * (1 + gamma * group)
     return torch.block_diag(*[block] * (rows // group)).to(device)

@@ -43,15 +43,18 @@ def byte_tokenizer(vocab_size: int):
 
 
 def random_lm(config: str, *, device: torch.device | str, dtype: torch.dtype, seed: int = 0,
-              context_length: int = 4096):
-    """A ``LoadedModel`` of ``config``'s shape (a RANDOM_CONFIGS key) with random weights."""
+              context_length: int = 4096, layers: int | None = None):
+    """A ``LoadedModel`` of ``config``'s shape (a RANDOM_CONFIGS key) with random weights;
+    ``layers`` keeps only that many decoder layers (a quicker compile, the same per-layer shapes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from divgen.engine.model import LoadedModel
 
     if config not in RANDOM_CONFIGS:
         raise ValueError(f"unknown random config {config!r}: use one of {', '.join(RANDOM_CONFIGS)}")
-    shape = RANDOM_CONFIGS[config]
+    shape = dict(RANDOM_CONFIGS[config])
+    if layers is not None:
+        shape["num_hidden_layers"] = min(layers, shape["num_hidden_layers"])
     cfg = LlamaConfig(max_position_embeddings=context_length, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       **shape)
     device = torch.device(device)
