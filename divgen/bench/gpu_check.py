@@ -122,6 +122,21 @@ def stage_graph(args) -> dict:
     from divgen.engine.decode import generate
     from divgen.engine.guidance import Guidance
 
+    import logging
+
+    class _Skips(logging.Handler):                  # inductor says why it skips a CUDA graph here
+        def __init__(self):
+            super().__init__()
+            self.reasons = []
+
+        def emit(self, record):
+            msg = record.getMessage()
+            if "cudagraph" in msg.lower():
+                self.reasons.append(msg[:500])
+
+    skips_log = _Skips()
+    torch._logging.set_logs(perf_hints=True)
+    logging.getLogger("torch").addHandler(skips_log)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm = random_lm("tiny" if args.smoke else "smollm2-135m", device=device, dtype=torch.float32, layers=4)
     # Several EOS ids so rows end at scattered steps and slots are refilled mid-run.
@@ -152,6 +167,7 @@ def stage_graph(args) -> dict:
                               "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
                               "first_call_s": round(first_s, 2)}
     out["cuda_graphs"] = device == "cuda"
+    out["cudagraph_skip_reasons"] = sorted(set(skips_log.reasons))[:20]
     out["passed"] = all(c["same_tokens"] and c["cudagraph_skips"] == 0 for c in out["cases"].values())
     return out
 
