@@ -96,3 +96,55 @@ def test_readme_python_example_runs_from_the_root(embedded_lm):
     assert done.stdout.startswith(expected), (done.stdout, expected)
     forwarded, tok_s = done.stdout[len(expected):].split()
     assert int(forwarded) > 0 and float(tok_s) > 0
+
+
+@pytest.mark.slow
+def test_a_built_wheel_works_outside_the_checkout(tmp_path):
+    """`pip install .` (not editable): the wheel holds only divgen (with its task files and SPA data),
+    and from another folder the CLI runs and the kernels import from the installed copy."""
+    import zipfile
+
+    pip = [sys.executable, "-m", "pip"]
+    built = subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "whl"),
+                            str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "whl").glob("divgen-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"divgen", wheel.name.split("-py3")[0] + ".dist-info"}
+    assert "divgen/engine/tasks/ag_news.yaml" in names and "divgen/engine/spa/data/train.jsonl" in names
+    site = tmp_path / "site"
+    done = subprocess.run([*pip, "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+    code = ("import divgen, divgen.kernels\n"
+            "from divgen.engine.synth.task import load_task\n"
+            "print(divgen.__file__)\n"
+            "print(len(load_task('ag_news').labels))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    where, labels = done.stdout.split()
+    assert Path(where).resolve().is_relative_to(site.resolve()) and int(labels) == 4
+    cli = subprocess.run([str(site / "bin" / "divgen"), "--help"], cwd=elsewhere, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert cli.returncode == 0 and "synth" in cli.stdout, cli.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
+def test_every_benchmark_script_starts_from_the_root(script):
+    """Each script imports the installed package (no sys.path edits) and parses its arguments."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage" in done.stdout, done.stderr[-2000:]
+
+
+def test_no_sys_path_edits_in_the_project():
+    offenders = [str(p.relative_to(ROOT)) for folder in ("divgen", "benchmarks", "tests", "experiments")
+                 for p in (ROOT / folder).rglob("*.py")
+                 if p.name != "test_layout.py" and "sys.path." in p.read_text(encoding="utf-8")]
+    assert not offenders, offenders
