@@ -241,7 +241,7 @@ def _mix(x_own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size, order_p
     """
     # torch.compile passes a Python float argument as fp64 (plain launches: fp32); fp64 here
     # would turn every score fp64, so the floor is cast once
-    logp_floor = logp_floor.to(tl.float32)
+    logp_floor = tl.cast(logp_floor, tl.float32)
     if G_BLOCK == 1:
         w = tl.load(weights_ptr + w_off)
         s = w * tl.maximum(x_own - lse_own[:, None], logp_floor)
