@@ -180,7 +180,7 @@ ROWS = [
     ("spa-run-model-missing", ["spa", "run", "ag_news", "--model", "{d}/nomodel", "--out", "{d}/run"],
      "is not a model directory"),
     ("spa-run-out-file", ["spa", "run", "ag_news", "--out", "{d}/existing_file"], "is an existing file"),
-    ("spa-run-k", ["spa", "run", "ag_news", "--k", "1", "--out", "{d}/run"], "--k must be >= 2"),
+    ("spa-run-k", ["spa", "run", "ag_news", "--k", "1", "--out", "{d}/run"], "--k must be in [2, 4096]"),
 ]
 SLOW_ROWS = [
     # a model that fails to load after the output was opened: no empty --out, no sidecar (issue 8.7)

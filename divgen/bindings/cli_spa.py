@@ -180,17 +180,18 @@ def run_partition(args) -> int:
     limits.number(args.balance, "--balance", low=0.0, high=1.0)
     limits.seed(args.seed, "--seed")
     _check_model_args(args)
-    lissa_cfg = cfg = None
-    if args.method == "influence":
-        lissa_cfg = _lissa_config(args)
-        limits.max_new_tokens(args.query_max_new_tokens, "--query-max-new-tokens")
-        if args.adapter is None:
-            cfg = _train_config(args)
-        elif not Path(args.adapter).expanduser().is_dir():
+    lissa_cfg = _lissa_config(args)                # every flag is checked, whichever --method uses it
+    cfg = _train_config(args)
+    limits.max_new_tokens(args.query_max_new_tokens, "--query-max-new-tokens")
+    if args.method == "influence" and args.adapter is not None:
+        cfg = None                                 # the given adapter is used, none is trained
+        if not Path(args.adapter).expanduser().is_dir():
             raise DivgenError(f"--adapter {args.adapter} is not a directory: pass a PEFT LoRA adapter directory "
                               "(or leave it out to train one on the whole set)")
     from divgen.engine.spa.data import read_pairs, read_prompts
+    from divgen.engine.spa.partition_files import check_partition_out
 
+    check_partition_out(out, [args.data, args.queries, args.adapter])
     examples = read_pairs(args.data)
     queries = read_prompts(args.queries)
     if len(examples) < len(queries):
