@@ -260,7 +260,7 @@ def run_adapt(args) -> int:
         write_manifest(out, ["whole"], {"train_config": asdict(cfg), "sizes": [len(examples)]})
         print(json.dumps({"adapters": [str(out / "whole")]}))
         return 0
-    from divgen.engine.spa.partition import file_sha256, read_partitions
+    from divgen.engine.spa.partition_files import file_sha256, read_partitions
 
     record = read_partitions(args.partitions)
     data = args.data or record.get("data")
