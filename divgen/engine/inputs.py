@@ -92,7 +92,7 @@ def read_csv(path, what: str, fix: str = "give a CSV file with a header row") ->
     except csv.Error as exc:
         msg = str(exc)
         if "field larger than field limit" in msg:
-            raise DivgenError(f"{what} {path} near line {reader.line_num + 1}: a field is longer than "
+            raise DivgenError(f"{what} {path} near line {reader.line_num}: a field is longer than "
                               f"{limits.MAX_CSV_FIELD:,} characters (often a quote that never closes): "
                               "fix the file") from exc
         raise DivgenError(f"{what} {path} is not valid CSV near line {reader.line_num} ({msg}): check for an "
