@@ -64,7 +64,9 @@ def build_inputs(d: Path) -> None:
     (d / "nomodel").mkdir()
     (d / "brokenmodel").mkdir()
     (d / "brokenmodel" / "config.json").write_text('{"model_type": "nonsense"}')
-    (d / "brokenmodel" / "model.safetensors").write_bytes(b"not a safetensors file")
+    _adapter(d / "brokenmodel_weights")           # whole safetensors, a model_type nobody knows: fails at load
+    (d / "brokenmodel" / "model.safetensors").write_bytes(
+        (d / "brokenmodel_weights" / "adapter_model.safetensors").read_bytes())
     (d / "gen.jsonl").write_text('{"text": "a"}\nnot json\n{"text": "b"}\n')
     (d / "pairs.jsonl").write_text('{"prompt": "p1", "response": "r1"}\n{"prompt": "p2", "response": "r2"}\n')
     (d / "queries.jsonl").write_text('{"prompt": "q"}\n')
@@ -168,6 +170,13 @@ def build_inputs_22(d: Path) -> None:
     (d / "parts_bad.json").write_text("{oops")
     (d / "bench_foreign.json").write_text('{"mine": true}\n')
     (d / "prompts3.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c"}\n')
+    for name, config, weights in (("model_bad_weights", '{"model_type": "llama"}', b"not a safetensors file"),
+                                  ("model_config_list", "[1, 2]", None), ("model_config_bad", "{oops", None)):
+        (d / name).mkdir()
+        (d / name / "config.json").write_text(config)
+        (d / name / "model.safetensors").write_bytes(weights or (d / "brokenmodel" / "model.safetensors").read_bytes())
+    (d / "bad_prompts.txt").write_bytes(b"caf\xe9\n")
+    (d / "fake.gguf").write_bytes(b"NOTGGUF at all")
     (d / "bench_png.png").write_bytes(b"\x89PNG\r\n\x1a\n not a bench plot")
 
 
@@ -312,6 +321,16 @@ ROWS_22 = [
     ("gen-stop-twice-empty", [*G, "--stop", "a", "--stop", ""], "--stop must be a list"),
     ("gen-model-link-missing", [*G, "--model", "{d}/link_missing_model"], "does not exist"),
     ("gen-dtype-auto-typo", [*G, "--dtype", "autos"], "is not a dtype"),
+    ("gen-model-corrupt-weights", [*G, "--model", "{d}/model_bad_weights"], "model weights"),
+    ("gen-model-config-list", [*G, "--model", "{d}/model_config_list"], "is a JSON list, not an object"),
+    ("gen-model-config-bad-json", [*G, "--model", "{d}/model_config_bad"], "is not valid JSON"),
+    ("gen-model-fake-gguf", [*G, "--model", "{d}/fake.gguf"], "GGUF magic bytes"),
+    ("synth-model-corrupt-weights", [*S, "--model", "{d}/model_bad_weights"], "model weights"),
+    ("spa-sample-model-config-list", [*SAMPLE, "--model", "{d}/model_config_list"], "is a JSON list"),
+    ("spa-sample-prompts-bad-utf8", [*SAMPLE[:5], "{d}/bad_prompts.txt"], "is not UTF-8"),
+    ("spa-partition-queries-bad-utf8", ["spa", "partition", "--data", "{d}/pairs.jsonl", "--queries",
+                                        "{d}/bad_prompts.txt", "--method", "lexical", "--out", "{d}/p_new"],
+     "is not UTF-8"),
     # ---- synth: flags, few-shot files and task files ----------------------------------------------
     ("synth-delta-neg", [*S, "--method", "m-corrsynth", "--delta", "-1"], "--delta"),
     ("synth-delta-inf", [*S, "--method", "m-corrsynth", "--delta", "inf"], "--delta"),
@@ -626,6 +645,10 @@ ROWS_22 = [
     ("spa-adapt-partitions-missing", ["spa", "adapt", "--partitions", "{d}/none.json", "--out", "{d}/a_new"],
      "does not exist"),
     ("spa-adapt-nothing", ["spa", "adapt", "--out", "{d}/a_new"], "give --partitions"),
+    ("spa-adapt-data-in-out", ["spa", "adapt", "--data", "{d}/good/a0/adapter_config.json", "--out", "{d}/good"],
+     "would overwrite its own input"),
+    ("spa-adapt-partitions-in-out", ["spa", "adapt", "--partitions", "{d}/bad_manifest/adapters.json", "--out",
+                                     "{d}/bad_manifest"], "would overwrite its own input"),
     ("spa-adapt-out-file", [*ADAPT[:-1], "{d}/existing_file"], "is an existing file"),
     ("spa-adapt-checkpoint-0", [*ADAPT, "--checkpoint-every", "0"], "--checkpoint-every (checkpoint_every) must be"),
     ("spa-adapt-lr-0", [*ADAPT, "--lr", "0"], "--lr (lr) must be in"),

@@ -106,6 +106,11 @@ def _check_model_args(args) -> None:
 
 
 def _check_out_file(out: Path, flag: str = "--out") -> None:
+    from divgen.engine.files import check_name_fits
+
+    check_name_fits(out, flag, [f"{out.name}.metrics.json"])      # temporaries shorten long names themselves
+    if out.is_symlink():
+        raise DivgenError(f"{flag} {out} is a symbolic link: give the real path (divgen never writes through a link)")
     if out.is_dir():
         raise DivgenError(f"{flag} {out} is a directory: give a file path such as {out / 'samples.jsonl'}")
     parent = out.parent if str(out.parent) else Path(".")
@@ -246,6 +251,7 @@ def run_adapt(args) -> int:
     _check_model_args(args)
     if args.partitions is None and args.data is None:
         raise DivgenError("give --partitions (one adapter per part) or --data (one adapter on everything)")
+    _check_adapt_inputs(out, [args.data, args.partitions])
     from dataclasses import asdict
 
     from divgen.engine.spa.data import read_pairs
@@ -277,6 +283,26 @@ def run_adapt(args) -> int:
                              progress=_progress(args))
     print(json.dumps({"adapters": [str(p) for p in paths]}))
     return 0
+
+
+def _check_adapt_inputs(out: Path, inputs) -> None:
+    """adapt writes OUT/adapters.json and one adapter folder per part (replaced whole when retrained):
+    no input may live there."""
+    from divgen.engine.spa.adapter_files import MANIFEST
+
+    if not out.is_dir():
+        return
+    root = out.resolve()
+    for inp in inputs:
+        if inp is None or not Path(inp).exists():
+            continue
+        p = Path(inp).resolve()
+        if p == root or root not in p.parents:
+            continue
+        rel = p.relative_to(root).parts
+        if len(rel) > 1 or rel[0] == MANIFEST:
+            raise DivgenError(f"--out {out} would overwrite its own input {inp} (adapt writes {MANIFEST} and one "
+                              "folder per adapter there): choose another --out folder")
 
 
 def _finite_or_none(value):
@@ -350,10 +376,9 @@ def run_sample(args) -> int:
                                  for ps in report.prompts]
     summary = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in summary.items()}
     if out is not None:
-        metrics = Path(f"{out}.metrics.json")
-        tmp = metrics.with_name(f".{metrics.name}.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, metrics)
+        from divgen.engine.files import write_file_atomic
+
+        write_file_atomic(Path(f"{out}.metrics.json"), json.dumps(summary, indent=2, allow_nan=False) + "\n")
     else:
         for ps in report.prompts:
             print(f"## {ps.prompt}")
