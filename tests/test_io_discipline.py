@@ -244,7 +244,7 @@ def test_filter_reruns_over_its_own_output_but_refuses_an_edited_one(tmp_path, c
 @pytest.mark.parametrize("where", [".", "..", "{cwd}"])
 def test_export_never_replaces_the_working_folder(tmp_path, monkeypatch, capsys, where):
     """The issue's case: `cd somedir && divgen export ../syn.jsonl --to parquet . --overwrite`."""
-    src = synth_file(tmp_path / "syn.jsonl", 8)
+    synth_file(tmp_path / "syn.jsonl", 8)
     work = tmp_path / "somedir"
     work.mkdir()
     (work / "mine.txt").write_text("mine")

@@ -232,11 +232,12 @@ def check_output_dir(dest, flag: str, *, inputs: Iterable = (), ours: Callable[[
 
 
 # ---- writing -----------------------------------------------------------------------------------
-def write_file_atomic(path, data: bytes | str, flag: str = "--out") -> None:
-    """Replace ``path`` with ``data`` atomically (module docstring); an OSError becomes one line."""
+def write_file_atomic(path, data: bytes | str, flag: str = "--out", legacy: Iterable[str] = ()) -> None:
+    """Replace ``path`` with ``data`` atomically (module docstring); an OSError becomes one line.
+    ``legacy``: glob patterns of older divgen versions' temporaries of this file, cleaned too."""
     path = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    clean_stale(path)
+    clean_stale(path, legacy)
     tmp = temp_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

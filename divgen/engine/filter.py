@@ -178,5 +178,5 @@ def write_output(out: Path, lines: list[str], flag: str = "--out") -> None:
     hashes = [new] + ([_sha256(out.read_bytes())] if is_filter_output(out) else [])
     stamp = lambda hs: json.dumps({"written_by": "divgen filter", "file": out.name, "sha256": hs}) + "\n"  # noqa: E731
     write_file_atomic(marker_path(out), stamp(hashes), flag)
-    write_file_atomic(out, data, flag)
+    write_file_atomic(out, data, flag, legacy=[f".{out.name}.{'[a-z0-9_]' * 8}"])   # older versions' mkstemp names
     write_file_atomic(marker_path(out), stamp([new]), flag)

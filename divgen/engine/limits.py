@@ -12,7 +12,15 @@ Stated maximum job sizes (each refused with one line before any slow work):
 * ``--max-new-tokens``: at most ``MAX_NEW_TOKENS`` (and the model's context, checked at load);
 * ``synth``: at most ``MAX_JOB_EXAMPLES`` examples per job (sum over labels), ``MAX_GROUP_ROWS``
   rows per guidance group, ``MAX_BATCH_ROWS`` rows per engine call;
-* ``spa sample``: at most ``MAX_SAMPLES`` rows (prompts × adapters × copies) per decode batch.
+* ``spa sample``: at most ``MAX_SAMPLES`` rows (prompts × adapters × copies) per decode batch;
+* ``bench``: ``MAX_VOCAB``, ``MAX_BENCH_ROWS``, ``MAX_BENCH_LEN``, ``MAX_REPEATS``, ``MAX_THREADS``;
+* inputs (``engine/inputs.py``): CSV fields up to ``MAX_CSV_FIELD`` characters, task files up to
+  ``MAX_YAML_BYTES`` and ``MAX_YAML_NODES`` values with aliases expanded, JSON sidecars/configs up
+  to ``MAX_JSON_BYTES``, safetensors headers up to ``MAX_SAFETENSORS_HEADER`` bytes.
+
+``count`` and ``fraction`` check the integer and [0, 1] flags of the newer commands (filter,
+export, eval, show, bench, spa run); ``device_present`` checks, once torch is imported and before
+a model loads, that an asked-for CUDA device exists.
 """
 from __future__ import annotations
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import math
 import random
 import re

@@ -299,6 +299,10 @@ def write_partitions(out_dir: Path, *, method: str, options: dict, data_path: st
     lines = [json.dumps({"index": i, "prompt": ex.prompt, "partition": parts[i], "scores": [float(v) for v in scores[i]],
                          "normalised": [round(float(v), 6) for v in z[i]]}, ensure_ascii=False) + "\n"
              for i, ex in enumerate(examples)]
-    write_file_atomic(out_dir / SCORES_FILE, "".join(lines))
-    write_file_atomic(out_dir / PARTITIONS_FILE, json.dumps(record, indent=2) + "\n")
+    # each file is replaced whole (a kill leaves the old or the new one); the record names the
+    # scores it was written with, so a scores file from another run is recognisable
+    scores_text = "".join(lines)
+    record["scores_sha256"] = hashlib.sha256(scores_text.encode("utf-8")).hexdigest()
+    write_file_atomic(out_dir / SCORES_FILE, scores_text, legacy=[f".{SCORES_FILE}.tmp"])
+    write_file_atomic(out_dir / PARTITIONS_FILE, json.dumps(record, indent=2) + "\n", legacy=[f".{PARTITIONS_FILE}.tmp"])
     return record
