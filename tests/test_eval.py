@@ -192,7 +192,11 @@ def test_cli_eval_matches_a_probe_trained_by_hand(fixture, capsys):
         assert sub.rows == [pool.rows[i] for i in sorted(expect)]
         w, b = numpy_probe(np.stack([pool_x[r] for r in sub.rows]), np.array(sub.labels), 2, DEFAULT_L2)
         accs.append(float(((test_x @ w.T + b).argmax(1) == gold).mean()))
-    assert real_row["real"] and real_row["fidelity"] is None and real_row["n"] == 14   # as many as asked
+    # as many as asked, except where a label's pool is smaller: then all of it, and the row says so
+    have = [sum(1 for l in pool.labels if l == c) for c in (0, 1)]
+    assert real_row["real"] and real_row["fidelity"] is None and real_row["asked"] == 14
+    assert real_row["n"] == sum(min(7, h) for h in have) == len(real_subset(pool, counts, 0))
+    assert real_row["short_labels"] == {name: [h, 7] for name, h in zip(("sports", "business"), have) if h < 7}
     assert real_row["students"]["probe"]["accuracy"]["values"] == pytest.approx(accs, abs=1e-12)
 
 
@@ -218,7 +222,12 @@ def test_table_output(fixture, capsys):
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:3] == ["set", "n", "fidelity"]
     assert any(line.startswith("syn ") for line in table.splitlines())
-    assert any(line.startswith("real pool (14)") for line in table.splitlines())
+    task = load_task(fixture / "task.yaml")
+    pool, _ = split(read_real(fixture / "real.csv", task), 10)
+    used = sum(min(7, sum(1 for l in pool.labels if l == c)) for c in (0, 1))    # 7 synthetic rows a label
+    assert any(line.startswith(f"real pool ({used})") for line in table.splitlines())
+    if used < 14:
+        assert f"this row trains on {used} real rows, not 14" in table
 
 
 @pytest.mark.parametrize("case, message", [

@@ -162,7 +162,7 @@ def test_split_is_stratified_deterministic_and_order_free():
 
 @pytest.mark.parametrize("extra,needle", [
     (["--to", "csv", "D"], "--to 'csv': choose one of parquet, hf"),
-    (["--to", "parquet", "D", "--validation", "1.5"], "--validation must be a fraction"),
+    (["--to", "parquet", "D", "--validation", "1.5"], "--validation must be in [0, 1)"),
 ])
 def test_export_bad_arguments(tmp_path, capsys, extra, needle):
     src = tmp_path / "x.jsonl"

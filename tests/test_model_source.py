@@ -15,7 +15,7 @@ from divgen.engine.model_source import find_model, generation_defaults
 def _model_dir(path):
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
-    (path / "model.safetensors").write_bytes(b"")
+    (path / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")   # an empty but whole file
     return path
 
 

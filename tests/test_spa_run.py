@@ -171,7 +171,7 @@ def test_another_config_in_the_same_directory_is_refused(tiny_dir, full_run):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--k", "1"], "--k must be >= 2"),
+    (["--k", "1"], "--k must be in [2, 4096]"),
     (["--temperatures", "0.7,1"], "must include 0"),
     (["--temperatures", "0,x"], "comma-separated numbers"),
     (["--methods", "random,bm42"], "subset of"),

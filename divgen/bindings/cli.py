@@ -4,7 +4,10 @@ load inside the command, after its arguments and files are checked), so a bad in
 answered in well under a second.
 
 A user error prints one line ``divgen: error: ...`` that names the fix and exits 2, never a
-traceback: a DivgenError from a command, or an argument that argparse refuses.
+traceback: a DivgenError from a command, an argument that argparse refuses, or an OSError the
+checks could not foresee (a full disk). Every command follows one output discipline
+(``engine/files.py``) and reads its input through the checked readers (``engine/jsonl.py``,
+``engine/inputs.py``); its flags are checked with ``engine/limits.py`` before anything slow.
 """
 from __future__ import annotations
 
@@ -79,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         print("divgen: error: out of GPU memory: use fewer rows (-n, --batch-rows) or fewer --max-new-tokens",
               file=sys.stderr)
         return 1
+    except OSError as exc:
+        # A file-system refusal the checks could not foresee (a full disk, a permission denied to
+        # root-squashed NFS, a name too long): one line naming the file, never a traceback.
+        where = f" ({str(exc.filename)[:120]})" if exc.filename else ""
+        print(f"divgen: error: {exc.strerror or exc}{where}: check the path, its permissions and free space, "
+              "or choose another path", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("divgen: interrupted", file=sys.stderr)
         return 130

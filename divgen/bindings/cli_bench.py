@@ -14,8 +14,11 @@ import os
 import sys
 from pathlib import Path
 
+from divgen.engine import limits
 from divgen.engine.errors import DivgenError
 
+MAX_KERNEL_ELEMENTS = 1 << 28       # logits of one kernel-bench call (rows x vocab)
+PNG_STAMP = b"divgen bench"         # a tEXt chunk in every plot bench writes: it may replace only those
 KINDS = ("decode", "synth", "kernel")
 METHODS = ("fewgen", "corrsynth", "cfg")
 DEFAULT_BATCH_SIZES = {"decode": (2, 4, 16), "synth": (16, 32, 64), "kernel": (2, 4, 16)}
@@ -63,17 +66,31 @@ def check_args(args) -> None:
         raise DivgenError(f"--methods: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
     if len(set(args.methods)) != len(args.methods):
         raise DivgenError("--methods lists a method twice: give each once")
-    for name in ("input_len", "output_len", "repeats", "per_label", "vocab"):
-        if getattr(args, name) < 1:
-            raise DivgenError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise DivgenError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.group_size < 2:
-        raise DivgenError(f"--group-size must be >= 2 (rows contrasted per group), got {args.group_size}")
-    if args.threads is not None and args.threads < 1:
-        raise DivgenError(f"--threads must be >= 1, got {args.threads}")
-    if any(b < 1 for b in args.batch_sizes):
-        raise DivgenError(f"--batch-sizes must all be >= 1, got {args.batch_sizes}")
+    n = limits.count
+    n(args.input_len, "--input-len", high=limits.MAX_BENCH_LEN)
+    n(args.output_len, "--output-len", high=limits.MAX_BENCH_LEN)
+    n(args.repeats, "--repeats", high=limits.MAX_REPEATS)
+    n(args.warmup, "--warmup", low=0, high=limits.MAX_REPEATS)
+    n(args.per_label, "--per-label", high=limits.MAX_JOB_EXAMPLES)
+    n(args.vocab, "--vocab", low=2, high=limits.MAX_VOCAB)
+    n(args.group_size, "--group-size", low=2, high=limits.MAX_GROUP_ROWS, hint=" (rows contrasted per group)")
+    limits.guidance_scale(args.g, "--g")
+    limits.seed(args.seed, "--seed")
+    if args.threads is not None:
+        n(args.threads, "--threads", high=limits.MAX_THREADS)
+    for b in args.batch_sizes:
+        n(b, "--batch-sizes", high=limits.MAX_BENCH_ROWS)
+    args.device = limits.device(args.device, "--device")
+    if args.kind != "kernel":
+        from divgen.engine.model_source import find_model
+
+        find_model(args.model)
+    if args.kind == "kernel":
+        rows = max(args.batch_sizes) * (args.group_size if "cfg" in args.methods else 1)
+        if rows * args.vocab > MAX_KERNEL_ELEMENTS:
+            raise DivgenError(f"--batch-sizes {max(args.batch_sizes)} x --vocab {args.vocab} is {rows * args.vocab:,} "
+                              f"logits per call, more than {MAX_KERNEL_ELEMENTS:,} (1 GiB of fp32): lower --vocab or "
+                              "--batch-sizes")
     if args.kind != "synth" and "corrsynth" in args.methods and 1 in args.batch_sizes:
         raise DivgenError("corrsynth contrasts at least 2 rows: use --batch-sizes >= 2 or drop corrsynth "
                           "from --methods")
@@ -82,20 +99,54 @@ def check_args(args) -> None:
         need = args.group_size * (args.group_size if "cfg" in args.methods else 1)
         raise DivgenError(f"synth --batch-sizes are rows per engine call and must hold one whole group "
                           f"({need} rows{' for cfg' if 'cfg' in args.methods else ''}): use values >= {need}")
-    for flag, path in (("--output-json", args.output_json), ("--plot", args.plot)):
-        if path:
-            parent = Path(path).expanduser().parent
-            if not parent.is_dir():
-                raise DivgenError(f"{flag} {path}: folder {parent} does not exist; create it first")
+    from divgen.engine.files import check_output_file
+
+    if args.output_json and args.plot and os.path.abspath(args.output_json) == os.path.abspath(args.plot):
+        raise DivgenError("--output-json and --plot name the same file: give two paths")
+    if args.output_json:
+        args.output_json = str(check_output_file(Path(args.output_json).expanduser(), "--output-json",
+                                                 ours=is_bench_json, what="divgen bench"))
     if args.plot:
         if not args.plot.lower().endswith(".png"):
             raise DivgenError(f"--plot writes a PNG: give a path ending in .png, got {args.plot}")
+        args.plot = str(check_output_file(Path(args.plot).expanduser(), "--plot", ours=is_bench_png,
+                                          what="divgen bench"))
         if importlib.util.find_spec("matplotlib") is None:
             raise DivgenError("--plot needs matplotlib: pip install 'divgen[plot]' (or matplotlib)")
     if args.kind == "synth" and args.task:
         from divgen.engine.synth import load_task
 
         load_task(args.task)        # a bad task file fails here, before the model loads
+
+
+def is_bench_json(path: Path) -> bool:
+    """An earlier --output-json of divgen bench (its record names the benchmark)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and str(data.get("benchmark", "")).startswith("divgen bench") and \
+        isinstance(data.get("rows"), list)
+
+
+def is_bench_png(path: Path) -> bool:
+    """An earlier --plot of divgen bench (a PNG with bench's tEXt stamp)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return False
+    return data.startswith(b"\x89PNG") and b"tEXtComment\x00" + PNG_STAMP in data
+
+
+def stamp_png(data: bytes) -> bytes:
+    """``data`` with a tEXt chunk "Comment: divgen bench" before its IEND chunk."""
+    import struct
+    import zlib
+
+    body = b"tEXt" + b"Comment\x00" + PNG_STAMP
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+    end = data.rfind(b"IEND") - 4
+    return data[:end] + chunk + data[end:] if end > 8 else data
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -121,6 +172,7 @@ def run_bench_command(args) -> int:
 
     from divgen.bench import suite
     from divgen.bench.common import device_name, plot_throughput, result_record
+    from divgen.engine.files import write_file_atomic
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,6 +185,7 @@ def run_bench_command(args) -> int:
     def log(msg: str) -> None:
         print(f"bench {args.kind}: {msg}", file=sys.stderr, flush=True)
 
+    limits.device_present(args.device, "--device")
     if args.kind == "kernel":
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         rows = suite.run_kernel(cfg, device, log=log)
@@ -153,13 +206,20 @@ def run_bench_command(args) -> int:
         record = result_record(f"divgen bench {args.kind}", rows, config=vars(cfg), threads=torch.get_num_threads())
         record["command"] = "divgen " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "divgen" \
             else record["command"]
-        Path(args.output_json).write_text(json.dumps(record, indent=2) + "\n")
+        write_file_atomic(args.output_json, json.dumps(record, indent=2) + "\n", "--output-json")
         print(f"wrote {args.output_json}", file=sys.stderr)
     if args.plot:
         metric = PLOT_METRIC[args.kind]
         title = (f"divgen bench {args.kind} ({device_name()}, {torch.get_num_threads()} thread"
                  f"{'s' if torch.get_num_threads() > 1 else ''}"
                  + (f", {cfg.input_len} in / {cfg.output_len} out" if args.kind == "decode" else "") + ")")
-        plot_throughput(rows, os.path.expanduser(args.plot), y=metric, title=title)
+        from divgen.engine.files import temp_path
+
+        tmp = temp_path(Path(args.plot)).with_suffix(".png")
+        try:
+            plot_throughput(rows, tmp, y=metric, title=title)
+            write_file_atomic(args.plot, stamp_png(tmp.read_bytes()), "--plot")
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0

@@ -50,11 +50,11 @@ def task_for(files: list[str], task_arg: str | None):
     for f in files:
         side = existing_sidecar(Path(f))          # .FILE.task.json (or the old FILE.task.json)
         if side is not None:
-            try:
-                named = json.loads(side.read_text(encoding="utf-8")).get("task_file")
-            except (OSError, ValueError):
-                named = None
-            if named and Path(named).is_file():
+            from divgen.engine.inputs import read_json_object
+
+            named = read_json_object(side, "task sidecar", "it is not a divgen task sidecar: move it away or pass "
+                                                           "--task TASK").get("task_file")
+            if isinstance(named, str) and named and Path(named).is_file():
                 return load_task(named)
     raise DivgenError("no task given and no .task.json sidecar names one: pass --task TASK (e.g. ag_news)")
 
@@ -62,14 +62,18 @@ def task_for(files: list[str], task_arg: str | None):
 def run_eval_command(args) -> int:
     from divgen.engine.eval.evaluate import evaluate, format_eval
 
-    if args.seeds < 1:
-        raise DivgenError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.epochs < 1:
-        raise DivgenError(f"--epochs must be >= 1, got {args.epochs}")
-    for name in ("test_limit", "finetune_test_limit"):
-        v = getattr(args, name)
-        if v is not None and v < (0 if name == "finetune_test_limit" else 1):
-            raise DivgenError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    from divgen.engine import limits
+
+    limits.count(args.seeds, "--seeds", high=limits.MAX_REPEATS)
+    limits.count(args.epochs, "--epochs", high=limits.MAX_EPOCHS)
+    if args.test_limit is not None:
+        limits.count(args.test_limit, "--test-limit")
+    limits.count(args.finetune_test_limit, "--finetune-test-limit", low=0, hint=" (0 = as many as the probe)")
+    for f in args.file:
+        if not Path(f).is_file():
+            raise DivgenError(f"{f} is not a file: give a synthetic JSONL file written by `divgen synth`")
+    if len({str(Path(f).resolve()) for f in args.file}) != len(args.file):
+        raise DivgenError("a synthetic file is given twice: give each set once")
     task = task_for(args.file, args.task)
     students = ("probe", "finetune") if args.student == "both" else (args.student,)
     result = evaluate(args.file, args.real, task, students=students, seeds=range(args.seeds),

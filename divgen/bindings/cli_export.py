@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.add_argument("--no-metrics", action="store_true", help="leave the diversity metrics out of the card")
     p.add_argument("--no-embeddings", action="store_true", help="card metrics without the embedding cosine")
-    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DIR if it holds an earlier export (a folder with other files is never replaced)")
     p.set_defaults(func=run_export_command)
 
 
@@ -32,7 +33,7 @@ def run_export_command(args) -> int:
     from divgen.engine.export import check_export_args, export
 
     fmt, dest = args.to
-    check_export_args(args.files, fmt, dest, args.validation, args.overwrite)   # before datasets is imported
+    check_export_args(args.files, fmt, dest, args.validation, args.overwrite, args.seed)   # before datasets is imported
     report = export(args.files, fmt, dest, validation=args.validation, seed=args.seed, metrics=not args.no_metrics,
                     embeddings=not args.no_embeddings, overwrite=args.overwrite)
     for note in report.notes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from divgen.engine.errors import DivgenError
@@ -21,7 +20,8 @@ def register(subparsers) -> None:
                     "real pool rows assigns another label). Prints what it removed; kept rows are written unchanged.",
     )
     p.add_argument("file", help="synthetic JSONL file (from divgen synth)")
-    p.add_argument("--out", required=True, help="where the kept rows go (a new file; the input is never changed)")
+    p.add_argument("--out", required=True, help="where the kept rows go: a new file, or this command's own earlier "
+                   "output (any other existing file is refused; the input is never changed)")
     p.add_argument("--removed", help="also write the removed rows here, each with a 'filter_reason' field")
     p.add_argument("--real", help="real labelled CSV/JSONL: train a judge on its pool rows and drop rows it "
                    "assigns to another label")
@@ -39,36 +39,30 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_filter_command)
 
 
-def _write_atomic(path: Path, lines: list[str]) -> None:
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
-        raise DivgenError(f"cannot write {path}: {exc}. Choose another path") from exc
+def check_outputs(args) -> None:
+    """--out and --removed: new files, or filter's own earlier outputs (engine/files.py)."""
+    from divgen.engine.files import check_output_file
+    from divgen.engine.filter import MARKER_SUFFIX, is_filter_output
+
+    inputs = [args.file, args.real, args.few_shot_file, args.task]
+    outs = [("--out", args.out)] + ([("--removed", args.removed)] if args.removed else [])
+    for flag, out in outs:
+        check_output_file(out, flag, inputs=inputs, ours=is_filter_output, what="divgen filter",
+                          sidecars=[f".{Path(out).name}{MARKER_SUFFIX}"])
+    if args.removed and os.path.abspath(args.removed) == os.path.abspath(args.out):
+        raise DivgenError("--removed and --out name the same file: give two paths")
 
 
 def run_filter_command(args) -> int:
-    from divgen.engine.filter import DEFAULT_NEAR_THRESHOLD, FilterConfig, filter_rows
+    from divgen.engine.filter import DEFAULT_NEAR_THRESHOLD, FilterConfig, filter_rows, write_output
     from divgen.engine.metrics import DEFAULT_COPY_N, DEFAULT_MIN_WORDS, read_records, set_context
 
     src = Path(args.file)
-    outs = [Path(args.out)] + ([Path(args.removed)] if args.removed else [])
-    for out in outs:
-        if out.exists() and src.exists() and out.resolve() == src.resolve():
-            raise DivgenError(f"{out} is the input file: write the filtered rows to a new --out")
-        if out.is_dir():
-            raise DivgenError(f"{out} is a directory: give a file path")
-        if not (out.parent if str(out.parent) else Path(".")).is_dir():
-            raise DivgenError(f"the folder of {out} does not exist: create it first")
-    if args.removed and Path(args.removed).resolve() == Path(args.out).resolve():
-        raise DivgenError("--removed and --out name the same file: give two paths")
+    if not src.is_file():
+        raise DivgenError(f"{src} is not a file: give a JSONL file written by `divgen synth`")
+    check_outputs(args)
+    if args.real and not Path(args.real).is_file():
+        raise DivgenError(f"--real {args.real} is not a file: pass a labelled CSV or JSONL file")
     config = FilterConfig(
         degenerate=not args.keep_degenerate, copies=not args.keep_copies, duplicates=not args.keep_duplicates,
         near_duplicates=not args.keep_near_duplicates,
@@ -94,10 +88,10 @@ def run_filter_command(args) -> int:
     report = filter_rows(texts, labels, config=config, examples=context["examples"],
                          label_phrases=context["label_phrases"], judge_agrees=agrees)
     lines = [json.dumps(records[i], ensure_ascii=False) for i in report.kept]
-    _write_atomic(Path(args.out), lines)
+    write_output(Path(args.out), lines, "--out")
     if args.removed:
-        _write_atomic(Path(args.removed), [json.dumps({**records[i], "filter_reason": reason}, ensure_ascii=False)
-                                           for i, reason, _ in report.removed])
+        write_output(Path(args.removed), [json.dumps({**records[i], "filter_reason": reason}, ensure_ascii=False)
+                                          for i, reason, _ in report.removed], "--removed")
     if args.json:
         print(json.dumps({"file": str(src), "out": args.out, "rows": len(records), "kept": len(report.kept),
                           "removed": report.counts(), "copy_unchecked": report.copy_unchecked}, indent=2))

@@ -36,6 +36,11 @@ def _check_args(args) -> None:
     """Every argument, before torch is imported or the model loads."""
     if not args.prompt.strip():
         raise DivgenError("the prompt is empty: give some text to continue")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:        # bytes the shell passed that are not UTF-8 (surrogate-escaped)
+        raise DivgenError(f"the prompt holds bytes that are not UTF-8 text (at character {exc.start}): "
+                          "pass the prompt as UTF-8") from exc
     limits.samples(args.n, "-n")
     check_sampling_args(args)
 
@@ -66,6 +71,7 @@ def run(args) -> int:
     from divgen.engine.decode import generate
     from divgen.engine.model import load_model
 
+    limits.device_present(args.device, "--device")
     lm = load_model(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     s = resolve_sampling(args, lm.source_dir)
     prompt = lm.format_prompt(args.prompt, chat=args.chat)

@@ -34,6 +34,8 @@ def load(path: Path) -> dict:
                 and isinstance(rec.get("group"), int) and isinstance(rec.get("slot"), int)):
             raise DivgenError(f"{path} line {n} is not a synth record (text, label, group, slot): pass divgen synth outputs")
         out[(rec["group"], rec["slot"])] = rec
+    if not out:
+        raise DivgenError(f"{path} holds no complete record: pass a synth output with at least one example")
     return out
 
 
@@ -61,8 +63,11 @@ def side_by_side(columns: list[tuple[str, dict]], per_label: int, width: int) ->
 
 
 def run_show_command(args) -> int:
-    if args.per_label < 1:
-        raise DivgenError(f"--per-label must be >= 1, got {args.per_label}")
+    from divgen.engine import limits
+
+    limits.count(args.per_label, "--per-label")
+    if args.width is not None:
+        limits.count(args.width, "--width", low=20, high=limits.MAX_WIDTH)
     width = args.width or shutil.get_terminal_size((120, 24)).columns
     columns = []
     for f in args.files:

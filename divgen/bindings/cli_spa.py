@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -106,6 +105,11 @@ def _check_model_args(args) -> None:
 
 
 def _check_out_file(out: Path, flag: str = "--out") -> None:
+    from divgen.engine.files import check_name_fits
+
+    check_name_fits(out, flag, [f"{out.name}.metrics.json"])      # temporaries shorten long names themselves
+    if out.is_symlink():
+        raise DivgenError(f"{flag} {out} is a symbolic link: give the real path (divgen never writes through a link)")
     if out.is_dir():
         raise DivgenError(f"{flag} {out} is a directory: give a file path such as {out / 'samples.jsonl'}")
     parent = out.parent if str(out.parent) else Path(".")
@@ -180,17 +184,18 @@ def run_partition(args) -> int:
     limits.number(args.balance, "--balance", low=0.0, high=1.0)
     limits.seed(args.seed, "--seed")
     _check_model_args(args)
-    lissa_cfg = cfg = None
-    if args.method == "influence":
-        lissa_cfg = _lissa_config(args)
-        limits.max_new_tokens(args.query_max_new_tokens, "--query-max-new-tokens")
-        if args.adapter is None:
-            cfg = _train_config(args)
-        elif not Path(args.adapter).expanduser().is_dir():
+    lissa_cfg = _lissa_config(args)                # every flag is checked, whichever --method uses it
+    cfg = _train_config(args)
+    limits.max_new_tokens(args.query_max_new_tokens, "--query-max-new-tokens")
+    if args.method == "influence" and args.adapter is not None:
+        cfg = None                                 # the given adapter is used, none is trained
+        if not Path(args.adapter).expanduser().is_dir():
             raise DivgenError(f"--adapter {args.adapter} is not a directory: pass a PEFT LoRA adapter directory "
                               "(or leave it out to train one on the whole set)")
     from divgen.engine.spa.data import read_pairs, read_prompts
+    from divgen.engine.spa.partition_files import check_partition_out
 
+    check_partition_out(out, [args.data, args.queries, args.adapter])
     examples = read_pairs(args.data)
     queries = read_prompts(args.queries)
     if len(examples) < len(queries):
@@ -245,6 +250,7 @@ def run_adapt(args) -> int:
     _check_model_args(args)
     if args.partitions is None and args.data is None:
         raise DivgenError("give --partitions (one adapter per part) or --data (one adapter on everything)")
+    _check_adapt_inputs(out, [args.data, args.partitions])
     from dataclasses import asdict
 
     from divgen.engine.spa.data import read_pairs
@@ -259,7 +265,7 @@ def run_adapt(args) -> int:
         write_manifest(out, ["whole"], {"train_config": asdict(cfg), "sizes": [len(examples)]})
         print(json.dumps({"adapters": [str(out / "whole")]}))
         return 0
-    from divgen.engine.spa.partition import file_sha256, read_partitions
+    from divgen.engine.spa.partition_files import file_sha256, read_partitions
 
     record = read_partitions(args.partitions)
     data = args.data or record.get("data")
@@ -276,6 +282,26 @@ def run_adapt(args) -> int:
                              progress=_progress(args))
     print(json.dumps({"adapters": [str(p) for p in paths]}))
     return 0
+
+
+def _check_adapt_inputs(out: Path, inputs) -> None:
+    """adapt writes OUT/adapters.json and one adapter folder per part (replaced whole when retrained):
+    no input may live there."""
+    from divgen.engine.spa.adapter_files import MANIFEST
+
+    if not out.is_dir():
+        return
+    root = out.resolve()
+    for inp in inputs:
+        if inp is None or not Path(inp).exists():
+            continue
+        p = Path(inp).resolve()
+        if p == root or root not in p.parents:
+            continue
+        rel = p.relative_to(root).parts
+        if len(rel) > 1 or rel[0] == MANIFEST:
+            raise DivgenError(f"--out {out} would overwrite its own input {inp} (adapt writes {MANIFEST} and one "
+                              "folder per adapter there): choose another --out folder")
 
 
 def _finite_or_none(value):
@@ -349,10 +375,9 @@ def run_sample(args) -> int:
                                  for ps in report.prompts]
     summary = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in summary.items()}
     if out is not None:
-        metrics = Path(f"{out}.metrics.json")
-        tmp = metrics.with_name(f".{metrics.name}.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, metrics)
+        from divgen.engine.files import write_file_atomic
+
+        write_file_atomic(Path(f"{out}.metrics.json"), json.dumps(summary, indent=2, allow_nan=False) + "\n")
     else:
         for ps in report.prompts:
             print(f"## {ps.prompt}")

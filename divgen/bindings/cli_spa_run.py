@@ -66,9 +66,39 @@ def _floats(text: str, flag: str) -> tuple:
         raise DivgenError(f"{flag} must be comma-separated numbers, got {text!r}") from exc
 
 
+def check_flags(args) -> None:
+    """Every number flag's range (engine/limits.py), before the run folder or any stage is touched."""
+    from divgen.engine import limits
+    from divgen.engine.spa.config import MAX_LENGTH, MAX_RANK, MAX_STEPS
+
+    n = limits.count
+    n(args.per_label, "--per-label", high=limits.MAX_JOB_EXAMPLES)
+    if args.synth_max_new_tokens is not None:
+        limits.max_new_tokens(args.synth_max_new_tokens, "--synth-max-new-tokens")
+    n(args.k, "--k", low=2, high=limits.MAX_SAMPLES, hint=" (one adapter per part)")
+    n(args.heldout_per_label, "--heldout-per-label", high=limits.MAX_SAMPLES)
+    for t in _floats(args.temperatures, "--temperatures"):
+        limits.temperature(t, "--temperatures")
+    limits.max_new_tokens(args.max_new_tokens, "--max-new-tokens")
+    n(args.rank, "--rank", high=MAX_RANK)
+    n(args.lora_top_layers, "--lora-top-layers", low=0, high=100_000, hint=" (0 = every layer)")
+    limits.number(args.lora_alpha, "--lora-alpha", low=0.0, high=1e6, low_open=True)
+    limits.number(args.lr, "--lr", low=0.0, high=10.0, low_open=True)
+    n(args.steps, "--steps", high=MAX_STEPS)
+    n(args.whole_steps, "--whole-steps", high=MAX_STEPS)
+    n(args.batch_size, "--batch-size", high=limits.MAX_SAMPLES)
+    n(args.max_length, "--max-length", low=2, high=MAX_LENGTH)
+    n(args.lissa_depth, "--lissa-depth", high=MAX_STEPS)
+    n(args.grad_batch, "--grad-batch", high=limits.MAX_SAMPLES)
+    limits.seed(args.seed, "--seed")
+    if args.synth_method is not None:
+        limits.method(args.synth_method, "--synth-method")
+
+
 def run_spa_pipeline(args) -> int:
     from divgen.engine.spa.pipeline import SpaRun, SpaRunConfig
 
+    check_flags(args)
     cfg = SpaRunConfig(task=args.task, few_shot=args.few_shot, real=args.real, synth_method=args.synth_method, synth_file=args.synth_file,
                        per_label=args.per_label, synth_max_new_tokens=args.synth_max_new_tokens, k=args.k,
                        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),

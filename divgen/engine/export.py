@@ -13,7 +13,11 @@ their records share one schema, engine/synth/schema.py), and writes to ``dest``:
 The split is stratified and deterministic: within each label, records are ordered by a hash of
 (seed, method, group, slot) and the first ``round(validation · n)`` go to validation (at least
 one for a label with two or more records when validation > 0; an empty split is not written). The folder
-is written next to ``dest`` and renamed into place, so a failed export leaves no half folder.
+is written next to ``dest`` and swapped into place (engine/files.py), so a failed or killed export
+leaves the old folder or the new one, whole. ``DIR/.divgen-export.json`` lists what the export
+wrote: ``--overwrite`` replaces only such a folder (never one holding other files, the working
+folder, or a link). Two inputs with the same records are refused; a record that repeats one of an
+earlier input is exported once, with a note.
 """
 from __future__ import annotations
 
@@ -47,28 +51,82 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
 
 
-def check_export_args(paths, fmt: str, dest, validation: float, overwrite: bool) -> None:
-    """User errors, before anything is read in full or written."""
+MANIFEST = ".divgen-export.json"     # what an export wrote: --overwrite replaces only such a folder
+# The files of exports written before the manifest existed (recognised by their card).
+_LEGACY_NAMES = {"README.md", "train.parquet", "validation.parquet", "dataset_dict.json", "train", "validation"}
+
+
+def is_export_dir(dest: Path) -> bool:
+    """Does ``dest`` hold only what ``divgen export`` wrote (its manifest lists every entry)?"""
+    from divgen.engine.inputs import read_json_object
+
+    dest = Path(dest)
+    entries = {p.name for p in dest.iterdir()}
+    if (dest / MANIFEST).is_file():
+        try:
+            data = read_json_object(dest / MANIFEST, "export manifest", "remove it")
+        except DivgenError:
+            return False
+        files = data.get("files")
+        return data.get("written_by") == "divgen export" and isinstance(files, list) and \
+            entries <= set(files) | {MANIFEST}
+    card = dest / "README.md"
+    try:
+        legacy_card = card.is_file() and "made with divgen" in card.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return legacy_card and entries <= _LEGACY_NAMES
+
+
+def check_export_args(paths, fmt: str, dest, validation: float, overwrite: bool, seed: int = 0) -> None:
+    """User errors, before anything is read in full or written (engine/files.py's output rules)."""
+    from divgen.engine import limits
+    from divgen.engine.files import check_output_dir
+
     if fmt not in FORMATS:
         raise DivgenError(f"--to {fmt!r}: choose one of {', '.join(FORMATS)} (e.g. --to parquet DIR)")
-    if not 0 <= validation < 1:
-        raise DivgenError(f"--validation must be a fraction in [0, 1), got {validation}")
-    dest = Path(dest)
+    limits.fraction(validation, "--validation", high_open=True)
+    limits.seed(seed, "--seed")
+    seen: dict[str, Path] = {}
     for p in paths:
         p = Path(p)
         if not p.is_file():
             raise DivgenError(f"{p} is not a file: pass a synth output (JSONL) written by divgen synth")
-        if p.resolve() == dest.resolve() or dest.resolve() in p.resolve().parents:
-            raise DivgenError(f"the export folder {dest} would hold its own input {p}: choose another DIR")
-    if dest.exists() and not dest.is_dir():
-        raise DivgenError(f"{dest} exists and is not a folder: choose a new DIR")
-    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise DivgenError(f"{dest} is not empty: choose a new DIR or pass --overwrite to replace it")
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if not parent.is_dir():
-        raise DivgenError(f"the folder of {dest} does not exist: create {parent} first")
+        key = str(p.resolve())
+        if key in seen:
+            raise DivgenError(f"{p} is given twice: give each synth output once (its rows would be in both splits)")
+        seen[key] = p
+    check_output_dir(dest, "--to", inputs=paths, ours=is_export_dir, what="divgen export", overwrite=overwrite)
     if importlib.util.find_spec("datasets") is None:
         raise DivgenError("divgen export needs the datasets package: pip install 'divgen[datasets]' (or datasets)")
+
+
+def drop_repeats(sources: list[Source]) -> list[str]:
+    """Refuse two inputs with the same bytes; leave out a record already seen in an earlier input
+    (a filtered copy exported with its original). Returns the notes saying what was left out."""
+    notes: list[str] = []
+    digests: dict[str, Path] = {}
+    for src in sources:
+        digest = hashlib.sha256(json.dumps(src.records, sort_keys=True).encode()).hexdigest()
+        if digest in digests:
+            raise DivgenError(f"{src.path} holds the same records as {digests[digest]}: give each synth output once "
+                              "(its rows would be in both splits)")
+        digests[digest] = src.path
+    seen: set[str] = set()
+    for src in sources:
+        kept = []
+        for rec in src.records:
+            key = json.dumps(rec, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                kept.append(rec)
+        if len(kept) < len(src.records):
+            notes.append(f"{src.path}: left out {len(src.records) - len(kept)} record(s) identical to ones of an "
+                         "earlier input (each record is exported once)")
+            if not kept:
+                raise DivgenError(f"{src.path} holds only records of an earlier input: leave it out")
+        src.records = kept
+    return notes
 
 
 def read_source(path: Path) -> Source:
@@ -91,15 +149,24 @@ def label_order(sources: list[Source]) -> list[str]:
     """ClassLabel names: the task's label order (sidecar), then any other label in order of appearance."""
     names: list[str] = []
     for src in sources:
-        content = (src.sidecar or {}).get("content") or {}
-        for lab in content.get("labels") or []:
-            if isinstance(lab, dict) and lab.get("name") not in names:
+        for lab in _sidecar_content(src).get("labels") or []:
+            if isinstance(lab, dict) and isinstance(lab.get("name"), str) and lab["name"] not in names:
                 names.append(lab["name"])
     for src in sources:
         for rec in src.records:
             if rec["label"] not in names:
                 names.append(rec["label"])
     return names
+
+
+def _sidecar_content(src: Source) -> dict:
+    """The sidecar's ``content`` (task labels, prompt, seed) when it has the expected types, else {}."""
+    content = src.sidecar.get("content") if isinstance(src.sidecar, dict) else None
+    if not isinstance(content, dict):
+        return {}
+    if not isinstance(content.get("labels"), list):
+        content = {k: v for k, v in content.items() if k != "labels"}
+    return content
 
 
 def split_of(records: list[dict], validation: float, seed: int) -> list[str]:
@@ -158,9 +225,11 @@ def export(paths, fmt: str, dest, *, validation: float = 0.1, seed: int = 0, met
     log = log or (lambda msg: None)
     paths = [Path(p) for p in paths]
     dest = Path(dest)
-    check_export_args(paths, fmt, dest, validation, overwrite)
+    check_export_args(paths, fmt, dest, validation, overwrite, seed)
     sources = [read_source(p) for p in paths]
+    repeat_notes = drop_repeats(sources)
     report = ExportReport(dest=dest, label_names=label_order(sources))
+    report.notes += repeat_notes
     for src in sources:
         if src.torn_bytes:
             report.notes.append(f"{src.path}: left out an unfinished last line ({src.torn_bytes} bytes)")
@@ -188,6 +257,9 @@ def export(paths, fmt: str, dest, *, validation: float = 0.1, seed: int = 0, met
                 os.replace(item, tmp / item.name)
             (tmp / "data").rmdir()
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        written = sorted(p.name for p in tmp.iterdir())
+        (tmp / MANIFEST).write_text(json.dumps({"written_by": "divgen export", "files": written}) + "\n",
+                                    encoding="utf-8")
     return report
 
 
@@ -222,8 +294,9 @@ def dataset_card(sources: list[Source], report: ExportReport, fmt: str, validati
     from divgen.engine.metrics import format_comparison
 
     first = sources[0]
-    content = (first.sidecar or {}).get("content") or {}
-    task_name = (first.sidecar or {}).get("task_name") or first.path.stem
+    content = _sidecar_content(first)
+    task_name = (first.sidecar or {}).get("task_name") if isinstance(first.sidecar, dict) else None
+    task_name = task_name if isinstance(task_name, str) and task_name else first.path.stem
     total = sum(len(s.records) for s in sources)
     models = sorted({str(r.get("model", "unknown")) for s in sources for r in s.records})
     versions = sorted({str(r.get("divgen_version", "unknown")) for s in sources for r in s.records})
@@ -260,7 +333,7 @@ def dataset_card(sources: list[Source], report: ExportReport, fmt: str, validati
         methods = sorted({str(r.get("method")) for r in src.records})
         params = r0.get("params") or {}
         ptxt = ", ".join(f"{k}={v}" for k, v in params.items()) if isinstance(params, dict) else str(params)
-        seed_txt = ((src.sidecar or {}).get("content") or {}).get("seed", "")
+        seed_txt = _sidecar_content(src).get("seed", "")
         lines.append(f"| {src.path.name} | {', '.join(methods)} | {len(src.records)} | {ptxt} | {seed_txt} | "
                      f"{r0.get('task', '')} |")
     lines += ["", "## Splits", "",

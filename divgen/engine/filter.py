@@ -15,12 +15,16 @@ Each row is tested in this order and removed for the first reason that applies:
 5. ``judge``          — the judge (``eval.judge.Judge``, trained on real pool rows) assigns the
                         text to another label (only when a judge is given).
 
-Rows keep their order; the kept ones are written unchanged.
+Rows keep their order; the kept ones are written unchanged. Each file filter writes gets a hidden
+marker ``.OUT.filter.json``: a rerun replaces its own earlier output, never any other file.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from divgen.engine.errors import DivgenError
 from divgen.engine.metrics import (
@@ -29,6 +33,7 @@ from divgen.engine.metrics import (
 
 REASONS = ("degenerate", "copy", "duplicate", "near_duplicate", "judge")
 DEFAULT_NEAR_THRESHOLD = 0.6
+MAX_WORDS = 100_000                 # --min-words / --copy-n
 
 
 @dataclass(frozen=True)
@@ -42,12 +47,11 @@ class FilterConfig:
     near_threshold: float = DEFAULT_NEAR_THRESHOLD
 
     def check(self) -> None:
-        if self.min_words < 0:
-            raise DivgenError(f"--min-words must be >= 0, got {self.min_words}")
-        if self.copy_n < 1:
-            raise DivgenError(f"--copy-n must be >= 1, got {self.copy_n}")
-        if not 0 < self.near_threshold <= 1:
-            raise DivgenError(f"--near-threshold must be in (0, 1], got {self.near_threshold}")
+        from divgen.engine import limits
+
+        limits.count(self.min_words, "--min-words", low=0, high=MAX_WORDS)
+        limits.count(self.copy_n, "--copy-n", low=1, high=MAX_WORDS)
+        limits.fraction(self.near_threshold, "--near-threshold", low_open=True)
 
 
 @dataclass
@@ -128,3 +132,51 @@ def filter_rows(texts: list[str], labels: list[str], *, config: FilterConfig = F
         kept_shingles.append(sh)
         kept_pos.append(i)
     return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Output files: a filter output is replaced only by filter (engine/files.py's discipline)
+# ----------------------------------------------------------------------------------------------
+MARKER_SUFFIX = ".filter.json"      # .OUT.filter.json beside every file filter writes
+
+
+def marker_path(out: Path) -> Path:
+    """The hidden marker that says ``out`` was written by ``divgen filter`` (and with what bytes)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}{MARKER_SUFFIX}")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_filter_output(out: Path) -> bool:
+    """Does ``out`` hold bytes that ``divgen filter`` wrote (its marker lists their hash)?"""
+    from divgen.engine.inputs import read_json_object
+
+    out, marker = Path(out), marker_path(out)
+    if not (out.is_file() and marker.is_file()):
+        return False
+    try:
+        data = read_json_object(marker, "filter marker", "remove it")
+        hashes = data.get("sha256")
+        return data.get("written_by") == "divgen filter" and isinstance(hashes, list) and \
+            _sha256(out.read_bytes()) in hashes
+    except (DivgenError, OSError):
+        return False
+
+
+def write_output(out: Path, lines: list[str], flag: str = "--out") -> None:
+    """Replace ``out`` with ``lines`` atomically. The marker lists the new hash (and the old one,
+    when the old file was ours) before the swap and only the new one after it, so a kill at any
+    point leaves a file that is recognised as filter's own: old or new, whole."""
+    from divgen.engine.files import write_file_atomic
+
+    out = Path(out)
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    new = _sha256(data)
+    hashes = [new] + ([_sha256(out.read_bytes())] if is_filter_output(out) else [])
+    stamp = lambda hs: json.dumps({"written_by": "divgen filter", "file": out.name, "sha256": hs}) + "\n"  # noqa: E731
+    write_file_atomic(marker_path(out), stamp(hashes), flag)
+    write_file_atomic(out, data, flag, legacy=[f".{out.name}.{'[a-z0-9_]' * 8}"])   # older versions' mkstemp names
+    write_file_atomic(marker_path(out), stamp([new]), flag)

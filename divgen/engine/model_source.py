@@ -57,10 +57,29 @@ def find_in_hub_cache(repo_id: str) -> Path | None:
 
 
 def check_model_dir(p: Path) -> None:
+    """A model directory's files, read as far as they can be without torch: config.json is a JSON
+    object, every safetensors header is whole (engine/inputs.py's checked readers)."""
+    from divgen.engine.inputs import read_json_object, read_safetensors_header
+
     if not (p / "config.json").exists():
         raise DivgenError(f"{p} is not a model directory (no config.json): pass a HF model directory or a .gguf file")
-    if not (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))):
+    weights = sorted(p.glob("*.safetensors"))
+    if not (weights or any(p.glob("pytorch_model*.bin"))):
         raise DivgenError(f"{p} has a config.json but no weights (*.safetensors): not a complete model directory")
+    read_json_object(p / "config.json", "model config", "the model directory is damaged: copy or download it again")
+    for w in weights:
+        read_safetensors_header(w, "model weights")
+
+
+def check_gguf(p: Path) -> None:
+    try:
+        with p.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise DivgenError(f"cannot read model file {p}: {exc.strerror}") from exc
+    if magic != b"GGUF":
+        raise DivgenError(f"{p} does not start with the GGUF magic bytes: it is not a GGUF model (damaged or "
+                          "another format); pass a GGUF file or a model directory")
 
 
 def find_model(spec: str | os.PathLike | None) -> ModelSource:
@@ -73,6 +92,7 @@ def find_model(spec: str | os.PathLike | None) -> ModelSource:
         if p.is_file():
             if p.suffix.lower() != ".gguf":
                 raise DivgenError(f"{p} is a file but not a .gguf model: pass a GGUF file or a model directory")
+            check_gguf(p)
             return ModelSource("gguf", p, str(p))
         check_model_dir(p)
         return ModelSource("dir", p, str(p))

@@ -13,11 +13,12 @@
 """
 from __future__ import annotations
 
-import csv
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from divgen.engine.errors import DivgenError
+from divgen.engine.inputs import read_csv
 from divgen.engine.jsonl import iter_jsonl_objects
 from divgen.engine.metrics import read_records
 from divgen.engine.synth.few_shot import clean_source_text
@@ -41,13 +42,26 @@ class LabelledSet:
                            self.label_names, [self.rows[i] for i in positions])
 
 
+def _field(row: dict, name: str) -> str:
+    value = row.get(name)
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):     # a JSONL record whose text is not text
+        raise DivgenError(f"'{name}' holds a JSON {type(value).__name__}, not text: fix the file or pass the "
+                          "right --text-column")
+    return str(value)
+
+
 def _text_of(row: dict, text_column: str | None, where: str) -> str:
-    if text_column is not None:
-        return clean_source_text(str(row.get(text_column) or ""))
-    if "text" in row:
-        return clean_source_text(str(row.get("text") or ""))
-    title = clean_source_text(str(row.get("title") or ""))
-    desc = clean_source_text(str(row.get("description") or ""))
+    try:
+        if text_column is not None:
+            return clean_source_text(_field(row, text_column))
+        if "text" in row:
+            return clean_source_text(_field(row, "text"))
+        title = clean_source_text(_field(row, "title"))
+        desc = clean_source_text(_field(row, "description"))
+    except DivgenError as exc:
+        raise DivgenError(f"{where}: {exc}") from exc
     if title and desc:
         return f"{title}{'' if title[-1] in '.!?:' else '.'} {desc}"
     return title or desc
@@ -75,21 +89,19 @@ def read_real(path: str | Path, task: Task, text_column: str | None = None,
         raise DivgenError(f"real data {path} is not a file: pass a labelled CSV or JSONL file (--real)")
     where = f"real data {path}"
     raw: list[tuple[str, str]] = []          # (source label, text)
-    try:
-        if path.suffix.lower() in (".jsonl", ".json"):
-            for n, obj in iter_jsonl_objects(path, "real data"):
-                _check_columns(obj.keys(), text_column, label_column, f"{where} line {n}")
-                raw.append((str(obj[label_column]).strip(), _text_of(obj, text_column, where)))
-        else:
-            with path.open(encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames:
-                    raise DivgenError(f"{where} is empty: give a CSV with a header row and labelled rows")
-                _check_columns(reader.fieldnames, text_column, label_column, where)
-                for row in reader:
-                    raw.append((str(row.get(label_column) or "").strip(), _text_of(row, text_column, where)))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DivgenError(f"cannot read {where}: {exc}") from exc
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for n, obj in iter_jsonl_objects(path, "real data"):
+            _check_columns(obj.keys(), text_column, label_column, f"{where} line {n}")
+            label = obj[label_column]
+            if not isinstance(label, (str, int)) or isinstance(label, bool):
+                raise DivgenError(f"{where} line {n}: '{label_column}' must be a string or an integer, got "
+                                  f"{type(label).__name__}: fix the file or pass the right --label-column")
+            raw.append((str(label).strip(), _text_of(obj, text_column, where)))
+    else:
+        table = read_csv(path, "real data", "give a labelled CSV with a header row (or a JSONL file)")
+        _check_columns(table.columns, text_column, label_column, where)
+        for row in table.rows:
+            raw.append((str(row.get(label_column) or "").strip(), _text_of(row, text_column, where)))
     if not raw:
         raise DivgenError(f"{where} holds no rows: give a labelled CSV or JSONL file")
     mapping = {lab.source_label: i for i, lab in enumerate(task.labels)}
@@ -110,6 +122,16 @@ def split(data: LabelledSet, every: int) -> tuple[LabelledSet, LabelledSet]:
         raise DivgenError(f"the real data has {len(data.rows)} rows: too few for a pool (index % {every} == 0) "
                           "and a test split; give a larger file")
     return data.take(pool), data.take(test)
+
+
+def require_every_label(pool: LabelledSet, what: str = "the judge and the real-data row need every label") -> None:
+    """Refuse a pool that lacks a label: a classifier trained on it could never predict that label."""
+    have = Counter(pool.labels)
+    missing = [name for k, name in enumerate(pool.label_names) if not have.get(k)]
+    if missing:
+        counts = ", ".join(f"{name} {have.get(k, 0)}" for k, name in enumerate(pool.label_names))
+        raise DivgenError(f"the real pool has no rows of label(s) {', '.join(missing)} (pool rows per label: "
+                          f"{counts}); {what}: give a real file with pool rows of every label")
 
 
 def thin(data: LabelledSet, limit: int | None) -> LabelledSet:

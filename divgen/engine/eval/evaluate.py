@@ -14,7 +14,11 @@ label proportions):
 
 The real-data row draws, per seed, as many pool rows of each label as the synthetic set has
 (``random.Random(f"divgen-eval-real/{seed}")``, without replacement; all of a label's pool rows
-when it has fewer). The judge's own accuracy on the test rows is reported with the settings.
+when it has fewer — then a warning is logged, the row's ``n`` is the rows it really used, ``asked``
+what the synthetic set had, ``short_labels`` each short label's [used, asked], and the table says
+so under itself). Every row's ``n`` is the number of training rows it used. A real file whose
+pool lacks a label is refused: the judge and the real-data row could never predict that label.
+The judge's own accuracy on the test rows is reported with the settings.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from divgen.engine.errors import DivgenError
-from divgen.engine.eval.data import LabelledSet, read_real, read_synthetic, split, thin
+from divgen.engine.eval.data import LabelledSet, read_real, read_synthetic, require_every_label, split, thin
 
 STUDENTS = ("probe", "finetune")
 
@@ -123,6 +127,7 @@ def evaluate(synthetic: list[str | Path], real: str | Path, task, *, students=("
     sets = [read_synthetic(p, task) for p in synthetic]
     every = task.few_shot.every
     pool, test = split(read_real(real, task, text_column, label_column), every)
+    require_every_label(pool)
     test = thin(test, test_limit)
     ft_test = thin(test, finetune_test_limit)
     names = names or [Path(p).stem for p in synthetic]
@@ -164,16 +169,24 @@ def evaluate(synthetic: list[str | Path], real: str | Path, task, *, students=("
             per = min(Counter(pool.labels).values())
             profiles = [{k: per for k in range(len(task.labels))}]
         index = {i: r for r, i in enumerate(pool.rows)}
+        have = Counter(pool.labels)
         for profile in profiles:
-            n = sum(profile.values())
+            used = {k: min(c, have.get(k, 0)) for k, c in sorted(profile.items())}
+            n, asked = sum(used.values()), sum(profile.values())
+            short = {task.labels[k].name: [used[k], c] for k, c in sorted(profile.items()) if used[k] < c}
+            if short:
+                log("warning: the real pool is smaller than asked for " + ", ".join(
+                    f"{name} ({u} of {c})" for name, (u, c) in short.items())
+                    + f": the real-data row trains on {n} rows, not {asked}")
             log(f"real pool rows: {n} per seed")
 
             def train_for_seed(seed, profile=profile):
                 sub = real_subset(pool, profile, seed)
                 return sub, pool_x[[index[r] for r in sub.rows]]
 
-            rows.append({"set": f"real pool ({n})", "file": str(real), "real": True, "n": n,
-                         "label_counts": {task.labels[k].name: c for k, c in sorted(profile.items())},
+            rows.append({"set": f"real pool ({n})", "file": str(real), "real": True, "n": n, "asked": asked,
+                         "short_labels": short,
+                         "label_counts": {task.labels[k].name: c for k, c in used.items()},
                          "fidelity": None, "fidelity_per_label": None, "students": runner.run(train_for_seed)})
     return {
         "settings": {
@@ -208,10 +221,15 @@ def format_eval(result: dict, markdown: bool = False) -> str:
             cells += [_pm(st and st["accuracy"]), _pm(st and st["macro_f1"])]
         rows.append(cells)
     s = result["settings"]
-    note = (f"Students tested on {s['test_rows']} real test rows"
+    note = (f"n: the training rows each row used. Students tested on {s['test_rows']} real test rows"
             + (f" ({s['finetune_test_rows']} for finetune)" if s.get("finetune_test_rows") else "")
             + f"; mean ± std over seeds {s['seeds']}. Fidelity: a probe trained on the {s['pool_rows']} real "
             f"pool rows (its own test accuracy {100 * s['judge']['test_accuracy']:.1f} %) agrees with the label.")
+    for r in result["rows"]:
+        if r.get("short_labels"):
+            note += (f"\n{r['set']}: the real pool has fewer rows than the synthetic set for "
+                     + ", ".join(f"{name} ({u} of {c})" for name, (u, c) in r["short_labels"].items())
+                     + f"; this row trains on {r['n']} real rows, not {r['asked']}.")
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]

@@ -3,14 +3,12 @@
 The test split of a real file is embedded again by every ``divgen eval`` run; on a CPU that is
 minutes. ``embed_cached`` keeps each list of texts' embeddings in
 ``<DIVGEN_CACHE>/embeddings/<sha256 of the texts>.pt`` (written atomically, read back only when
-its text count matches). The model itself is ``divgen.engine.metrics.load_embedding_model``.
+its text count matches; what a killed run left is removed by the next write). The model itself is ``divgen.engine.metrics.load_embedding_model``.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -42,12 +40,18 @@ def embed_cached(texts: list[str], cache: bool = True) -> torch.Tensor:
         except (OSError, RuntimeError, EOFError):
             pass                                # a damaged cache file is recomputed
     emb = embed(texts)
+    from divgen.engine.files import clean_stale, temp_path
+
+    tmp = temp_path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".pt", dir=folder)
-        with os.fdopen(fd, "wb") as f:
+        clean_stale(path, ["tmp-*.pt"], any_name=True)      # what killed runs left (older names: tmp-*.pt)
+        with open(tmp, "wb") as f:
             torch.save(emb, f)
         os.replace(tmp, path)
     except (OSError, RuntimeError):
         pass                                    # a read-only cache only costs time
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return emb

@@ -40,6 +40,10 @@ class Judge:
             raise DivgenError(f"judge training labels {unknown} are not among {names}")
         if not texts:
             raise DivgenError("the judge needs at least one real labelled text")
+        absent = [n for n in names if n not in set(labels)]
+        if absent:
+            raise DivgenError(f"the judge has no training text of label(s) {', '.join(absent)}: it could never "
+                              "predict them; give real rows of every label")
         x = embed_cached(texts) if features is None else features
         y = torch.tensor([index[l] for l in labels])
         probe = train_probe(x, y, len(names), l2=DEFAULT_L2 if l2 is None else l2)
@@ -49,9 +53,10 @@ class Judge:
     def from_real(cls, path: str | Path, task, text_column: str | None = None,
                   label_column: str = "label") -> "Judge":
         """A judge trained on the pool rows of a real labelled file (labels via the task)."""
-        from divgen.engine.eval.data import read_real, split
+        from divgen.engine.eval.data import read_real, require_every_label, split
 
         pool, _ = split(read_real(path, task, text_column, label_column), task.few_shot.every)
+        require_every_label(pool, "the judge needs every label")
         return cls.train(pool.texts, [pool.label_names[i] for i in pool.labels], pool.label_names)
 
     def predict_indices(self, texts: list[str], features=None):

@@ -157,4 +157,6 @@ def adapt_partitions(lm: LoadedModel, examples: list[Example], assignment: list[
 
 
 def write_manifest(out_dir: Path, names: list[str], extra: dict) -> None:
-    (out_dir / MANIFEST).write_text(json.dumps({"adapters": names, **extra}, indent=2) + "\n")
+    from divgen.engine.files import write_file_atomic
+
+    write_file_atomic(out_dir / MANIFEST, json.dumps({"adapters": names, **extra}, indent=2) + "\n")

@@ -94,17 +94,17 @@ def check_weights_finite(weights_file: Path) -> None:
     """Refuse a safetensors file with a NaN or infinite value in any floating-point tensor."""
     import numpy as np
 
+    from divgen.engine.inputs import read_safetensors_header
+
+    header, base = read_safetensors_header(weights_file, "adapter weights")   # offsets checked: no giant read
     try:
         with weights_file.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            base = 8 + n
             for name, info in header.items():
                 if name == "__metadata__" or info.get("dtype") not in _FLOAT_DTYPES:
                     continue
                 np_dtype, exp_mask = _FLOAT_DTYPES[info["dtype"]]
                 start, end = info["data_offsets"]
-                f.seek(base + start)
+                f.seek(base + start)      # base: the data's offset after the header
                 values = np.frombuffer(f.read(end - start), dtype=np_dtype)
                 bad = ((values & exp_mask) == exp_mask).any() if exp_mask else not np.isfinite(values).all()
                 if bad:

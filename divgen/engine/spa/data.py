@@ -80,7 +80,11 @@ def read_prompts(path: str | os.PathLike) -> list[Example]:
     if path.suffix == ".txt":
         if not path.exists():
             raise DivgenError(f"prompt file {path} does not exist")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise DivgenError(f"prompt file {path} is not UTF-8 text ({exc.reason}): save it as UTF-8") from exc
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise DivgenError(f"prompt file {path} is empty: write one prompt per line")
         return [Example(line, "") for line in lines]

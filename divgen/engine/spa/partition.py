@@ -47,8 +47,9 @@ from divgen.engine.spa.data import Example, write_jsonl
 
 METHODS = ("random", "lexical", "influence")
 INFLUENCE_KINDS = ("lissa", "gradsim")
-PARTITIONS_FILE = "partitions.json"
-SCORES_FILE = "scores.jsonl"
+from divgen.engine.spa.partition_files import (  # noqa: E402,F401  (the torch-free file side)
+    PARTITIONS_FILE, SCORES_FILE, WRITTEN, check_partition_out, file_sha256, read_partitions,
+)
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -233,9 +234,15 @@ def _capture_width(lora) -> int:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    from divgen.engine.files import clean_stale, temp_path
+
+    clean_stale(path, [f"{path.name}.tmp"])
+    tmp = temp_path(path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _with_responses(lm, queries, whole_adapter, out_dir: Path, max_new_tokens: int, progress: bool):
@@ -247,8 +254,11 @@ def _with_responses(lm, queries, whole_adapter, out_dir: Path, max_new_tokens: i
         return queries
     cache = out_dir / "query_responses.jsonl"
     if cache.exists():
-        rows = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
-        if [r["prompt"] for r in rows] == [q.prompt for q in queries] and rows[0].get("adapter") == str(whole_adapter.path):
+        from divgen.engine.jsonl import read_jsonl
+
+        rows = [r for _, r in read_jsonl(cache, "query answer cache", tail="torn").records]
+        if rows and [r.get("prompt") for r in rows] == [q.prompt for q in queries] and \
+                rows[0].get("adapter") == str(whole_adapter.path) and all(isinstance(r.get("response"), str) for r in rows):
             return [Example(r["prompt"], r["response"]) for r in rows]
     missing = [i for i, q in enumerate(queries) if not q.response]
     if progress:
@@ -267,10 +277,6 @@ def _with_responses(lm, queries, whole_adapter, out_dir: Path, max_new_tokens: i
 # Output
 # ---------------------------------------------------------------------------------------------
 
-def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def write_partitions(out_dir: Path, *, method: str, options: dict, data_path: str, examples: list[Example],
                      queries: list[Example], scores: torch.Tensor, z: torch.Tensor, parts: list[int],
                      balance: float) -> dict:
@@ -287,27 +293,16 @@ def write_partitions(out_dir: Path, *, method: str, options: dict, data_path: st
         "sizes": [parts.count(j) for j in range(k)],
         "assignment": parts,
     }
+    from divgen.engine.files import write_file_atomic
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out_dir / SCORES_FILE, [
-        {"index": i, "prompt": ex.prompt, "partition": parts[i], "scores": [float(v) for v in scores[i]],
-         "normalised": [round(float(v), 6) for v in z[i]]}
-        for i, ex in enumerate(examples)
-    ])
-    tmp = out_dir / f".{PARTITIONS_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out_dir / PARTITIONS_FILE)
-    return record
-
-
-def read_partitions(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / PARTITIONS_FILE
-    if not path.exists():
-        raise DivgenError(f"{path} does not exist: run `divgen spa partition` first and pass its {PARTITIONS_FILE}")
-    try:
-        record = json.loads(path.read_text())
-        record["assignment"], record["k"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DivgenError(f"{path} is not a partitions file written by `divgen spa partition` ({exc})") from exc
+    lines = [json.dumps({"index": i, "prompt": ex.prompt, "partition": parts[i], "scores": [float(v) for v in scores[i]],
+                         "normalised": [round(float(v), 6) for v in z[i]]}, ensure_ascii=False) + "\n"
+             for i, ex in enumerate(examples)]
+    # each file is replaced whole (a kill leaves the old or the new one); the record names the
+    # scores it was written with, so a scores file from another run is recognisable
+    scores_text = "".join(lines)
+    record["scores_sha256"] = hashlib.sha256(scores_text.encode("utf-8")).hexdigest()
+    write_file_atomic(out_dir / SCORES_FILE, scores_text, legacy=[f".{SCORES_FILE}.tmp"])
+    write_file_atomic(out_dir / PARTITIONS_FILE, json.dumps(record, indent=2) + "\n", legacy=[f".{PARTITIONS_FILE}.tmp"])
     return record

@@ -6,12 +6,12 @@ rows are never shown, keep them for evaluation).
 """
 from __future__ import annotations
 
-import csv
 import html
 import re
 from pathlib import Path
 
 from divgen.engine.errors import DivgenError
+from divgen.engine.inputs import read_csv
 from divgen.engine.jsonl import iter_jsonl_objects
 from divgen.engine.synth.task import Task
 
@@ -54,21 +54,15 @@ def read_labelled_file(path: Path) -> list[tuple[str, str]]:
                     raise DivgenError(f"few-shot file {path} line {n} needs a 'label' field")
                 rows.append((str(obj["label"]), _row_text(obj, f"few-shot file {path} line {n}")))
         else:
-            # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column name.
-            with path.open(encoding="utf-8-sig", newline="") as f:
-                reader = csv.DictReader(f, strict=True)
-                if not reader.fieldnames or "label" not in [c.strip() for c in reader.fieldnames]:
-                    found = ", ".join(repr(c) for c in (reader.fieldnames or [])) or "none"
-                    raise DivgenError(f"few-shot file {path} needs a header row with a 'label' column "
-                                      f"and 'text' (or 'title','description'); its columns are {found}")
-                reader.fieldnames = [c.strip() for c in reader.fieldnames]
-                try:
-                    for row in reader:
-                        rows.append((str(row["label"]).strip(), _row_text(row, f"few-shot file {path}")))
-                except csv.Error as exc:
-                    raise DivgenError(f"few-shot file {path} is not valid CSV near line {reader.line_num} ({exc}): "
-                                      "check for an unterminated quote (a field that opens \" and never "
-                                      "closes it)") from exc
+            # the checked CSV reader (engine/inputs.py): a byte-order mark is not part of the first column
+            # name, long fields are read, bad bytes and bad quoting name the line
+            table = read_csv(path, "few-shot file", "give a CSV with a header row: label + text (or title, description)")
+            if "label" not in table.columns:
+                found = ", ".join(repr(c) for c in table.columns) or "none"
+                raise DivgenError(f"few-shot file {path} needs a header row with a 'label' column "
+                                  f"and 'text' (or 'title','description'); its columns are {found}")
+            for row in table.rows:
+                rows.append((str(row["label"] or "").strip(), _row_text(row, f"few-shot file {path}")))
     except UnicodeDecodeError as exc:
         raise DivgenError(f"few-shot file {path} is not UTF-8 text ({exc.reason}): save it as UTF-8") from exc
     except OSError as exc:

@@ -320,13 +320,12 @@ def load_task(spec: str | Path) -> Task:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DivgenError(f"task file {path} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+        except RecursionError as exc:
+            raise DivgenError(f"task file {path} is nested too deeply to be a task file") from exc
     else:
-        import yaml
+        from divgen.engine.inputs import load_yaml
 
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise DivgenError(f"task file {path} is not valid YAML: {exc}") from exc
+        data = load_yaml(text, f"task file {path}")     # safe loader, size and alias-expansion bounds
     return task_from_dict(data, path=path)
 
 
