@@ -72,11 +72,42 @@ def _cut_scores(x, lp, mix, row_limit, rows, cols, t_div):
     max + log α, divided by T. Mirrors ``reference.guided_sample_step``."""
     if mix is None:
         s = lp[rows, cols]
-    else:   # NaN (a row not in use) read as the floor, so that a 0 weight never spreads it
-        s = (mix.float() @ torch.nan_to_num(lp.clamp(min=LOGP_FLOOR), nan=LOGP_FLOOR))[rows, cols]
+    else:
+        s = _mixed_scores(lp, mix, rows, cols)
     xc = x[rows, cols]
     keep = torch.isfinite(xc) & (xc >= row_limit[rows])
     return torch.where(keep, s / t_div[rows], float("-inf"))
+
+
+def _mixed_scores(lp, mix, rows, cols):
+    """(mix @ floored lp)[rows, cols] from the needed columns only. The product runs on at least
+    64 columns (a multiple of 64, padded): MKL's sgemm gives each column the same bits as in the
+    full [R, V] product from 16 columns on (fewer columns take another kernel)."""
+    ucols, where = torch.unique(cols, return_inverse=True)
+    n = ucols.shape[0]
+    padded = torch.zeros(max(_PAD, -(-n // _PAD) * _PAD), dtype=ucols.dtype, device=ucols.device)
+    padded[:n] = ucols
+    sub = lp[:, padded]
+    # NaN (a row not in use) read as the floor, so that a 0 weight never spreads it
+    s = mix.float() @ torch.nan_to_num(sub.clamp(min=LOGP_FLOOR), nan=LOGP_FLOOR)    # [R, U]
+    return s[rows, where]
+
+
+def _candidates(x: torch.Tensor, limit: torch.Tensor):
+    """(rows, cols) of x >= limit[row], row-major (token ids ascending): 64-token blocks whose
+    max is below the limit are skipped whole."""
+    n_rows, vocab = x.shape
+    nb = -(-vocab // _PAD)
+    if nb * _PAD != vocab:
+        x = torch.cat([x, x.new_full((n_rows, nb * _PAD - vocab), float("-inf"))], dim=1)
+    blocks = x.view(n_rows, nb, _PAD)
+    rb, bb = (blocks.amax(dim=-1) >= limit[:, None]).nonzero(as_tuple=True)
+    i, j = (blocks[rb, bb] >= limit[rb][:, None]).nonzero(as_tuple=True)
+    rows, cols = rb[i], bb[i] * _PAD + j
+    if nb * _PAD != vocab:                 # the padding is -inf: >= a limit of -inf (α = 0)
+        inside = cols < vocab
+        rows, cols = rows[inside], cols[inside]
+    return rows, cols
 
 
 def _row_max(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -95,12 +126,21 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
             logits, mix, seeds, step, temperature, min_p, top_k, top_p, any_top_k_top_p=any_top_k_top_p,
             noise=noise, return_logprobs=return_logprobs)
     n_rows, vocab = logits.shape
-    x = logits.float().clamp(max=FLT_MAX)                                     # +inf read as FLT_MAX
+    x = logits.float()
+    row_max = x.amax(dim=-1)
+    if bool(torch.isposinf(row_max).any()):
+        x = x.clamp(max=FLT_MAX)                                              # +inf read as FLT_MAX
+        row_max = x.amax(dim=-1)
     lp = torch.log_softmax(x, dim=-1)                                         # [R, V], as the reference
-    row_limit = x.max(dim=-1).values + torch.log(min_p)                       # [R]: max + log α
-    # The α-kept set (all finite tokens where α = 0); rows in order, token ids ascending.
-    rows, cols = (x >= row_limit[:, None]).nonzero(as_tuple=True)
+    row_limit = row_max + torch.log(min_p)                                    # [R]: max + log α
     greedy, t_div = sampling_temperature(temperature)
+    # Candidates: the α-kept tokens; for unguided rows also only logits within the noise's reach
+    # of the best (z = (l − c) / T, so a winner has l ≥ max l − T·gap; a margin covers rounding).
+    limit = row_limit
+    if mix is None and noise is None:
+        reach = row_max - t_div * (NOISE_GAP + 2 * _MARGIN) - 1e-3 * (1 + row_max.abs())
+        limit = torch.maximum(row_limit, reach)
+    rows, cols = _candidates(x, limit)                                        # row-major, ids ascending
     z = _cut_scores(x, lp, mix, row_limit, rows, cols, t_div)                 # [N] gathered scores
 
     if any_top_k_top_p and bool((top_k > 0).any()):
