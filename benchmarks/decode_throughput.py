@@ -103,7 +103,8 @@ def run_vllm(python: str, lm, prompts_ids: list[list[int]], args, batch: int) ->
     import json
     import subprocess
 
-    cfg = {"model": str(lm.source_dir), "dtype": str(lm.dtype).removeprefix("torch."), "prompts": prompts_ids, "new_tokens": args.new_tokens, "batch": batch,
+    cfg = {"model": str(lm.source_dir), "dtype": str(lm.dtype).removeprefix("torch."), "prompts": prompts_ids,
+           "new_tokens": args.new_tokens, "batch": batch,
            "modes": args.modes, "repeats": args.repeats,
            "max_len": max(len(p) for p in prompts_ids) + args.new_tokens + 8}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1), "VLLM_TARGET_DEVICE": "cpu",
