@@ -64,11 +64,20 @@ def parse_args(argv=None):
     ap.add_argument("--no-hf", action="store_true", help="skip transformers.generate")
     ap.add_argument("--no-synth", action="store_true", help="skip the CorrSynth synth job")
     ap.add_argument("--synth-per-label", type=int, default=16, help="synth: examples per label (default 16)")
-    ap.add_argument("--synth-batch-rows", type=int, default=32, help="synth: slots (rows decoded at once)")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode comparison (synth only)")
+    ap.add_argument("--synth-batch-rows", type=int, default=None,
+                    help="synth: slots, rows decoded at once by both engines (default and at most: the largest "
+                         "--batch, which is vLLM's max_num_seqs)")
     ap.add_argument("--synth-new-tokens", type=int, default=48, help="synth: tokens per example (default 48)")
     ap.add_argument("--vllm-eager", action="store_true", help="vLLM with enforce_eager=True")
     ap.add_argument("--output-json", default=None, help="default benchmarks/results/vs_vllm-<device>-<dtype>.json")
     args = ap.parse_args(argv)
+    if args.synth_batch_rows is None:
+        args.synth_batch_rows = max(args.batch)
+    if not args.no_decode and args.synth_batch_rows != max(args.batch):
+        ap.error(f"--synth-batch-rows {args.synth_batch_rows} differs from the largest --batch ({max(args.batch)}), "
+                 "which is vLLM's max_num_seqs: both engines must decode as many rows at once (use --no-decode "
+                 "to time the synth job alone at other slots)")
     for name in ("threads", "new_tokens", "repeats", "synth_per_label", "synth_batch_rows", "synth_new_tokens"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -138,8 +147,8 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     lm = load_model(None, device="cpu", dtype=args.dtype)
     folder = str(lm.source_dir)
-    synth_rows = args.synth_batch_rows if not args.no_synth else 0
-    slots = max(args.batch + [synth_rows])
+    # vLLM's max_num_seqs: the largest decode batch, which is also the synth job's slots
+    slots = args.synth_batch_rows if args.no_decode else max(args.batch)
     llm = LLM(model=folder, dtype=args.dtype, max_model_len=1024, seed=0, max_num_seqs=slots,
               logits_processors=[DivgenLogitsProcessor], enforce_eager=args.vllm_eager)
     torch.set_num_threads(args.threads)          # whatever vLLM set while starting
@@ -149,7 +158,7 @@ def main(argv=None) -> int:
           f"torch threads {torch.get_num_threads()}; model {folder}", flush=True)
 
     results = {"decode": [], "synth": None}
-    for batch in args.batch:
+    for batch in ([] if args.no_decode else args.batch):
         prompts = [lm.format_prompt(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
         ids = [lm.encode(p) for p in prompts]
         tok = lm.tokenizer
@@ -200,7 +209,7 @@ def main(argv=None) -> int:
                   + (f", divgen/HF {row['divgen_over_hf']:.2f}x" if "divgen_over_hf" in row else ""), flush=True)
 
     if not args.no_synth:
-        results["synth"] = synth_job(args, lm, llm, SamplingParams, divgen_tag)
+        results["synth"] = synth_job(args, lm, llm, slots, SamplingParams, divgen_tag)
 
     load_after = os.getloadavg()
     record = {"benchmark": "vs_vllm", "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
@@ -215,7 +224,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def synth_job(args, lm, llm, SamplingParams, divgen_tag) -> dict:
+def synth_job(args, lm, llm, slots, SamplingParams, divgen_tag) -> dict:
     """The CorrSynth AG News job through divgen's engine and through vLLM + divgen's processor."""
     import torch
 
@@ -264,7 +273,8 @@ def synth_job(args, lm, llm, SamplingParams, divgen_tag) -> dict:
                 times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t) for name, t in times.items()}
     out = {"task": "ag_news", "method": "corrsynth", "examples": kept, "rows": rows,
-           "new_tokens": task.max_new_tokens, "slots": args.synth_batch_rows, "g": g, "min_p": s.min_p,
+           "new_tokens": task.max_new_tokens, "slots": args.synth_batch_rows,
+           "vllm_max_num_seqs": slots, "g": g, "min_p": s.min_p,
            "times_s": times}
     for name, t in med.items():
         out[f"{name}_examples_per_s"] = kept / t
