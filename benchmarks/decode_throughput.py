@@ -54,11 +54,11 @@ def load(args):
     from divgen.engine.model import LoadedModel, load_model, pick_device, pick_dtype
 
     if not args.random_config:
-        return load_model(args.model, device=args.device)
+        return load_model(args.model, device=args.device, dtype=args.dtype)
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     device = pick_device(args.device)
-    dtype = pick_dtype(device)
+    dtype = pick_dtype(device, args.dtype)
     cfg = LlamaConfig(max_position_embeddings=4096, **RANDOM_CONFIGS[args.random_config])
     torch.manual_seed(0)
     with torch.device(device):
@@ -77,7 +77,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from vllm import LLM, SamplingParams
 cfg = json.loads(sys.argv[1])
-llm = LLM(model=cfg["model"], dtype="float32", max_model_len=cfg["max_len"], seed=0,
+llm = LLM(model=cfg["model"], dtype=cfg["dtype"], max_model_len=cfg["max_len"], seed=0,
           max_num_seqs=max(cfg["batch"], 1))
 prompts = [{"prompt_token_ids": ids} for ids in cfg["prompts"]]
 out = {}
@@ -103,7 +103,8 @@ def run_vllm(python: str, lm, prompts_ids: list[list[int]], args, batch: int) ->
     import json
     import subprocess
 
-    cfg = {"model": str(lm.source_dir), "prompts": prompts_ids, "new_tokens": args.new_tokens, "batch": batch,
+    cfg = {"model": str(lm.source_dir), "dtype": str(lm.dtype).removeprefix("torch."), "prompts": prompts_ids,
+           "new_tokens": args.new_tokens, "batch": batch,
            "modes": args.modes, "repeats": args.repeats,
            "max_len": max(len(p) for p in prompts_ids) + args.new_tokens + 8}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads or 1), "VLLM_TARGET_DEVICE": "cpu",
@@ -195,6 +196,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model dir / .gguf (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS), help="random weights of this shape")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default auto: bf16 on CUDA)")
     ap.add_argument("--batch", type=int, nargs="+", default=[16])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--modes", nargs="+", default=["greedy", "sampled"], choices=["greedy", "sampled"])

@@ -19,7 +19,7 @@ def test_kernel_modules_do_not_shadow_dispatch_functions():
 
 def test_ops_are_chosen_once_per_device():
     ops = kernels.ops_for("cpu")
-    assert ops is kernels.ops_for(torch.device("cpu")) and ops.name == "reference"
+    assert ops is kernels.ops_for(torch.device("cpu")) and ops.name == "cpu"
     plan = kernels.build_sample_plan(None, "cpu", rows=3)
     assert plan.ops is ops                                 # the step calls the plan's ops: no lookup
 
@@ -32,8 +32,10 @@ def test_environment_forces_an_implementation_at_construction(monkeypatch):
     monkeypatch.setenv("DIVGEN_KERNELS", "fast")
     with pytest.raises(ValueError, match="DIVGEN_KERNELS='fast'"):
         kernels._default_implementation("cpu")
+    monkeypatch.setenv("DIVGEN_KERNELS", "cpu")
+    assert kernels._default_implementation("cuda") == "cpu"
     monkeypatch.delenv("DIVGEN_KERNELS")
-    assert kernels._default_implementation("cpu") == "reference"
+    assert kernels._default_implementation("cpu") == "cpu"
     with pytest.raises(ValueError, match="unknown kernel implementation"):
         kernels.ops_for("cpu", "cuda")
 

@@ -54,6 +54,7 @@ class BenchConfig:
     task: str = "ag_news"                       # synth: task file or shipped name
     vocab: int = 49152                          # kernel: vocabulary size
     seed: int = 0
+    min_p: float = 0.0                          # decode: α of the sampled rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,9 +101,10 @@ def decode_batch(lm, method: str, batch: int, cfg: BenchConfig, seed: int):
     return random_prompts(lm, rows, cfg.input_len, seed), guidance
 
 
-def time_decode(lm, prompts, guidance, output_len: int, seed: int) -> dict:
-    """One timed ``generate`` call: wall, tokens, per-step and per-request times."""
-    from divgen.engine.decode import generate
+def time_decode(lm, prompts, guidance, output_len: int, seed: int, min_p: float = 0.0) -> dict:
+    """One timed ``generate`` call: wall, tokens, per-step and per-request times, and (eager CPU
+    engines) each step's forward / sampler / host split."""
+    from divgen.engine import decode
 
     marks, finished_at = [], []
 
@@ -112,15 +114,88 @@ def time_decode(lm, prompts, guidance, output_len: int, seed: int) -> dict:
         finished_at.extend([now] * (done - len(finished_at)))
 
     sync(lm.device)
-    t0 = time.perf_counter()
-    results, _ = generate(lm, prompts, max_new_tokens=output_len, temperature=1.0, seeds=seed,
-                          ignore_eos=True, guidance=guidance, progress=progress)
-    sync(lm.device)
-    t1 = time.perf_counter()
+    decode.STEP_TIMES = steps_timed = []
+    try:
+        t0 = time.perf_counter()
+        results, _ = decode.generate(lm, prompts, max_new_tokens=output_len, temperature=1.0, min_p=min_p,
+                                     seeds=seed, ignore_eos=True, guidance=guidance, progress=progress)
+        sync(lm.device)
+        t1 = time.perf_counter()
+    finally:
+        decode.STEP_TIMES = None
     steps = [b - a for a, b in zip(marks, marks[1:])]
     return {"wall_s": t1 - t0, "tokens": sum(len(r.token_ids) for r in results), "requests": len(results),
             "ttft": [marks[0] - t0] if marks else [], "token": steps,
-            "request": [t - t0 for t in finished_at]}
+            "request": [t - t0 for t in finished_at], "split": step_split(steps_timed)}
+
+
+def step_split(times: list) -> dict | None:
+    """Per-step medians (ms) of forward, sampler (sampling + state update) and host (between a
+    step's end and the next one's start, prefill excluded), and the slots computed per step."""
+    if not times:
+        return None
+    host = [b.start - a.end - a.prefill_after for a, b in zip(times, times[1:])]
+    return {"forward_ms": 1e3 * statistics.median(t.forward_end - t.start for t in times),
+            "sampler_ms": 1e3 * statistics.median(t.end - t.forward_end for t in times),
+            "host_ms": 1e3 * statistics.median(host) if host else 0.0,
+            "slots": statistics.median(t.slots for t in times)}
+
+
+def step_gemm_flops(lm, rows: int) -> int:
+    """Flops (2 per multiply-add) of one decode step's weight products at ``rows`` rows."""
+    a = lm.fast.args
+    per_layer = (a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + a.n_heads * a.head_dim * a.dim
+                 + 3 * a.dim * a.intermediate_size)
+    return 2 * rows * (a.n_layers * per_layer + a.dim * a.vocab_size)
+
+
+def gemm_peak(lm, rows: int, repeats: int = 5) -> dict:
+    """GF/s of the decode step's weight products alone at ``rows`` rows (every layer's q|k|v, o,
+    gate|up, down and the LM head on random activations, the weights streamed as in a step), on
+    the engine's GEMM path (``models.packed``) and on dense ``F.linear``; best of ``repeats``."""
+    import torch.nn.functional as F
+
+    from divgen.engine.models.packed import fused_linear
+
+    model, a = lm.fast, lm.fast.args
+    dt, dev = lm.dtype, lm.device
+    x = torch.randn(rows, a.dim, dtype=dt, device=dev)
+    xo = torch.randn(rows, a.n_heads * a.head_dim, dtype=dt, device=dev)
+    xi = torch.randn(rows, a.intermediate_size, dtype=dt, device=dev)
+    pairs = []
+    for layer in model.model.layers:
+        at, mlp = layer.self_attn, layer.mlp
+        pairs += [((at.q_proj, at.k_proj, at.v_proj), x, at._qkv), ((at.o_proj,), xo, at._o),
+                  ((mlp.gate_proj, mlp.up_proj), x, mlp._gate_up), ((mlp.down_proj,), xi, mlp._down)]
+    pairs.append(((model.lm_head,), x, model._head))
+
+    def engine_path():
+        for mods, inp, gemm in pairs:
+            fused_linear(gemm, inp, mods)
+
+    def dense():
+        for mods, inp, _ in pairs:
+            for m in mods:
+                F.linear(inp, m.weight, m.bias)
+
+    flops = step_gemm_flops(lm, rows)
+    out = {"rows": rows, "gflop_per_step": flops / 1e9}
+    best = {"engine": float("inf"), "dense": float("inf")}
+    with torch.inference_mode():
+        engine_path()
+        dense()
+        for _ in range(repeats):
+            for name, fn in (("engine", engine_path), ("dense", dense)):
+                sync(dev)
+                t0 = time.perf_counter()
+                fn()
+                sync(dev)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    for name, t in best.items():
+        out[f"{name}_ms"] = 1e3 * t
+        out[f"{name}_gflops"] = flops / t / 1e9
+    out["peak_gflops"] = max(out["engine_gflops"], out["dense_gflops"])
+    return out
 
 
 def run_decode(lm, cfg: BenchConfig, log=print) -> list[dict]:
@@ -128,13 +203,44 @@ def run_decode(lm, cfg: BenchConfig, log=print) -> list[dict]:
     calls = {v: decode_batch(lm, v[0], v[1], cfg, cfg.seed) for v in variants}
     for v in variants:
         for _ in range(cfg.warmup):
-            time_decode(lm, *calls[v], cfg.output_len, cfg.seed)
+            time_decode(lm, *calls[v], cfg.output_len, cfg.seed, cfg.min_p)
     samples = {v: [] for v in variants}
+    peaks: dict[int, list[dict]] = {}
     for rnd in range(cfg.repeats):
         for v in variants:
-            samples[v].append(time_decode(lm, *calls[v], cfg.output_len, cfg.seed))
+            samples[v].append(time_decode(lm, *calls[v], cfg.output_len, cfg.seed, cfg.min_p))
+        if lm.fast is not None:              # the GEMM peak, measured between the rounds (same load)
+            for rows in sorted({len(calls[v][0]) for v in variants}):
+                peaks.setdefault(rows, []).append(gemm_peak(lm, rows))
         log(f"round {rnd + 1}/{cfg.repeats} done")
-    return [_summarise(cfg, m, b, samples[(m, b)], examples_key="requests") for m, b in variants]
+    out = []
+    for m, b in variants:
+        row = _summarise(cfg, m, b, samples[(m, b)], examples_key="requests")
+        row.update(floor_report(lm, samples[(m, b)], peaks.get(len(calls[(m, b)][0]))))
+        out.append(row)
+    return out
+
+
+def floor_report(lm, runs: list[dict], peaks: list[dict] | None) -> dict:
+    """The step split (medians over rounds) and the step's GEMM rate against the measured peak
+    at the same row count (the best of the engine's GEMM path and dense F.linear, over rounds)."""
+    splits = [r["split"] for r in runs if r.get("split")]
+    if not splits or not peaks:
+        return {}
+    rep = {k: statistics.median(s[k] for s in splits) for k in ("forward_ms", "sampler_ms", "host_ms", "slots")}
+    step = rep["forward_ms"] + rep["sampler_ms"] + rep["host_ms"]
+    rep["step_ms"] = step
+    rep["sampler_share"] = rep["sampler_ms"] / step if step else 0.0
+    rep["host_share"] = rep["host_ms"] / step if step else 0.0
+    flops = step_gemm_flops(lm, int(round(rep["slots"])))
+    rep["forward_gflops"] = flops / (rep["forward_ms"] / 1e3) / 1e9
+    rep["step_gflops"] = flops / (step / 1e3) / 1e9
+    peak = max(p["peak_gflops"] for p in peaks)
+    rep["gemm_peak_gflops"] = peak
+    rep["gemm_peak_path"] = "engine" if max(p["engine_gflops"] for p in peaks) >= peak else "dense"
+    rep["forward_peak_share"] = rep["forward_gflops"] / peak
+    rep["step_peak_share"] = rep["step_gflops"] / peak
+    return rep
 
 
 # ----------------------------------------------------------------------------------------------

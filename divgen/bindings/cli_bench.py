@@ -50,6 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--vocab", type=int, default=49152, help="kernel: vocabulary size (default 49152)")
     p.add_argument("--model", default=None, help="model (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None,
+                   help="model dtype: auto, float32, bfloat16, float16 (default auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--min-p", type=float, default=0.0, help="decode: min-p (alpha) of the sampled rows (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None, metavar="PATH", help="write the result rows as JSON")
@@ -81,6 +84,9 @@ def check_args(args) -> None:
     for b in args.batch_sizes:
         n(b, "--batch-sizes", high=limits.MAX_BENCH_ROWS)
     args.device = limits.device(args.device, "--device")
+    limits.min_p(args.min_p, "--min-p")
+    if args.dtype is not None:
+        args.dtype = limits.dtype(args.dtype, "--dtype")
     if args.kind != "kernel":
         from divgen.engine.model_source import find_model
 
@@ -166,6 +172,25 @@ def format_rows(rows: list[dict]) -> str:
                      for line in lines)
 
 
+def format_floor(rows: list[dict]) -> str:
+    """Where a decode step's time goes, and the forward's GEMM rate against the GEMM peak measured
+    in the same run (the step's own weight products alone, at the same row count)."""
+    head = ("method", "batch", "step ms", "forward", "sampler", "host", "sampler %", "forward GF/s",
+            "step GF/s", "GEMM peak GF/s", "forward/peak", "step/peak")
+    lines = [head]
+    for r in rows:
+        if "forward_ms" not in r:
+            continue
+        lines.append((r["method"], str(r["batch_size"]), f"{r['step_ms']:.1f}", f"{r['forward_ms']:.1f}",
+                      f"{r['sampler_ms']:.2f}", f"{r['host_ms']:.2f}", f"{100 * r['sampler_share']:.1f}",
+                      f"{r['forward_gflops']:.1f}", f"{r['step_gflops']:.1f}",
+                      f"{r['gemm_peak_gflops']:.1f} ({r['gemm_peak_path']})",
+                      f"{100 * r['forward_peak_share']:.0f} %", f"{100 * r['step_peak_share']:.0f} %"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+
 def run_bench_command(args) -> int:
     check_args(args)
     import torch
@@ -180,6 +205,7 @@ def run_bench_command(args) -> int:
         kind=args.kind, methods=tuple(args.methods), batch_sizes=tuple(args.batch_sizes), input_len=args.input_len,
         output_len=args.output_len, warmup=args.warmup, repeats=args.repeats, group_size=args.group_size,
         scale=args.g, per_label=args.per_label, task=args.task, vocab=args.vocab, seed=args.seed,
+        min_p=args.min_p,
     )
 
     def log(msg: str) -> None:
@@ -192,14 +218,18 @@ def run_bench_command(args) -> int:
     else:
         from divgen.engine.model import load_model
 
-        lm = load_model(args.model, device=args.device)
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
         device = lm.device
-        log(f"{lm.name} on {device_name()}, torch threads {torch.get_num_threads()}")
+        log(f"{lm.name} ({str(lm.dtype).removeprefix('torch.')}) on {device_name()}, "
+            f"torch threads {torch.get_num_threads()}")
         rows = suite.run_decode(lm, cfg, log=log) if args.kind == "decode" else suite.run_synth_bench(lm, cfg, log=log)
 
     print(f"divgen bench {args.kind}: {device_name()}, torch threads {torch.get_num_threads()}, "
           f"{cfg.repeats} interleaved rounds (median throughput; latencies pooled)")
     print(format_rows(rows))
+    if args.kind == "decode" and any("forward_ms" in r for r in rows):
+        print()
+        print(format_floor(rows))
     for b, name, ratio in suite.ratios(rows, PLOT_METRIC[args.kind]):
         print(f"batch {b}: {name} = {ratio:.2f}x ({PLOT_METRIC[args.kind]})")
     if args.output_json:

@@ -183,13 +183,17 @@ class DecodeState(nn.Module):
         self.leader.copy_(torch.arange(slots, device=device))
 
 
-def decode_step(model, k_cache, v_cache, st, plan, eos_ids, any_top_k_top_p: bool, greedy_only: bool):
+def decode_step(model, k_cache, v_cache, st, plan, eos_ids, any_top_k_top_p: bool, greedy_only: bool,
+                marks: list | None = None):
     """One decode step for every slot, on the device, no host sync, fixed shapes.
 
     Forward the slots' input tokens, sample (guided), let CFG shadows take their leader's token,
     check EOS and length, and advance the active slots in place. Returns [2, S] int64: the
-    sampled tokens and the slots that finished in this step."""
+    sampled tokens and the slots that finished in this step. ``marks`` (eager CPU steps, for
+    ``STEP_TIMES``): the time the forward ended is appended."""
     logits = model.decode(st.tokens, st.pos, k_cache, v_cache)                      # [S, V] fp32
+    if marks is not None:
+        marks.append(time.perf_counter())
     if greedy_only:
         new = torch.argmax(logits, dim=-1)
     else:
@@ -220,6 +224,22 @@ class _View:
 # (CUDA lags, CPU reads at once). benchmarks/synth_throughput.py sets True to measure the CUDA
 # schedule's slot occupancy on a CPU.
 READ_LAG: bool | None = None
+
+# When a list, eager engines append one ``StepTime`` per decode step (``divgen bench decode``'s
+# forward / sampler / host split). None (the default): nothing is timed.
+STEP_TIMES: list | None = None
+
+
+@dataclass
+class StepTime:
+    """One eager decode step: its start, the end of its forward, its end (perf_counter seconds),
+    the slots it computed, and the time spent prefilling admitted rows after it (not host time)."""
+
+    start: float
+    forward_end: float
+    end: float
+    slots: int
+    prefill_after: float = 0.0
 
 
 def default_compile(device: torch.device) -> bool:
@@ -387,7 +407,14 @@ class Engine:
             n = n_live
             k, v = (self.cache.k, self.cache.v) if n == S else (self.cache.k[:, :n], self.cache.v[:, :n])
             view = st if n == S else _View(st, n)
-            out = self._step(self.model, k, v, view, plan, eos_ids, any_cut, greedy_only)
+            timed = STEP_TIMES is not None and not self.compiled and dev.type == "cpu"
+            t_step = time.perf_counter()
+            if timed:
+                marks: list = []
+                out = self._step(self.model, k, v, view, plan, eos_ids, any_cut, greedy_only, marks)
+                STEP_TIMES.append(StepTime(t_step, marks[0], time.perf_counter(), n))
+            else:
+                out = self._step(self.model, k, v, view, plan, eos_ids, any_cut, greedy_only)
             rec = (stats.steps, self._to_host(out))
             waiting.append(bool(sched.pending))
             stats.steps += 1
@@ -399,6 +426,8 @@ class Engine:
                 admit()
                 rebuild()
                 stats.prefill_time_s += time.perf_counter() - t0
+                if timed:
+                    STEP_TIMES[-1].prefill_after += time.perf_counter() - t0
             prev = rec
             if len(finished) < len(sample_rows) and not sched.any_live():
                 raise RuntimeError("decode engine: rows left but none in a slot (scheduler bug)")

@@ -233,8 +233,6 @@ def fast_forward(model, name: str = "model"):
         print(f"note: {name} runs on the HF forward (slow path): {reason}", file=sys.stderr)
         fast = None
     else:
-        from divgen.engine.models.packed import pack_linears
-
-        fast = pack_linears(Transformer.from_state_dict(ModelArgs.from_config(cfg), model.state_dict()))
+        fast = Transformer.from_state_dict(ModelArgs.from_config(cfg), model.state_dict())
     model.__dict__[_FAST_KEY] = fast      # not an nn.Module attribute: not a submodule of the HF model
     return fast

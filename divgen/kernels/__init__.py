@@ -2,10 +2,12 @@
 
 Implementation choice (one place, made once): ``ops_for(device)`` returns the ``KernelOps`` of a
 device — the Triton kernels (``guided_sample_triton``, ``lora_triton``) on CUDA when triton
-imports, the torch reference elsewhere — and caches it, so the choice is made at construction,
-never per call. ``DIVGEN_KERNELS=reference`` (read when a device's ops are first built, i.e.
-set it before the first call) forces the reference everywhere, for A/B runs; ``=triton`` forces
-the Triton ops (on CPU they then need ``TRITON_INTERPRET=1``, as the tests set). A
+imports; on CPU ``"cpu"``: the sampling step of ``cpu_sample`` (the reference's tokens without
+its full-vocabulary noise and sorts) and the torch reference for the rest; the reference
+elsewhere — and caches it, so the choice is made at construction, never per call.
+``DIVGEN_KERNELS=reference`` (read when a device's ops are first built, i.e. set it before the
+first call) forces the reference everywhere, for A/B runs; ``=triton`` forces the Triton ops
+(on CPU they then need ``TRITON_INTERPRET=1``, as the tests set); ``=cpu`` the CPU ops. A
 ``SamplePlan`` keeps the ops of its device, so the decode step calls them without a lookup.
 
 The capturable sampling interface (DESIGN.md; the engine's decode step builds on it):
@@ -29,7 +31,7 @@ from divgen.kernels.reference import uniform_noise
 __all__ = ["KernelOps", "ops_for", "build_sample_plan", "SamplePlan", "guided_sample_step", "guided_sample",
            "add_lora", "build_lora_plan", "uses_triton", "uniform_noise", "reference", "MAX_GROUP_ROWS"]
 
-IMPLEMENTATIONS = ("triton", "reference")
+IMPLEMENTATIONS = ("triton", "reference", "cpu")
 
 
 class KernelOps:
@@ -45,6 +47,11 @@ class KernelOps:
             self._sample, self._lora = guided_sample_triton, lora_triton
         else:
             self._sample = self._lora = reference
+        self._step = reference.guided_sample_step
+        if name == "cpu":
+            from divgen.kernels import cpu_sample
+
+            self._step = cpu_sample.guided_sample_step
 
     @property
     def uses_triton(self) -> bool:
@@ -66,7 +73,7 @@ class KernelOps:
             return self._sample.guided_sample_step(
                 logits, plan.for_rows(logits.shape[0]), seeds, step, temperature, min_p, top_k, top_p,
                 any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs)
-        return reference.guided_sample_step(
+        return self._step(
             logits, plan.mix, seeds, step, temperature, min_p, top_k, top_p,
             any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs)
 
@@ -97,13 +104,13 @@ def _default_implementation(device_type: str) -> str:
         except ImportError:
             return "reference"
         return "triton"
-    return "reference"
+    return "cpu" if device_type == "cpu" else "reference"
 
 
 def ops_for(device: torch.device | str, implementation: str | None = None) -> KernelOps:
     """The kernel ops of a device, built once per device type (``DIVGEN_KERNELS`` read then).
 
-    ``implementation`` ("triton" / "reference") builds that one instead, uncached (tests, benchmarks).
+    ``implementation`` ("triton" / "reference" / "cpu") builds that one instead, uncached (tests, benchmarks).
     """
     if implementation is not None:
         return KernelOps(implementation)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from divgen.engine.models.packed import Gemm, fused_linear
+
 # model_type -> attention biases on q/k/v (Qwen2 has them always; Llama/Mistral by config).
 SUPPORTED = {"llama": None, "mistral": None, "qwen2": True}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -152,9 +154,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # HF's x * rsqrt(mean(x²) + eps) in fp32, as one kernel (the same bits on CPU in fp32)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
+
+
+def _plain(*modules) -> bool:
+    """True when every module is a plain ``nn.Linear`` (not wrapped, e.g. by multi-LoRA): then
+    their products may run fused on one packed matrix."""
+    return all(type(m) is nn.Linear for m in modules)
 
 
 class Attention(nn.Module):
@@ -167,17 +175,28 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * hd, d, bias=args.o_bias)
         self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, hd
         self.window = args.sliding_window
+        self._qkv, self._o = Gemm(), Gemm()
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q|k|v side by side [..., (H + 2·KVH)·hd]: one product when the layers are plain."""
+        mods = (self.q_proj, self.k_proj, self.v_proj)
+        if _plain(*mods):
+            return fused_linear(self._qkv, x, mods)
+        return torch.cat([m(x) for m in mods], dim=-1)
+
+    def out(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_linear(self._o, x, (self.o_proj,)) if _plain(self.o_proj) else self.o_proj(x)
 
     def prefill(self, x, cos, sin, k_cache, v_cache, slots):
         # x [B, T, dim]; cos/sin [T, hd]; k/v_cache [S, KVH, L, hd] (this layer); slots [B]
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)     # [B, H, T, hd]
-        k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)        # [B, KVH, T, hd]
-        v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        h, kv, hd = self.n_heads, self.n_kv, self.hd
+        qkv = self.qkv(x).view(b, t, h + 2 * kv, hd).transpose(1, 2)          # [B, H+2KVH, T, hd]
+        qk = apply_rope(qkv[:, : h + kv], cos, sin)
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv:]
         k_cache[slots, :, :t] = k
         v_cache[slots, :, :t] = v
-        g = self.n_heads // self.n_kv
+        g = h // kv
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)    # [B, H, T, hd]
         if self.window is not None and t > self.window:
             i = torch.arange(t, device=x.device)
@@ -185,21 +204,19 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
+        return self.out(out.transpose(1, 2).reshape(b, t, h * hd))
 
-    def decode(self, x, cos, sin, k_cache, v_cache, pos, mask):
-        # x [S, dim]; cos/sin [S, hd]; k/v_cache [S, KVH, L, hd]; pos [S]; mask [S, 1, 1, L] bool
+    def decode(self, x, cos, sin, k_cache, v_cache, step):
+        # x [S, dim]; cos/sin [S, 1, hd]; k/v_cache [S, KVH, L, hd]; step: the step's DecodeIndex
         s = x.shape[0]
-        g = self.n_heads // self.n_kv
-        q = self.q_proj(x).view(s, self.n_kv, g, self.hd)                        # [S, KVH, G, hd]
-        k = self.k_proj(x).view(s, self.n_kv, 1, self.hd)
-        v = self.v_proj(x).view(s, self.n_kv, 1, self.hd)
-        q, k = apply_rope(q, cos[:, None, None], sin[:, None, None]), apply_rope(k, cos[:, None, None], sin[:, None, None])
-        rows = torch.arange(s, device=x.device)
-        k_cache[rows, :, pos] = k[:, :, 0]
-        v_cache[rows, :, pos] = v[:, :, 0]
-        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)  # [S, KVH, G, hd]
-        return self.o_proj(out.reshape(s, self.n_heads * self.hd))
+        h, kv, hd = self.n_heads, self.n_kv, self.hd
+        qkv = self.qkv(x).view(s, h + 2 * kv, hd)
+        qk = apply_rope(qkv[:, : h + kv], cos, sin)                          # q and k in one pass
+        q = qk[:, :h].view(s, kv, h // kv, hd)                               # [S, KVH, G, hd]
+        step.write(k_cache, qk[:, h:])
+        step.write(v_cache, qkv[:, h + kv:])
+        out = step.attend(q, k_cache, v_cache)                               # [S, KVH, G, hd]
+        return self.out(out.reshape(s, h * hd))
 
 
 class MLP(nn.Module):
@@ -208,9 +225,61 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
+        self.inter = args.intermediate_size
+        self._gate_up, self._down = Gemm(), Gemm()
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if _plain(self.gate_proj, self.up_proj):
+            gu = fused_linear(self._gate_up, x, (self.gate_proj, self.up_proj))
+            gate, up = gu[..., : self.inter], gu[..., self.inter:]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        y = F.silu(gate) * up
+        if _plain(self.down_proj):
+            return fused_linear(self._down, y, (self.down_proj,))
+        return self.down_proj(y)
+
+
+class DecodeIndex:
+    """What every layer of one decode step shares, computed once per step: where each slot's new
+    K/V goes, how many cache positions attention reads (``span``) and which of them (``mask``)."""
+
+    def __init__(self, pos: torch.Tensor, kv_heads: int, max_len: int, window: int | None):
+        s = pos.shape[0]
+        if torch.compiler.is_compiling():
+            span = max_len                        # one fixed shape for a compiled step
+        else:
+            span = min(int(pos.max()) + 1, max_len) if s else 1   # rows read only their live prefix
+        self.span = span
+        idx = torch.arange(span, device=pos.device)
+        mask = idx[None, :] <= pos[:, None]                                   # [S, span]
+        if window is not None:
+            mask = mask & (idx[None, :] > pos[:, None] - window)
+        # additive: 0 where read, -inf elsewhere, [S, 1, 1, span] fp32
+        self.mask = torch.zeros(mask.shape, dtype=torch.float32, device=pos.device).masked_fill_(
+            ~mask, float("-inf"))[:, None, None, :]
+        heads = torch.arange(s * kv_heads, device=pos.device).view(s, kv_heads)
+        self.flat = (heads * max_len + pos[:, None]).reshape(-1)              # [S·KVH] rows of the cache
+        self.pos, self.rows = pos, torch.arange(s, device=pos.device)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ / √hd + mask) v over the first ``span`` positions: q [S, KVH, G, hd] against
+        the cache [S, KVH, L, hd] -> [S, KVH, G, hd]. Two batched products on views of the cache
+        (no copy) and an fp32 softmax; measured 2x faster than SDPA's CPU kernel with a mask for
+        decode shapes (3 query rows a KV head)."""
+        s, kv, g, hd = q.shape
+        k = k_cache[:, :, : self.span].reshape(s * kv, self.span, hd)
+        v = v_cache[:, :, : self.span].reshape(s * kv, self.span, hd)
+        scores = torch.bmm(q.reshape(s * kv, g, hd), k.transpose(1, 2)).view(s, kv, g, self.span)
+        probs = torch.softmax(scores.float().mul_(hd ** -0.5).add_(self.mask), dim=-1).to(q.dtype)
+        return torch.bmm(probs.view(s * kv, g, self.span), v).view(s, kv, g, hd)
+
+    def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
+        """cache [S, KVH, L, hd] at (slot, head, pos[slot]) <- new [S, KVH, hd]."""
+        if cache.is_contiguous():
+            cache.view(-1, cache.shape[-1]).index_copy_(0, self.flat, new.reshape(-1, cache.shape[-1]))
+        else:
+            cache[self.rows, :, self.pos] = new
 
 
 class Block(nn.Module):
@@ -240,6 +309,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self._rope_len = 0
         self.cos = self.sin = None
+        self._head = Gemm()
 
     @classmethod
     def from_state_dict(cls, args: ModelArgs, state_dict: dict) -> "Transformer":
@@ -293,18 +363,21 @@ class Transformer(nn.Module):
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """One token per slot: ``tokens`` [S] at positions ``pos`` [S] -> logits [S, V] fp32.
-        Slot s attends over its cache positions [0, pos[s]] (and within the sliding window)."""
+        Slot s attends over its cache positions [0, pos[s]] (and within the sliding window); in
+        eager mode attention reads only the first max(pos) + 1 positions of the cache."""
         max_len = k_cache.shape[3]
         self.setup_rope(max_len)
         pos = pos.clamp(max=max_len - 1)
-        cos, sin = self.cos[pos], self.sin[pos]                          # [S, hd]
-        span = torch.arange(max_len, device=tokens.device)
-        mask = span[None, :] <= pos[:, None]                               # [S, L]
-        if self.args.sliding_window is not None:
-            mask = mask & (span[None, :] > pos[:, None] - self.args.sliding_window)
-        mask = mask[:, None, None, :]                                      # [S, 1, 1, L]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]          # [S, 1, hd]
+        step = DecodeIndex(pos, self.args.n_kv_heads, max_len, self.args.sliding_window)
         h = self.model.embed_tokens(tokens)                                # [S, dim]
         for i, layer in enumerate(self.model.layers):
-            h = h + layer.self_attn.decode(layer.input_layernorm(h), cos, sin, k_cache[i], v_cache[i], pos, mask)
+            h = h + layer.self_attn.decode(layer.input_layernorm(h), cos, sin, k_cache[i], v_cache[i], step)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.lm_head(self.model.norm(h)).float()
+        return self.head(self.model.norm(h)).float()
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits in the model dtype."""
+        if type(self.lm_head) is nn.Linear:
+            return fused_linear(self._head, h, (self.lm_head,))
+        return self.lm_head(h)

@@ -1,66 +1,111 @@
-"""Linear layers with weights prepacked for oneDNN, for eager decoding on CPU in fp32.
+"""The CPU GEMM path of the decode step: weights prepacked once for oneDNN, dense in and out.
 
-A decode step multiplies [S, hidden] activations (S = a few slots) by every weight matrix. For
-such skinny products, oneDNN's kernels on a weight stored once in its blocked layout run at
-about twice the rate of the dense ``F.linear`` (measured on this repository's 2-core x86 CPU:
-21 vs 12 GFLOP/s for the 576 -> 49152 LM head at 16 rows, one thread); the tokens are the same.
+A decode step multiplies [S, hidden] activations (S = a few to a few dozen slots) by every weight
+matrix. Measured on this repository's machine kind (AMD EPYC with AVX-512 BF16, one thread,
+torch 2.13, SmolLM2-135M shapes, interleaved, best of 5; ``benchmarks/decode_throughput.py
+--gemm`` reprints the table on any machine):
 
-``PackedLinear`` keeps the dense weight (shared with the HF model) and repacks when it is
-changed in place (a merged LoRA adapter bumps the tensor's version counter). Under
-``torch.compile`` it runs the dense ``F.linear``: inductor does its own weight handling.
+* fp32, 16 rows: oneDNN on a prepacked weight (``mkldnn._linear_pointwise``) beats ``F.linear``
+  (MKL) on every shape but q|k|v, where they tie (lm_head 576 -> 49,152: 10.4 vs 44.9 ms;
+  gate|up 1.2 vs 2.0 ms); at 64 rows it wins on o, gate|up and the lm_head (60 vs 113 ms) and
+  loses only the down projection (1.4 vs 1.2 ms).
+* bf16 (VDPBF16PS): the prepacked path wins on every shape at 16 and 64 rows (down 1536 -> 576
+  at 16 rows: 0.15 vs 0.40 ms).
+* The previous path (``to_mkldnn`` around every call, ``mkldnn_linear``) paid a layout
+  conversion of the input and output per call and was slower than MKL on the narrow projections.
+
+So one path wins (or ties) nearly everywhere: ``Gemm`` keeps a weight packed once in oneDNN's
+blocked layout and calls ``_linear_pointwise`` on dense activations, with no per-call layout
+conversion. ``DIVGEN_GEMM=dense`` forces ``F.linear`` (A/B runs; read once at import).
+
+The packed copy is derived from the dense weights (shared with the HF model, never replaced):
+``Gemm`` repacks when a source weight is changed in place (a merged LoRA adapter bumps the
+tensor's version counter) or replaced. Several weights with the same input (q|k|v, gate|up) are
+packed as one matrix, so one call computes the fused projection. Under ``torch.compile`` and on
+other devices the dense ``F.linear`` runs (inductor does its own weight handling).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+GEMM_PATHS = ("packed", "dense")
+# Row count oneDNN packs the weight for (its blocking hint; any row count runs on the packed weight).
+PACK_ROWS = 16
+
+
+def _forced_path() -> str | None:
+    value = os.environ.get("DIVGEN_GEMM", "")
+    if value and value not in GEMM_PATHS:
+        raise ValueError(f"DIVGEN_GEMM={value!r} is not a GEMM path: use {' or '.join(GEMM_PATHS)}, or unset it")
+    return value or None
+
+
+FORCED = _forced_path()
+_PACKED_DTYPES: tuple | None = None        # dtypes the packed path serves on this CPU (found once)
+
+
+def _packed_dtypes() -> tuple:
+    global _PACKED_DTYPES
+    if _PACKED_DTYPES is None:
+        dtypes = []
+        if FORCED != "dense" and torch.backends.mkldnn.is_available():
+            dtypes.append(torch.float32)
+            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                dtypes.append(torch.bfloat16)
+        _PACKED_DTYPES = tuple(dtypes)
+    return _PACKED_DTYPES
 
 
 def packing_available(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available())
+    """True when ``weight``'s products run on the prepacked oneDNN path (never while compiling)."""
+    if torch.compiler.is_compiling() or weight.device.type != "cpu":
+        return False
+    return weight.dtype in _packed_dtypes()
 
 
-class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight = linear.weight                 # dense [out, in], shared
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._packed = None
-        self._version = None
+class Gemm:
+    """``x @ cat(weights)ᵀ + cat(biases)`` on a oneDNN-packed copy of the weights, rebuilt when a
+    source weight changes. Not a module (nothing new in ``state_dict``); a deepcopy drops the
+    packed copy (oneDNN tensors are opaque) and repacks on first use."""
+
+    def __init__(self):
+        self._packed = self._bias = self._key = None
 
     def __deepcopy__(self, memo):
-        """Copy the dense weights; the oneDNN copy (opaque, not deep-copyable) is rebuilt on use."""
-        import copy
+        return Gemm()
 
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = None if key in ("_packed", "_packed_bias", "_version") else copy.deepcopy(value, memo)
-        return new
+    @staticmethod
+    def key(weights) -> tuple:
+        # inference tensors keep no version counter (and cannot be changed outside inference mode)
+        return tuple((w.data_ptr(), -1 if w.is_inference() else w._version) for w in weights)
 
-    def _pack(self) -> None:
+    def __call__(self, x: torch.Tensor, weights, biases) -> torch.Tensor:
+        key = Gemm.key(weights)
+        if key != self._key:
+            self._pack(weights, biases)
+            self._key = key
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self._bias, "none", [], "")
+
+    def _pack(self, weights, biases) -> None:
         with torch.no_grad():
-            self._packed = self.weight.detach().to_mkldnn()
-            self._packed_bias = None if self.bias is None else self.bias.detach().to_mkldnn()
-        self._version = self.weight._version
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return F.linear(x, self.weight, self.bias)
-        if self._packed is None or self.weight._version != self._version:
-            self._pack()
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous().to_mkldnn()
-        y = torch._C._nn.mkldnn_linear(x2, self._packed, self._packed_bias).to_dense()
-        return y.view(*shape[:-1], self.out_features)
+            w = weights[0].detach() if len(weights) == 1 else torch.cat([t.detach() for t in weights])
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS)
+            if any(b is not None for b in biases):
+                self._bias = torch.cat([b.detach() if b is not None else w.new_zeros(t.shape[0])
+                                        for t, b in zip(weights, biases)])
+            else:
+                self._bias = None
 
 
-def pack_linears(model: nn.Module) -> nn.Module:
-    """Replace every plain nn.Linear child in ``model`` by a PackedLinear (in place)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and packing_available(child.weight):
-                setattr(module, name, PackedLinear(child))
-    return model
+def fused_linear(gemm: Gemm, x: torch.Tensor, linears) -> torch.Tensor:
+    """The outputs of ``linears`` (plain ``nn.Linear`` of the same input size) side by side, one
+    product: [..., Σ out_features]. Dense ``F.linear`` per layer where packing does not apply."""
+    weights = [m.weight for m in linears]
+    if packing_available(weights[0]) and x.dtype == weights[0].dtype:
+        return gemm(x, weights, [m.bias for m in linears])
+    if len(linears) == 1:
+        return F.linear(x, weights[0], linears[0].bias)
+    return torch.cat([F.linear(x, m.weight, m.bias) for m in linears], dim=-1)

@@ -1,0 +1,183 @@
+"""The CPU sampling step: the tokens of ``reference.guided_sample_step``, bit for bit, at a fraction
+of its cost (the engine's CPU sampler; ``ops_for`` picks it for CPU tensors).
+
+Where the reference's time goes on a CPU (16 rows x 49,152 tokens): the counter-based noise
+(two murmur finalisers, ~12 int64 passes over [R, V]), the Gumbel transform (two logs over
+[R, V]) and, with top-k/top-p, two full sorts. Most of that work is for tokens that cannot win:
+
+* The Gumbel perturbation of the counter-based noise is bounded: u = (2·(h >> 9) + 1) / 2^24, so
+  G = −log(−log u) lies in [G_LO, G_HI] (≈ [−2.81, 16.64]). The winner w of argmax(z + G)
+  therefore has z_w ≥ max z + G_LO − G_HI (≈ max z − 19.5). Only tokens above that bound (a
+  margin of 1 added against rounding) get noise; the rest are never hashed. Injected noise has
+  no fixed bound: its row's own min/max give it.
+* The α cutoff keeps tokens with l ≥ max l + log α (own logits), so a row with α > 0 has a
+  small kept set; everything after the scores is computed on those tokens only (gathered, one
+  flat list over all rows).
+* top-k: the k-th largest kept score is a value, the same on the gathered list (``topk``, no
+  sort of the vocabulary). top-p needs the ascending cumulative mass over the whole row in the
+  reference's order, so a step with a top-p row runs the reference (exact, and as slow).
+
+Exactness: every value that decides a token is computed by the same torch op on the same
+operands as in the reference (the full-vocabulary log-softmax and guidance product are kept as
+they are; comparisons, divisions and the noise hash are elementwise), and the Gumbel logs run
+on a list padded to a multiple of 64 so every element takes torch's vectorised path, as the
+reference's [R, V] tensor does. Ties go to the smallest token id. The semantic rules (the α
+mask, the temperature rule, the floor for −inf log-probs, the noise) are the reference's: its
+constants and building blocks are imported, and ``_cut_scores`` mirrors the reference's
+scores-and-mask lines; tests/test_cpu_sample.py compares the two token for token under
+injected and counter-based noise, so a change of the reference's rules shows up there.
+Under ``torch.compile`` (data-dependent sizes) and with ``return_logprobs`` the reference runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from divgen.kernels import reference
+from divgen.kernels.reference import FLT_MAX, LOGP_FLOOR, sampling_temperature
+
+# A multiple of torch's widest vector loop (2 x 16 fp32 lanes on AVX-512): padded lists take the
+# vectorised elementwise path for every element (the scalar tail may round transcendental ops
+# differently).
+_PAD = 64
+# Extra distance (in score units) below the Gumbel bound, against rounding of z + G.
+_MARGIN = 1.0
+
+
+def _gumbel(u: torch.Tensor) -> torch.Tensor:
+    """−log(−log u), as the reference writes it (in place on ``u``)."""
+    return u.log_().neg_().log_().neg_()
+
+
+def _noise_range() -> tuple[float, float]:
+    """[G_LO, G_HI]: the Gumbel values of the smallest and largest counter-based uniforms."""
+    h = torch.tensor([0, 0xFFFFFFFF], dtype=torch.int64)
+    g = _gumbel(reference.uniform_from_hash(h))
+    return float(g[0]), float(g[1])
+
+
+G_LO, G_HI = _noise_range()
+NOISE_GAP = G_HI - G_LO
+
+
+def _padded_gumbel(u: torch.Tensor) -> torch.Tensor:
+    n = u.shape[0]
+    full = torch.full((-(-n // _PAD) * _PAD,), 0.5, dtype=torch.float32, device=u.device)
+    full[:n] = u
+    return _gumbel(full)[:n]
+
+
+def _cut_scores(x, lp, mix, row_limit, rows, cols, t_div):
+    """The reference's tempered, α-cut scores z at the gathered (rows, cols): s (log-probs, or the
+    guidance mix of the floored log-probs), kept where the own logit is finite and ≥ the row's
+    max + log α, divided by T. Mirrors ``reference.guided_sample_step``."""
+    if mix is None:
+        s = lp[rows, cols]
+    else:
+        s = _mixed_scores(lp, mix, rows, cols)
+    xc = x[rows, cols]
+    keep = torch.isfinite(xc) & (xc >= row_limit[rows])
+    return torch.where(keep, s / t_div[rows], float("-inf"))
+
+
+def _mixed_scores(lp, mix, rows, cols):
+    """(mix @ floored lp)[rows, cols] from the needed columns only. The product runs on at least
+    64 columns (a multiple of 64, padded): MKL's sgemm gives each column the same bits as in the
+    full [R, V] product from 16 columns on (fewer columns take another kernel)."""
+    ucols, where = torch.unique(cols, return_inverse=True)
+    n = ucols.shape[0]
+    padded = torch.zeros(max(_PAD, -(-n // _PAD) * _PAD), dtype=ucols.dtype, device=ucols.device)
+    padded[:n] = ucols
+    sub = lp[:, padded]
+    # NaN (a row not in use) read as the floor, so that a 0 weight never spreads it
+    s = mix.float() @ torch.nan_to_num(sub.clamp(min=LOGP_FLOOR), nan=LOGP_FLOOR)    # [R, U]
+    return s[rows, where]
+
+
+def _candidates(x: torch.Tensor, limit: torch.Tensor):
+    """(rows, cols) of x >= limit[row], row-major (token ids ascending): 64-token blocks whose
+    max is below the limit are skipped whole."""
+    n_rows, vocab = x.shape
+    nb = -(-vocab // _PAD)
+    if nb * _PAD != vocab:
+        x = torch.cat([x, x.new_full((n_rows, nb * _PAD - vocab), float("-inf"))], dim=1)
+    blocks = x.view(n_rows, nb, _PAD)
+    rb, bb = (blocks.amax(dim=-1) >= limit[:, None]).nonzero(as_tuple=True)
+    i, j = (blocks[rb, bb] >= limit[rb][:, None]).nonzero(as_tuple=True)
+    rows, cols = rb[i], bb[i] * _PAD + j
+    if nb * _PAD != vocab:                 # the padding is -inf: >= a limit of -inf (α = 0)
+        inside = cols < vocab
+        rows, cols = rows[inside], cols[inside]
+    return rows, cols
+
+
+def _row_max(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    out = torch.full((n_rows,), float("-inf"), dtype=values.dtype, device=values.device)
+    return out.scatter_reduce_(0, rows, values, "amax")
+
+
+def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: torch.Tensor, step: torch.Tensor,
+                       temperature: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, *,
+                       any_top_k_top_p: bool = True, noise: torch.Tensor | None = None,
+                       return_logprobs: bool = False):
+    """``reference.guided_sample_step``'s signature and tokens (module docstring)."""
+    if (return_logprobs or torch.compiler.is_compiling() or logits.device.type != "cpu"
+            or (any_top_k_top_p and bool((top_p < 1).any()))):
+        return reference.guided_sample_step(
+            logits, mix, seeds, step, temperature, min_p, top_k, top_p, any_top_k_top_p=any_top_k_top_p,
+            noise=noise, return_logprobs=return_logprobs)
+    n_rows, vocab = logits.shape
+    x = logits.float()
+    row_max = x.amax(dim=-1)
+    if bool(torch.isposinf(row_max).any()):
+        x = x.clamp(max=FLT_MAX)                                              # +inf read as FLT_MAX
+        row_max = x.amax(dim=-1)
+    lp = torch.log_softmax(x, dim=-1)                                         # [R, V], as the reference
+    row_limit = row_max + torch.log(min_p)                                    # [R]: max + log α
+    greedy, t_div = sampling_temperature(temperature)
+    # Candidates: the α-kept tokens; for unguided rows also only logits within the noise's reach
+    # of the best (z = (l − c) / T, so a winner has l ≥ max l − T·gap; a margin covers rounding).
+    limit = row_limit
+    if mix is None and noise is None:
+        reach = row_max - t_div * (NOISE_GAP + 2 * _MARGIN) - 1e-3 * (1 + row_max.abs())
+        limit = torch.maximum(row_limit, reach)
+    rows, cols = _candidates(x, limit)                                        # row-major, ids ascending
+    z = _cut_scores(x, lp, mix, row_limit, rows, cols, t_div)                 # [N] gathered scores
+
+    if any_top_k_top_p and bool((top_k > 0).any()):
+        counts = torch.bincount(rows, minlength=n_rows)
+        width = int(counts.max()) if rows.numel() else 0
+        k_max = min(int(top_k.max()), width)
+        if k_max > 0:
+            start = torch.cumsum(counts, 0) - counts
+            dense = torch.full((n_rows, width), float("-inf"), dtype=z.dtype, device=z.device)
+            dense[rows, torch.arange(rows.numel(), device=z.device) - start[rows]] = z
+            top = torch.topk(dense, k_max, dim=-1).values                     # [R, k_max], descending
+            k = top_k.clamp(min=1, max=k_max)
+            kth = top.gather(1, (k - 1)[:, None])[:, 0]
+            # off (k = 0) or more than the kept tokens: nothing is cut
+            kth = torch.where((top_k > 0) & (top_k <= k_max), kth, float("-inf"))
+            z = torch.where(z >= kth[rows], z, float("-inf"))
+
+    # Only tokens within the noise's reach of the row's best score can win.
+    best = _row_max(z, rows, n_rows)                                           # [R]
+    if noise is None:
+        gap = torch.full_like(best, NOISE_GAP)
+    else:
+        u = noise.float()
+        g = _gumbel(torch.stack((u.min(dim=-1).values, u.max(dim=-1).values), dim=1))
+        gap = g[:, 1] - g[:, 0]
+    reach = torch.where(greedy, best, best - (gap + _MARGIN) - best.abs() * 1e-6)
+    near = (z >= reach[rows]) & torch.isfinite(z)
+    rows, cols, z = rows[near], cols[near], z[near]
+
+    if noise is None:
+        k1, k2 = reference.noise_keys(seeds, step)
+        u = reference.uniform_from_hash(reference.hash_tokens(k1[rows], k2[rows], cols))
+    else:
+        u = noise.float()[rows, cols]
+    scores = torch.where(greedy[rows], z, z + _padded_gumbel(u))
+    top = _row_max(scores, rows, n_rows)
+    winner = torch.where(scores == top[rows], cols, vocab)
+    tokens = torch.full((n_rows,), vocab, dtype=torch.int64, device=logits.device)
+    tokens.scatter_reduce_(0, rows, winner, "amin")                            # ties: smallest id
+    return torch.where(tokens == vocab, 0, tokens)                             # a row with no finite score: 0

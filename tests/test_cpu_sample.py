@@ -1,0 +1,146 @@
+"""The CPU sampling step (divgen.kernels.cpu_sample) against the torch reference, token for token:
+plain and guided rows, greedy / tiny / hot temperatures, α cutoffs, top-k, −inf and +inf logits,
+rows with no finite logit, exact ties, per-row step counters, with injected and with the
+counter-based noise; and it is what the CPU ops run."""
+import pytest
+import torch
+
+from divgen import kernels
+from divgen.kernels import cpu_sample, reference
+
+
+def _mix(rows, gen, kind):
+    if kind is None:
+        return None
+    m = torch.zeros(rows, rows)
+    size = 4 if kind == "groups" else rows
+    for lo in range(0, rows, size):
+        hi = min(lo + size, rows)
+        n = hi - lo
+        if n == 1:
+            m[lo, lo] = 1.0
+            continue
+        g = torch.rand(n, n, generator=gen) * 1.5
+        g.fill_diagonal_(0)
+        block = -g
+        block += torch.diag(1 + g.sum(dim=1))
+        m[lo:hi, lo:hi] = block
+    return m
+
+
+def _case(seed, rows, vocab, mix_kind, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=gen) * scale
+    if vocab > 20:
+        logits[0, 5:9] = logits[0].max()                    # exact ties at the top
+        logits[-1, torch.randint(0, vocab, (vocab // 10,), generator=gen)] = float("-inf")
+    temperature = torch.tensor([[0.0, 1.0, 0.7, 1e-7, 2.5, 1.0][i % 6] for i in range(rows)])
+    min_p = torch.tensor([[0.05, 0.0, 0.3, 0.05, 0.0, 0.1][(i + seed) % 6] for i in range(rows)])
+    top_k = torch.tensor([[0, 0, 5, 1, 0, vocab + 3][(i * 7 + seed) % 6] for i in range(rows)], dtype=torch.int64)
+    seeds = torch.randint(-(2 ** 62), 2 ** 62, (rows,), generator=gen)
+    step = torch.randint(0, 1000, (rows,), generator=gen)
+    return logits, _mix(rows, gen, mix_kind), seeds, step, temperature, min_p, top_k, torch.ones(rows)
+
+
+def _both(args, *, any_cut, noise=None):
+    logits, mix, seeds, step, temperature, min_p, top_k, top_p = args
+    kw = dict(any_top_k_top_p=any_cut, noise=noise)
+    ref = reference.guided_sample_step(logits, mix, seeds, step, temperature, min_p, top_k, top_p, **kw)
+    fast = cpu_sample.guided_sample_step(logits, mix, seeds, step, temperature, min_p, top_k, top_p, **kw)
+    return ref, fast
+
+
+@pytest.mark.parametrize("mix_kind", [None, "groups", "one"])
+@pytest.mark.parametrize("any_cut", [False, True])
+def test_tokens_equal_the_reference_with_counter_noise(mix_kind, any_cut):
+    for seed in range(12):
+        for rows, vocab, scale in ((1, 97, 3.0), (6, 1000, 3.0), (16, 4099, 8.0), (5, 300, 0.05)):
+            args = _case(seed, rows, vocab, mix_kind, scale)
+            ref, fast = _both(args, any_cut=any_cut)
+            assert torch.equal(ref, fast), (seed, rows, vocab, scale)
+
+
+@pytest.mark.parametrize("mix_kind", [None, "groups"])
+def test_tokens_equal_the_reference_with_injected_noise(mix_kind):
+    for seed in range(20):
+        args = _case(seed, 8, 2000, mix_kind)
+        gen = torch.Generator().manual_seed(100 + seed)
+        noise = torch.rand(8, 2000, generator=gen).clamp(1e-12, 1 - 1e-7)
+        if seed % 2:   # extreme uniforms: Gumbel values far beyond the counter-based noise's range
+            noise[:, ::97] = 1e-30
+            noise[:, 3::101] = 1 - 2 ** -24
+        for any_cut in (False, True):
+            ref, fast = _both(args, any_cut=any_cut, noise=noise)
+            assert torch.equal(ref, fast), seed
+
+
+def test_model_sized_rows_equal_the_reference():
+    """16 rows x 49,152 tokens (the embedded model's vocabulary), CorrSynth groups of 4, α 0.05."""
+    args = list(_case(3, 16, 49152, "groups", 4.0))
+    args[4] = torch.ones(16)                   # temperature 1
+    args[5] = torch.full((16,), 0.05)          # α
+    for step in range(3):
+        args[3] = torch.full((16,), step)
+        ref, fast = _both(args, any_cut=False)
+        assert torch.equal(ref, fast)
+
+
+def test_non_finite_rows_follow_the_reference_rules():
+    logits = torch.randn(4, 50)
+    logits[1] = float("-inf")                   # a slot not in use: token 0
+    logits[2, 7] = float("inf")                 # +inf read as FLT_MAX: that token
+    logits[3, :] = 2.0                          # all tied: greedy takes id 0
+    ones = torch.ones(4)
+    args = (logits, None, torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.tensor([1.0, 1.0, 1.0, 0.0]),
+            torch.zeros(4), torch.zeros(4, dtype=torch.int64), ones)
+    ref, fast = _both(args, any_cut=False)
+    assert torch.equal(ref, fast)
+    assert fast[1] == 0 and fast[2] == 7 and fast[3] == 0
+
+
+def test_top_p_and_log_probs_run_the_reference_exactly():
+    args = list(_case(1, 6, 500, "groups"))
+    args[7] = torch.tensor([1.0, 0.9, 0.5, 1.0, 0.3, 1.0])
+    ref, fast = _both(args, any_cut=True)
+    assert torch.equal(ref, fast)
+    r = reference.guided_sample_step(*args, return_logprobs=True)
+    f = cpu_sample.guided_sample_step(*args, return_logprobs=True)
+    assert torch.equal(r[0], f[0]) and torch.equal(r[1], f[1])
+
+
+def test_noise_is_hashed_only_near_the_top(monkeypatch):
+    """The full-vocabulary noise is never computed: only tokens within the Gumbel range of the
+    best score are hashed (here a few dozen of 49,152 per row)."""
+    hashed = []
+    real = reference.hash_tokens
+
+    def counting(k1, k2, ids):
+        hashed.append(ids.numel())
+        return real(k1, k2, ids)
+
+    monkeypatch.setattr(reference, "uniform_noise", lambda *a, **k: pytest.fail("full-vocabulary noise"))
+    monkeypatch.setattr(reference, "hash_tokens", counting)
+    logits = torch.randn(16, 49152) * 4
+    out = cpu_sample.guided_sample_step(logits, None, torch.arange(16), torch.zeros(16, dtype=torch.int64),
+                                        torch.ones(16), torch.full((16,), 0.05), torch.zeros(16, dtype=torch.int64),
+                                        torch.ones(16), any_top_k_top_p=False)
+    assert out.shape == (16,) and sum(hashed) < 16 * 49152 // 20
+
+
+def test_the_cpu_ops_run_the_fast_step():
+    ops = kernels.ops_for("cpu")
+    assert ops.name == "cpu"
+    logits = torch.randn(3, 200)
+    plan = kernels.build_sample_plan(None, "cpu", rows=3)
+    args = (torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3), torch.full((3,), 0.05),
+            torch.zeros(3, dtype=torch.int64), torch.ones(3))
+    got = kernels.guided_sample_step(logits, plan, *args, any_top_k_top_p=False)
+    assert torch.equal(got, reference.guided_sample_step(logits, None, *args, any_top_k_top_p=False))
+    assert ops._step is cpu_sample.guided_sample_step
+
+
+def test_noise_range_is_the_counter_uniforms_range():
+    u = reference.uniform_noise(torch.arange(64), 0, 4096)
+    g = -torch.log(-torch.log(u))
+    assert cpu_sample.G_LO <= float(g.min()) and float(g.max()) <= cpu_sample.G_HI
+    assert 19 < cpu_sample.NOISE_GAP < 20
