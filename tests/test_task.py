@@ -261,7 +261,7 @@ def test_unset_sampling_fields_come_from_the_models_generation_config(tmp_path):
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"")
+    (model / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")   # an empty but whole file
     (model / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9, "top_k": 40}))
     base = make(model=str(model))
     task = task_from_dict({**base, "sampling": {"top_p": 0.5}}).with_generation_defaults()
