@@ -593,6 +593,9 @@ ROWS_22 = [
     ("bench-model-empty-dir", ["bench", "decode", "--model", "{d}/nomodel"], "no config.json"),
     ("bench-kind", ["bench", "kernels"], "invalid choice"),
     ("bench-corrsynth-batch-1", ["bench", "decode", "--batch-sizes", "1"], "corrsynth contrasts at least 2 rows"),
+    ("bench-min-p-high", ["bench", "decode", "--min-p", "1.5"], "--min-p must be in [0, 1)"),
+    ("bench-min-p-nan", ["bench", "decode", "--min-p", "nan"], "--min-p must be a finite number"),
+    ("bench-dtype-bogus", ["bench", "decode", "--dtype", "int8"], "--dtype 'int8' is not a dtype"),
     # ---- spa partition (issue 22: --out DIR overwrote DIR/scores.jsonl, its own input) ---------------
     ("spa-partition-data-in-out", ["spa", "partition", "--data", "{d}/pd/scores.jsonl", "--queries",
                                    "{d}/queries.jsonl", "--method", "lexical", "--out", "{d}/pd"],
