@@ -352,6 +352,10 @@ ROWS_22 = [
     ("synth-ray-workers-0", [*S, "--ray", "--ray-workers", "0"], "--ray-workers must be"),
     ("synth-ray-cpus-0", [*S, "--ray", "--ray-cpus-per-worker", "0"], "--ray-cpus-per-worker must be"),
     ("synth-ray-gpus-neg", [*S, "--ray", "--ray-gpus-per-worker", "-1"], "--ray-gpus-per-worker must be"),
+    ("synth-ray-workers-without-ray", [*S, "--ray-workers", "0"], "--ray-workers needs --ray"),
+    ("synth-ray-cpus-without-ray", [*S, "--ray-cpus-per-worker", "2"], "--ray-cpus-per-worker needs --ray"),
+    ("synth-ray-gpus-without-ray", [*S, "--ray-gpus-per-worker", "1"], "--ray-gpus-per-worker needs --ray"),
+    ("synth-ray-gpus-nan", [*S, "--ray", "--ray-gpus-per-worker", "nan"], "--ray-gpus-per-worker must be"),
     ("synth-few-shot-long-open-quote", ["synth", "{d}/fs_huge_task.yaml", "--out", "{d}/new.jsonl"],
      "unterminated quote"),                                                                      # issue 22
     ("synth-few-shot-bad-utf8", ["synth", "{d}/fs_bad_utf8_task.yaml", "--out", "{d}/new.jsonl"], "not UTF-8"),

@@ -67,6 +67,7 @@ def run_synth_command(args) -> int:
     from divgen.engine.synth import DEFAULT_BATCH_ROWS, load_task, run_synth
 
     check_sampling_args(args)
+    cli_ray.check_arguments(args)
     batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else limits.batch_rows(args.batch_rows, "--batch-rows")
     task = load_task(args.task).with_overrides(
         method=args.method, per_label=args.per_label, max_new_tokens=args.max_new_tokens, seed=args.seed,
