@@ -108,9 +108,12 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -c "import torch, vllm; assert '+cpu' in torch.__version__, torch.__version__"
 	touch $(VLLM_STAMP)
 
-# The vLLM binding's tests (they skip in `make test`, where vLLM is absent).
+# The vLLM binding's tests (they skip in `make test`, where vLLM is absent): the offline LLM
+# (in-process engine core), then a real `divgen serve` server on a free loopback port with vLLM's
+# default multiprocess engine core, driven over HTTP by the openai client and stopped by its PID
+# (~6 min on 2 cores). `-s` shows the measured figures (repeats, min_tokens, json_object).
 test-vllm: $(VLLM_STAMP)
-	VLLM_TARGET_DEVICE=cpu $(VLLM_PY) -m pytest -q tests/test_vllm_binding.py
+	VLLM_TARGET_DEVICE=cpu $(VLLM_PY) -m pytest -q -s tests/test_vllm_binding.py tests/test_vllm_server.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/decode_throughput.py

@@ -100,7 +100,7 @@ def hf_chain(logits, mix, mode: dict, input_ids):
 
     def run():
         logp = torch.log_softmax(logits.float(), dim=-1)                 # [R, V]
-        scores = mix @ logp.clamp(min=reference.LOGP_FLOOR)              # [R, V]
+        scores = mix @ logp                                              # [R, V] (finite logits)
         for proc in processors:
             scores = proc(input_ids, scores)
         return torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0]
@@ -143,7 +143,7 @@ def run_case(rows, vocab, group, mode_name, args, device, use_kernel, copy_gbs) 
         plan = kernels.build_sample_plan(mix, device, ops=kernels.ops_for(device, "triton"))
         step = torch.zeros(rows, dtype=torch.int64, device=device)
         per_row = dict(temperature=torch.full((rows,), TEMPERATURE, device=device),
-                       min_p=torch.full((rows,), mode["alpha"], device=device),
+                       alpha=torch.full((rows,), mode["alpha"], device=device),
                        top_k=torch.full((rows,), mode.get("top_k", 0), dtype=torch.int64, device=device),
                        top_p=torch.full((rows,), mode.get("top_p", 1.0), device=device))
         cut = "top_k" in mode

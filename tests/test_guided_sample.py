@@ -29,7 +29,6 @@ ROWS = 6
 LAYOUTS = ("plain", "identity", "corrsynth", "mixed_sizes", "cfg_interleaved")
 LOGPROB_ATOL = 1e-4          # fp32 log-probs of the same cut distribution, different sum orders
 LOGPROB_RTOL = 1e-5
-LOGP_FLOOR = reference.LOGP_FLOOR
 NEG_INF = float("-inf")
 CHI2_Z = 4.75                # normal quantile of the chi-square bound: false alarm ≈ 1e-6
 
@@ -67,27 +66,28 @@ def log_softmax64(x: np.ndarray) -> np.ndarray:
 
 
 def scores_from_mix(lp: np.ndarray, mix) -> np.ndarray:
-    """s_m(v) = Σ_n mix[m, n] · max(ℓ_n(v), FLOOR); mix None: s = ℓ (no floor)."""
+    """s_m(v) = Σ_n mix[m, n] · g_{m,n}(v), g = ℓ_n(v), or ℓ_m(v) where a contrasting ℓ_n(v) is
+    −inf (the mask rule: that row's term is dropped); mix None: s = ℓ."""
     if mix is None:
         return lp.copy()
     mix = np.asarray(mix, dtype=np.float64)
-    floored = np.maximum(lp, LOGP_FLOOR)
     s = np.zeros_like(lp)
     for m in range(lp.shape[0]):
         for n in range(lp.shape[0]):
             if mix[m, n] != 0:
-                s[m] += mix[m, n] * floored[n]
+                other = lp[n] if n == m else np.where(np.isfinite(lp[n]), lp[n], lp[m])
+                s[m] += mix[m, n] * other
     return s
 
 
 def scores_from_gammas(lp: np.ndarray, gamma: np.ndarray) -> np.ndarray:
-    """DESIGN.md: s_m = ℓ_m + Σ_{n≠m} γ_{m,n} (ℓ_m − ℓ_n), a contrasting −inf read as FLOOR."""
-    floored = np.maximum(lp, LOGP_FLOOR)
-    s = floored.copy()
+    """DESIGN.md: s_m = ℓ_m + Σ_{n≠m} γ_{m,n} (ℓ_m − ℓ_n), the term dropped where ℓ_n is −inf (a mask)."""
+    s = lp.copy()
     for m in range(lp.shape[0]):
         for n in range(lp.shape[0]):
             if n != m:
-                s[m] += gamma[m, n] * (floored[m] - floored[n])
+                term = gamma[m, n] * (lp[m] - lp[n])
+                s[m] += np.where(np.isfinite(lp[n]), term, 0.0)
     return s
 
 
@@ -99,10 +99,14 @@ def alpha_set(x_row: np.ndarray, alpha: float) -> np.ndarray:
     return finite & (x_row >= x_row[finite].max() + math.log(alpha))
 
 
-def cut_scores(s_row, keep, temperature, top_k, top_p) -> np.ndarray:
-    """z = s / T on the α set (T = 1 for greedy), then top-k and top-p by threshold."""
+def cut_scores(s_row, keep, temperature, top_k, top_p, min_p=0.0) -> np.ndarray:
+    """z = s / T on the α set (T = 1 for greedy), then min-p (p ≥ min_p · max p of softmax(z)),
+    top-k and top-p by threshold."""
     t = temperature if temperature > 0 else 1.0
     z = np.where(keep, s_row / t, -np.inf)
+    if min_p > 0:
+        p = np.exp(z - z.max())
+        z = np.where(p >= min_p, z, -np.inf)
     if top_k > 0:
         above = np.array([(z > z[v]).sum() for v in range(z.size)])
         z = np.where(above < top_k, z, -np.inf)
@@ -119,17 +123,17 @@ def per_row(value, rows):
     return [float(t)] * rows if t.dim() == 0 else [float(v) for v in t]
 
 
-def independent_sample(logits, mix, u, temperature=1.0, alpha=0.0, top_k=0, top_p=1.0):
+def independent_sample(logits, mix, u, temperature=1.0, alpha=0.0, top_k=0, top_p=1.0, min_p=0.0):
     """Tokens and log-probs of guided Gumbel-max sampling with uniforms u, in float64."""
     x = logits.double().numpy()
     rows = x.shape[0]
     s = scores_from_mix(log_softmax64(x), None if mix is None else mix.double().numpy())
     temps, alphas = per_row(temperature, rows), per_row(alpha, rows)
-    ks, ps = per_row(top_k, rows), per_row(top_p, rows)
+    ks, ps, mps = per_row(top_k, rows), per_row(top_p, rows), per_row(min_p, rows)
     gumbel = -np.log(-np.log(u.double().numpy()))
     tokens, logprobs = [], []
     for m in range(rows):
-        z = cut_scores(s[m], alpha_set(x[m], alphas[m]), temps[m], int(ks[m]), ps[m])
+        z = cut_scores(s[m], alpha_set(x[m], alphas[m]), temps[m], int(ks[m]), ps[m], mps[m])
         score = z if temps[m] == 0 else z + gumbel[m]
         token = int(np.argmax(score))                       # first maximum: smallest token id
         tokens.append(token)
@@ -571,16 +575,15 @@ def test_plan_finds_interleaved_groups():
     assert plan.order.tolist() == [0, 3, 1, 4, 2, 5] and plan.group_start.tolist() == [0, 2, 4, 6]
     assert plan.w_offset.tolist() == [0, 4, 8]
     assert plan.weights[:4].tolist() == [1.5, -0.5, 0.0, 1.0]
-    assert plan.logp_floor == LOGP_FLOOR
     plain = kernels.build_sample_plan(None, "cpu", rows=ROWS)
-    assert plain.num_groups == ROWS and plain.g_block == 1 and plain.logp_floor == NEG_INF
+    assert plain.num_groups == ROWS and plain.g_block == 1
 
 
 # ---- (h) the capturable step: build_sample_plan + guided_sample_step --------------------------
 def step_args(rows: int, vocab: int, seed: int, dtype=torch.float32, top=True):
     g = torch.Generator().manual_seed(seed)
     logits = make_logits(rows, vocab, dtype, seed=seed)
-    params = dict(temperature=torch.rand(rows, generator=g) * 1.5, min_p=torch.rand(rows, generator=g) * 0.05,
+    params = dict(temperature=torch.rand(rows, generator=g) * 1.5, alpha=torch.rand(rows, generator=g) * 0.05,
                   top_k=torch.randint(0, 12, (rows,), generator=g) if top else torch.zeros(rows, dtype=torch.int64),
                   top_p=torch.where(torch.rand(rows, generator=g) < 0.5, 0.8, 1.0) if top else torch.ones(rows))
     params["temperature"][0] = 0.0                                # a greedy row
@@ -588,7 +591,7 @@ def step_args(rows: int, vocab: int, seed: int, dtype=torch.float32, top=True):
 
 
 def direct_kwargs(params):
-    return dict(temperature=params["temperature"], alpha=params["min_p"], top_k=params["top_k"],
+    return dict(temperature=params["temperature"], alpha=params["alpha"], top_k=params["top_k"],
                 top_p=params["top_p"])
 
 
@@ -686,7 +689,7 @@ def test_positive_infinity_is_refused_for_direct_callers(gs):
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 def test_step_reads_positive_infinity_as_the_limit(impl, kernel_device):
-    """In the step (no checks) +inf is read as FLT_MAX: the +inf tokens share all the mass."""
+    """In the step (no checks) +inf is read as LOGIT_MAX (65504): the +inf tokens share all the mass."""
     device = kernel_device if impl == "triton" else torch.device("cpu")
     rows, vocab = 4, VOCAB_SIZES[0]
     logits = make_logits(rows, vocab, torch.float16, seed=2)

@@ -42,8 +42,10 @@ def test_is_a_transformers_logits_processor_with_eos_from_generation_config(embe
     assert DivgenLogitsProcessor(embedded_lm.model, eos_token_ids=[9, 4]).eos.tolist() == [4, 9]
     with pytest.raises(DivgenError, match="no EOS token ids"):
         DivgenLogitsProcessor(GenerationConfig())
-    with pytest.raises(DivgenError, match="min_p or alpha"):
-        DivgenLogitsProcessor(embedded_lm.model, min_p=0.1, alpha=0.1)
+    with pytest.raises(DivgenError, match="min_p must be in"):       # the peers' min-p: 1 is allowed, 1.5 not
+        DivgenLogitsProcessor(embedded_lm.model, min_p=1.5, seeds=[1, 2])
+    with pytest.raises(DivgenError, match="alpha must be in"):       # the papers' α: [0, 1)
+        DivgenLogitsProcessor(embedded_lm.model, alpha=1.0, seeds=[1, 2])
 
 
 def test_fewgen_equals_engine_and_rows_finish_independently(embedded_lm):
@@ -64,7 +66,7 @@ def test_corrsynth_equals_engine_with_rows_leaving_the_group(embedded_lm):
     seeds = [11, 12, 13, 14]
     engine, _ = generate(lm, prompts, max_new_tokens=24, temperature=0.9, alpha=0.02, seeds=seeds,
                          guidance=guidance)
-    proc = DivgenLogitsProcessor(lm.model, guidance=guidance, temperature=0.9, min_p=0.02, seeds=seeds)
+    proc = DivgenLogitsProcessor(lm.model, guidance=guidance, temperature=0.9, alpha=0.02, seeds=seeds)
     hf = _hf_generate(lm, prompts, proc, 24)
     assert [_strip(ids, lm) for ids in hf] == [r.token_ids for r in engine]
     lengths = sorted(len(r.token_ids) for r in engine if r.finish_reason == "eos")

@@ -51,7 +51,7 @@ def test_static_plan_samples_like_the_plain_plan(impl, block, kernel_device):
     noise = torch.rand(ROWS, VOCAB, generator=g).clamp_min(1e-7).to(device)
     top = block == 4        # the top-k/top-p passes once (the interpreter is slow); the tile paths all
     params = dict(temperature=torch.linspace(0.0, 1.4, ROWS, device=device),
-                  min_p=torch.full((ROWS,), 0.01, device=device),
+                  alpha=torch.full((ROWS,), 0.01, device=device),
                   top_k=(torch.arange(ROWS, device=device) % 5) * 3 * top,
                   top_p=torch.where((torch.arange(ROWS, device=device) % 3 == 0) & top, 0.85, 1.0))
     first = None

@@ -57,7 +57,7 @@ def _tokens(lm, outputs):
 def test_readme_snippet_gives_the_engines_diverse_samples(readme, embedded_lm):
     lm = embedded_lm
     engine, _ = generate_diverse(lm, lm.format_prompt("Give me a name for a cat."), n=8, diverse=2.0,
-                                 seeds=0, temperature=0.8, alpha=0.1, max_new_tokens=32)
+                                 seeds=0, temperature=0.8, min_p=0.1, max_new_tokens=32)
     got = _tokens(lm, [SimpleNamespace(outputs=readme["outputs"])])
     assert sorted(got) == sorted(r.token_ids for r in engine)
 
@@ -68,8 +68,8 @@ def test_corrsynth_group_equals_engine_with_rows_finishing_at_different_steps(ll
     seeds = [11, 12, 13, 14]
     engine, _ = generate(lm, prompts, max_new_tokens=24, temperature=0.9, alpha=0.02, seeds=seeds,
                          guidance=Guidance.corrsynth([0, 0, 0, 0], scale=2.0))
-    params = [SamplingParams(temperature=0.9, min_p=0.02, seed=s, max_tokens=24,
-                             extra_args=divgen_tag("q", scale=2.0)) for s in seeds]
+    params = [SamplingParams(temperature=0.9, seed=s, max_tokens=24,                # the papers' α as a tag
+                             extra_args=divgen_tag("q", scale=2.0, alpha=0.02)) for s in seeds]
     got = _tokens(lm, llm.generate(_ids(lm, prompts), params, use_tqdm=False))
     assert got == [r.token_ids for r in engine]
     assert {r.finish_reason for r in engine} == {"eos", "length"}    # members left the group mid-way

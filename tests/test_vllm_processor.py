@@ -52,7 +52,7 @@ def test_lockstep_group_untagged_row_and_members_leaving():
     logits = torch.randn(5, VOCAB) * 2
     out = proc.apply(logits.clone())
     assert torch.equal(out[3], logits[3])                         # untouched, bit for bit
-    want = sample(logits[[0, 1, 2, 4]], corrsynth_mix(4, 3.0), [10, 11, 12, 14], 0, temperature=0.9, alpha=0.05)
+    want = sample(logits[[0, 1, 2, 4]], corrsynth_mix(4, 3.0), [10, 11, 12, 14], 0, temperature=0.9, min_p=0.05)
     assert [chosen(out[[0, 1, 2, 4]])] == [want]
     for i in range(5):
         outs[i].append(7)
@@ -61,7 +61,7 @@ def test_lockstep_group_untagged_row_and_members_leaving():
     logits = torch.randn(4, VOCAB) * 2
     out = proc.apply(logits.clone())
     assert torch.equal(out[3], logits[3])
-    want = sample(logits[[0, 1, 2]], corrsynth_mix(3, 3.0), [10, 11, 12], 1, temperature=0.9, alpha=0.05)
+    want = sample(logits[[0, 1, 2]], corrsynth_mix(3, 3.0), [10, 11, 12], 1, temperature=0.9, min_p=0.05)
     assert chosen(out[[0, 1, 2]]) == want
     for i in range(4):
         outs[i].append(8)
@@ -70,7 +70,7 @@ def test_lockstep_group_untagged_row_and_members_leaving():
     logits = torch.randn(3, VOCAB) * 2
     out = proc.apply(logits.clone())
     assert torch.equal(out[1], logits[1])
-    want = sample(logits[[0, 2]], corrsynth_mix(2, 3.0), [10, 12], 2, temperature=0.9, alpha=0.05)
+    want = sample(logits[[0, 2]], corrsynth_mix(2, 3.0), [10, 12], 2, temperature=0.9, min_p=0.05)
     assert chosen(out[[0, 2]]) == want
     # the last members finish; an untagged request joins: nothing is left to guide
     proc.update_state(Update(2, removed=(2, 0), added=((0, params(5), None, []),)))
@@ -192,3 +192,75 @@ def test_a_group_over_the_kernel_limit_is_contrasted_in_chunks():
     assert sorted(proc.plan.group_sizes) == [2, kernels.MAX_GROUP_ROWS]
     out = proc.apply(torch.randn(n, 11))
     assert torch.isfinite(out).sum(dim=1).eq(1).all()
+
+
+def penalised_params(seed, tag, **penalties):
+    p = params(seed, tag)
+    p.presence_penalty = penalties.get("presence", 0.0)
+    p.frequency_penalty = penalties.get("frequency", 0.0)
+    p.repetition_penalty = penalties.get("repetition", 1.0)
+    return p
+
+
+def vllm_penalties(row, prompt, output, presence=0.0, frequency=0.0, repetition=1.0):
+    """vLLM's penalty rule written out per token (vllm.model_executor.layers.utils.apply_penalties)."""
+    row = row.clone()
+    for v in range(row.shape[0]):
+        if v in prompt or v in output:
+            row[v] = row[v] / repetition if row[v] > 0 else row[v] * repetition
+        row[v] -= frequency * output.count(v) + presence * (v in output)
+    return row
+
+
+def test_penalties_are_applied_to_tagged_rows_before_sampling():
+    """vLLM applies penalties after the processors (to the one-hot output, where they change
+    nothing), so the processor applies each member's own penalties to its row first."""
+    torch.manual_seed(4)
+    tag = divgen_tag("p", scale=2.0)
+    prompts, outs = [[1, 2, 3], [4, 5]], [[6, 6, 7], [8]]
+    pens = [dict(repetition=2.0, frequency=0.5), dict(presence=1.5)]
+    proc = DivgenLogitsProcessor()
+    proc.update_state(Update(2, added=tuple((i, penalised_params(20 + i, tag, **pens[i]), prompts[i], outs[i])
+                                            for i in range(2))))
+    logits = torch.randn(2, VOCAB) * 2
+    got = chosen(proc.apply(logits.clone()))
+    penalised = torch.stack([vllm_penalties(logits[i], prompts[i], outs[i], **pens[i]) for i in range(2)])
+    assert got == sample(penalised, corrsynth_mix(2, 2.0), [20, 21], [3, 1])
+    assert got != sample(logits, corrsynth_mix(2, 2.0), [20, 21], [3, 1]) or torch.equal(penalised, logits)
+
+
+def test_a_masked_token_in_one_member_does_not_attract_the_others():
+    """The server report, offline: 4 identical rows of a group, EOS masked in member 0 (vLLM's
+    min_tokens runs first). EOS was drawn 60/60 by the others under the old −100 reading; now
+    the others draw what they draw without the mask."""
+    eos = 2
+    row = torch.randn(VOCAB, generator=torch.Generator().manual_seed(5))
+    row[eos] = row.max() - 2.0
+    tag = divgen_tag("m", scale=2.0)
+    with_mask = without = 0
+    for seed in range(60):
+        got = []
+        for masked in (True, False):
+            proc = DivgenLogitsProcessor()
+            proc.update_state(Update(4, added=tuple((i, params(seed * 4 + i, tag), None, []) for i in range(4))))
+            logits = row.repeat(4, 1)
+            if masked:
+                logits[0, eos] = float("-inf")
+            got.append(chosen(proc.apply(logits)))
+        assert got[0][1:] == got[1][1:]
+        with_mask += sum(t == eos for t in got[0][1:])
+        without += sum(t == eos for t in got[1][1:])
+    assert with_mask == without < 60
+
+
+def test_size_and_alpha_tags():
+    tag = parse_tag(divgen_tag("g", scale=2.0, size=4, alpha=0.1))
+    assert tag.size == 4 and tag.alpha == 0.1
+    with pytest.raises(DivgenError, match="divgen_size"):
+        parse_tag({"divgen_group": "g", "divgen_scale": 2.0, "divgen_size": 0.5})
+    with pytest.raises(DivgenError, match="divgen_alpha"):
+        parse_tag({"divgen_group": "g", "divgen_scale": 2.0, "divgen_alpha": 1.0})
+    proc = DivgenLogitsProcessor()
+    proc.update_state(Update(1, added=((0, params(3, divgen_tag("a", scale=1.0, alpha=0.3)), None, []),)))
+    logits = torch.randn(1, VOCAB) * 3
+    assert chosen(proc.apply(logits.clone())) == sample(logits, None, [3], 0, alpha=0.3)

@@ -336,10 +336,10 @@ def kernel_call(method: str, batch: int, cfg: BenchConfig, device):
         plan = kernels.build_sample_plan(mix, device, rows=rows)
         step = torch.zeros(rows, dtype=torch.int64, device=device)
         temp = torch.ones(rows, dtype=torch.float32, device=device)
-        min_p = torch.full((rows,), 0.05, dtype=torch.float32, device=device)
+        alpha = torch.full((rows,), 0.05, dtype=torch.float32, device=device)
         top_k = torch.zeros(rows, dtype=torch.int64, device=device)
         top_p = torch.ones(rows, dtype=torch.float32, device=device)
-        return lambda: kernels.guided_sample_step(logits, plan, seeds, step, temp, min_p, top_k, top_p,
+        return lambda: kernels.guided_sample_step(logits, plan, seeds, step, temp, alpha, top_k, top_p,
                                                   any_top_k_top_p=False)
     return lambda: kernels.guided_sample(logits, mix, seeds=seeds, step=0, alpha=0.05)
 

@@ -21,11 +21,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")   # its warnings are not the user's to act on
 
 from divgen.bindings import cli_bench, cli_eval, cli_export, cli_filter, cli_generate, cli_show, cli_spa, cli_synth  # noqa: E402,E501
+from divgen.bindings import serve as cli_serve  # noqa: E402
 from divgen.engine.errors import DivgenError  # noqa: E402
 
 # Flags that were renamed: an old name is answered with the new one.
 RENAMED_FLAGS = {
-    "--alpha": "renamed: --min-p (the plausibility cutoff, generate/synth), --lora-alpha (LoRA's alpha, spa)",
+    "--alpha": "renamed in spa: --lora-alpha (LoRA's alpha, spa); --alpha is the plausibility cutoff of generate/synth",
 }
 
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_bench.register(sub)
     cli_export.register(sub)
     cli_show.register(sub)
+    cli_serve.register(sub)
     return parser
 
 

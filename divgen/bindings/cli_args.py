@@ -1,6 +1,6 @@
 """The flags that ``generate`` and ``synth`` share, with one name per knob (vLLM's where it has one).
 
-    --temperature --top-p --top-k --min-p --seed --stop --ignore-eos --max-new-tokens/--max-tokens
+    --temperature --top-p --top-k --min-p --alpha --seed --stop --ignore-eos --max-new-tokens/--max-tokens
     --model --device --dtype --compile/--no-compile
 
 Every flag defaults to None, meaning "not set": ``generate`` then uses the model's
@@ -21,7 +21,11 @@ def add_sampling_args(p, *, defaults: str) -> None:
     g.add_argument("--top-p", type=float, default=None, help=f"nucleus cutoff in (0, 1]; 1 is off ({defaults})")
     g.add_argument("--top-k", type=int, default=None, help=f"keep the k most likely tokens; 0 is off ({defaults})")
     g.add_argument("--min-p", type=float, default=None,
-                   help=f"plausibility cutoff α in [0, 1): keep tokens with p >= α·max p; 0 is off ({defaults})")
+                   help=f"min-p in [0, 1] as in transformers and vLLM: after temperature, keep tokens with "
+                        f"p >= min_p·max p; 0 is off, 1 keeps only the most likely ({defaults})")
+    g.add_argument("--alpha", type=float, default=None,
+                   help=f"the papers' plausibility cutoff α in [0, 1), on each row's own distribution before "
+                        f"temperature and guidance: keep p >= α·max p; 0 is off ({defaults})")
     g.add_argument("--seed", type=int, default=None, help=f"seed ({defaults})")
     g.add_argument("--stop", action="append", default=None, help="stop string, repeatable (the text is cut before it)")
     g.add_argument("--ignore-eos", action="store_true", default=None,
@@ -54,6 +58,8 @@ def check_sampling_args(args) -> None:
         limits.top_k(args.top_k, "--top-k")
     if args.min_p is not None:
         limits.min_p(args.min_p, "--min-p")
+    if args.alpha is not None:
+        limits.alpha(args.alpha, "--alpha")
     if args.seed is not None:
         limits.seed(args.seed, "--seed")
     if args.stop is not None:

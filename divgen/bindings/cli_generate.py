@@ -1,7 +1,8 @@
 """`divgen generate "PROMPT"`: sample N continuations of one prompt from a model.
 
 Unset decoding flags take the model's ``generation_config.json`` values (temperature, top_p,
-top_k, min_p, max_new_tokens), then divgen's defaults (``DEFAULTS``), as vLLM does.
+top_k, min_p, max_new_tokens), then divgen's defaults (``DEFAULTS``), as vLLM does. ``min_p`` is
+the peers' min-p (after temperature); ``--alpha`` is the papers' α (no generation_config key).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from divgen.engine import limits
 from divgen.engine.errors import DivgenError
 
 # divgen's defaults where neither the flag nor the model's generation_config.json sets a value.
-DEFAULTS = {"temperature": 0.8, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_new_tokens": 64, "seed": 0}
+DEFAULTS = {"temperature": 0.8, "top_p": 1.0, "top_k": 0, "alpha": 0.0, "min_p": 0.0, "max_new_tokens": 64,
+            "seed": 0}
 
 
 def register(subparsers) -> None:
@@ -84,7 +86,7 @@ def run(args) -> int:
 
     results, stats = generate(
         lm, [prompt] * args.n, max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
-        top_k=s["top_k"], top_p=s["top_p"], alpha=s["min_p"], seeds=s["seed"], stop=args.stop or [],
+        top_k=s["top_k"], top_p=s["top_p"], alpha=s["alpha"], min_p=s["min_p"], seeds=s["seed"], stop=args.stop or [],
         ignore_eos=bool(args.ignore_eos), guidance=diverse_guidance(args.n, args.diverse), progress=progress,
     )
     bar.close()

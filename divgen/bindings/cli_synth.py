@@ -72,7 +72,7 @@ def run_synth_command(args) -> int:
     task = load_task(args.task).with_overrides(
         method=args.method, per_label=args.per_label, max_new_tokens=args.max_new_tokens, seed=args.seed,
         model=args.model, few_shot_file=args.few_shot_file, rows_per_group=args.rows_per_group,
-        g=args.g, gamma=args.gamma, delta=args.delta, min_p=args.min_p, temperature=args.temperature,
+        g=args.g, gamma=args.gamma, delta=args.delta, alpha=args.alpha, min_p=args.min_p, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos, dtype=args.dtype,
     )
     if args.ray is not None:

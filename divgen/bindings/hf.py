@@ -3,12 +3,13 @@ sampler as a ``transformers.LogitsProcessor``.
 
     from divgen.bindings.hf import DivgenLogitsProcessor
     proc = DivgenLogitsProcessor(model, guidance=Guidance.corrsynth([0, 0, 0, 0], scale=2.0),
-                                 temperature=0.8, min_p=0.05, seeds=[1, 2, 3, 4])
+                                 temperature=0.8, alpha=0.05, seeds=[1, 2, 3, 4])
     out = model.generate(**batch, logits_processor=[proc], do_sample=False, max_new_tokens=64)
 
 At every step the processor samples each row's next token with ``divgen.kernels.guided_sample``
-(guidance mix over the rows that have not finished, α = min-p cutoff on the row's own
-distribution, temperature, top-k/top-p, noise of (seed, step, token)) and returns scores that are
+(guidance mix over the rows that have not finished, the papers' α cutoff on the row's own
+distribution, temperature, min-p as transformers means it (after temperature), top-k/top-p,
+noise of (seed, step, token)) and returns scores that are
 −inf everywhere but that token, so HF's greedy selection emits exactly divgen's choice. With the
 same seeds the tokens equal those of ``divgen.engine.decode.generate``.
 
@@ -63,24 +64,22 @@ class DivgenLogitsProcessor(LogitsProcessor):
     Args:
         model: the HF model (or its ``GenerationConfig``): EOS ids are read from it.
         guidance: a ``Guidance`` over the generate batch's rows, or None (independent rows).
-        temperature, top_k, top_p, min_p: a scalar or one value per row (``alpha`` is min-p's
-            other name in divgen; give one of the two).
+        temperature, top_k, top_p, min_p, alpha: a scalar or one value per row; min_p is
+            transformers' ``MinPLogitsWarper`` (after temperature; 1 keeps only the max), alpha
+            the papers' α on the row's own untempered distribution (both may be given).
         seeds: int (row i gets seeds + i) or one per row.
         eos_token_ids: overrides the model's EOS ids.
     """
 
     def __init__(self, model=None, *, guidance: Guidance | None = None, temperature=1.0, top_k=0,
-                 top_p=1.0, min_p=None, alpha=None, seeds=0, eos_token_ids: Iterable[int] | None = None):
-        if min_p is not None and alpha is not None:
-            raise DivgenError("give min_p or alpha (the same cutoff), not both")
-        cutoff = min_p if min_p is not None else (alpha if alpha is not None else 0.0)
+                 top_p=1.0, min_p=0.0, alpha=0.0, seeds=0, eos_token_ids: Iterable[int] | None = None):
         eos = list(eos_token_ids) if eos_token_ids is not None else (eos_ids_of(model) if model is not None else [])
         if not eos:
             raise DivgenError("no EOS token ids: pass the model (its generation_config names them) or eos_token_ids=[...]")
         if guidance is not None and not isinstance(guidance, Guidance):
             raise DivgenError(f"guidance must be a divgen Guidance, got {type(guidance).__name__}")
         self.guidance = guidance
-        self.options = dict(temperature=temperature, top_k=top_k, top_p=top_p, alpha=cutoff, seeds=seeds)
+        self.options = dict(temperature=temperature, top_k=top_k, top_p=top_p, alpha=alpha, min_p=min_p, seeds=seeds)
         self.rows = self._fixed_rows()
         if self.rows is not None:  # validate the per-row values now, not inside generate
             SamplingParams.make(self.rows, **self.options)
@@ -139,7 +138,7 @@ class DivgenLogitsProcessor(LogitsProcessor):
         p = self.params
         tokens = kernels.guided_sample(
             scores[active], mix, seeds=p.seeds[active], step=step, temperature=p.temperature[active],
-            alpha=p.alpha[active], top_k=p.top_k[active], top_p=p.top_p[active],
+            alpha=p.alpha[active], top_k=p.top_k[active], top_p=p.top_p[active], min_p=p.min_p[active],
         )                                                     # [A]
         if self.guidance is not None and self.guidance.shadow_of is not None:
             pos = {r: i for i, r in enumerate(active_list)}

@@ -68,9 +68,10 @@ except ImportError:  # vLLM absent: the bookkeeping below still runs (the main s
     _VllmLogitsProcessor = object
 
 TAG_PREFIX = "divgen_"
-TAG_FIELDS = ("group", "method", "scale", "label", "gamma", "delta", "member", "weights")
+TAG_FIELDS = ("group", "method", "scale", "label", "gamma", "delta", "member", "weights", "size", "alpha")
 TAG_METHODS = ("corrsynth", "m-corrsynth", "explicit")
 _GREEDY_EPS = 1e-5       # vLLM treats a temperature below this as greedy
+MAX_GROUP_SIZE = 4096     # rows of one group the scheduler holds for (far above any batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,6 +89,9 @@ class Tag:
     delta: float = 0.0                      # m-corrsynth intra-label weight
     member: int = 0                         # explicit: this request's index in weights
     weights: tuple[float, ...] = ()         # explicit: γ toward member 0, 1, ...
+    size: int = 0                           # rows of the group (requests × n): the scheduler
+    #                                         admits them together (0: as they come)
+    alpha: float = 0.0                      # the papers' α on the row's own, untempered distribution
 
     def rule(self) -> tuple:
         """Rows whose tags share this key share one divgen Guidance."""
@@ -120,14 +124,23 @@ def parse_tag(extra_args) -> Tag | None:
     method = fields.get("method", "corrsynth")
     if method not in TAG_METHODS:
         raise DivgenError(f"divgen tag: divgen_method must be one of {', '.join(TAG_METHODS)}, got {method!r}")
+    size = fields.get("size", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_GROUP_SIZE:
+        raise DivgenError(f"divgen tag: 'divgen_size' must be the group's row count, an integer in "
+                          f"[1, {MAX_GROUP_SIZE}] (requests × n), got {size!r}")
+    alpha = fields.get("alpha", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < 1:
+        raise DivgenError(f"divgen tag: 'divgen_alpha' must be a number in [0, 1) (the papers' α; the "
+                          f"request's min_p is transformers'/vLLM's min-p), got {alpha!r}")
+    common = dict(size=size, alpha=float(alpha))
     if method == "corrsynth":
-        return Tag(str(group), method, scale=_number(fields, "scale", 1.0))
+        return Tag(str(group), method, scale=_number(fields, "scale", 1.0), **common)
     if method == "m-corrsynth":
         label = fields.get("label")
         if label is None:
             raise DivgenError("divgen tag: m-corrsynth needs a 'divgen_label' per request")
         return Tag(str(group), method, label=str(label), gamma=_number(fields, "gamma", 0.0),
-                   delta=_number(fields, "delta", 0.0))
+                   delta=_number(fields, "delta", 0.0), **common)
     member, weights = fields.get("member"), fields.get("weights")
     if isinstance(member, bool) or not isinstance(member, int) or member < 0:
         raise DivgenError("divgen tag: explicit guidance needs 'divgen_member', this request's index >= 0 in the group")
@@ -138,16 +151,19 @@ def parse_tag(extra_args) -> Tag | None:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or abs(w) > MAX_WEIGHT:
             raise DivgenError(f"divgen tag: divgen_weights must be finite numbers within ±{MAX_WEIGHT:g}, got {w!r}")
         ws.append(float(w))
-    return Tag(str(group), method, member=member, weights=tuple(ws))
+    return Tag(str(group), method, member=member, weights=tuple(ws), **common)
 
 
 def divgen_tag(group, *, scale=None, method: str = "corrsynth", label=None, gamma=None, delta=None,
-               member=None, weights=None) -> dict:
+               member=None, weights=None, size=None, alpha=None) -> dict:
     """``extra_args`` for a tagged request, checked now: ``SamplingParams(extra_args=divgen_tag(...))``
-    (merge it with other extra_args as a dict; over HTTP send it as ``vllm_xargs``)."""
+    (merge it with other extra_args as a dict; over HTTP send it as ``vllm_xargs``). ``size``: the
+    group's row count (requests × n), for lockstep admission by ``DivgenScheduler``; ``alpha``: the
+    papers' α (the request's own ``min_p`` keeps vLLM's meaning)."""
     fields = {"group": group, "method": method}
     for name, value in (("scale", scale), ("label", label), ("gamma", gamma), ("delta", delta),
-                        ("member", member), ("weights", list(weights) if weights is not None else None)):
+                        ("member", member), ("weights", list(weights) if weights is not None else None),
+                        ("size", size), ("alpha", alpha)):
         if value is not None:
             fields[name] = value
     tag = {TAG_PREFIX + k: v for k, v in fields.items()}
@@ -169,9 +185,18 @@ class _Request:
     top_k: int
     top_p: float
     min_p: float
+    alpha: float
+    prompt: list                 # prompt ids (repetition penalty)
+    presence: float = 0.0        # vLLM's penalties, applied here as vLLM applies them to untagged rows
+    frequency: float = 0.0
+    repetition: float = 1.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence != 0 or self.frequency != 0 or self.repetition != 1
 
 
-def _request_of(params, output: list, rng: random.Random) -> _Request | None:
+def _request_of(params, prompt, output: list, rng: random.Random) -> _Request | None:
     tag = parse_tag(getattr(params, "extra_args", None))
     if tag is None:
         return None
@@ -181,7 +206,34 @@ def _request_of(params, output: list, rng: random.Random) -> _Request | None:
         tag=tag, seed=int(seed), output=output,
         temperature=0.0 if temperature < _GREEDY_EPS else temperature,
         top_k=max(0, int(params.top_k or 0)), top_p=float(params.top_p), min_p=float(params.min_p or 0.0),
+        alpha=tag.alpha, prompt=list(prompt or ()),
+        presence=float(getattr(params, "presence_penalty", 0.0) or 0.0),
+        frequency=float(getattr(params, "frequency_penalty", 0.0) or 0.0),
+        repetition=float(getattr(params, "repetition_penalty", 1.0) or 1.0),
     )
+
+
+def apply_penalties(logits: torch.Tensor, reqs: list[_Request]) -> torch.Tensor:
+    """vLLM's penalties, IN PLACE on the tagged rows' logits [T, V] (the rows of ``reqs``):
+    repetition (a logit of a token in the prompt or the output is divided by r when > 0, else
+    multiplied by r), then frequency (− f · count in the output) and presence (− p if in it).
+
+    vLLM applies them after the logits processors, i.e. to this processor's one-hot output,
+    where they change nothing; so they are applied here first, to the scores divgen samples."""
+    vocab = logits.shape[1]
+    for i, r in enumerate(reqs):
+        if not r.penalised:
+            continue
+        row = logits[i]
+        out = torch.tensor([t for t in r.output if 0 <= t < vocab], dtype=torch.int64)
+        counts = torch.bincount(out, minlength=vocab).to(row.device, row.dtype)        # [V]
+        if r.repetition != 1:
+            seen = counts > 0
+            prompt = torch.tensor([t for t in r.prompt if 0 <= t < vocab], dtype=torch.int64, device=row.device)
+            seen[prompt] = True
+            row.copy_(torch.where(seen, torch.where(row > 0, row / r.repetition, row * r.repetition), row))
+        row.sub_(r.frequency * counts + r.presence * (counts > 0).to(row.dtype))
+    return logits
 
 
 def group_gammas(tags: list[Tag]) -> torch.Tensor:
@@ -233,7 +285,8 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
         self.order: list[int] = []                     # batch indices of tagged rows, ascending
         self.rows = torch.zeros(0, dtype=torch.int64)  # the same, [T] on the device
         self.plan: kernels.SamplePlan | None = None    # the tagged rows' groups and mix
-        self.any_top_k_top_p = False
+        self.any_top_k_top_p = self.any_min_p = self.any_penalties = False
+        self.reqs: list[_Request] = []
         self.params: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -251,8 +304,8 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
             return
         for index in batch_update.removed:
             self._dirty |= self.requests.pop(index, None) is not None
-        for index, params, _prompt, output in batch_update.added:
-            request = _request_of(params, output, self._rng)
+        for index, params, prompt, output in batch_update.added:
+            request = _request_of(params, prompt, output, self._rng)
             old = self.requests.pop(index, None)
             if request is not None:
                 self.requests[index] = request
@@ -288,8 +341,11 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
                 idx = torch.tensor(chunk)
                 gam[idx[:, None], idx[None, :]] = group_gammas([reqs[p].tag for p in chunk])
         mix = mix_from_gammas(gam) if bool((gam != 0).any()) else None
-        self.plan = kernels.build_sample_plan(mix, self.device, rows=len(order))
+        self.plan = kernels.build_sample_plan(mix, self.device, rows=len(order))   # masks: vLLM's masks come first
         self.any_top_k_top_p = any(r.top_k > 0 or r.top_p < 1 for r in reqs)
+        self.any_min_p = any(r.min_p > 0 for r in reqs)
+        self.any_penalties = any(r.penalised for r in reqs)
+        self.reqs = reqs
         dev = self.device
         self.params = dict(
             seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64, device=dev),
@@ -297,6 +353,7 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
             top_k=torch.tensor([r.top_k for r in reqs], dtype=torch.int64, device=dev),
             top_p=torch.tensor([r.top_p for r in reqs], dtype=torch.float32, device=dev),
             min_p=torch.tensor([r.min_p for r in reqs], dtype=torch.float32, device=dev),
+            alpha=torch.tensor([r.alpha for r in reqs], dtype=torch.float32, device=dev),
         )
 
     def steps(self) -> list[int]:
@@ -309,9 +366,12 @@ class DivgenLogitsProcessor(_VllmLogitsProcessor):
             return logits
         p = self.params
         step = torch.tensor(self.steps(), dtype=torch.int64).to(self.device, non_blocking=True)   # [T]
+        tagged = logits[self.rows]                                            # [T, V] a copy
+        if self.any_penalties:
+            apply_penalties(tagged, self.reqs)
         tokens = kernels.guided_sample_step(
-            logits[self.rows], self.plan, p["seeds"], step, p["temperature"], p["min_p"], p["top_k"], p["top_p"],
-            any_top_k_top_p=self.any_top_k_top_p,
+            tagged, self.plan, p["seeds"], step, p["temperature"], p["alpha"], p["top_k"], p["top_p"],
+            min_p=p["min_p"] if self.any_min_p else None, any_top_k_top_p=self.any_top_k_top_p,
         )                                                                     # [T]
         logits[self.rows] = float("-inf")
         logits[self.rows, tokens.to(logits.device)] = 0.0

@@ -171,7 +171,8 @@ class DecodeState(nn.Module):
         "leader": (torch.int64, 0),         # slot whose token this slot takes (CFG shadows), else itself
         "seeds": (torch.int64, 0),
         "temperature": (torch.float32, 0.0),
-        "min_p": (torch.float32, 0.0),
+        "alpha": (torch.float32, 0.0),      # the papers' α (own, untempered distribution)
+        "min_p": (torch.float32, 0.0),      # the peers' min-p (tempered, guided distribution)
         "top_k": (torch.int64, 0),
         "top_p": (torch.float32, 1.0),
     }
@@ -184,7 +185,7 @@ class DecodeState(nn.Module):
 
 
 def decode_step(model, k_cache, v_cache, st, plan, eos_ids, any_top_k_top_p: bool, greedy_only: bool,
-                marks: list | None = None):
+                any_min_p: bool = False, marks: list | None = None):
     """One decode step for every slot, on the device, no host sync, fixed shapes.
 
     Forward the slots' input tokens, sample (guided), let CFG shadows take their leader's token,
@@ -197,8 +198,9 @@ def decode_step(model, k_cache, v_cache, st, plan, eos_ids, any_top_k_top_p: boo
     if greedy_only:
         new = torch.argmax(logits, dim=-1)
     else:
-        new = guided_sample_step(logits, plan, st.seeds, st.gen, st.temperature, st.min_p, st.top_k,
-                                 st.top_p, any_top_k_top_p=any_top_k_top_p)         # [S]
+        new = guided_sample_step(logits, plan, st.seeds, st.gen, st.temperature, st.alpha, st.top_k,
+                                 st.top_p, min_p=st.min_p if any_min_p else None,
+                                 any_top_k_top_p=any_top_k_top_p)                    # [S]
     new = new[st.leader]
     active = st.active.clone()
     is_eos = (new[:, None] == eos_ids[None, :]).any(dim=-1) & st.check_eos
@@ -306,6 +308,7 @@ class Engine:
         eos_ids = torch.tensor(eos, dtype=torch.int64, device=dev)
         greedy_only = params.all_greedy and params.no_cutoffs and (guidance is None)
         any_cut = bool((params.top_k > 0).any() or (params.top_p < 1).any())
+        any_min_p = bool((params.min_p > 0).any())
         seeds = params.seeds.tolist()
         is_shadow = [guidance is not None and guidance.is_shadow(r) for r in range(len(encoded))]
         sample_rows = [r for r in range(len(encoded)) if not is_shadow[r]]
@@ -338,7 +341,8 @@ class Engine:
             st.check_eos[idx] = bool(stopper.eos)
             st.seeds[idx] = params.seeds[index]
             st.temperature[idx] = params.temperature[index]
-            st.min_p[idx] = params.alpha[index]
+            st.alpha[idx] = params.alpha[index]
+            st.min_p[idx] = params.min_p[index]
             st.top_k[idx] = params.top_k[index]
             st.top_p[idx] = params.top_p[index]
             for r in rows:
@@ -354,10 +358,10 @@ class Engine:
             if greedy_only:
                 plan = None
             elif self.compiled:     # one static plan, refilled in place (fixed shapes and addresses)
-                new = build_sample_plan(mix, dev, rows=n_live, static_block=block)
+                new = build_sample_plan(mix, dev, rows=n_live, static_block=block, masks=False)   # finite logits
                 plan = new if plan is None else plan.copy_from(new)
             else:
-                plan = build_sample_plan(mix, dev, rows=n_live)
+                plan = build_sample_plan(mix, dev, rows=n_live, masks=False)
             st.leader[:n_live] = torch.tensor(sched.leader_slots(n_live), dtype=torch.int64, device=dev)
             rows = torch.tensor(sched.slot_rows(n_live), dtype=torch.int64, device=dev)
             for listener in listeners:
@@ -411,10 +415,10 @@ class Engine:
             t_step = time.perf_counter()
             if timed:
                 marks: list = []
-                out = self._step(self.model, k, v, view, plan, eos_ids, any_cut, greedy_only, marks)
+                out = self._step(self.model, k, v, view, plan, eos_ids, any_cut, greedy_only, any_min_p, marks)
                 STEP_TIMES.append(StepTime(t_step, marks[0], time.perf_counter(), n))
             else:
-                out = self._step(self.model, k, v, view, plan, eos_ids, any_cut, greedy_only)
+                out = self._step(self.model, k, v, view, plan, eos_ids, any_cut, greedy_only, any_min_p)
             rec = (stats.steps, self._to_host(out))
             waiting.append(bool(sched.pending))
             stats.steps += 1
@@ -493,7 +497,7 @@ def generate(
     top_k=0,
     top_p=1.0,
     alpha=0.0,
-    min_p=None,
+    min_p=0.0,
     seeds=0,
     stop: Iterable[str] = (),
     ignore_eos: bool = False,
@@ -508,8 +512,9 @@ def generate(
 
     Args:
         prompts: formatted text (see ``LoadedModel.format_prompt``) or token-id lists.
-        temperature, top_k, top_p, min_p: a scalar or one value per row; temperature 0 = greedy;
-            min_p is the plausibility cutoff α on the row's own distribution (``alpha`` is its alias).
+        temperature, top_k, top_p, alpha, min_p: a scalar or one value per row; temperature 0 =
+            greedy; alpha is the papers' plausibility cutoff α on the row's own, untempered
+            distribution; min_p is transformers' / vLLM's min-p, on the tempered (guided) one.
         seeds: int (row i gets seeds + i) or one per row.
         guidance: rows contrasted in groups (``Guidance``); None = independent rows (FewGen).
         batch_listeners: told which prompt row sits in each slot whenever that changes
@@ -521,8 +526,6 @@ def generate(
         compile: torch.compile the step (default: on CUDA only; see ``default_compile``).
     Returns: results for every non-shadow row in prompt order, and the run's stats.
     """
-    if min_p is not None:
-        alpha = min_p
     encoded = _encode_prompts(lm, prompts)
     _check_lengths(lm, encoded, max_new_tokens)
     n_rows = len(encoded)
@@ -532,7 +535,7 @@ def generate(
                                        or max_batch_rows < 1):
         raise DivgenError(f"max_batch_rows must be an integer >= 1, got {max_batch_rows!r}")
     params = SamplingParams.make(n_rows, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 alpha=alpha, seeds=seeds, device=lm.device)
+                                 alpha=alpha, min_p=min_p, seeds=seeds, device=lm.device)
     stopper = _StopChecker(lm, stop, ignore_eos, max_new_tokens)
     listeners = list(batch_listeners)
     if lm.fast is None:

@@ -111,8 +111,14 @@ def top_k(value, name: str = "top_k") -> int:
     return number(value, name, low=0, high=MAX_TOP_K, integer=True, hint=" (0 disables it)")
 
 
-def min_p(value, name: str = "min_p") -> float:
+def alpha(value, name: str = "alpha") -> float:
+    """The papers' plausibility cutoff α (on the row's own, untempered distribution)."""
     return number(value, name, low=0.0, high=1.0, high_open=True, hint=" (plausibility cutoff α; 0 disables it)")
+
+
+def min_p(value, name: str = "min_p") -> float:
+    """transformers' / vLLM's min-p (on the tempered distribution): 1 keeps only the most likely."""
+    return number(value, name, low=0.0, high=1.0, hint=" (min-p after temperature; 0 disables it)")
 
 
 def seed(value, name: str = "seed") -> int:

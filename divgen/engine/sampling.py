@@ -7,7 +7,9 @@ SamplingMetadata habit). ``Sampler`` turns the logits of one decode step into to
 2. otherwise                        -> ``divgen.kernels.guided_sample`` (Triton on CUDA, the torch
    reference elsewhere), with the guidance ``mix`` of the rows now in the batch.
 
-min-p is the α cutoff: keeping v with p(v) ≥ min_p · max p is keeping ℓ(v) ≥ max ℓ + log α.
+Two cutoffs, two names: ``alpha`` is the papers' plausibility cutoff α on the row's own,
+untempered distribution (keep ℓ(v) ≥ max ℓ + log α); ``min_p`` is transformers' and vLLM's
+min-p, on the distribution being sampled (guided, after temperature; 1 keeps only the max).
 
 The compiled decode step calls the capturable API instead (``build_sample_plan`` once per batch
 change on the host, ``guided_sample_step`` inside the step: no host sync, fixed shapes, per-row
@@ -41,13 +43,14 @@ class SamplingParams:
     temperature: torch.Tensor   # [R] fp32, 0 = greedy
     top_k: torch.Tensor         # [R] int64, 0 = off
     top_p: torch.Tensor         # [R] fp32, 1 = off
-    alpha: torch.Tensor         # [R] fp32 plausibility cutoff (min-p), 0 = off
+    alpha: torch.Tensor         # [R] fp32 the papers' α (own, untempered distribution), 0 = off
+    min_p: torch.Tensor         # [R] fp32 the peers' min-p (tempered, guided distribution), 0 = off
     seeds: torch.Tensor         # [R] int64
     all_greedy: bool            # short-circuit: every row is greedy
     no_cutoffs: bool            # short-circuit: no top-k / top-p / α on any row
 
     @classmethod
-    def make(cls, rows: int, *, temperature=1.0, top_k=0, top_p=1.0, alpha=0.0, seeds=0,
+    def make(cls, rows: int, *, temperature=1.0, top_k=0, top_p=1.0, alpha=0.0, min_p=0.0, seeds=0,
              device: torch.device | str = "cpu") -> "SamplingParams":
         """Validate user values (scalars or one per row) and build the tensors.
 
@@ -57,6 +60,7 @@ class SamplingParams:
         ks = [int(k) for k in _as_list(top_k, rows, "top_k")]
         ps = [float(p) for p in _as_list(top_p, rows, "top_p")]
         alphas = [float(a) for a in _as_list(alpha, rows, "alpha")]
+        min_ps = [float(a) for a in _as_list(min_p, rows, "min_p")]
         if isinstance(seeds, int):
             seed_list = [seeds + i for i in range(rows)]
         else:
@@ -66,7 +70,8 @@ class SamplingParams:
         temps = [limits.temperature(t, "temperature") for t in temps]
         ks = [limits.top_k(k, "top_k") for k in ks]
         ps = [limits.top_p(p, "top_p") for p in ps]
-        alphas = [limits.min_p(a, "min_p (alpha)") for a in alphas]
+        alphas = [limits.alpha(a, "alpha") for a in alphas]
+        min_ps = [limits.min_p(a, "min_p") for a in min_ps]
         for s in seed_list:
             if not (-(2 ** 63) <= s < 2 ** 63):
                 raise DivgenError(f"seed must fit in a signed 64-bit integer, got {s}")
@@ -75,9 +80,11 @@ class SamplingParams:
             top_k=torch.tensor(ks, dtype=torch.int64, device=device),
             top_p=torch.tensor(ps, dtype=torch.float32, device=device),
             alpha=torch.tensor(alphas, dtype=torch.float32, device=device),
+            min_p=torch.tensor(min_ps, dtype=torch.float32, device=device),
             seeds=torch.tensor(seed_list, dtype=torch.int64, device=device),
             all_greedy=all(t == 0 for t in temps),
-            no_cutoffs=all(k == 0 for k in ks) and all(p == 1 for p in ps) and all(a == 0 for a in alphas),
+            no_cutoffs=all(k == 0 for k in ks) and all(p == 1 for p in ps) and all(a == 0 for a in alphas)
+            and all(a == 0 for a in min_ps),
         )
 
     def select(self, index: torch.Tensor) -> "SamplingParams":
@@ -85,7 +92,8 @@ class SamplingParams:
         temperature = self.temperature[index]
         top_k, top_p, alpha = self.top_k[index], self.top_p[index], self.alpha[index]
         return SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, alpha=alpha, seeds=self.seeds[index],
+            temperature=temperature, top_k=top_k, top_p=top_p, alpha=alpha, min_p=self.min_p[index],
+            seeds=self.seeds[index],
             all_greedy=self.all_greedy, no_cutoffs=self.no_cutoffs,
         )
 
@@ -94,8 +102,9 @@ class Sampler:
     """Logits of one decode step -> next tokens.
 
     Steps: (1) all-greedy without guidance and cutoffs short-circuits to argmax; (2) otherwise
-    ``divgen.kernels.guided_sample`` applies the guidance mix, the α cutoff, temperature,
-    top-k/top-p and Gumbel-max with counter-based noise of (seed, step, token).
+    ``divgen.kernels.guided_sample`` applies the guidance mix, the α cutoff, temperature, min-p,
+    top-k/top-p and Gumbel-max with counter-based noise of (seed, step, token). Both pick the
+    same token for a greedy row (the sampler compares each row's own logits exactly).
     """
 
     def __call__(self, logits: torch.Tensor, params: SamplingParams, step: int,
@@ -105,5 +114,5 @@ class Sampler:
             return torch.argmax(logits, dim=-1)
         return kernels.guided_sample(
             logits, mix, seeds=params.seeds, step=step, temperature=params.temperature,
-            alpha=params.alpha, top_k=params.top_k, top_p=params.top_p,
+            alpha=params.alpha, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
         )

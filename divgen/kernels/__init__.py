@@ -13,8 +13,8 @@ first call) forces the reference everywhere, for A/B runs; ``=triton`` forces th
 The capturable sampling interface (DESIGN.md; the engine's decode step builds on it):
 
     plan = build_sample_plan(mix, device)        # host side, once per batch composition
-    tokens = guided_sample_step(logits, plan, seeds, step, temperature, min_p, top_k, top_p,
-                                any_top_k_top_p=True)   # device buffers only, no host sync
+    tokens = guided_sample_step(logits, plan, seeds, step, temperature, alpha, top_k, top_p,
+                                min_p=None, any_top_k_top_p=True)   # device buffers only, no host sync
 
 ``guided_sample`` and ``add_lora`` are the checked entry points for direct callers.
 """
@@ -67,15 +67,15 @@ class KernelOps:
             return self._sample.prepare_plan(plan)
         return plan
 
-    def guided_sample_step(self, logits, plan, seeds, step, temperature, min_p, top_k, top_p, *,
-                           any_top_k_top_p=True, noise=None, return_logprobs=False):
+    def guided_sample_step(self, logits, plan, seeds, step, temperature, alpha, top_k, top_p, *,
+                           min_p=None, any_top_k_top_p=True, noise=None, return_logprobs=False):
         if self.uses_triton:
             return self._sample.guided_sample_step(
-                logits, plan.for_rows(logits.shape[0]), seeds, step, temperature, min_p, top_k, top_p,
-                any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs)
+                logits, plan.for_rows(logits.shape[0]), seeds, step, temperature, alpha, top_k, top_p,
+                min_p=min_p, any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs)
         return self._step(
-            logits, plan.mix, seeds, step, temperature, min_p, top_k, top_p,
-            any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs)
+            logits, plan.mix, seeds, step, temperature, alpha, top_k, top_p,
+            min_p=min_p, any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs)
 
     def guided_sample(self, logits, mix, **kwargs):
         return self._sample.guided_sample(logits, mix, **kwargs)
@@ -126,8 +126,8 @@ def uses_triton(device: torch.device | str) -> bool:
     return ops_for(device).uses_triton
 
 
-def guided_sample_step(logits, plan: SamplePlan, seeds, step, temperature, min_p, top_k, top_p, *,
-                       any_top_k_top_p: bool = True, noise=None, return_logprobs: bool = False):
+def guided_sample_step(logits, plan: SamplePlan, seeds, step, temperature, alpha, top_k, top_p, *,
+                       min_p=None, any_top_k_top_p: bool = True, noise=None, return_logprobs: bool = False):
     """One decode step's guided sampling on device buffers (capturable: no host sync, fixed shapes).
 
     Args:
@@ -135,23 +135,25 @@ def guided_sample_step(logits, plan: SamplePlan, seeds, step, temperature, min_p
         ``build_sample_plan(None, device)`` for independent rows of any count (it carries the
         implementation; take one step before capturing a CUDA graph); seeds [R] int64; step [R] int64 (each row's noise counter: noise =
         f(seed, step, token), equal to ``uniform_noise(seeds, step, V)``); temperature [R] fp32
-        (< 1e-6: greedy); min_p [R] fp32 (α, 0 = off); top_k [R] int64 (0 = off); top_p [R] fp32
-        (1 = off); any_top_k_top_p: host flag fixed per plan (False skips the cutoff passes and
+        (< 1e-6: greedy); alpha [R] fp32 (the papers' α on the row's own untempered distribution,
+        0 = off); top_k [R] int64 (0 = off); top_p [R] fp32 (1 = off); min_p: [R] fp32 (the peers'
+        min-p on the tempered guided distribution, 1 keeps only the max) or None (off, a host
+        choice fixed per plan; the Triton step then skips its max pass); any_top_k_top_p: host flag fixed per plan (False skips the cutoff passes and
         ignores top_k/top_p); noise: optional injected [R, V] uniforms (tests).
     Returns: tokens [R] int64 (and log-probs [R] fp32): the tokens of ``guided_sample`` for the
     same integer steps. Nothing is checked (see ``reference``'s rules for non-finite input).
     """
-    return plan.ops.guided_sample_step(logits, plan, seeds, step, temperature, min_p, top_k, top_p,
-                                       any_top_k_top_p=any_top_k_top_p, noise=noise,
+    return plan.ops.guided_sample_step(logits, plan, seeds, step, temperature, alpha, top_k, top_p,
+                                       min_p=min_p, any_top_k_top_p=any_top_k_top_p, noise=noise,
                                        return_logprobs=return_logprobs)
 
 
-def guided_sample(logits, mix, *, seeds, step, temperature=1.0, alpha=0.0, top_k=0, top_p=1.0,
+def guided_sample(logits, mix, *, seeds, step, temperature=1.0, alpha=0.0, top_k=0, top_p=1.0, min_p=0.0,
                   noise=None, return_logprobs=False):
     """Guided sampling with argument checks (direct callers); see ``reference.guided_sample``."""
     return ops_for(logits.device).guided_sample(
         logits, mix, seeds=seeds, step=step, temperature=temperature, alpha=alpha, top_k=top_k, top_p=top_p,
-        noise=noise, return_logprobs=return_logprobs)
+        min_p=min_p, noise=noise, return_logprobs=return_logprobs)
 
 
 def build_lora_plan(indices: torch.Tensor, num_adapters: int):

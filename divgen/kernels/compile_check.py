@@ -59,6 +59,11 @@ def _ptr(dtype: str) -> str:
     return {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}[dtype]
 
 
+# Stated local-memory bounds (bytes a thread) of masked variants that spill on some target:
+# the mask rule's per-row loop inside the vocabulary loop (``_mask_terms``); measured, see README.
+MASKED_SPILL: dict[str, int] = {}
+
+
 def sample_variants() -> list[Variant]:
     """The guided-sampling kernels at every tile shape the wrappers choose on CUDA."""
     from divgen.kernels import guided_sample_triton as gs
@@ -94,7 +99,7 @@ def sample_variants() -> list[Variant]:
                        ("state_ptr", "*i32"), ("skip_from", "i32"),
                        ("best_score_ptr", "*fp32"), ("best_token_ptr", "*i32"), ("best_z_ptr", "*fp32"),
                        ("z_max_ptr", "*fp32"), ("z_sum_ptr", "*fp32"),
-                       ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"), ("logp_floor", "fp32"),
+                       ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"), ("zcut_ptr", "*fp32"),
                        ("top_k_ptr", "*i64"), ("top_p_ptr", "*fp32"), ("part_ptr", "*fp32"), ("cand_z_ptr", "*fp32"),
                        ("cand_z_max_ptr", "*fp32"), ("state_out_ptr", "*i32"), ("lo_out_ptr", "*i64"),
                        ("rounds_ptr", "*i32"), ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"),
@@ -104,7 +109,7 @@ def sample_variants() -> list[Variant]:
                        *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "HAS_NOISE",
                                                      "TOP_K_TOP_P", "RETURN_LOGPROBS", "CANDIDATE", "GUMBEL_MAX",
                                                      "DECIDE", "NARROW_P", "NUM_LEVELS", "NUM_PIVOTS",
-                                                     "FUSE_STATS", "C_BLOCK")))
+                                                     "FUSE_STATS", "C_BLOCK", "MASKS")))
                 tag = (f"sample G={g_block} M={m} {dtype}{' top' if top else ''}{' logp' if logprobs else ''}"
                        f"{' round' if cand else ''}{' 1' if cand == 2 else ''}")
                 out.append(Variant(f"{mod}:_sample_kernel", tag, sig, (
@@ -112,7 +117,7 @@ def sample_variants() -> list[Variant]:
                     ("TOP_K_TOP_P", top), ("RETURN_LOGPROBS", logprobs), ("CANDIDATE", bool(cand)),
                     ("GUMBEL_MAX", gs.GUMBEL_MAX), ("DECIDE", cand == 1), ("NARROW_P", top and not cand),
                     ("NUM_LEVELS", gs.NUM_LEVELS), ("NUM_PIVOTS", gs.NUM_PIVOTS), ("FUSE_STATS", fuse),
-                    ("C_BLOCK", gs.MAX_CHUNKS)),
+                    ("C_BLOCK", gs.MAX_CHUNKS), ("MASKS", False)),
                     num_warps=warps, logits_per_thread=m * block_v / (32 * warps)))
             verify_v = max(16, (64 if m == 1 else 32) * warps // m)
             sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), *tile_args,
@@ -123,11 +128,12 @@ def sample_variants() -> list[Variant]:
                    ("tokens_ptr", "*i64"), ("cand_z_ptr", "*fp32"), ("cand_z_max_ptr", "*fp32"),
                    ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"), ("part_ptr", "*fp32"),
                    ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"),
-                   ("logp_floor", "fp32"),
-                   *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "NUM_LEVELS", "C_BLOCK")))
+                   ("zcut_ptr", "*fp32"),
+                   *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "NUM_LEVELS", "C_BLOCK",
+                                                 "MASKS")))
             out.append(Variant(f"{mod}:_verify_kernel", f"verify G={g_block} M={m} {dtype}", sig, (
                 ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", verify_v),
-                ("NUM_LEVELS", gs.NUM_LEVELS), ("C_BLOCK", gs.MAX_CHUNKS)),
+                ("NUM_LEVELS", gs.NUM_LEVELS), ("C_BLOCK", gs.MAX_CHUNKS), ("MASKS", False)),
                 num_warps=warps, logits_per_thread=m * verify_v / (32 * warps)))
             # (MASS, first pass): a narrowing pass of each threshold; the first top-k pass (it
             # decides the last round) and the first top-p pass (it finishes the top-k threshold)
@@ -141,17 +147,30 @@ def sample_variants() -> list[Variant]:
                        ("measure_ptr", "*fp32"), ("measure_max_ptr", "*fp32"),
                        ("part_ptr", "*fp32"), ("cand_z_ptr", "*fp32"), ("cand_z_max_ptr", "*fp32"),
                        ("lo_r_ptr", "*i64"), ("rounds_ptr", "*i32"), ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"),
-                       ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"), ("logp_floor", "fp32"),
+                       ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"), ("zcut_ptr", "*fp32"),
                        *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "NUM_PIVOTS",
                                                      "MASS", "APPLY_TOP_K", "FIRST", "DECIDE", "FINISH_TOP_K",
-                                                     "NUM_LEVELS")))
+                                                     "NUM_LEVELS", "MASKS")))
                 tag = (f"count G={g_block} M={m} {dtype} {'top-p' if mass else 'top-k'}"
                        f"{(' finish' if mass else ' decide') if first else ''}")
                 out.append(Variant(f"{mod}:_threshold_count_kernel", tag, sig, (
                     ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", count_v),
                     ("NUM_PIVOTS", gs.NUM_PIVOTS), ("MASS", mass), ("APPLY_TOP_K", mass), ("FIRST", first),
-                    ("DECIDE", first and not mass), ("FINISH_TOP_K", first and mass), ("NUM_LEVELS", gs.NUM_LEVELS)),
+                    ("DECIDE", first and not mass), ("FINISH_TOP_K", first and mass), ("NUM_LEVELS", gs.NUM_LEVELS),
+                    ("MASKS", False)),
                     num_warps=warps, logits_per_thread=m * count_v / (32 * warps)))
+    # plans whose contrasting rows may hold −inf (the vLLM binding's): the mask rule's terms
+    # compiled in, for the guided tile shapes (G > 1), bf16; bounds in MASKED_SPILL
+    masked = []
+    for v in out:
+        consts = dict(v.constexprs)
+        if "MASKS" in consts and consts["G_BLOCK"] > 1 and " bf16" in v.label:
+            label = v.label + " masks"
+            masked.append(Variant(v.kernel, label, v.signature,
+                                  tuple((n, True if n == "MASKS" else x) for n, x in v.constexprs),
+                                  num_warps=v.num_warps, logits_per_thread=v.logits_per_thread,
+                                  max_spill=MASKED_SPILL.get(label, 0)))
+    out += masked
     c_block = gs.MAX_CHUNKS
     for block_r, logprobs in ((64, True), (64, False)):
         out.append(Variant(f"{mod}:_row_stats_kernel", f"row stats R={block_r}", (

@@ -22,18 +22,19 @@ operands as in the reference (the full-vocabulary log-softmax and guidance produ
 they are; comparisons, divisions and the noise hash are elementwise), and the Gumbel logs run
 on a list padded to a multiple of 64 so every element takes torch's vectorised path, as the
 reference's [R, V] tensor does. Ties go to the smallest token id. The semantic rules (the α
-mask, the temperature rule, the floor for −inf log-probs, the noise) are the reference's: its
-constants and building blocks are imported, and ``_cut_scores`` mirrors the reference's
-scores-and-mask lines; tests/test_cpu_sample.py compares the two token for token under
+mask, the temperature rule, the mask rule for −inf contrasting logits, the noise) are the
+reference's: its constants and building blocks are imported, and ``_cut_scores`` mirrors the
+reference's scores-and-mask lines (``reference.guided_scores`` on the gathered columns); tests/test_cpu_sample.py compares the two token for token under
 injected and counter-based noise, so a change of the reference's rules shows up there.
-Under ``torch.compile`` (data-dependent sizes) and with ``return_logprobs`` the reference runs.
+Under ``torch.compile`` (data-dependent sizes), with ``return_logprobs`` and with min-p (its
+threshold needs every row's max guided score) the reference runs.
 """
 from __future__ import annotations
 
 import torch
 
 from divgen.kernels import reference
-from divgen.kernels.reference import FLT_MAX, LOGP_FLOOR, sampling_temperature
+from divgen.kernels.reference import LOGIT_MAX, sampling_temperature
 
 # A multiple of torch's widest vector loop (2 x 16 fp32 lanes on AVX-512): padded lists take the
 # vectorised elementwise path for every element (the scalar tail may round transcendental ops
@@ -66,30 +67,29 @@ def _padded_gumbel(u: torch.Tensor) -> torch.Tensor:
     return _gumbel(full)[:n]
 
 
-def _cut_scores(x, lp, mix, row_limit, rows, cols, t_div):
-    """The reference's tempered, α-cut scores z at the gathered (rows, cols): s (log-probs, or the
-    guidance mix of the floored log-probs), kept where the own logit is finite and ≥ the row's
+def _cut_scores(x, mix, row_limit, rows, cols, t_div):
+    """The reference's tempered, α-cut scores z at the gathered (rows, cols): ŝ (the raw logits,
+    or ``reference.guided_scores``), kept where the own logit is finite and ≥ the row's
     max + log α, divided by T. Mirrors ``reference.guided_sample_step``."""
     if mix is None:
-        s = lp[rows, cols]
+        s = x[rows, cols]
     else:
-        s = _mixed_scores(lp, mix, rows, cols)
+        s = _mixed_scores(x, mix, rows, cols)
     xc = x[rows, cols]
     keep = torch.isfinite(xc) & (xc >= row_limit[rows])
     return torch.where(keep, s / t_div[rows], float("-inf"))
 
 
-def _mixed_scores(lp, mix, rows, cols):
-    """(mix @ floored lp)[rows, cols] from the needed columns only. The product runs on at least
-    64 columns (a multiple of 64, padded): MKL's sgemm gives each column the same bits as in the
-    full [R, V] product from 16 columns on (fewer columns take another kernel)."""
+def _mixed_scores(x, mix, rows, cols):
+    """``reference.guided_scores(x, mix)[rows, cols]`` from the needed columns only. The products
+    run on at least 64 columns (a multiple of 64, padded): MKL's sgemm gives each column the same
+    bits as in the full [R, V] product from 16 columns on (fewer columns take another kernel)."""
     ucols, where = torch.unique(cols, return_inverse=True)
     n = ucols.shape[0]
     padded = torch.zeros(max(_PAD, -(-n // _PAD) * _PAD), dtype=ucols.dtype, device=ucols.device)
     padded[:n] = ucols
-    sub = lp[:, padded]
-    # NaN (a row not in use) read as the floor, so that a 0 weight never spreads it
-    s = mix.float() @ torch.nan_to_num(sub.clamp(min=LOGP_FLOOR), nan=LOGP_FLOOR)    # [R, U]
+    lse = torch.logsumexp(x, dim=-1)                                          # [R], as the reference
+    s = reference.guided_scores(x[:, padded], mix, lse=lse)                   # [R, U]
     return s[rows, where]
 
 
@@ -116,23 +116,22 @@ def _row_max(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Ten
 
 
 def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: torch.Tensor, step: torch.Tensor,
-                       temperature: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, *,
-                       any_top_k_top_p: bool = True, noise: torch.Tensor | None = None,
-                       return_logprobs: bool = False):
+                       temperature: torch.Tensor, alpha: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, *,
+                       min_p: torch.Tensor | None = None, any_top_k_top_p: bool = True,
+                       noise: torch.Tensor | None = None, return_logprobs: bool = False):
     """``reference.guided_sample_step``'s signature and tokens (module docstring)."""
-    if (return_logprobs or torch.compiler.is_compiling() or logits.device.type != "cpu"
+    if (return_logprobs or min_p is not None or torch.compiler.is_compiling() or logits.device.type != "cpu"
             or (any_top_k_top_p and bool((top_p < 1).any()))):
         return reference.guided_sample_step(
-            logits, mix, seeds, step, temperature, min_p, top_k, top_p, any_top_k_top_p=any_top_k_top_p,
-            noise=noise, return_logprobs=return_logprobs)
+            logits, mix, seeds, step, temperature, alpha, top_k, top_p, min_p=min_p,
+            any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs)
     n_rows, vocab = logits.shape
     x = logits.float()
     row_max = x.amax(dim=-1)
     if bool(torch.isposinf(row_max).any()):
-        x = x.clamp(max=FLT_MAX)                                              # +inf read as FLT_MAX
+        x = x.clamp(max=LOGIT_MAX)                                            # +inf read as LOGIT_MAX
         row_max = x.amax(dim=-1)
-    lp = torch.log_softmax(x, dim=-1)                                         # [R, V], as the reference
-    row_limit = row_max + torch.log(min_p)                                    # [R]: max + log α
+    row_limit = row_max + torch.log(alpha)                                    # [R]: max + log α
     greedy, t_div = sampling_temperature(temperature)
     # Candidates: the α-kept tokens; for unguided rows also only logits within the noise's reach
     # of the best (z = (l − c) / T, so a winner has l ≥ max l − T·gap; a margin covers rounding).
@@ -141,7 +140,7 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
         reach = row_max - t_div * (NOISE_GAP + 2 * _MARGIN) - 1e-3 * (1 + row_max.abs())
         limit = torch.maximum(row_limit, reach)
     rows, cols = _candidates(x, limit)                                        # row-major, ids ascending
-    z = _cut_scores(x, lp, mix, row_limit, rows, cols, t_div)                 # [N] gathered scores
+    z = _cut_scores(x, mix, row_limit, rows, cols, t_div)                 # [N] gathered scores
 
     if any_top_k_top_p and bool((top_k > 0).any()):
         counts = torch.bincount(rows, minlength=n_rows)

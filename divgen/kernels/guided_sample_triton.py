@@ -11,11 +11,16 @@ For a row m of a guidance group G(m) (rows that ``mix`` couples, see ``kernels/p
 W the group's block of ``mix``:
 
     ℓ_n(v)  = l_n(v) − lse_n,   lse_n = max_n + log Σ_u exp(l_n(u) − max_n)     log_softmax
-    s_m(v)  = Σ_{n ∈ G(m)} W[m, n] · max(ℓ_n(v), FLOOR)                        guided scores
-    z_m(v)  = s_m(v) · (1 / T_m)   if l_m(v) finite and l_m(v) ≥ max_m + log α_m,   else −inf
+    s_m(v)  = Σ_{n ∈ G(m)} W[m, n] · g_{m,n}(v),  g = ℓ_n(v), or ℓ_m(v) where ℓ_n(v) = −inf (a mask)
+    ŝ_m(v)  = s_m(v) + c_m = W·L + L_m ⊙ (W_off·Mk) + (W_off ⊙ D)·Mk           (``_mix``)
+    z_m(v)  = ŝ_m(v) · (1 / T_m)   if l_m(v) finite and l_m(v) ≥ max_m + log α_m,   else −inf
+            and −inf where z_m(v) < max_u z_m(u) + log min_p_m                   (min-p, tempered)
     x_m     = argmax_v z'_m(v) + G_m(v)     (T_m < 1e-6: no G; z' = z after top-k / top-p)
 
-FLOOR is ``LOGP_FLOOR`` when a ``mix`` is given and −inf when ``mix`` is None.
+ŝ is the reference's (``reference.guided_scores``): raw logits L (−inf read as 0) mixed, plus the
+mask rule's two terms (Mk = [l = −inf], W_off = W off the diagonal, D[m, n] = lse_n − lse_m), a
+constant c_m per row away from s, so the same tokens, cuts and log-probs; a row without guidance
+compares its raw logits.
 
 1. Pass 1 (``_stats_kernel``, one program per (row, chunk)) keeps an online (max, Σ exp) per
    lane and reduces once; ``_row_stats_kernel`` combines the ≤ 64 chunk partials into lse [R]
@@ -136,7 +141,7 @@ import triton.language as tl
 
 from divgen.kernels.plan import MAX_GROUP_ROWS, SamplePlan, build_sample_plan, next_power_of_2
 from divgen.kernels.reference import (
-    FLT_MAX, check_guided_sample_args, sampling_temperature, step_tensor,
+    check_guided_sample_args, sampling_temperature, step_tensor,
 )
 
 NUM_PIVOTS = 16            # measure columns per counting pass: 0 = total, 1..15 = pivots
@@ -207,10 +212,10 @@ def _ordered_key(z):
 
 @triton.jit
 def _load_logits(logits_ptr, row_offsets, row_mask, cols, col_mask):
-    """Logits [rows, BLOCK_V] fp32, −inf where masked, +inf read as FLT_MAX (module docstring)."""
+    """Logits [rows, BLOCK_V] fp32, −inf where masked, +inf read as LOGIT_MAX = 65504 (reference)."""
     x = tl.load(logits_ptr + row_offsets[:, None] + cols[None, :],
                 mask=row_mask[:, None] & col_mask[None, :], other=float("-inf")).to(tl.float32)
-    return tl.minimum(x, 3.4028234663852886e38)
+    return tl.minimum(x, 65504.0)
 
 
 @triton.jit
@@ -230,41 +235,72 @@ def _tile_rows(tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offs
 
 
 @triton.jit
+def _mask_terms(s, own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
+                logits_ptr, stride_logits, cols, col_mask):
+    """s + the mask rule's terms: Σ_{n ≠ m, l_n(v) = −inf} W[m, n] · (L_m(v) + lse_n − lse_m).
+
+    One contrasting row at a time (its logits re-read from L1/L2, its column of W), so only
+    [M, BLOCK_V] values stay live; it runs only for a tile where some row of the group is masked."""
+    for n in range(0, size):
+        row_n = tl.load(order_ptr + start + n)
+        xn = tl.load(logits_ptr + row_n.to(tl.int64) * stride_logits + cols, mask=col_mask, other=0.0)
+        masked_n = (xn.to(tl.float32) == float("-inf")) & col_mask                  # [BLOCK_V]
+        w_n = tl.load(weights_ptr + w_off + pos * size + n, mask=pos_mask & (pos != n), other=0.0)   # [M]
+        lse_n = tl.load(lse_ptr + row_n)
+        s += tl.where(masked_n[None, :], w_n[:, None] * (own + (lse_n - lse_own)[:, None]), 0.0)
+    return s
+
+
+@triton.jit
 def _mix(x_own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
-         logits_ptr, stride_logits, cols, col_mask, logp_floor,
-         M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Guided scores s [M, BLOCK_V] = W[pos, :] · max(ℓ, floor) over the group's rows at ``cols``.
+         logits_ptr, stride_logits, cols, col_mask,
+         M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+         MASKS: tl.constexpr):
+    """Guided scores ŝ [M, BLOCK_V] over the group's rows at ``cols`` (``reference.guided_scores``):
+
+        ŝ = W · L + L_own ⊙ (W_off · Mk) + (W_off ⊙ D) · Mk
+
+    L = the logits, −inf read as 0; Mk = [logit = −inf] (a mask: the term of that row is
+    dropped); W_off = W off the diagonal; D[m, n] = lse_n − lse_m. Not log-probs: a row without
+    guidance compares its own logits exactly. The mask terms (``_mask_terms``) are compiled in
+    only with MASKS (a plan's ``masks``: contrasting rows may hold −inf) and run only for a tile
+    where a row of the group has a −inf logit.
 
     G_BLOCK = 1: a scale. One tile (M = K = G_BLOCK ≤ 16): the tile's own rows are the whole group,
     mixed by a broadcast multiply-sum (< 16 rows) or one tl.dot. Larger groups: a loop over K-row
     blocks of the group, each loaded and multiplied into an fp32 accumulator (tl.dot, "ieee").
     """
-    # torch.compile passes a Python float argument as fp64 (plain launches: fp32); fp64 here
-    # would turn every score fp64, so the floor is cast once
-    logp_floor = tl.cast(logp_floor, tl.float32)
+    own = tl.where(x_own > float("-inf"), x_own, 0.0)                       # [M, BLOCK_V] L_own
     if G_BLOCK == 1:
         w = tl.load(weights_ptr + w_off)
-        s = w * tl.maximum(x_own - lse_own[:, None], logp_floor)
-    elif M_BLOCK == G_BLOCK:
-        logp = tl.where(pos_mask[:, None], tl.maximum(x_own - lse_own[:, None], logp_floor), 0.0)
-        w = tl.load(weights_ptr + w_off + pos[:, None] * size + pos[None, :],
-                    mask=pos_mask[:, None] & pos_mask[None, :], other=0.0)          # [G, G]
-        if G_BLOCK >= 16:
-            s = tl.dot(w, logp, input_precision="ieee")
-        else:
-            s = tl.sum(w[:, :, None] * logp[None, :, :], axis=1)
+        s = w * own
     else:
-        s = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
-        for k0 in range(0, size, K_BLOCK):
-            kpos = k0 + tl.arange(0, K_BLOCK)
-            kmask = kpos < size
-            krows = tl.load(order_ptr + start + kpos, mask=kmask, other=0)
-            klse = tl.load(lse_ptr + krows, mask=kmask, other=0.0)
-            xk = _load_logits(logits_ptr, krows.to(tl.int64) * stride_logits, kmask, cols, col_mask)
-            logp = tl.where(kmask[:, None], tl.maximum(xk - klse[:, None], logp_floor), 0.0)
-            w = tl.load(weights_ptr + w_off + pos[:, None] * size + kpos[None, :],
-                        mask=pos_mask[:, None] & kmask[None, :], other=0.0)         # [M, K]
-            s = tl.dot(w, logp, s, input_precision="ieee")
+        if M_BLOCK == G_BLOCK:
+            w = tl.load(weights_ptr + w_off + pos[:, None] * size + pos[None, :],
+                        mask=pos_mask[:, None] & pos_mask[None, :], other=0.0)          # [G, G]
+            if G_BLOCK >= 16:
+                s = tl.dot(w, own, input_precision="ieee")
+            else:
+                s = tl.sum(w[:, :, None] * own[None, :, :], axis=1)
+            if MASKS:
+                masks = tl.max((pos_mask[:, None] & col_mask[None, :] & (x_own == float("-inf"))).to(tl.int32))
+        else:
+            s = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
+            masks = tl.zeros([], dtype=tl.int32)
+            for k0 in range(0, size, K_BLOCK):
+                kpos = k0 + tl.arange(0, K_BLOCK)
+                kmask = kpos < size
+                krows = tl.load(order_ptr + start + kpos, mask=kmask, other=0)
+                xk = _load_logits(logits_ptr, krows.to(tl.int64) * stride_logits, kmask, cols, col_mask)
+                w = tl.load(weights_ptr + w_off + pos[:, None] * size + kpos[None, :],
+                            mask=pos_mask[:, None] & kmask[None, :], other=0.0)         # [M, K]
+                s = tl.dot(w, tl.where(xk > float("-inf"), xk, 0.0), s, input_precision="ieee")
+                if MASKS:
+                    masks = tl.maximum(masks, tl.max((kmask[:, None] & col_mask[None, :]
+                                                      & (xk == float("-inf"))).to(tl.int32)))
+        if MASKS and masks > 0:
+            s = _mask_terms(s, own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
+                            logits_ptr, stride_logits, cols, col_mask)
     return s
 
 
@@ -290,7 +326,7 @@ def _stats_kernel(
     for start in range(v_begin, v_end, BLOCK_V):       # per-lane online (max, sum): no reduction
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(base + cols, mask=cols < v_end, other=float("-inf")).to(tl.float32)
-        x = tl.minimum(x, 3.4028234663852886e38)
+        x = tl.minimum(x, 65504.0)                   # reference.LOGIT_MAX
         new_max = tl.maximum(run_max, x)
         ref = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_sum = run_sum * tl.exp(run_max - ref) + tl.exp(x - ref)
@@ -311,8 +347,8 @@ def _row_stats_kernel(
 ):
     """Combine the chunk partials: lse = max + log Σ, cut = max + log α (the α threshold).
 
-    A row with no finite logit (a slot not in use) gets lse 0, so its log-probs are −inf and
-    read as the floor when mixed (the reference's NaN → floor), never NaN."""
+    A row with no finite logit (a slot not in use) gets lse 0: its logits stay −inf, masked
+    everywhere when mixed (the reference's rule), never NaN."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, C_BLOCK)
     rmask = r < rows_total
@@ -395,10 +431,10 @@ def _threshold_count_kernel(
     measure_in_ptr, measure_max_in_ptr,  # the previous pass's [T·M, num_chunks, NUM_PIVOTS], [T·M, num_chunks]
     measure_ptr, measure_max_ptr,        # out: this pass's
     part_ptr, cand_z_ptr, cand_z_max_ptr, lo_r_ptr, rounds_ptr, center_ptr, spacing_ptr,   # DECIDE
-    vocab, chunk_len, num_chunks, logp_floor,
+    vocab, chunk_len, num_chunks, zcut_ptr,
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
     NUM_PIVOTS: tl.constexpr, MASS: tl.constexpr, APPLY_TOP_K: tl.constexpr, FIRST: tl.constexpr,
-    DECIDE: tl.constexpr, FINISH_TOP_K: tl.constexpr, NUM_LEVELS: tl.constexpr,
+    DECIDE: tl.constexpr, FINISH_TOP_K: tl.constexpr, NUM_LEVELS: tl.constexpr, MASKS: tl.constexpr,
 ):
     """A counting pass of the threshold bisection, per (tile row, chunk).
 
@@ -447,6 +483,7 @@ def _threshold_count_kernel(
     lse = tl.load(lse_ptr + rows, mask=pos_mask, other=0.0)
     cut = tl.load(cut_ptr + rows, mask=pos_mask, other=0.0)
     inv_t = tl.load(inv_t_ptr + rows, mask=pos_mask, other=1.0)
+    zcut = tl.load(zcut_ptr + rows, mask=pos_mask, other=float("-inf"))     # min-p threshold on z
     if APPLY_TOP_K:
         if FINISH_TOP_K:
             lo_k = _narrow_rows(rows, slots, active, measure_in_ptr, measure_max_in_ptr,
@@ -469,8 +506,9 @@ def _threshold_count_kernel(
         keep = (x > float("-inf")) & (x >= cut[:, None])
         if tl.max(keep.to(tl.int32)) > 0:
             s = _mix(x, lse, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
-                     logits_ptr, stride_logits, cols, col_mask, logp_floor, M_BLOCK, K_BLOCK, G_BLOCK, BLOCK_V)
+                     logits_ptr, stride_logits, cols, col_mask, M_BLOCK, K_BLOCK, G_BLOCK, BLOCK_V, MASKS)
             z = tl.where(keep, s * inv_t[:, None], float("-inf"))
+            z = tl.where(z >= zcut[:, None], z, float("-inf"))          # min-p (−inf: off)
             key = _ordered_key(z).to(tl.int64)
             if APPLY_TOP_K:
                 z = tl.where(key >= key_top_k[:, None], z, float("-inf"))
@@ -541,9 +579,9 @@ def _verify_kernel(
     tokens_ptr, cand_z_ptr, cand_z_max_ptr,                       # out (chunk 0): [R] i64, f32, f32
     center_ptr, spacing_ptr,
     part_ptr,                                           # out: [R, num_chunks, 3, NUM_LEVELS] fp32
-    vocab, chunk_len, num_chunks, logp_floor,
+    vocab, chunk_len, num_chunks, zcut_ptr,
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
-    NUM_LEVELS: tl.constexpr, C_BLOCK: tl.constexpr,
+    NUM_LEVELS: tl.constexpr, C_BLOCK: tl.constexpr, MASKS: tl.constexpr,
 ):
     """Measure a round's candidate x (z = zx) per (tile row, chunk), weights e^(z − zmax) ≤ 1
     (zmax the row's max z: no rescaling): plane 0 / 1 = count / mass of z ≥ level_j at the probe
@@ -571,6 +609,7 @@ def _verify_kernel(
     lse = tl.load(lse_ptr + rows, mask=pos_mask, other=0.0)
     cut = tl.load(cut_ptr + rows, mask=pos_mask, other=0.0)
     inv_t = tl.load(inv_t_ptr + rows, mask=pos_mask, other=1.0)
+    zcut = tl.load(zcut_ptr + rows, mask=pos_mask, other=float("-inf"))     # min-p threshold on z
     needs = (tl.load(top_k_ptr + rows, mask=pos_mask, other=0) > 0) | \
         (tl.load(top_p_ptr + rows, mask=pos_mask, other=1.0) < 1.0)
     active = live & needs
@@ -593,8 +632,9 @@ def _verify_kernel(
         keep = (x > float("-inf")) & (x >= cut[:, None])
         if tl.max(keep.to(tl.int32)) > 0:
             s = _mix(x, lse, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
-                     logits_ptr, stride_logits, cols, col_mask, logp_floor, M_BLOCK, K_BLOCK, G_BLOCK, BLOCK_V)
+                     logits_ptr, stride_logits, cols, col_mask, M_BLOCK, K_BLOCK, G_BLOCK, BLOCK_V, MASKS)
             z = tl.where(keep, s * inv_t[:, None], float("-inf"))
+            z = tl.where(z >= zcut[:, None], z, float("-inf"))          # min-p (−inf: off)
             finite = (z > float("-inf")).to(tl.float32)
             w = tl.exp(z - ref[:, None])                      # 0 where z = −inf
             gt = (z > zx[:, None]).to(tl.float32)
@@ -706,7 +746,7 @@ def _sample_kernel(
     lse_ptr, cut_ptr, inv_t_ptr, greedy_ptr, seed_ptr, step_ptr, lo_top_k_ptr, lo_top_p_ptr,
     state_ptr, skip_from,
     best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, z_sum_ptr,   # out: [R, num_chunks]
-    vocab, chunk_len, num_chunks, logp_floor,
+    vocab, chunk_len, num_chunks, zcut_ptr,
     # DECIDE (rounds ≥ 2): the previous round's verify partials and candidates, this round's
     # state / lo / bracket (out, chunk 0), the rounds counter; NARROW_P (the final sample after
     # the bisection): the last top-p counting pass's partials
@@ -718,6 +758,7 @@ def _sample_kernel(
     HAS_NOISE: tl.constexpr, TOP_K_TOP_P: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
     CANDIDATE: tl.constexpr, GUMBEL_MAX: tl.constexpr, DECIDE: tl.constexpr, NARROW_P: tl.constexpr,
     NUM_LEVELS: tl.constexpr, NUM_PIVOTS: tl.constexpr, FUSE_STATS: tl.constexpr, C_BLOCK: tl.constexpr,
+    MASKS: tl.constexpr,
 ):
     """Pass 2: per (tile row, chunk) the Gumbel-max winner (score, token) and log-prob partials.
 
@@ -751,6 +792,7 @@ def _sample_kernel(
         lse = tl.load(lse_ptr + rows, mask=pos_mask, other=0.0)
         cut = tl.load(cut_ptr + rows, mask=pos_mask, other=0.0)
     inv_t = tl.load(inv_t_ptr + rows, mask=pos_mask, other=1.0)
+    zcut = tl.load(zcut_ptr + rows, mask=pos_mask, other=float("-inf"))     # min-p threshold on z
     greedy = tl.load(greedy_ptr + rows, mask=pos_mask, other=1) != 0
     key1, key2 = _noise_keys(tl.load(seed_ptr + rows, mask=pos_mask, other=0),
                              tl.load(step_ptr + rows, mask=pos_mask, other=0))
@@ -800,8 +842,9 @@ def _sample_kernel(
         keep = (x > float("-inf")) & (x >= cut[:, None])
         if tl.max(keep.to(tl.int32)) > 0:          # else every z of the tile is −inf: nothing to do
             s = _mix(x, lse, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
-                     logits_ptr, stride_logits, cols, col_mask, logp_floor, M_BLOCK, K_BLOCK, G_BLOCK, BLOCK_V)
+                     logits_ptr, stride_logits, cols, col_mask, M_BLOCK, K_BLOCK, G_BLOCK, BLOCK_V, MASKS)
             z = tl.where(keep, s * inv_t[:, None], float("-inf"))
+            z = tl.where(z >= zcut[:, None], z, float("-inf"))          # min-p (−inf: off)
             if TOP_K_TOP_P:
                 key = _ordered_key(z).to(tl.int64)
                 z = tl.where((key >= key_top_k[:, None]) & (key >= key_top_p[:, None]), z, float("-inf"))
@@ -878,8 +921,8 @@ def _select_kernel(
         zmax = tl.max(cmax, axis=1)
         ref = tl.where(zmax == float("-inf"), 0.0, zmax)
         total = tl.sum(csum * tl.exp(cmax - ref[:, None]), axis=1)
-        lse = ref + tl.log(total)
-        tl.store(logprobs_ptr + r, z_chosen - lse, mask=rmask)
+        # relative to the max first: z may be huge (+inf logits read as 65504) and log(total) small
+        tl.store(logprobs_ptr + r, (z_chosen - ref) - tl.log(total), mask=rmask)
 
 
 @triton.jit
@@ -1005,6 +1048,7 @@ class _StepInputs:
     lse: torch.Tensor
     cut: torch.Tensor
     inv_t: torch.Tensor
+    zcut: torch.Tensor
 
 
 def _bisect(inp: _StepInputs, top_k: torch.Tensor, top_p: torch.Tensor, state_prev: torch.Tensor,
@@ -1035,10 +1079,11 @@ def _bisect(inp: _StepInputs, top_k: torch.Tensor, top_p: torch.Tensor, state_pr
             inp.lse, inp.cut, inp.inv_t, top_k, top_p, lo_top_k, lo[g - 1] if g else lo[0], lo[g],
             shift, shift + PIVOT_BITS, state_prev if g == 0 else state, state,
             measure[(g - 1) % 2], measure_max[(g - 1) % 2], measure[g % 2], measure_max[g % 2], *unused,
-            vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
+            vocab, cfg.chunk_len, cfg.num_chunks, inp.zcut,
             M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.count_block_v,
             NUM_PIVOTS=NUM_PIVOTS, MASS=mass, APPLY_TOP_K=mass, FIRST=p == 0,
             DECIDE=g == 0 and decide is not None, FINISH_TOP_K=g == THRESHOLD_PASSES, NUM_LEVELS=NUM_LEVELS,
+            MASKS=plan.masks,
             num_warps=cfg.num_warps,
         )
     last = 2 * THRESHOLD_PASSES - 1
@@ -1053,21 +1098,22 @@ def fuses_stats(tiles: Tiles, any_top_k_top_p: bool, return_logprobs: bool) -> b
 
 
 def launch_count(any_top_k_top_p: bool, return_logprobs: bool = False, rounds: int | None = None,
-                 fused_stats: bool = True) -> int:
+                 fused_stats: bool = True, min_p: bool = False) -> int:
     """Triton launches of one step (the fixed launch list of ``guided_sample_step``; the per-row
     parameters add a few elementwise torch ops): stats (+ row stats unless fused, ``fuses_stats``)
     + sample + select, and with top-k/top-p 2 a round (sample, verify; none with log-probs)
-    + 2 · THRESHOLD_PASSES counting passes."""
+    + 2 · THRESHOLD_PASSES counting passes; min-p adds its max pass (a greedy sample pass)."""
     rounds = SAMPLE_ROUNDS if rounds is None else rounds
-    base = 3 + (not (fused_stats and not (any_top_k_top_p and return_logprobs)))
+    base = 3 + (not (fused_stats and not (any_top_k_top_p and return_logprobs))) + bool(min_p)
     if not any_top_k_top_p:
         return base
     return base + (0 if return_logprobs else 2 * rounds) + 2 * THRESHOLD_PASSES
 
 
 def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tensor, step: torch.Tensor,
-                       temperature: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                       *, any_top_k_top_p: bool = True, noise: torch.Tensor | None = None,
+                       temperature: torch.Tensor, alpha: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       *, min_p: torch.Tensor | None = None, any_top_k_top_p: bool = True,
+                       noise: torch.Tensor | None = None,
                        return_logprobs: bool = False, block_v: int | None = None,
                        num_chunks: int | None = None, trace: dict | None = None):
     """The capturable step (Triton): device buffers in, tokens out; no checks, no host sync.
@@ -1081,6 +1127,11 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
     ops for the per-row parameters; all capturable in a CUDA graph. trace (tests, tools): a dict
     that receives the per-row final ``state`` (STATE_ACCEPTED: settled by a round; STATE_BISECT:
     by the bisection) and ``rounds`` (rounds the row was open or refining in) as device tensors.
+
+    min_p (the peers' min-p on the tempered guided scores z): its threshold max z + log min_p
+    needs each row's max z first, so a min_p tensor adds one pass before the others: the plain
+    sample pass with every row greedy and no cut (its chunk winners are the chunk maxima of z);
+    every later pass drops z below the threshold (``zcut``, −inf without min-p).
     """
     rows, vocab = logits.shape
     dev = logits.device
@@ -1093,7 +1144,7 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
     # per-row parameters (elementwise, on the device)
     greedy, t_div = sampling_temperature(temperature.float())
     inv_t = 1.0 / t_div
-    cutoff = torch.log(min_p.float())
+    cutoff = torch.log(alpha.float())
     part_max = torch.empty(rows, cfg.num_chunks, dtype=torch.float32, device=dev)
     part_sum = torch.empty_like(part_max)
     _stats_kernel[(rows, cfg.num_chunks)](
@@ -1108,7 +1159,7 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
         _row_stats_kernel[(triton.cdiv(rows, block_r),)](
             part_max, part_sum, cutoff, lse, cut, rows, cfg.num_chunks, BLOCK_R=block_r, C_BLOCK=c_block,
         )
-    inp = _StepInputs(logits=logits, plan=plan, tiles=tiles, cfg=cfg, lse=lse, cut=cut, inv_t=inv_t)
+    zcut = torch.full((rows,), float("-inf"), dtype=torch.float32, device=dev)     # min-p off
     tokens = torch.empty(rows, dtype=torch.int64, device=dev)
     logprobs = torch.empty(rows, dtype=torch.float32, device=dev)
     best_score = torch.empty(rows, cfg.num_chunks, dtype=torch.float32, device=dev)
@@ -1119,17 +1170,19 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
     tile_args = (tiles.tile_group, tiles.tile_row0, plan.order, plan.group_start, plan.w_offset, plan.weights)
 
     def sample(lo_k, lo_p, state, skip_from, *, top: bool, candidate: bool, decide=None, narrow=None,
-               stats: bool = False):
+               stats: bool = False, max_pass: bool = False):
         extra = (top_k, top_p, *(decide or (lse,) * 10), *(narrow or (lse, lse)), part_max, part_sum, cutoff)
         _sample_kernel[(tiles.count, cfg.num_chunks)](
             logits, logits.stride(0), *seeds_noise, *tile_args,
-            lse, cut, inv_t, greedy_i, seeds, step, lo_k, lo_p, state, skip_from,
+            lse, cut, inv_t, torch.ones_like(greedy_i) if max_pass else greedy_i, seeds, step,
+            lo_k, lo_p, state, skip_from,
             best_score, best_token, best_z, z_max, z_sum,
-            vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor, *extra,
+            vocab, cfg.chunk_len, cfg.num_chunks, zcut, *extra,
             M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.block_v,
-            HAS_NOISE=noise is not None, TOP_K_TOP_P=top, RETURN_LOGPROBS=return_logprobs and not candidate,
+            HAS_NOISE=noise is not None, TOP_K_TOP_P=top,
+            RETURN_LOGPROBS=return_logprobs and not candidate and not max_pass,
             CANDIDATE=candidate, GUMBEL_MAX=GUMBEL_MAX, DECIDE=decide is not None, NARROW_P=narrow is not None,
-            NUM_LEVELS=NUM_LEVELS, NUM_PIVOTS=NUM_PIVOTS, FUSE_STATS=stats, C_BLOCK=c_block,
+            NUM_LEVELS=NUM_LEVELS, NUM_PIVOTS=NUM_PIVOTS, FUSE_STATS=stats, C_BLOCK=c_block, MASKS=plan.masks,
             num_warps=cfg.num_warps,
         )
 
@@ -1140,6 +1193,12 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
             BLOCK_R=block_r, C_BLOCK=c_block, RETURN_LOGPROBS=return_logprobs, SKIP_SETTLED=top,
         )
 
+    if min_p is not None:          # the rows' max z (greedy winners, no cut), then the threshold
+        sample(lse, lse, lse, 0, top=False, candidate=False, stats=fuse_stats, max_pass=True)
+        fuse_stats = False         # lse and cut are stored now
+        z_top = best_score.max(dim=1).values                                   # [R]
+        zcut = torch.where(min_p > 0, z_top + torch.log(min_p.float()), zcut)
+    inp = _StepInputs(logits=logits, plan=plan, tiles=tiles, cfg=cfg, lse=lse, cut=cut, inv_t=inv_t, zcut=zcut)
     if not any_top_k_top_p:
         sample(lse, lse, lse, 0, top=False, candidate=False, stats=fuse_stats)   # placeholders: unused
         select(lse, 0, top=False)
@@ -1167,9 +1226,9 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
             _verify_kernel[(tiles.count, cfg.num_chunks)](
                 logits, logits.stride(0), *tile_args, lse, cut, inv_t, top_k, top_p, st[r],
                 best_score, best_token, best_z, z_max, tokens, cand[0], cand[1],
-                bracket[0, r], bracket[1, r], part, vocab, cfg.chunk_len, cfg.num_chunks, plan.logp_floor,
+                bracket[0, r], bracket[1, r], part, vocab, cfg.chunk_len, cfg.num_chunks, zcut,
                 M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.verify_block_v,
-                NUM_LEVELS=NUM_LEVELS, C_BLOCK=c_block, num_warps=cfg.num_warps,
+                NUM_LEVELS=NUM_LEVELS, C_BLOCK=c_block, MASKS=plan.masks, num_warps=cfg.num_warps,
             )
         state_prev, state = st[n - 1], st[n]
         decide = (part, cand[0], cand[1], lo_r[n - 1], rounds, bracket[0, n - 1], bracket[1, n - 1])
@@ -1191,6 +1250,7 @@ def guided_sample(
     alpha=0.0,
     top_k=0,
     top_p=1.0,
+    min_p=0.0,
     noise: torch.Tensor | None = None,
     return_logprobs: bool = False,
     block_v: int | None = None,
@@ -1207,8 +1267,8 @@ def guided_sample(
     batch, up to 256 a group). block_v, num_chunks, m_block, k_block override the launch shape
     (tests). Raises ValueError for the reference's bad arguments and for a group over 256 rows.
     """
-    temperature, alpha, top_k, top_p = check_guided_sample_args(
-        logits, mix, seeds, temperature, alpha, top_k, top_p, noise
+    temperature, alpha, top_k, top_p, min_p = check_guided_sample_args(
+        logits, mix, seeds, temperature, alpha, top_k, top_p, noise, min_p
     )
     rows = logits.shape[0]
     device = logits.device
@@ -1218,6 +1278,7 @@ def guided_sample(
     return guided_sample_step(
         logits, plan, seeds.to(device=device, dtype=torch.int64).contiguous(), step_tensor(step, rows, device),
         temperature.contiguous(), alpha.contiguous(), top_k.contiguous(), top_p.contiguous(),
+        min_p=min_p.contiguous() if bool((min_p > 0).any()) else None,
         any_top_k_top_p=bool((top_k > 0).any() or (top_p < 1).any()), noise=noise,
         return_logprobs=return_logprobs, block_v=block_v, num_chunks=num_chunks, trace=trace,
     )

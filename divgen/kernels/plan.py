@@ -33,8 +33,6 @@ from typing import Any
 
 import torch
 
-from divgen.kernels.reference import LOGP_FLOOR
-
 MAX_GROUP_ROWS = 256       # rows in one guidance group (the kernels' documented maximum)
 
 
@@ -59,8 +57,9 @@ class SamplePlan:
     w_offset: torch.Tensor            # [NG] int64
     weights: torch.Tensor             # [Σ n_g²] fp32
     group_sizes: tuple[int, ...]      # n_g on the host (launch planning)
-    logp_floor: float                 # LOGP_FLOOR when mixing, −inf for mix None (as the reference)
     static_block: int = 0             # > 0: a static plan (module doc); g_block is this, whatever the groups
+    masks: bool = True                # contrasting rows may hold −inf (a mask): the Triton kernels
+    #                                   compile the mask rule's terms in (False: finite model logits)
     ops: Any = field(repr=False, default=None)      # the implementation (divgen.kernels.KernelOps)
     prepared: Any = field(repr=False, default=None)  # what ``ops`` derived once (launch tiles)
     _by_rows: dict = field(repr=False, compare=False, default_factory=dict)
@@ -144,7 +143,7 @@ def guidance_groups(mix: torch.Tensor | None, rows: int) -> list[list[int]]:
 
 
 def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, rows: int | None = None,
-                      ops=None, static_block: int | None = None) -> SamplePlan:
+                      ops=None, static_block: int | None = None, masks: bool = True) -> SamplePlan:
     """Validate ``mix`` and derive the group plan (host side, once per batch composition).
 
     Args:
@@ -154,6 +153,10 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
         ops: the implementation; default ``divgen.kernels.ops_for(device)`` (chosen once here).
         static_block: build a static plan (module doc) for groups of up to this many rows (a
             power of two); needs ``rows``.
+        masks: whether a contrasting row's logits may be −inf (another mechanism's mask: vLLM's
+            min_tokens, grammars, ...). The reference applies the mask rule always; the Triton
+            kernels compile its terms in only for such plans. False is a promise (the engine's
+            model logits are finite) that saves those terms' registers.
     Raises: ValueError for a non-square / non-finite mix, a group over MAX_GROUP_ROWS rows, or
     (static) a group larger than ``static_block``.
     """
@@ -168,7 +171,7 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
         empty = torch.zeros(0, dtype=torch.int32, device=device)
         return SamplePlan(rows=None, device=device, mix=None, order=empty, group_start=empty,
                           w_offset=empty.long(), weights=empty.float(), group_sizes=(1,),
-                          logp_floor=float("-inf"), ops=ops)
+                          masks=masks, ops=ops)
     if mix is None:
         if int(rows) < 1:
             raise ValueError(f"rows must be >= 1 (the number of independent rows), got {rows}")
@@ -212,8 +215,8 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
         w_offset=torch.tensor(offsets, dtype=torch.int64, device=device),
         weights=torch.cat(blocks).to(device),
         group_sizes=sizes,
-        logp_floor=float("-inf") if mix is None else LOGP_FLOOR,
         static_block=block,
+        masks=masks,
         ops=ops,
     )
     return ops.prepare_plan(plan)

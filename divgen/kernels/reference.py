@@ -7,22 +7,46 @@ Guided sampling (DESIGN.md, "The math")
 For rows r with logits l_r [V] and log-probs ℓ_r = log_softmax(l_r), and a mixing matrix
 ``mix`` [R, R] (diagonal 1 + Σ_n γ_{m,n}, off-diagonal −γ_{m,n}; identity = no guidance):
 
-    s_m(v) = Σ_n mix[m, n] · ℓ_n(v)                        guided scores
+    s_m(v) = Σ_n mix[m, n] · g_{m,n}(v)                    guided scores
+    g_{m,n}(v) = ℓ_n(v) if ℓ_n(v) is finite (or n = m), else ℓ_m(v)          the mask rule
     A_m    = { v : l_m(v) > −inf  and  l_m(v) ≥ max_u l_m(u) + log α }     α cutoff, own logits
-    x_m    = argmax_{v ∈ K_m} ( s_m(v) / T_m + G_m(v) )     Gumbel-max; T_m = 0: argmax s_m
+    z_m(v) = s_m(v) / T_m on A_m (T_m < 1e-6: T_m = 1), −inf elsewhere
+    P_m    = { v ∈ A_m : z_m(v) ≥ max_u z_m(u) + log min_p }             min-p, tempered
+    x_m    = argmax_{v ∈ K_m} ( z_m(v) + G_m(v) )          Gumbel-max; T_m < 1e-6: argmax z_m
 
-K_m ⊆ A_m applies top-k then top-p to softmax(s_m / T_m) restricted to A_m, both by threshold so
-ties are kept or dropped together: top-k keeps v iff fewer than k kept tokens score strictly
-higher; top-p keeps v iff the probability mass of tokens strictly more likely than v is < top_p.
-G_m(v) = −log(−log u_m(v)) with u_m(v) = ``uniform_noise(seed_m, step, v)`` unless ``noise``
-is injected. A contrasting row's −inf log-prob is read as ``LOGP_FLOOR`` so that
-0 · (−inf) never makes NaN; the row's own −inf tokens are outside A_m and never drawn.
-Ties in an argmax go to the smallest token id (torch.argmax's rule; the kernel matches it).
+The mask rule: a contrasting row's −inf log-prob is a mask set by another mechanism (min_tokens,
+allowed ids, bad words, a grammar, another request's cut), not the model's opinion, so the term
+γ_{m,n} · (ℓ_m(v) − ℓ_n(v)) is dropped for such v: reading ℓ_n(v) as ℓ_m(v) does exactly that. It
+never makes a token more attractive (the old reading, −100, gave s_m(v) += 100·γ). A row of a
+group whose logits are all −inf (a slot not in use) is masked everywhere.
 
+Two knobs, two names: α (``alpha``) is the papers' plausibility cutoff on the row's own,
+untempered distribution; ``min_p`` is transformers' and vLLM's min-p, on the distribution being
+sampled (guided, after temperature; 1.0 keeps only the most likely tokens). K_m ⊆ P_m applies
+top-k then top-p to softmax(z_m) restricted to P_m (vLLM's order: min-p, top-k, top-p;
+transformers applies min-p after top-p, which differs only when top-p and min-p are both set),
+all by threshold so ties are kept or dropped together: top-k keeps v iff fewer than k kept
+tokens score strictly higher; top-p keeps v iff the probability mass of tokens strictly more
+likely than v is < top_p. G_m(v) = −log(−log u_m(v)) with u_m(v) = ``uniform_noise(seed_m,
+step, v)`` unless ``noise`` is injected. Ties in an argmax go to the smallest token id
+(torch.argmax's rule; the kernel matches it).
+
+Values that keep distinct logits distinct: ℓ_n = l_n − lse_n in fp32 rounds to the ulp of lse
+(~5e-7 at lse ≈ 8), which merges logits 1e-7 apart. Every comparison (argmax, cuts) is made on
+ŝ_m(v) = s_m(v) + c_m, c_m a constant of the row (so the same order, cut sets and log-probs):
+
+    ŝ_m = mix @ L + L_m ⊙ (W @ Mk) + (W ⊙ D) @ Mk        (L = l with −inf read as 0; Mk = [l = −inf];
+                                                          W = mix off the diagonal; D[m, n] = lse_n − lse_m)
+
+so a row without guidance compares its raw logits (the same token as ``argmax(logits)`` for a
+greedy row, alone or in any batch) and a group without masks compares mix @ l. Log-probs are
+taken relative to the row's max z first, so large z (+inf read as 65504) keep their −log k.
 Non-finite input (the same rules in this reference, the Triton interpreter and on a GPU):
 * ``guided_sample`` (direct callers) refuses NaN and +inf logits with a ValueError naming the fix.
-  The capturable ``guided_sample_step`` checks nothing (no host sync); there +inf is read as the
-  largest finite fp32 (FLT_MAX), which gives the limit distribution: the +inf tokens of a row share
+  The capturable ``guided_sample_step`` checks nothing (no host sync); there +inf is read as
+  ``LOGIT_MAX`` (65,504, the fp16 maximum: +inf logits come from fp16 overflow; the value is
+  small enough that the Gumbel noise still separates equal +inf tokens in fp32 and guided sums
+  stay finite), which gives the limit distribution: the +inf tokens of a row share
   all its probability mass. NaN logits give an unspecified token for their own row only (a row
   not coupled to others by ``mix``), and a row whose logits are all −inf (a slot not in use)
   gives token 0.
@@ -37,12 +61,11 @@ from dataclasses import dataclass
 
 import torch
 
-# A contrasting row's log-prob of −inf is read as this (e^-100 ≈ 3.7e-44, below fp32 normals).
-LOGP_FLOOR = -100.0
 # Rows with 0 <= T < this sample greedily (T = 0 is greedy; below 1e-6 s/T could overflow fp32,
 # and the Gumbel-max draw equals the argmax anyway unless two scores lie within ~2e-5 of each other).
 MIN_SAMPLING_TEMPERATURE = 1e-6
 FLT_MAX = torch.finfo(torch.float32).max
+LOGIT_MAX = 65504.0       # +inf logits are read as this in the capturable step (module docstring)
 
 _MASK32 = 0xFFFFFFFF
 _FMIX_C1 = 0x85EBCA6B
@@ -120,8 +143,9 @@ def _per_row(value, rows: int, dtype: torch.dtype, device, name: str) -> torch.T
     return t
 
 
-def check_guided_sample_args(logits, mix, seeds, temperature, alpha, top_k, top_p, noise):
-    """Validate arguments once, for the reference and the kernel alike. Returns per-row tensors.
+def check_guided_sample_args(logits, mix, seeds, temperature, alpha, top_k, top_p, noise, min_p=0.0):
+    """Validate arguments once, for the reference and the kernel alike. Returns per-row tensors
+    (temperature, alpha, top_k, top_p, min_p).
 
     This is the direct callers' layer (it reads values: host syncs). The capturable step
     (``guided_sample_step``) checks nothing and follows the rules in the module docstring.
@@ -150,10 +174,13 @@ def check_guided_sample_args(logits, mix, seeds, temperature, alpha, top_k, top_
     alpha = _per_row(alpha, rows, torch.float32, dev, "alpha")
     top_k = _per_row(top_k, rows, torch.int64, dev, "top_k")
     top_p = _per_row(top_p, rows, torch.float32, dev, "top_p")
+    min_p = _per_row(0.0 if min_p is None else min_p, rows, torch.float32, dev, "min_p")
     if not torch.isfinite(temperature).all() or (temperature < 0).any():
         raise ValueError("temperature must be >= 0 (0 means greedy)")
     if not ((alpha >= 0) & (alpha < 1)).all():
         raise ValueError("alpha must be in [0, 1) (0 keeps every finite-logit token)")
+    if not ((min_p >= 0) & (min_p <= 1)).all():
+        raise ValueError("min_p must be in [0, 1] (0 disables it, 1 keeps only the most likely tokens)")
     if (top_k < 0).any():
         raise ValueError("top_k must be >= 0 (0 disables top-k)")
     if not ((top_p > 0) & (top_p <= 1)).all():
@@ -165,7 +192,7 @@ def check_guided_sample_args(logits, mix, seeds, temperature, alpha, top_k, top_
             raise ValueError("noise must hold uniforms strictly inside (0, 1)")
     if torch.isneginf(logits).all(dim=-1).any():
         raise ValueError("a row has no finite logit: nothing can be sampled from it")
-    return temperature, alpha, top_k, top_p
+    return temperature, alpha, top_k, top_p, min_p
 
 
 def sampling_temperature(temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,33 +201,52 @@ def sampling_temperature(temperature: torch.Tensor) -> tuple[torch.Tensor, torch
     return greedy, torch.where(greedy, torch.ones_like(temperature), temperature)
 
 
+def guided_scores(x: torch.Tensor, mix: torch.Tensor | None, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """ŝ [R, V] fp32 of the module docstring from fp32 logits x [R, V] (+inf already clamped):
+    the guided scores up to a constant per row, with the mask rule, on values that keep distinct
+    logits distinct (raw logits, not log-probs). mix None: x itself. lse: the rows' logsumexp
+    over the whole vocabulary when x holds only some columns (the CPU sampler's gathered ones)."""
+    if mix is None:
+        return x
+    finite = x > float("-inf")                                                # NaN counts as masked
+    lf = torch.where(finite, x, 0.0)                                          # [R, V] L
+    masked = (~finite).float()                                                # [R, V] Mk
+    lse = torch.logsumexp(x, dim=-1) if lse is None else lse                  # [R]
+    lse = torch.where(torch.isfinite(lse), lse, 0.0)                          # a row not in use: 0
+    mix = mix.float()
+    off = mix - torch.diag_embed(torch.diagonal(mix))                         # [R, R] W
+    d = lse[None, :] - lse[:, None]                                           # [R, R] D[m, n]
+    return mix @ lf + lf * (off @ masked) + (off * d) @ masked               # [R, V]
+
+
 def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: torch.Tensor, step: torch.Tensor,
-                       temperature: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                       *, any_top_k_top_p: bool = True, noise: torch.Tensor | None = None,
-                       return_logprobs: bool = False):
+                       temperature: torch.Tensor, alpha: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       *, min_p: torch.Tensor | None = None, any_top_k_top_p: bool = True,
+                       noise: torch.Tensor | None = None, return_logprobs: bool = False):
     """The capturable step, in torch: no checks, no host sync, no data-dependent Python branch.
 
     Args (all on the logits' device; R fixed):
         logits [R, V] fp32/fp16/bf16; mix [R, R] fp32 or None; seeds [R] int64; step [R] int64
-        (each row's noise counter); temperature [R] fp32; min_p [R] fp32 (α); top_k [R] int64;
-        top_p [R] fp32; any_top_k_top_p: run the top-k/top-p cut (a host flag fixed per plan;
-        with False, top_k/top_p are ignored); noise: optional [R, V] uniforms (tests).
+        (each row's noise counter); temperature [R] fp32; alpha [R] fp32 (the papers' α, on the
+        row's own untempered distribution); top_k [R] int64; top_p [R] fp32; min_p: [R] fp32
+        (the peers' min-p, tempered) or None (off; a host choice fixed per plan);
+        any_top_k_top_p: run the top-k/top-p cut (a host flag fixed per plan; with False,
+        top_k/top_p are ignored); noise: optional [R, V] uniforms (tests).
     Returns: tokens [R] int64 (and log-probs [R] fp32). Compiles with torch.compile(fullgraph=True).
     """
     rows, vocab = logits.shape
-    x = logits.float().clamp(max=FLT_MAX)                                     # +inf read as FLT_MAX
-    lp = torch.log_softmax(x, dim=-1)                                         # [R, V]
-    if mix is None:
-        s = lp
-    else:   # NaN (a row not in use) read as the floor, so that a 0 weight never spreads it
-        s = mix.float() @ torch.nan_to_num(lp.clamp(min=LOGP_FLOOR), nan=LOGP_FLOOR)   # [R, V]
+    x = logits.float().clamp(max=LOGIT_MAX)                                   # +inf read as LOGIT_MAX
+    s = guided_scores(x, mix)                                                 # [R, V] ŝ
 
     row_max = x.max(dim=-1, keepdim=True).values                              # [R, 1]
-    log_alpha = torch.log(min_p)[:, None]                                     # -inf for alpha = 0
+    log_alpha = torch.log(alpha)[:, None]                                     # -inf for alpha = 0
     keep = torch.isfinite(x) & (x >= row_max + log_alpha)                     # [R, V]
 
     greedy, t_div = sampling_temperature(temperature)                         # [R]
     z = torch.where(keep, s / t_div[:, None], float("-inf"))                  # [R, V] tempered
+    if min_p is not None:            # min-p on the tempered, guided distribution (p ≥ min_p · max p)
+        z_max = z.max(dim=-1, keepdim=True).values                            # [R, 1]
+        z = torch.where(z >= z_max + torch.log(min_p.float())[:, None], z, float("-inf"))
 
     if any_top_k_top_p:
         k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
@@ -221,7 +267,8 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
     tokens = torch.argmax(scores, dim=-1)                                     # [R]
     if not return_logprobs:
         return tokens
-    logprobs = z.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
+    z_max = z.max(dim=-1).values                          # relative to the max first: z may be huge
+    logprobs = (z.gather(1, tokens[:, None])[:, 0] - z_max) - torch.log(torch.exp(z - z_max[:, None]).sum(-1))
     return tokens, logprobs
 
 
@@ -249,34 +296,39 @@ def guided_sample(
     alpha=0.0,
     top_k=0,
     top_p=1.0,
+    min_p=0.0,
     noise: torch.Tensor | None = None,
     return_logprobs: bool = False,
 ):
     """Guided sampling from logits, the reference (checked entry point for direct callers).
 
     Semantics:
-        lp = log_softmax(logits.float())                      # [R, V]
-        s = mix @ lp.clamp(min=LOGP_FLOOR)                    # [R, V]; mix None = identity
-        keep = isfinite(logits) & (logits >= logits.max(-1) + log(alpha))
-        keep &= top_k/top_p masks of softmax(s / T) over keep
-        tokens = argmax(where(keep, s / T - log(-log(u)), -inf))   # T < 1e-6: argmax(where(keep, s))
+        x = logits.float()
+        s = mix @ g(log_softmax(x))                            # [R, V]; the mask rule; mix None = identity
+        keep = isfinite(x) & (x >= x.max(-1) + log(alpha))     # the papers' α, untempered
+        z = where(keep, s / T, -inf)                           # T < 1e-6: T = 1 (greedy)
+        keep &= z >= z.max(-1) + log(min_p)                    # the peers' min-p, tempered
+        keep &= top_k/top_p masks of softmax(z) over keep
+        tokens = argmax(where(keep, z - log(-log(u)), -inf))   # greedy rows: argmax(where(keep, z))
+        (every comparison on ŝ = s + a constant per row: module docstring)
     Args:
         logits: [R, V] fp32/fp16/bf16 next-token logits (finite or −inf; +inf is refused).
         mix: [R, R] fp32 guidance mixing matrix, or None for plain per-row sampling.
         seeds: [R] int64 per-row seeds; step: decode step (the noise counter; int or [R] int64).
-        temperature, alpha, top_k, top_p: scalar or [R] tensors.
+        temperature, alpha, top_k, top_p, min_p: scalar or [R] tensors.
         noise: optional [R, V] uniforms in (0, 1) replacing the counter-based noise.
         return_logprobs: also return [R] fp32, log-prob of each chosen token under the tempered,
             cut distribution (for greedy rows, under the cut distribution at T = 1).
     Returns: tokens [R] int64 (and logprobs [R] fp32). Nothing is modified in place.
     """
-    temperature, alpha, top_k, top_p = check_guided_sample_args(
-        logits, mix, seeds, temperature, alpha, top_k, top_p, noise
+    temperature, alpha, top_k, top_p, min_p = check_guided_sample_args(
+        logits, mix, seeds, temperature, alpha, top_k, top_p, noise, min_p
     )
     rows = logits.shape[0]
     return guided_sample_step(
         logits, None if mix is None else mix.float(), seeds.to(logits.device),
         step_tensor(step, rows, logits.device), temperature, alpha, top_k, top_p,
+        min_p=min_p if bool((min_p > 0).any()) else None,
         any_top_k_top_p=bool((top_k > 0).any() or (top_p < 1).any()), noise=noise,
         return_logprobs=return_logprobs,
     )

@@ -207,7 +207,7 @@ def decode_batch(task: Task, lm, b: BatchRows, progress: Callable[[int, int], No
         slots = max([slots] + [b.groups.count(g) for g in set(b.groups)])
     return generate(
         lm, b.prompts, max_new_tokens=task.max_new_tokens, temperature=s.temperature,
-        top_k=s.top_k, top_p=s.top_p, alpha=s.min_p, seeds=b.seeds, stop=task.stop,
+        top_k=s.top_k, top_p=s.top_p, alpha=s.alpha, min_p=s.min_p, seeds=b.seeds, stop=task.stop,
         ignore_eos=task.ignore_eos, guidance=make_guidance(task, b), progress=progress,
         max_batch_rows=slots, on_result=on_result,
     )

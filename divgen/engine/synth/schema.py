@@ -29,7 +29,7 @@ MODEL_FIELD = "model"
 VERSION_FIELD = "divgen_version"
 # key -> type; every record's params has exactly these keys with values of these types.
 PARAM_KEYS = {"g": float, "gamma": float, "delta": float, "rows_per_group": int, "temperature": float,
-              "top_p": float, "top_k": int, "min_p": float, "max_new_tokens": int}
+              "top_p": float, "top_k": int, "alpha": float, "min_p": float, "max_new_tokens": int}
 NEUTRAL_PARAMS = {"g": 1.0, "gamma": 0.0, "delta": 0.0}
 
 
@@ -42,7 +42,7 @@ def record_params(task: Task) -> dict:
         "gamma": method.get("gamma", NEUTRAL_PARAMS["gamma"]),
         "delta": method.get("delta", NEUTRAL_PARAMS["delta"]),
         "rows_per_group": task.group_rows,
-        "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "min_p": s.min_p,
+        "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "alpha": s.alpha, "min_p": s.min_p,
         "max_new_tokens": task.max_new_tokens,
     }
     return {k: PARAM_KEYS[k](values[k]) for k in PARAM_KEYS}

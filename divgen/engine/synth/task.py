@@ -38,9 +38,11 @@ A task file (YAML or JSON) says what dataset to generate. Every field, with its 
                                   # its own rows_per_group (overrides the top-level one)
       cfg: {g: 2.0}               # g in [1, 100], the other labels' prompts are the negative prompts
       fewgen: {}
-    sampling: {temperature: 1.0, top_p: 1.0, top_k: 0, min_p: 0.0}
+    sampling: {temperature: 1.0, top_p: 1.0, top_k: 0, alpha: 0.0, min_p: 0.0}
                                   # temperature in [0, 100] (0 greedy); top_p in (0, 1]; top_k >= 0;
-                                  # min_p in [0, 1): the plausibility cutoff α (``alpha`` is an alias)
+                                  # alpha in [0, 1): the papers' plausibility cutoff α on each row's
+                                  # own, untempered distribution; min_p in [0, 1]: transformers' /
+                                  # vLLM's min-p, after temperature (on the guided distribution)
                                   # fields left out come from the model's generation_config.json
                                   # (local or cached-hub model), else the defaults shown
     rows_per_group: null          # sample rows decoded in lockstep per group (default: one per
@@ -78,7 +80,7 @@ DEFAULT_METHOD_PARAMS = {
     "cfg": {"g": 2.0},
 }
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p")     # the keys generation_config.json may set
 
 # The flag that sets each overridable field (``Task.with_overrides``): an error about a value names
 # the flag when the user set it on the command line, else the task-file field.
@@ -86,7 +88,7 @@ FLAG_OF = {
     "method": "--method", "per_label": "--per-label", "max_new_tokens": "--max-new-tokens", "seed": "--seed",
     "model": "--model", "few_shot.file": "--few-shot", "rows_per_group": "--rows-per-group", "stop": "--stop",
     "ignore_eos": "--ignore-eos", "sampling.temperature": "--temperature", "sampling.top_p": "--top-p",
-    "sampling.top_k": "--top-k", "sampling.min_p": "--min-p", "dtype": "--dtype",
+    "sampling.top_k": "--top-k", "sampling.min_p": "--min-p", "sampling.alpha": "--alpha", "dtype": "--dtype",
 }
 METHOD_FLAGS = {"g": "--g", "gamma": "--gamma", "delta": "--delta", "rows_per_group": "--rows-per-group"}
 
@@ -112,27 +114,13 @@ class FewShot:
     footer: str = "\n"
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True)
 class Sampling:
     temperature: float = 1.0           # 0 = greedy
     top_p: float = 1.0                 # 1 = off
     top_k: int = 0                     # 0 = off
-    min_p: float = 0.0                 # plausibility cutoff α in [0, 1): keep p >= min_p · max p
-
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float | None = None,
-                 *, alpha: float | None = None):
-        """``alpha`` is accepted as an alias of ``min_p`` (the papers' name); give one of them."""
-        if alpha is not None and min_p is not None and alpha != min_p:
-            raise DivgenError("Sampling: min_p and its alias alpha differ: give one of them")
-        object.__setattr__(self, "temperature", temperature)
-        object.__setattr__(self, "top_p", top_p)
-        object.__setattr__(self, "top_k", top_k)
-        object.__setattr__(self, "min_p", (min_p if min_p is not None else alpha if alpha is not None else 0.0))
-
-    @property
-    def alpha(self) -> float:
-        """``min_p`` under the papers' name α (an alias kept for task files and Python callers)."""
-        return self.min_p
+    alpha: float = 0.0                 # the papers' α in [0, 1): keep ℓ >= max ℓ + log α (own, untempered)
+    min_p: float = 0.0                 # the peers' min-p in [0, 1]: keep p >= min_p · max p after temperature
 
 
 @dataclass(frozen=True)
@@ -201,7 +189,8 @@ class Task:
             "method": self.method,
             "params": self.params,
             "sampling": {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
-                         "top_k": self.sampling.top_k, "min_p": self.sampling.min_p},
+                         "top_k": self.sampling.top_k, "alpha": self.sampling.alpha,
+                         "min_p": self.sampling.min_p},
             "rows_per_group": self.group_rows,
             "seed": self.seed,
             **({"dtype": self.dtype} if self.dtype else {}),   # only when set: older fingerprints stay valid
@@ -230,13 +219,9 @@ class Task:
         """A copy with command-line (or Python) overrides applied (None = keep), validated again.
 
         Keys: method, per_label, max_new_tokens, seed, model, few_shot_file, rows_per_group, stop,
-        ignore_eos, g, gamma, delta, temperature, top_p, top_k, min_p (``alpha`` is its alias).
+        ignore_eos, g, gamma, delta, temperature, top_p, top_k, alpha, min_p.
         Errors about an overridden value name its flag; about the file's values, their field."""
         o = {k: v for k, v in overrides.items() if v is not None}
-        if "alpha" in o:
-            if "min_p" in o and o["min_p"] != o["alpha"]:
-                raise DivgenError("min_p and its alias alpha are both given with different values: give one")
-            o["min_p"] = o.pop("alpha")
         task, flagged = self, set()
         if "method" in o:
             task, flagged = replace(task, method=limits.method(o.pop("method"), "--method")), {"method"}
@@ -261,7 +246,7 @@ class Task:
                 methods.setdefault(task.method, {})[key] = o.pop(key)
                 flagged.add(f"methods.{task.method}.{key}")
         task = replace(task, methods=methods)
-        sampling = {k: o.pop(k) for k in SAMPLING_KEYS if k in o}
+        sampling = {k: o.pop(k) for k in (*SAMPLING_KEYS, "alpha") if k in o}
         if sampling:
             task = replace(task, sampling=replace(task.sampling, **sampling),
                            sampling_set=task.sampling_set | set(sampling))
@@ -279,7 +264,7 @@ TOP_FIELDS = {"name", "model", "dtype", "chat", "system", "labels", "prompt", "f
               "rows_per_group", "seed"}
 LABEL_FIELDS = {"name", "verbalization", "source_label", "examples"}
 FEW_SHOT_FIELDS = {"file", "every", "per_prompt", "header", "template", "footer"}
-SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "min_p", "alpha"}
+SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "alpha", "min_p"}
 METHOD_FIELDS = {"fewgen": {"rows_per_group"}, "corrsynth": {"g", "rows_per_group"},
                  "m-corrsynth": {"gamma", "delta", "rows_per_group"}, "cfg": {"g", "rows_per_group"}}
 
@@ -356,13 +341,9 @@ def task_from_dict(data, path: Path | None = None) -> Task:
         methods[name].update(params)
     raw_sampling = data.get("sampling") or {}
     if not isinstance(raw_sampling, dict):
-        raise w.error("sampling", "must be a mapping (temperature, top_p, top_k, min_p)")
+        raise w.error("sampling", "must be a mapping (temperature, top_p, top_k, alpha, min_p)")
     _no_unknown(raw_sampling, SAMPLING_FIELDS, "sampling.", w)
     raw_sampling = dict(raw_sampling)
-    if "alpha" in raw_sampling:                      # the papers' name for min_p, kept as an alias
-        if "min_p" in raw_sampling:
-            raise w.error("sampling.alpha", "is an alias of sampling.min_p: give only one of them")
-        raw_sampling["min_p"] = limits.min_p(raw_sampling.pop("alpha"), f"task {w.source}: field 'sampling.alpha'")
     stop = data.get("stop") or []
     per_label = _per_label(data.get("per_label", 50), labels, w)
     task = Task(
@@ -453,6 +434,7 @@ def validate(task: Task, where: _Where | None = None, flagged: set = frozenset()
         temperature=limits.temperature(s.temperature, name("sampling.temperature")),
         top_p=limits.top_p(s.top_p, name("sampling.top_p")),
         top_k=limits.top_k(s.top_k, name("sampling.top_k")),
+        alpha=limits.alpha(s.alpha, name("sampling.alpha")),
         min_p=limits.min_p(s.min_p, name("sampling.min_p")),
     )
     fs = task.few_shot
