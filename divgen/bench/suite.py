@@ -54,7 +54,7 @@ class BenchConfig:
     task: str = "ag_news"                       # synth: task file or shipped name
     vocab: int = 49152                          # kernel: vocabulary size
     seed: int = 0
-    min_p: float = 0.0                          # decode: α of the sampled rows
+    min_p: float = 0.0                          # decode: the sampled rows' min-p (peers' rule)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None,
                    help="model dtype: auto, float32, bfloat16, float16 (default auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--min-p", type=float, default=0.0, help="decode: min-p (alpha) of the sampled rows (default 0)")
+    p.add_argument("--min-p", type=float, default=0.0, help="decode: min-p of the sampled rows, after temperature as in transformers and vLLM (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None, metavar="PATH", help="write the result rows as JSON")

@@ -78,16 +78,19 @@ def server_command(args) -> tuple[list[str], dict]:
 
     if not 0 < args.port < 65536:
         raise DivgenError(f"--port must be in 1..65535, got {args.port}")
+    if not args.host or any(c.isspace() for c in args.host):
+        raise DivgenError(f"--host must be an address such as 127.0.0.1 (this machine) or 0.0.0.0 (every "
+                          f"interface), got {args.host!r}")
     try:
         extra = shlex.split(args.vllm_args)
     except ValueError as exc:
         raise DivgenError(f"--vllm-args {args.vllm_args!r} is not a valid flag string ({exc}): quote it as a "
                           "shell would") from None
-    python = vllm_python(args.python)
     for flag in ("--logits-processors", "--scheduler-cls", "--model", "--host", "--port"):
         if any(a == flag or a.startswith(flag + "=") for a in extra):
             raise DivgenError(f"{flag} is set by divgen serve (its processor, scheduler, MODEL, --host, "
                               "--port): drop it from --vllm-args")
+    python = vllm_python(args.python)
     find_model(args.model)                                   # fast: a clear message for a bad MODEL
     limits.device(None, "--device")
     from divgen.engine.model import resolve_model_dir

@@ -26,8 +26,10 @@ mask, the temperature rule, the mask rule for −inf contrasting logits, the noi
 reference's: its constants and building blocks are imported, and ``_cut_scores`` mirrors the
 reference's scores-and-mask lines (``reference.guided_scores`` on the gathered columns); tests/test_cpu_sample.py compares the two token for token under
 injected and counter-based noise, so a change of the reference's rules shows up there.
-Under ``torch.compile`` (data-dependent sizes), with ``return_logprobs`` and with min-p (its
-threshold needs every row's max guided score) the reference runs.
+* min-p (the peers' rule, on the tempered guided scores) keeps z ≥ max z + log min_p: the row's
+  max z is always among the candidates (the α-kept tokens, or for unguided rows the tokens
+  within the noise's reach of the best), so it is the same value as the reference's.
+Under ``torch.compile`` (data-dependent sizes) and with ``return_logprobs`` the reference runs.
 """
 from __future__ import annotations
 
@@ -120,7 +122,7 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
                        min_p: torch.Tensor | None = None, any_top_k_top_p: bool = True,
                        noise: torch.Tensor | None = None, return_logprobs: bool = False):
     """``reference.guided_sample_step``'s signature and tokens (module docstring)."""
-    if (return_logprobs or min_p is not None or torch.compiler.is_compiling() or logits.device.type != "cpu"
+    if (return_logprobs or torch.compiler.is_compiling() or logits.device.type != "cpu"
             or (any_top_k_top_p and bool((top_p < 1).any()))):
         return reference.guided_sample_step(
             logits, mix, seeds, step, temperature, alpha, top_k, top_p, min_p=min_p,
@@ -141,6 +143,9 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
         limit = torch.maximum(row_limit, reach)
     rows, cols = _candidates(x, limit)                                        # row-major, ids ascending
     z = _cut_scores(x, mix, row_limit, rows, cols, t_div)                 # [N] gathered scores
+    if min_p is not None:                                                     # the peers' min-p
+        z_top = _row_max(z, rows, n_rows)                                     # [R] max z (module doc)
+        z = torch.where(z >= (z_top + torch.log(min_p.float()))[rows], z, float("-inf"))
 
     if any_top_k_top_p and bool((top_k > 0).any()):
         counts = torch.bincount(rows, minlength=n_rows)
