@@ -141,6 +141,8 @@ def build_inputs_22(d: Path) -> None:
     # task files: an alias bomb, deep nesting (issue 22)
     bomb = "prompt: [&a [x,x,x,x,x,x,x,x,x,x], " + ", ".join(
         f"&{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 10) + "]" for i in range(8)) + "]\n"
+    (d / "many_labels.yaml").write_text("labels: [" + ", ".join(f"l{i}" for i in range(257)) + "]\n"
+                                        "prompt: 'Write a {label} text.'\nmethod: cfg\n")
     (d / "bomb.yaml").write_text("labels: [{name: a}, {name: b}]\n" + bomb)
     (d / "deep.yaml").write_text("prompt: " + "[" * 100_000 + "]" * 100_000 + "\n")
     (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -343,7 +345,12 @@ ROWS_22 = [
     ("synth-max-tokens-alias", [*S, "--max-tokens", "0"], "--max-new-tokens must be in"),
     ("synth-dtype", [*S, "--dtype", "int8"], "is not a dtype"),
     ("synth-device-mps", [*S, "--device", "mps"], "--device mps is not supported"),
-    ("synth-rows-per-group-huge", [*S, "--rows-per-group", "100000"], "--rows-per-group must be in [1, 1024]"),
+    ("synth-rows-per-group-huge", [*S, "--rows-per-group", "100000"], "--rows-per-group must be in [1, 256]"),
+    # a group the kernels cannot take is refused at the edge (it used to pass the task check and fail in
+    # the kernel plan with a traceback)
+    ("synth-rows-per-group-257", [*S, "--rows-per-group", "257"], "--rows-per-group must be in [1, 256]"),
+    ("synth-cfg-labels-over-kernels", ["synth", "{d}/many_labels.yaml", "--out", "{d}/new.jsonl", "--method", "cfg"],
+     "257 labels make groups of 257 rows"),
     ("synth-batch-rows-huge", [*S, "--batch-rows", "10000000"], "--batch-rows must be in"),
     ("synth-per-label-text", [*S, "--per-label", "many"], "invalid int value"),
     ("synth-ignore-eos-bad-temp", [*S, "--ignore-eos", "--temperature", "nan"], "--temperature must be a finite"),

@@ -219,14 +219,19 @@ def test_penalties_are_applied_to_tagged_rows_before_sampling():
     tag = divgen_tag("p", scale=2.0)
     prompts, outs = [[1, 2, 3], [4, 5]], [[6, 6, 7], [8]]
     pens = [dict(repetition=2.0, frequency=0.5), dict(presence=1.5)]
-    proc = DivgenLogitsProcessor()
-    proc.update_state(Update(2, added=tuple((i, penalised_params(20 + i, tag, **pens[i]), prompts[i], outs[i])
-                                            for i in range(2))))
     logits = torch.randn(2, VOCAB) * 2
-    got = chosen(proc.apply(logits.clone()))
     penalised = torch.stack([vllm_penalties(logits[i], prompts[i], outs[i], **pens[i]) for i in range(2)])
-    assert got == sample(penalised, corrsynth_mix(2, 2.0), [20, 21], [3, 1])
-    assert got != sample(logits, corrsynth_mix(2, 2.0), [20, 21], [3, 1]) or torch.equal(penalised, logits)
+    assert not torch.equal(penalised, logits)
+    changed = 0
+    for seed in range(0, 40, 2):
+        proc = DivgenLogitsProcessor()
+        proc.update_state(Update(2, added=tuple((i, penalised_params(seed + i, tag, **pens[i]), prompts[i], outs[i])
+                                                for i in range(2))))
+        got = chosen(proc.apply(logits.clone()))
+        steps = torch.tensor([len(o) for o in outs])
+        assert got == sample(penalised, corrsynth_mix(2, 2.0), [seed, seed + 1], steps)
+        changed += got != sample(logits, corrsynth_mix(2, 2.0), [seed, seed + 1], steps)
+    assert changed > 0                      # the penalties change what is drawn
 
 
 def test_a_masked_token_in_one_member_does_not_attract_the_others():

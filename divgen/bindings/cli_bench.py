@@ -20,7 +20,7 @@ from divgen.engine.errors import DivgenError
 MAX_KERNEL_ELEMENTS = 1 << 28       # logits of one kernel-bench call (rows x vocab)
 PNG_STAMP = b"divgen bench"         # a tEXt chunk in every plot bench writes: it may replace only those
 KINDS = ("decode", "synth", "kernel")
-METHODS = ("fewgen", "corrsynth", "cfg")
+METHODS = limits.BENCH_METHODS
 DEFAULT_BATCH_SIZES = {"decode": (2, 4, 16), "synth": (16, 32, 64), "kernel": (2, 4, 16)}
 PLOT_METRIC = {"decode": "tok_per_s", "synth": "examples_per_s", "kernel": "tok_per_s"}
 

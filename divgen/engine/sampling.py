@@ -72,9 +72,10 @@ class SamplingParams:
         ps = [limits.top_p(p, "top_p") for p in ps]
         alphas = [limits.alpha(a, "alpha") for a in alphas]
         min_ps = [limits.min_p(a, "min_p") for a in min_ps]
-        for s in seed_list:
-            if not (-(2 ** 63) <= s < 2 ** 63):
-                raise DivgenError(f"seed must fit in a signed 64-bit integer, got {s}")
+        if isinstance(seeds, int):
+            limits.seed(seeds, "seeds")
+        else:
+            seed_list = [limits.seed(s, "seeds") for s in seed_list]
         return cls(
             temperature=torch.tensor(temps, dtype=torch.float32, device=device),
             top_k=torch.tensor(ks, dtype=torch.int64, device=device),
