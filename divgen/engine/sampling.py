@@ -1,17 +1,20 @@
 """Per-row sampling parameters and the sampling entry points of the engine.
 
 ``SamplingParams`` is a dataclass of per-row tensors with short-circuit flags (vLLM's
-SamplingMetadata habit). ``Sampler`` turns the logits of one decode step into tokens:
+SamplingMetadata habit), built and checked once by ``SamplingParams.make`` (the Python entry).
+
+``Sampler`` is the slow path's sampler (``models/hf_loop.py``, models without divgen's forward):
+one call per step with the dense guidance mix of the rows now in the batch,
 
 1. all rows greedy and no guidance  -> argmax (no noise, no softmax);
 2. otherwise                        -> ``divgen.kernels.guided_sample`` (Triton on CUDA, the torch
-   reference elsewhere), with the guidance ``mix`` of the rows now in the batch.
+   reference elsewhere).
 
 Two cutoffs, two names: ``alpha`` is the papers' plausibility cutoff α on the row's own,
 untempered distribution (keep ℓ(v) ≥ max ℓ + log α); ``min_p`` is transformers' and vLLM's
 min-p, on the distribution being sampled (guided, after temperature; 1 keeps only the max).
 
-The compiled decode step calls the capturable API instead (``build_sample_plan`` once per batch
+The engine's decode step calls the capturable API instead (``build_group_plan`` once per batch
 change on the host, ``guided_sample_step`` inside the step: no host sync, fixed shapes, per-row
 step counters on the device).
 """
