@@ -64,8 +64,9 @@ def main() -> int:
     if not args.no_eval:
         ev = json.loads(run([*DIVGEN, "eval", *map(str, files.values()), "--real", args.data, "--task", "ag_news",
                              "--seeds", "1", "--no-real", "--json"], capture=True))
-        for row in ev.get("sets", ev if isinstance(ev, list) else []):
-            evals[str(row.get("file", row.get("name")))] = row
+        for row in ev["rows"]:
+            if not row.get("real"):
+                evals[row["file"]] = row
     print("| set | seed | n | words | EOS % | copy % | degen % | sBLEU-4 (label) | fidelity % | probe acc % |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for ((name, seed), path), m in zip(files.items(), metrics):
@@ -73,7 +74,7 @@ def main() -> int:
         sb4 = sum(lab["self_bleu"]["4"] for lab in m["labels"].values()) / len(m["labels"])
         e = evals.get(str(path), {})
         fid = e.get("fidelity")
-        acc = (e.get("probe") or {}).get("accuracy_mean")
+        acc = e.get("students", {}).get("probe", {}).get("accuracy", {}).get("mean")
         print(f"| {name} | {seed} | {o['count']} | {o['mean_words']:.1f} | {100 * eos_rate(path):.1f} | "
               f"{100 * o['copy_rate']:.1f} | {100 * o['degenerate_rate']:.1f} | {sb4:.3f} | "
               f"{'' if fid is None else f'{100 * fid:.1f}'} | {'' if acc is None else f'{100 * acc:.1f}'} |")
