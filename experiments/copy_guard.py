@@ -71,12 +71,13 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for ((name, seed), path), m in zip(files.items(), metrics):
         o = m["overall"]
-        sb4 = sum(lab["self_bleu"]["4"] for lab in m["labels"].values()) / len(m["labels"])
+        per_label = [lab["self_bleu"]["4"] for lab in m["labels"].values() if lab["self_bleu"]]
+        sb4 = f"{sum(per_label) / len(per_label):.3f}" if per_label else ""    # needs 2+ texts per label
         e = evals.get(str(path), {})
         fid = e.get("fidelity")
         acc = e.get("students", {}).get("probe", {}).get("accuracy", {}).get("mean")
         print(f"| {name} | {seed} | {o['count']} | {o['mean_words']:.1f} | {100 * eos_rate(path):.1f} | "
-              f"{100 * o['copy_rate']:.1f} | {100 * o['degenerate_rate']:.1f} | {sb4:.3f} | "
+              f"{100 * o['copy_rate']:.1f} | {100 * o['degenerate_rate']:.1f} | {sb4} | "
               f"{'' if fid is None else f'{100 * fid:.1f}'} | {'' if acc is None else f'{100 * acc:.1f}'} |")
     return 0
 
