@@ -6,6 +6,7 @@ metrics: intrinsic diversity of a generated JSONL file, per label and overall (e
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -37,6 +38,12 @@ def register(subparsers) -> None:
     p.add_argument("--g", type=float, help="guidance scale g in [1, 100] (corrsynth, cfg)")
     p.add_argument("--gamma", type=float, help="cross-label weight γ in [0, 100] (m-corrsynth)")
     p.add_argument("--delta", type=float, help="intra-label weight δ in [0, 100] (m-corrsynth)")
+    p.add_argument("--copy-guard", type=int, default=None, metavar="N",
+                   help="never emit an N-token n-gram of the row's own few-shot examples; 0 is off, else "
+                        f"2 .. {limits.MAX_COPY_GUARD} (default: the task file's copy_guard, 0)")
+    p.add_argument("--own-special", action=argparse.BooleanOptionalAction, default=None,
+                   help="EOS and control tokens take the row's own log-prob, outside the contrast "
+                        "(default: the task file's own_special, off)")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="rows decoded per engine call (default 64); does not change the texts")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
@@ -67,6 +74,8 @@ def run_synth_command(args) -> int:
     from divgen.engine.synth import DEFAULT_BATCH_ROWS, load_task, run_synth
 
     check_sampling_args(args)
+    if args.copy_guard is not None:
+        limits.copy_guard(args.copy_guard, "--copy-guard")
     cli_ray.check_arguments(args)
     batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else limits.batch_rows(args.batch_rows, "--batch-rows")
     task = load_task(args.task).with_overrides(
@@ -74,6 +83,7 @@ def run_synth_command(args) -> int:
         model=args.model, few_shot_file=args.few_shot_file, rows_per_group=args.rows_per_group,
         g=args.g, gamma=args.gamma, delta=args.delta, alpha=args.alpha, min_p=args.min_p, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos, dtype=args.dtype,
+        copy_guard=args.copy_guard, own_special=args.own_special,
     )
     if args.ray is not None:
         return cli_ray.run(task, args, batch_rows)

@@ -38,10 +38,13 @@ from typing import Callable, Iterable, Protocol, Sequence
 import torch
 from torch import nn
 
+from divgen.engine.copy_guard import CopyGuard, GuardState, build_tables
+from divgen.engine.copy_guard import ban_copies, push as push_history
 from divgen.engine.errors import DivgenError
 from divgen.engine.guidance import Guidance
 from divgen.engine.kv_cache import KVCache
 from divgen.engine.model import LoadedModel
+from divgen.engine.own_special import special_token_mask
 from divgen.engine.sampling import SamplingParams, guided_sample_step
 from divgen.kernels.plan import build_group_plan, stage
 from divgen.engine.scheduler import Scheduler
@@ -191,16 +194,19 @@ class DecodeState(nn.Module):
 
 
 def decode_step(model, k_cache, v_cache, st, plan, eos_ids, any_top_k_top_p: bool, greedy_only: bool,
-                any_min_p: bool = False, marks: list | None = None):
+                any_min_p: bool = False, marks: list | None = None, guard=None):
     """One decode step for every slot, on the device, no host sync, fixed shapes.
 
     Forward the slots' input tokens, sample (guided), let CFG shadows take their leader's token,
     check EOS and length, and advance the active slots in place. Returns [2, S] int64: the
     sampled tokens and the slots that finished in this step. ``marks`` (eager CPU steps, for
-    ``Engine.run``'s step_times): the time the forward ended is appended."""
+    ``Engine.run``'s step_times): the time the forward ended is appended. ``guard``: the copy
+    guard's state (``copy_guard.GuardView``) or None: its banned tokens get −inf before sampling."""
     logits = model.decode(st.tokens, st.pos, k_cache, v_cache)                      # [S, V] fp32
     if marks is not None:
         marks.append(time.perf_counter())
+    if guard is not None:
+        logits = ban_copies(logits, guard.table, guard.hist)
     if greedy_only:
         new = torch.argmax(logits, dim=-1)
     else:
@@ -212,6 +218,8 @@ def decode_step(model, k_cache, v_cache, st, plan, eos_ids, any_top_k_top_p: boo
     is_eos = (new[:, None] == eos_ids[None, :]).any(dim=-1) & st.check_eos
     done = active & (is_eos | (st.gen + 1 >= st.max_new))
     done = done[st.leader]
+    if guard is not None:
+        push_history(guard.hist, new, active)
     step = active.to(torch.int64)
     st.tokens.copy_(torch.where(active, new, st.tokens))
     st.pos.add_(step)
@@ -292,14 +300,16 @@ class Engine:
             stopper: _StopChecker, guidance: Guidance | None = None, listeners: Sequence[BatchListener] = (),
             progress: Callable[[int, int], None] | None = None,
             on_result: Callable[[GenerationResult], None] | None = None, lag: bool | None = None,
-            step_times: list | None = None) -> tuple[list[GenerationResult], RunStats]:
+            step_times: list | None = None, copy_guard: CopyGuard | None = None,
+            own: torch.Tensor | None = None) -> tuple[list[GenerationResult], RunStats]:
         """Decode ``encoded`` (token ids per row) to the end: see ``_Run``. lag: read each step's
         tokens one step late (default: this engine's). step_times: a list that gets one
-        ``StepTime`` per eager CPU step (``divgen bench decode``'s split); None: nothing is timed."""
+        ``StepTime`` per eager CPU step (``divgen bench decode``'s split); None: nothing is timed.
+        copy_guard, own: ``generate``'s copy guard and own-special mask ([V] bool), or None."""
         if listeners and self.compiled:
             raise DivgenError("multi-LoRA listeners need an eager step: pass compile=False")
         run = _Run(self, encoded, params, max_new_tokens, stopper, guidance, listeners, progress, on_result,
-                   self.lag if lag is None else bool(lag), step_times)
+                   self.lag if lag is None else bool(lag), step_times, copy_guard, own)
         return run.loop()
 
     def _to_host(self, out: torch.Tensor):
@@ -369,7 +379,8 @@ class _Run:
     """
 
     def __init__(self, engine: Engine, encoded, params: SamplingParams, max_new_tokens: int, stopper: _StopChecker,
-                 guidance: Guidance | None, listeners, progress, on_result, lag: bool, step_times: list | None):
+                 guidance: Guidance | None, listeners, progress, on_result, lag: bool, step_times: list | None,
+                 copy_guard: CopyGuard | None = None, own: torch.Tensor | None = None):
         self.engine, self.encoded, self.params = engine, encoded, params
         self.max_new_tokens, self.stopper, self.guidance = max_new_tokens, stopper, guidance
         self.listeners, self.progress, self.on_result, self.lag = listeners, progress, on_result, lag
@@ -396,6 +407,13 @@ class _Run:
         self.step_times = step_times if (step_times is not None and not engine.compiled
                                          and dev.type == "cpu") else None
         engine.state.active.zero_()
+        # the copy guard's tables (sample rows only, not CFG shadows) and the own-special mask
+        self.guard, self.tables = None, {}
+        if copy_guard is not None:
+            self.tables = build_tables(engine.lm, copy_guard, self.sample_rows)
+            width = max([len(t) for t in self.tables.values()] + [1])
+            self.guard = GuardState(S, copy_guard.n, width, dev)
+        self.own = None if (own is None or guidance is None) else own.to(dev)
 
     def admit(self) -> bool:
         """Admit every waiting group that fits, in order; prefill them in one batch."""
@@ -407,6 +425,8 @@ class _Run:
         if not rows:
             return False
         self.engine._prefill([encoded[r] for r in rows], slots, rows, self.listeners)
+        if self.guard is not None:
+            self.guard.admit(slots, [self.tables.get(r, []) for r in rows], [encoded[r] for r in rows])
         idx = torch.tensor(slots, dtype=torch.int64, device=dev)
         index = torch.tensor(rows, dtype=torch.int64, device=dev)
         st.tokens[idx] = torch.tensor([encoded[r][-1] for r in rows], dtype=torch.int64, device=dev)
@@ -432,13 +452,14 @@ class _Run:
         n = max((sched.highest_used_slot() + 1) if engine.trim else engine.slots, 1)
         self.n_live = n
         blocks, guided = sched.weight_blocks(n), sched.guidance is not None
+        masks = self.guard is not None      # the engine's logits are finite, the copy guard's bans −inf
         if self.greedy_only:
             self.plan = None
         elif engine.compiled:   # one static plan, refilled in place (fixed shapes and addresses)
-            new = build_group_plan(blocks, n, dev, guided=guided, static_block=self.block, masks=False)
+            new = build_group_plan(blocks, n, dev, guided=guided, static_block=self.block, masks=masks, own=self.own)
             self.plan = new if self.plan is None else self.plan.copy_from(new)
-        else:                   # masks=False: the engine's logits are finite
-            self.plan = build_group_plan(blocks, n, dev, guided=guided, masks=False)
+        else:
+            self.plan = build_group_plan(blocks, n, dev, guided=guided, masks=masks, own=self.own)
         leader, rows = stage([sched.leader_slots(n), sched.slot_rows(n)], torch.int64, dev)
         st.leader[:n] = leader
         for listener in self.listeners:
@@ -487,12 +508,13 @@ class _Run:
         k, v = (engine.cache.k, engine.cache.v) if n == engine.slots else (engine.cache.k[:, :n], engine.cache.v[:, :n])
         view = st if n == engine.slots else _View(st, n)
         args = (engine.model, k, v, view, self.plan, self.eos_ids, self.any_cut, self.greedy_only, self.any_min_p)
+        guard = None if self.guard is None else self.guard.view(n)
         if self.step_times is not None:
             t_step, marks = time.perf_counter(), []
-            out = engine._step(*args, marks)
+            out = engine._step(*args, marks, guard)
             self.step_times.append(StepTime(t_step, marks[0], time.perf_counter(), n))
         else:
-            out = engine._step(*args)
+            out = engine._step(*args, None, guard)
         rec = (self.stats.steps, engine._to_host(out))
         self.waiting.append(bool(self.sched.pending))
         self.stats.steps += 1
@@ -549,6 +571,8 @@ def generate(
     compile: bool | None = None,
     lag: bool | None = None,
     step_times: list | None = None,
+    copy_guard: CopyGuard | None = None,
+    own_special: bool = False,
 ) -> tuple[list[GenerationResult], RunStats]:
     """Generate a continuation for every prompt. See the module docstring.
 
@@ -568,6 +592,10 @@ def generate(
         lag, step_times: ``Engine.run``'s (benchmarks: the CUDA read schedule on a CPU, the
             forward / sampler / host split of eager CPU steps).
         compile: torch.compile the step (default: on CUDA only; see ``default_compile``).
+        copy_guard: ``CopyGuard(n, sources)``: row r never emits an n-token n-gram of its
+            sources[r] (``divgen.engine.copy_guard``); None: no guard.
+        own_special: EOS and the other special tokens take each row's own log-prob, not the
+            contrasted score (``divgen.engine.own_special``); no effect without guidance.
     Returns: results for every non-shadow row in prompt order, and the run's stats.
     """
     encoded = _encode_prompts(lm, prompts)
@@ -582,7 +610,13 @@ def generate(
                                  alpha=alpha, min_p=min_p, seeds=seeds, device=lm.device)
     stopper = _StopChecker(lm, stop, ignore_eos, max_new_tokens)
     listeners = list(batch_listeners)
+    if copy_guard is not None:
+        copy_guard.check(n_rows)
+    own = special_token_mask(lm) if own_special else None
     if lm.fast is None:
+        if copy_guard is not None or own is not None:
+            raise DivgenError(f"the copy guard and own-special need divgen's own forward, which {lm.name} does not "
+                              "have (not Llama-family): drop --copy-guard / --own-special for this model")
         from divgen.engine.models.hf_loop import generate_hf_batched
 
         return generate_hf_batched(lm, encoded, params, max_new_tokens=max_new_tokens, stopper=stopper,
@@ -595,5 +629,6 @@ def generate(
         compile = False if listeners else lm.compile
     engine = _engine_for(lm, slots, max_len, compile)
     return engine.run(encoded, params, max_new_tokens=max_new_tokens, stopper=stopper, guidance=guidance,
-                      listeners=listeners, progress=progress, on_result=on_result, lag=lag, step_times=step_times)
+                      listeners=listeners, progress=progress, on_result=on_result, lag=lag, step_times=step_times,
+                      copy_guard=copy_guard, own=own)
 

@@ -228,3 +228,17 @@ def dtype(value, name: str = "--dtype") -> str | None:
     if value not in DTYPES:
         raise _fail(f"{name} {value!r} is not a dtype: use auto, {', '.join(DTYPES)}")
     return value
+
+
+# ---- the copy guard (engine/copy_guard.py) -----------------------------------------------------
+MAX_COPY_GUARD = 64              # --copy-guard: n-gram length in tokens (0 is off)
+
+
+def copy_guard(value, name: str = "--copy-guard") -> int:
+    """The copy guard's n-gram length in tokens: 0 (off) or 2 .. MAX_COPY_GUARD."""
+    n = number(value, name, low=0, high=MAX_COPY_GUARD, integer=True,
+               hint=" (n-gram length in tokens; 0 turns the guard off)")
+    if n == 1:
+        raise _fail(f"{name} must be 0 (off) or at least 2 tokens, got 1: a 1-gram guard would ban every "
+                    "token of the examples")
+    return n

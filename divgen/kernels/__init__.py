@@ -69,6 +69,11 @@ class KernelOps:
 
     def guided_sample_step(self, logits, plan, seeds, step, temperature, alpha, top_k, top_p, *,
                            min_p=None, any_top_k_top_p=True, noise=None, return_logprobs=False):
+        if plan.own is not None:         # the own-token rule: the torch reference (capturable), any device
+            impl = reference.guided_sample_step if self.uses_triton else self._step
+            return impl(logits, plan.mix, seeds, step, temperature, alpha, top_k, top_p, min_p=min_p,
+                        any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs,
+                        own=plan.own)
         if self.uses_triton:
             return self._sample.guided_sample_step(
                 logits, plan.for_rows(logits.shape[0]), seeds, step, temperature, alpha, top_k, top_p,

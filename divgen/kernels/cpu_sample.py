@@ -69,20 +69,20 @@ def _padded_gumbel(u: torch.Tensor) -> torch.Tensor:
     return _gumbel(full)[:n]
 
 
-def _cut_scores(x, mix, row_limit, rows, cols, t_div):
+def _cut_scores(x, mix, row_limit, rows, cols, t_div, own=None):
     """The reference's tempered, α-cut scores z at the gathered (rows, cols): ŝ (the raw logits,
     or ``reference.guided_scores``), kept where the own logit is finite and ≥ the row's
     max + log α, divided by T. Mirrors ``reference.guided_sample_step``."""
     if mix is None:
         s = x[rows, cols]
     else:
-        s = _mixed_scores(x, mix, rows, cols)
+        s = _mixed_scores(x, mix, rows, cols, own)
     xc = x[rows, cols]
     keep = torch.isfinite(xc) & (xc >= row_limit[rows])
     return torch.where(keep, s / t_div[rows], float("-inf"))
 
 
-def _mixed_scores(x, mix, rows, cols):
+def _mixed_scores(x, mix, rows, cols, own=None):
     """``reference.guided_scores(x, mix)[rows, cols]`` from the needed columns only. The products
     run on at least 64 columns (a multiple of 64, padded): MKL's sgemm gives each column the same
     bits as in the full [R, V] product from 16 columns on (fewer columns take another kernel)."""
@@ -91,7 +91,7 @@ def _mixed_scores(x, mix, rows, cols):
     padded = torch.zeros(max(_PAD, -(-n // _PAD) * _PAD), dtype=ucols.dtype, device=ucols.device)
     padded[:n] = ucols
     lse = torch.logsumexp(x, dim=-1)                                          # [R], as the reference
-    s = reference.guided_scores(x[:, padded], mix, lse=lse)                   # [R, U]
+    s = reference.guided_scores(x[:, padded], mix, lse=lse, own=None if own is None else own[padded])   # [R, U]
     return s[rows, where]
 
 
@@ -120,13 +120,14 @@ def _row_max(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Ten
 def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: torch.Tensor, step: torch.Tensor,
                        temperature: torch.Tensor, alpha: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, *,
                        min_p: torch.Tensor | None = None, any_top_k_top_p: bool = True,
-                       noise: torch.Tensor | None = None, return_logprobs: bool = False):
+                       noise: torch.Tensor | None = None, return_logprobs: bool = False,
+                       own: torch.Tensor | None = None):
     """``reference.guided_sample_step``'s signature and tokens (module docstring)."""
     if (return_logprobs or torch.compiler.is_compiling() or logits.device.type != "cpu"
             or (any_top_k_top_p and bool((top_p < 1).any()))):
         return reference.guided_sample_step(
             logits, mix, seeds, step, temperature, alpha, top_k, top_p, min_p=min_p,
-            any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs)
+            any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs, own=own)
     n_rows, vocab = logits.shape
     x = logits.float()
     row_max = x.amax(dim=-1)
@@ -142,7 +143,7 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
         reach = row_max - t_div * (NOISE_GAP + 2 * _MARGIN) - 1e-3 * (1 + row_max.abs())
         limit = torch.maximum(row_limit, reach)
     rows, cols = _candidates(x, limit)                                        # row-major, ids ascending
-    z = _cut_scores(x, mix, row_limit, rows, cols, t_div)                 # [N] gathered scores
+    z = _cut_scores(x, mix, row_limit, rows, cols, t_div, own)               # [N] gathered scores
     if min_p is not None:                                                     # the peers' min-p
         z_top = _row_max(z, rows, n_rows)                                     # [R] max z (module doc)
         z = torch.where(z >= (z_top + torch.log(min_p.float()))[rows], z, float("-inf"))

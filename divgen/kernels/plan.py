@@ -60,6 +60,7 @@ class SamplePlan:
     static_block: int = 0             # > 0: a static plan (module doc); g_block is this, whatever the groups
     masks: bool = True                # contrasting rows may hold −inf (a mask): the Triton kernels
     #                                   compile the mask rule's terms in (False: finite model logits)
+    own: torch.Tensor | None = None   # [V] bool: tokens outside the contrast (reference's own-token rule)
     ops: Any = field(repr=False, default=None)      # the implementation (divgen.kernels.KernelOps)
     prepared: Any = field(repr=False, default=None)  # what ``ops`` derived once (launch tiles)
     _by_rows: dict = field(repr=False, compare=False, default_factory=dict)
@@ -156,7 +157,8 @@ def guidance_groups(mix: torch.Tensor | None, rows: int) -> list[list[int]]:
 
 
 def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, rows: int | None = None,
-                      ops=None, static_block: int | None = None, masks: bool = True) -> SamplePlan:
+                      ops=None, static_block: int | None = None, masks: bool = True,
+                      own: torch.Tensor | None = None) -> SamplePlan:
     """Validate ``mix`` and derive the group plan (host side, once per batch composition).
 
     Args:
@@ -170,6 +172,9 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
             min_tokens, grammars, ...). The reference applies the mask rule always; the Triton
             kernels compile its terms in only for such plans. False is a promise (the engine's
             model logits are finite) that saves those terms' registers.
+        own: optional [V] bool on ``device``: tokens that take the row's own log-prob instead of
+            the contrasted score (``reference``'s own-token rule; the Triton ops run the torch
+            reference step for such plans).
     Raises: ValueError for a non-square / non-finite mix, a group over MAX_GROUP_ROWS rows, or
     (static) a group larger than ``static_block``.
     """
@@ -184,7 +189,7 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
         empty = torch.zeros(0, dtype=torch.int32, device=device)
         return SamplePlan(rows=None, device=device, mix=None, order=empty, group_start=empty,
                           w_offset=empty.long(), weights=empty.float(), group_sizes=(1,),
-                          masks=masks, ops=ops)
+                          masks=masks, own=own, ops=ops)
     if mix is None:
         if int(rows) < 1:
             raise ValueError(f"rows must be >= 1 (the number of independent rows), got {rows}")
@@ -194,11 +199,12 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
     dense = None if mix is None else mix.detach().to("cpu", torch.float32)
     groups = [(g, None if dense is None else dense[torch.tensor(g)[:, None], torch.tensor(g)[None, :]])
               for g in guidance_groups(mix, rows)]
-    return _plan(groups, rows, device, dense, ops=ops, static_block=static_block, masks=masks)
+    return _plan(groups, rows, device, dense, ops=ops, static_block=static_block, masks=masks, own=own)
 
 
 def build_group_plan(blocks, rows: int, device: torch.device | str, *, guided: bool = True, ops=None,
-                     static_block: int | None = None, masks: bool = True) -> SamplePlan:
+                     static_block: int | None = None, masks: bool = True,
+                     own: torch.Tensor | None = None) -> SamplePlan:
     """The plan of ``rows`` rows from their coupled groups, as ``Guidance.weight_blocks`` yields
     them (the engine's path: no [R, R] matrix is searched for its groups).
 
@@ -207,7 +213,7 @@ def build_group_plan(blocks, rows: int, device: torch.device | str, *, guided: b
             row; every other row samples alone (weight 1).
         guided: keep a dense mix for the torch steps (the identity with the blocks written in), so
             a guided run keeps one form of step inputs to its end; False (no guidance): mix None.
-        ops, static_block, masks: as ``build_sample_plan``.
+        ops, static_block, masks, own: as ``build_sample_plan``.
     """
     device = torch.device(device)
     rows = int(rows)
@@ -226,10 +232,10 @@ def build_group_plan(blocks, rows: int, device: torch.device | str, *, guided: b
         for g, w in blocks:
             idx = torch.tensor(g)
             dense[idx[:, None], idx[None, :]] = w
-    return _plan(groups, rows, device, dense, ops=ops, static_block=static_block, masks=masks)
+    return _plan(groups, rows, device, dense, ops=ops, static_block=static_block, masks=masks, own=own)
 
 
-def _plan(groups, rows: int, device: torch.device, dense, *, ops, static_block, masks) -> SamplePlan:
+def _plan(groups, rows: int, device: torch.device, dense, *, ops, static_block, masks, own=None) -> SamplePlan:
     """The plan's tensors from the groups [(row ids, weights [n, n] or None for a lone row)]."""
     largest = max(len(g) for g, _ in groups)
     if largest > MAX_GROUP_ROWS:
@@ -269,6 +275,7 @@ def _plan(groups, rows: int, device: torch.device, dense, *, ops, static_block, 
         group_sizes=sizes,
         static_block=block,
         masks=masks,
+        own=own,
         ops=ops,
     )
     return ops.prepare_plan(plan)

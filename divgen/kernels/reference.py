@@ -14,6 +14,10 @@ For rows r with logits l_r [V] and log-probs ℓ_r = log_softmax(l_r), and a mix
     P_m    = { v ∈ A_m : z_m(v) ≥ max_u z_m(u) + log min_p }             min-p, tempered
     x_m    = argmax_{v ∈ K_m} ( z_m(v) + G_m(v) )          Gumbel-max; T_m < 1e-6: argmax z_m
 
+The own-token rule (optional, ``own``: a set O of token ids, e.g. EOS and other control tokens):
+for v ∈ O, s_m(v) = ℓ_m(v), the row's own log-prob, whatever the other rows say (as if every
+contrasting row masked v). The contrast then never decides when a row stops.
+
 The mask rule: a contrasting row's −inf log-prob is a mask set by another mechanism (min_tokens,
 allowed ids, bad words, a grammar, another request's cut), not the model's opinion, so the term
 γ_{m,n} · (ℓ_m(v) − ℓ_n(v)) is dropped for such v: reading ℓ_n(v) as ℓ_m(v) does exactly that. It
@@ -201,11 +205,14 @@ def sampling_temperature(temperature: torch.Tensor) -> tuple[torch.Tensor, torch
     return greedy, torch.where(greedy, torch.ones_like(temperature), temperature)
 
 
-def guided_scores(x: torch.Tensor, mix: torch.Tensor | None, lse: torch.Tensor | None = None) -> torch.Tensor:
+def guided_scores(x: torch.Tensor, mix: torch.Tensor | None, lse: torch.Tensor | None = None,
+                  own: torch.Tensor | None = None) -> torch.Tensor:
     """ŝ [R, V] fp32 of the module docstring from fp32 logits x [R, V] (+inf already clamped):
     the guided scores up to a constant per row, with the mask rule, on values that keep distinct
     logits distinct (raw logits, not log-probs). mix None: x itself. lse: the rows' logsumexp
-    over the whole vocabulary when x holds only some columns (the CPU sampler's gathered ones)."""
+    over the whole vocabulary when x holds only some columns (the CPU sampler's gathered ones).
+    own: optional [V] bool, the columns outside the contrast (the own-token rule of the module
+    docstring: there ŝ_m(v) = ℓ_m(v) + c_m, the row's own log-prob plus the row's constant)."""
     if mix is None:
         return x
     finite = x > float("-inf")                                                # NaN counts as masked
@@ -216,13 +223,18 @@ def guided_scores(x: torch.Tensor, mix: torch.Tensor | None, lse: torch.Tensor |
     mix = mix.float()
     off = mix - torch.diag_embed(torch.diagonal(mix))                         # [R, R] W
     d = lse[None, :] - lse[:, None]                                           # [R, R] D[m, n]
-    return mix @ lf + lf * (off @ masked) + (off * d) @ masked               # [R, V]
+    s = mix @ lf + lf * (off @ masked) + (off * d) @ masked                  # [R, V]
+    if own is not None:
+        # ℓ_m(v) + c_m with c_m = Σ_n mix[m, n] lse_n and Σ_n mix[m, n] = 1: x_m(v) + Σ_n W[m, n] D[m, n]
+        s = torch.where(own[None, :], x + (off * d).sum(dim=-1, keepdim=True), s)
+    return s
 
 
 def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: torch.Tensor, step: torch.Tensor,
                        temperature: torch.Tensor, alpha: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                        *, min_p: torch.Tensor | None = None, any_top_k_top_p: bool = True,
-                       noise: torch.Tensor | None = None, return_logprobs: bool = False):
+                       noise: torch.Tensor | None = None, return_logprobs: bool = False,
+                       own: torch.Tensor | None = None):
     """The capturable step, in torch: no checks, no host sync, no data-dependent Python branch.
 
     Args (all on the logits' device; R fixed):
@@ -231,12 +243,13 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
         row's own untempered distribution); top_k [R] int64; top_p [R] fp32; min_p: [R] fp32
         (the peers' min-p, tempered) or None (off; a host choice fixed per plan);
         any_top_k_top_p: run the top-k/top-p cut (a host flag fixed per plan; with False,
-        top_k/top_p are ignored); noise: optional [R, V] uniforms (tests).
+        top_k/top_p are ignored); noise: optional [R, V] uniforms (tests); own: optional [V]
+        bool, tokens outside the contrast (the own-token rule; None: none).
     Returns: tokens [R] int64 (and log-probs [R] fp32). Compiles with torch.compile(fullgraph=True).
     """
     rows, vocab = logits.shape
     x = logits.float().clamp(max=LOGIT_MAX)                                   # +inf read as LOGIT_MAX
-    s = guided_scores(x, mix)                                                 # [R, V] ŝ
+    s = guided_scores(x, mix, own=own)                                        # [R, V] ŝ
 
     row_max = x.max(dim=-1, keepdim=True).values                              # [R, 1]
     log_alpha = torch.log(alpha)[:, None]                                     # -inf for alpha = 0

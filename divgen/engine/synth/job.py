@@ -202,10 +202,20 @@ def rows_per_call(batch_rows: int, per_call: int | None = None) -> int:
 
 
 def decode_batch(task: Task, lm, b: BatchRows, progress: Callable[[int, int], None], slots: int | None = None,
-                 on_result=None, lag: bool | None = None):
+                 on_result=None, lag: bool | None = None, pool=None):
     """The one call into the decoder: the rows of one call -> (results, stats), decoded in at most
-    ``slots`` rows at a time (default: all at once); ``on_result`` gets each sample as it finishes."""
+    ``slots`` rows at a time (default: all at once); ``on_result`` gets each sample as it finishes.
+    ``pool``: the few-shot pool, for the copy guard (each sample row guards its own examples)."""
+    from divgen.engine.copy_guard import CopyGuard
     from divgen.engine.decode import generate
+    from divgen.engine.synth.prompts import pick_examples
+
+    guard = None
+    if task.copy_guard:
+        names = task.label_names
+        guard = CopyGuard(task.copy_guard, [
+            [] if sl is None or pool is None else pick_examples(task, pool, sl.group, sl.slot, names[sl.label])
+            for sl in b.slots])
 
     s = task.sampling
     if slots is not None:   # a group larger than the slots still decodes whole (as it did alone)
@@ -214,7 +224,7 @@ def decode_batch(task: Task, lm, b: BatchRows, progress: Callable[[int, int], No
         lm, b.prompts, max_new_tokens=task.max_new_tokens, temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p, alpha=s.alpha, min_p=s.min_p, seeds=b.seeds, stop=task.stop,
         ignore_eos=task.ignore_eos, guidance=make_guidance(task, b), progress=progress,
-        max_batch_rows=slots, on_result=on_result, lag=lag,
+        max_batch_rows=slots, on_result=on_result, lag=lag, copy_guard=guard, own_special=task.own_special,
     )
 
 
@@ -275,7 +285,8 @@ def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, f
                         if report.written - written_before_run > bar.n:
                             bar.update(report.written - written_before_run - bar.n)
 
-            results, stats = decode_batch(task, lm, b, on_progress, slots=batch_rows, on_result=on_result, lag=lag)
+            results, stats = decode_batch(task, lm, b, on_progress, slots=batch_rows, on_result=on_result, lag=lag,
+                                          pool=pool)
             report.generate_time_s += stats.wall_time_s
             report.rows_forwarded += stats.rows_forwarded
             report.steps += stats.steps

@@ -49,6 +49,10 @@ A task file (YAML or JSON) says what dataset to generate. Every field, with its 
                                   # label); labels are assigned round-robin; >= 2 for corrsynth and
                                   # m-corrsynth. CFG adds K − 1 shadow rows per sample row.
     seed: 0
+    copy_guard: 0                 # n: never emit an n-token n-gram of the row's own few-shot
+                                  # examples (0 off, else 2 .. 64; engine/copy_guard.py)
+    own_special: false            # EOS and control tokens take the row's own log-prob, outside
+                                  # the contrast (engine/own_special.py)
 
 Unknown fields are errors (they are usually typos); every error names the field and the fix.
 Values are checked once, here, with the limits of ``engine/limits.py`` (the same as the CLI's);
@@ -89,6 +93,7 @@ FLAG_OF = {
     "model": "--model", "few_shot.file": "--few-shot", "rows_per_group": "--rows-per-group", "stop": "--stop",
     "ignore_eos": "--ignore-eos", "sampling.temperature": "--temperature", "sampling.top_p": "--top-p",
     "sampling.top_k": "--top-k", "sampling.min_p": "--min-p", "sampling.alpha": "--alpha", "dtype": "--dtype",
+    "copy_guard": "--copy-guard", "own_special": "--own-special",
 }
 METHOD_FLAGS = {"g": "--g", "gamma": "--gamma", "delta": "--delta", "rows_per_group": "--rows-per-group"}
 
@@ -143,6 +148,8 @@ class Task:
     rows_per_group: int | None = None  # None = one row per label
     seed: int = 0
     dtype: str | None = None           # model dtype (None = auto: bf16 on CUDA, fp32 on CPU)
+    copy_guard: int = 0                # n-gram length of the copy guard in tokens (0 = off)
+    own_special: bool = False          # special tokens outside the contrast
     # sampling fields the task file or a flag set; the others may come from the model's
     # generation_config.json (``with_generation_defaults``). Python-built tasks set all of them.
     sampling_set: frozenset = frozenset(SAMPLING_KEYS)
@@ -194,6 +201,8 @@ class Task:
             "rows_per_group": self.group_rows,
             "seed": self.seed,
             **({"dtype": self.dtype} if self.dtype else {}),   # only when set: older fingerprints stay valid
+            **({"copy_guard": self.copy_guard} if self.copy_guard else {}),        # likewise
+            **({"own_special": True} if self.own_special else {}),
         }
 
     def with_generation_defaults(self) -> "Task":
@@ -228,7 +237,7 @@ class Task:
         if "per_label" in o:
             n = limits.number(o.pop("per_label"), "--per-label", low=1, integer=True)
             task, flagged = replace(task, per_label=tuple(n for _ in task.labels)), flagged | {"per_label"}
-        for key in ("max_new_tokens", "seed", "ignore_eos"):
+        for key in ("max_new_tokens", "seed", "ignore_eos", "copy_guard", "own_special"):
             if key in o:
                 task, flagged = replace(task, **{key: o.pop(key)}), flagged | {key}
         if "stop" in o:
@@ -261,7 +270,7 @@ class Task:
 # ----------------------------------------------------------------------------------------------
 TOP_FIELDS = {"name", "model", "dtype", "chat", "system", "labels", "prompt", "few_shot", "per_label",
               "max_new_tokens", "stop", "ignore_eos", "method", "methods", "sampling",
-              "rows_per_group", "seed"}
+              "rows_per_group", "seed", "copy_guard", "own_special"}
 LABEL_FIELDS = {"name", "verbalization", "source_label", "examples"}
 FEW_SHOT_FIELDS = {"file", "every", "per_prompt", "header", "template", "footer"}
 SAMPLING_FIELDS = {"temperature", "top_p", "top_k", "alpha", "min_p"}
@@ -366,6 +375,8 @@ def task_from_dict(data, path: Path | None = None) -> Task:
         rows_per_group=data.get("rows_per_group"),
         seed=data.get("seed", 0),
         dtype=data.get("dtype"),
+        copy_guard=data.get("copy_guard", 0),
+        own_special=data.get("own_special", False),
     )
     return validate(task, where=w)
 
@@ -390,6 +401,9 @@ def validate(task: Task, where: _Where | None = None, flagged: set = frozenset()
         raise err("system", "must be a string or null")
     if not isinstance(task.ignore_eos, bool):
         raise err("ignore_eos", f"must be true or false, got {task.ignore_eos!r}")
+    if not isinstance(task.own_special, bool):
+        raise err("own_special", f"must be true or false, got {task.own_special!r}")
+    copy_guard = limits.copy_guard(task.copy_guard, name("copy_guard"))
     stop = limits.stop_strings(task.stop, name("stop"))
     dtype = limits.dtype(task.dtype, name("dtype"))
     _check_template(task.prompt, PROMPT_FIELDS, "prompt", w)
@@ -447,7 +461,7 @@ def validate(task: Task, where: _Where | None = None, flagged: set = frozenset()
         raise err("few_shot.file", f"names {fs.file}, which is not a file: give the path of a CSV or JSONL "
                                    "few-shot file (e.g. ../shared/data/ag_news_test.csv)")
     return replace(task, max_new_tokens=max_new, seed=seed, rows_per_group=rows, methods=methods, stop=stop,
-                   sampling=sampling, dtype=dtype)
+                   sampling=sampling, dtype=dtype, copy_guard=copy_guard)
 
 
 def _no_unknown(data: dict, allowed: set, prefix: str, w: _Where) -> None:
