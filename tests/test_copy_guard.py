@@ -95,9 +95,9 @@ def _guidance(method, n):
     if method == "fewgen":
         return None
     if method == "corrsynth":
-        return Guidance.corrsynth([i // 3 for i in range(n)], scale=2.0)
+        return Guidance.corrsynth([i // 3 for i in range(n)], g=2.0)
     return Guidance.cfg([i // 3 for i in range(n)], shadow_of=[None if i % 3 == 0 else i - i % 3 for i in range(n)],
-                        scale=2.0)
+                        g=2.0)
 
 
 def _decode(lm, ps, guidance, guard, *, temperature=1.0, compile=False, slots=4, new=16):

@@ -49,7 +49,7 @@ def test_diverse_checks_and_defaults():
     assert diverse.MAX_SCALE == MAX_WEIGHT
     assert diverse_guidance(8, None) is None and diverse_guidance(8, 1.0) is None
     g = diverse_guidance(4, 2.5)
-    assert g.method == "corrsynth" and g.groups == (0, 0, 0, 0) and g.scale == 2.5
+    assert g.method == "corrsynth" and g.groups == (0, 0, 0, 0) and g.g == 2.5
     for n, value, message in ((1, 2.0, "-n 2 or more"), (4, 0.5, r"\[1, 100\]"), (4, float("nan"), r"\[1, 100\]"),
                               (4, 101.0, r"\[1, 100\]")):
         with pytest.raises(DivgenError, match=message):

@@ -103,7 +103,7 @@ def test_corrsynth_pair_matches_from_scratch_reimplementation(embedded_lm):
     prompts = chat(lm, ["Write a headline about sports.", "Write a headline about business."])
     g, alpha, steps = 2.0, 0.1, 6
     results, stats = generate(lm, prompts, max_new_tokens=steps, temperature=0.0, alpha=alpha,
-                              ignore_eos=True, guidance=Guidance.corrsynth([0, 0], scale=g))
+                              ignore_eos=True, guidance=Guidance.corrsynth([0, 0], g=g))
     expected = _manual_guided_greedy(lm, prompts, gamma=g - 1.0, alpha=alpha, steps=steps)
     assert [r.token_ids for r in results] == expected
     plain, _ = generate(lm, prompts, max_new_tokens=steps, temperature=0.0, alpha=alpha, ignore_eos=True)
@@ -116,7 +116,7 @@ def test_cfg_shadow_rows_share_leader_history_and_are_not_returned(embedded_lm):
     pos, neg = chat(lm, ["Write a headline about sports.", "Write a headline about business."])
     g, steps = 3.0, 5
     results, stats = generate(lm, [pos, neg], max_new_tokens=steps, temperature=0.0, ignore_eos=True,
-                              guidance=Guidance.cfg([0, 0], shadow_of=[None, 0], scale=g))
+                              guidance=Guidance.cfg([0, 0], shadow_of=[None, 0], g=g))
     assert len(results) == 1 and results[0].row == 0
     # Independent: the shadow row appends the leader's tokens, s = g·ℓ_pos − (g−1)·ℓ_neg.
     a, b, toks = lm.encode(pos), lm.encode(neg), []

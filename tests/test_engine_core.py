@@ -46,12 +46,12 @@ def guidance_for(method, n):
     if method == "fewgen":
         return None
     if method == "corrsynth":
-        return Guidance.corrsynth([i // 3 for i in range(n)], scale=2.5)
+        return Guidance.corrsynth([i // 3 for i in range(n)], g=2.5)
     if method == "m-corrsynth":
         return Guidance.m_corrsynth([i // 4 for i in range(n)], labels=[i % 2 for i in range(n)], gamma=1.0, delta=0.5)
     # cfg: leader + 2 shadows per sample
     return Guidance.cfg([i // 3 for i in range(n)], shadow_of=[None if i % 3 == 0 else i - i % 3 for i in range(n)],
-                        scale=3.0)
+                        g=3.0)
 
 
 def texts(results):
@@ -146,7 +146,7 @@ def test_stop_string_found_one_step_late_is_cut_exactly(tiny_lm):
 
 
 def test_gamma_recomputed_over_the_members_left():
-    g = Guidance.corrsynth([0, 0, 0, 1, 1], scale=3.0)
+    g = Guidance.corrsynth([0, 0, 0, 1, 1], g=3.0)
     sched = Scheduler(5, g, slots=6)
     for unit in list(sched.pending):
         sched.admit(unit, first_step=0)

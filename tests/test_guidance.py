@@ -7,7 +7,7 @@ from divgen.engine.guidance import Guidance, mix_from_gammas, mixing_matrix
 
 
 def test_corrsynth_weights_and_recompute_after_a_row_leaves():
-    gd = Guidance.corrsynth([0, 0, 0, 0, 1, 1], scale=2.5)
+    gd = Guidance.corrsynth([0, 0, 0, 0, 1, 1], g=2.5)
     gam = gd.gamma_matrix(list(range(6)))
     w4 = (2.5 - 1) / 3
     for m in range(4):
@@ -34,7 +34,7 @@ def test_m_corrsynth_cross_and_intra_label_weights():
 
 
 def test_cfg_leader_with_several_shadows_and_mix_form():
-    gd = Guidance.cfg([0, 0, 0], shadow_of=[None, 0, 0], scale=3.0)
+    gd = Guidance.cfg([0, 0, 0], shadow_of=[None, 0, 0], g=3.0)
     gam = gd.gamma_matrix([0, 1, 2])
     assert gam[0].tolist() == pytest.approx([0.0, 1.0, 1.0])
     assert gam[1:].abs().sum() == 0  # shadows are not guided (their token is the leader's)
@@ -45,7 +45,7 @@ def test_cfg_leader_with_several_shadows_and_mix_form():
 
 def test_no_guidance_gives_no_mix():
     assert mixing_matrix(None, [0, 1]) is None
-    assert mixing_matrix(Guidance.corrsynth([0, 0], scale=1.0), [0, 1]) is None  # g = 1: no contrast
+    assert mixing_matrix(Guidance.corrsynth([0, 0], g=1.0), [0, 1]) is None  # g = 1: no contrast
 
 
 def test_explicit_matrix_restricted_to_active_rows_of_a_group():
@@ -56,14 +56,14 @@ def test_explicit_matrix_restricted_to_active_rows_of_a_group():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: Guidance.corrsynth([0, 1], scale=2.0), "at least 2 rows"),
-    (lambda: Guidance.corrsynth([0, 0], scale=0.5), "scale"),
-    (lambda: Guidance.corrsynth([0, 0], scale=float("nan")), "scale"),
+    (lambda: Guidance.corrsynth([0, 1], g=2.0), "at least 2 rows"),
+    (lambda: Guidance.corrsynth([0, 0], g=0.5), "scale"),
+    (lambda: Guidance.corrsynth([0, 0], g=float("nan")), "scale"),
     (lambda: Guidance.m_corrsynth([0, 0], ["a", "b"], gamma=-1, delta=0), "gamma"),
     (lambda: Guidance.m_corrsynth([0, 0], ["a", "b"], gamma=1, delta=1e9), "delta"),
     (lambda: Guidance.m_corrsynth([0, 0], ["a"], gamma=1, delta=0), "one label per row"),
-    (lambda: Guidance.cfg([0, 1], shadow_of=[None, 0], scale=2), "leader's group"),
-    (lambda: Guidance.cfg([0, 0], shadow_of=[1, 0], scale=2), "sample row"),
+    (lambda: Guidance.cfg([0, 1], shadow_of=[None, 0], g=2), "leader's group"),
+    (lambda: Guidance.cfg([0, 0], shadow_of=[1, 0], g=2), "sample row"),
     (lambda: Guidance.explicit([0, 0], torch.zeros(3, 3)), r"\[2, 2\]"),
 ])
 def test_bad_guidance_raises_clear_errors(make, message):

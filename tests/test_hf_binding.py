@@ -62,7 +62,7 @@ def test_fewgen_equals_engine_and_rows_finish_independently(embedded_lm):
 def test_corrsynth_equals_engine_with_rows_leaving_the_group(embedded_lm):
     lm = embedded_lm
     prompts = [lm.format_prompt(p) for p in SHORT]
-    guidance = Guidance.corrsynth([0, 0, 0, 0], scale=2.0)
+    guidance = Guidance.corrsynth([0, 0, 0, 0], g=2.0)
     seeds = [11, 12, 13, 14]
     engine, _ = generate(lm, prompts, max_new_tokens=24, temperature=0.9, alpha=0.02, seeds=seeds,
                          guidance=guidance)
@@ -93,7 +93,7 @@ def test_cfg_shadow_rows_take_their_leaders_token_and_leaders_equal_engine(embed
                lm.format_prompt("Write a news headline about science."),
                lm.format_prompt("Write a news headline about business."),
                lm.format_prompt("Write a news headline about politics.")]
-    guidance = Guidance.cfg([0, 1, 0, 1], shadow_of=[None, None, 0, 1], scale=3.0)
+    guidance = Guidance.cfg([0, 1, 0, 1], shadow_of=[None, None, 0, 1], g=3.0)
     engine, _ = generate(lm, prompts, max_new_tokens=16, temperature=0.7, seeds=[3, 4, 5, 6], guidance=guidance)
     assert [r.row for r in engine] == [0, 1]
     proc = DivgenLogitsProcessor(lm.model, guidance=guidance, temperature=0.7, seeds=[3, 4, 5, 6])
@@ -105,7 +105,7 @@ def test_cfg_shadow_rows_take_their_leaders_token_and_leaders_equal_engine(embed
 def test_row_count_change_is_a_clear_error_and_a_new_call_starts_afresh(embedded_lm):
     lm = embedded_lm
     prompts = [lm.format_prompt(f"Write a news headline about {t}.") for t in TOPICS[:2]]
-    proc = DivgenLogitsProcessor(lm.model, guidance=Guidance.corrsynth([0, 0], scale=2.0), seeds=[1, 2])
+    proc = DivgenLogitsProcessor(lm.model, guidance=Guidance.corrsynth([0, 0], g=2.0), seeds=[1, 2])
     first = _hf_generate(lm, prompts, proc, 6)
     assert _hf_generate(lm, prompts, proc, 6) == first          # reused: the step counter restarted
     with pytest.raises(DivgenError, match="guidance describes 2 rows but generate passed 4"):
@@ -126,7 +126,7 @@ def test_scores_are_one_hot_on_the_reference_sample():
     torch.manual_seed(0)
     rows, vocab = 3, 101
     scores = torch.randn(rows, vocab) * 3
-    proc = DivgenLogitsProcessor(GenerationConfig(eos_token_id=7), guidance=Guidance.corrsynth([0, 0, 0], scale=3.0),
+    proc = DivgenLogitsProcessor(GenerationConfig(eos_token_id=7), guidance=Guidance.corrsynth([0, 0, 0], g=3.0),
                                  temperature=0.9, seeds=[1, 2, 3])
     ids = torch.tensor([[5, 6], [5, 6], [5, 6]])
     out = proc(ids, scores)
@@ -152,6 +152,6 @@ def test_readme_snippet_runs_and_gives_the_engines_tokens(embedded_lm, capsys):
     lm = embedded_lm
     prompts = [lm.format_prompt(f"Write a news headline about {t}.") for t in ("sports", "science")]
     engine, _ = generate(lm, prompts, max_new_tokens=32, temperature=0.8, alpha=0.05, seeds=[1, 2],
-                         guidance=Guidance.corrsynth([0, 0], scale=2.0))
+                         guidance=Guidance.corrsynth([0, 0], g=2.0))
     width = scope["batch"]["input_ids"].shape[1]
     assert [_strip(ids, lm) for ids in scope["out"][:, width:].tolist()] == [r.token_ids for r in engine]

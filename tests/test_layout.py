@@ -91,7 +91,7 @@ def test_readme_python_example_runs_from_the_root(embedded_lm):
     lm = embedded_lm
     prompts = [lm.format_prompt(f"Write a news headline about {t}.") for t in ("sports", "business")]
     results, _ = generate(lm, prompts, max_new_tokens=32, temperature=0.8, alpha=0.05, seeds=7,
-                          guidance=Guidance.corrsynth(groups=[0, 0], scale=2.0))
+                          guidance=Guidance.corrsynth(groups=[0, 0], g=2.0))
     expected = "".join(f"{r.text} {r.finish_reason}\n" for r in results)
     assert done.stdout.startswith(expected), (done.stdout, expected)
     forwarded, tok_s = done.stdout[len(expected):].split()

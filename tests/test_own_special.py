@@ -141,7 +141,7 @@ def test_engine_own_special(tiny_lm):
     ids = lambda rs: [(r.row, r.token_ids, r.finish_reason) for r in rs]   # noqa: E731
     plain, _ = generate(tiny_lm, ps, **kw)
     assert ids(generate(tiny_lm, ps, own_special=True, **kw)[0]) == ids(plain)
-    g = Guidance.corrsynth([i // 3 for i in range(9)], scale=30.0)
+    g = Guidance.corrsynth([i // 3 for i in range(9)], g=30.0)
     orig = decode_mod.special_token_mask
     decode_mod.special_token_mask = lambda lm: torch.isin(torch.arange(VOCAB), torch.tensor(sorted(lm.eos_token_ids)))
     try:

@@ -98,7 +98,7 @@ def test_guided_plan_keeps_a_mix_when_no_member_contrasts():
     from divgen.engine.scheduler import Scheduler
     from divgen.kernels.plan import build_group_plan
 
-    sched = Scheduler(4, Guidance.corrsynth([0, 0, 1, 1], scale=2.0), slots=4)
+    sched = Scheduler(4, Guidance.corrsynth([0, 0, 1, 1], g=2.0), slots=4)
     for unit in list(sched.pending):
         sched.admit(unit, first_step=0)
     sched.retire(1)

@@ -67,7 +67,7 @@ def test_corrsynth_group_equals_engine_with_rows_finishing_at_different_steps(ll
     prompts = [lm.format_prompt(p) for p in SHORT]
     seeds = [11, 12, 13, 14]
     engine, _ = generate(lm, prompts, max_new_tokens=24, temperature=0.9, alpha=0.02, seeds=seeds,
-                         guidance=Guidance.corrsynth([0, 0, 0, 0], scale=2.0))
+                         guidance=Guidance.corrsynth([0, 0, 0, 0], g=2.0))
     params = [SamplingParams(temperature=0.9, seed=s, max_tokens=24,                # the papers' α as a tag
                              extra_args=divgen_tag("q", scale=2.0, alpha=0.02)) for s in seeds]
     got = _tokens(lm, llm.generate(_ids(lm, prompts), params, use_tqdm=False))
@@ -79,7 +79,7 @@ def test_n_children_of_one_prompt_form_one_group_like_diverse_generate(llm, embe
     lm = embedded_lm
     prompt = lm.format_prompt("Give me a name for a cat.")
     engine, _ = generate(lm, [prompt] * 4, max_new_tokens=16, temperature=1.0, seeds=5,
-                         guidance=Guidance.corrsynth([0] * 4, scale=3.0))
+                         guidance=Guidance.corrsynth([0] * 4, g=3.0))
     params = SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=16, extra_args=divgen_tag("cat", scale=3.0))
     got = _tokens(lm, llm.generate(_ids(lm, [prompt]), params, use_tqdm=False))
     assert sorted(got) == sorted(r.token_ids for r in engine)   # vLLM may return children in any order

@@ -107,7 +107,7 @@ def test_seeded_group_over_http_repeats_and_equals_the_engine(server, embedded_l
     client, _ = server
     lm = embedded_lm
     engine, _ = generate(lm, prompt_ids, max_new_tokens=SAMPLING["max_tokens"], temperature=SAMPLING["temperature"],
-                         seeds=SEEDS, guidance=Guidance.corrsynth([0, 0, 0, 0], scale=2.0))
+                         seeds=SEEDS, guidance=Guidance.corrsynth([0, 0, 0, 0], g=2.0))
     want = [r.token_ids for r in engine]
     eos = set(lm.eos_token_ids)
     runs = []

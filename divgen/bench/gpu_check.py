@@ -145,7 +145,7 @@ def stage_graph(args) -> dict:
     rows = 12
     prompts = [torch.randint(300, lm.vocab_size, (int(k),), generator=g).tolist()
                for k in torch.randint(2, 24, (rows,), generator=g)]
-    cases = {"fewgen": None, "corrsynth": Guidance.corrsynth([i // 3 for i in range(rows)], scale=2.0)}
+    cases = {"fewgen": None, "corrsynth": Guidance.corrsynth([i // 3 for i in range(rows)], g=2.0)}
     out = {"model": lm.name, "rows": rows, "slots": 6, "cases": {}}
     for name, guidance in cases.items():
         kw = dict(max_new_tokens=24, temperature=1.0, alpha=0.02, seeds=11, guidance=guidance, max_batch_rows=6)

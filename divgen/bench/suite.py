@@ -87,12 +87,12 @@ def guidance_for(method: str, batch: int, cfg: BenchConfig):
         groups = [i // cfg.group_size for i in range(batch)]
         if batch % cfg.group_size == 1:       # a last group of one row joins the one before
             groups[-1] = groups[-2]
-        return batch, Guidance.corrsynth(groups=groups, scale=cfg.scale)
+        return batch, Guidance.corrsynth(groups=groups, g=cfg.scale)
     if method == "cfg":
         k = cfg.group_size
         groups = [i // k for i in range(batch * k)]
         shadow_of = [None if i % k == 0 else i - i % k for i in range(batch * k)]
-        return batch * k, Guidance.cfg(groups=groups, shadow_of=shadow_of, scale=cfg.scale)
+        return batch * k, Guidance.cfg(groups=groups, shadow_of=shadow_of, g=cfg.scale)
     raise ValueError(f"unknown method {method!r}")
 
 

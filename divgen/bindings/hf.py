@@ -2,7 +2,7 @@
 sampler as a ``transformers.LogitsProcessor``.
 
     from divgen.bindings.hf import DivgenLogitsProcessor
-    proc = DivgenLogitsProcessor(model, guidance=Guidance.corrsynth([0, 0, 0, 0], scale=2.0),
+    proc = DivgenLogitsProcessor(model, guidance=Guidance.corrsynth([0, 0, 0, 0], g=2.0),
                                  temperature=0.8, alpha=0.05, seeds=[1, 2, 3, 4])
     out = model.generate(**batch, logits_processor=[proc], do_sample=False, max_new_tokens=64)
 

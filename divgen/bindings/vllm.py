@@ -252,7 +252,7 @@ def group_gammas(tags: list[Tag]) -> torch.Tensor:
     for rule, rows in by_rule.items():
         method = rule[0]
         if method == "corrsynth":
-            full = Guidance.corrsynth([0] * k, scale=tags[rows[0]].scale).gamma_matrix(everyone)
+            full = Guidance.corrsynth([0] * k, g=tags[rows[0]].scale).gamma_matrix(everyone)
         elif method == "m-corrsynth":
             labels = [t.label if t.method == "m-corrsynth" else None for t in tags]
             full = Guidance.m_corrsynth([0] * k, labels, gamma=tags[rows[0]].gamma,

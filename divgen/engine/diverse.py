@@ -35,7 +35,7 @@ def diverse_guidance(n: int, diverse: float | None):
     check_diverse(n, diverse)
     if diverse is None or float(diverse) == 1.0:
         return None
-    return Guidance.corrsynth([0] * n, scale=float(diverse))
+    return Guidance.corrsynth([0] * n, g=float(diverse))
 
 
 def generate_diverse(lm, prompt, n: int, *, diverse: float | None = 2.0, **generate_kwargs):

@@ -37,7 +37,7 @@ class Guidance:
 
     method: str                                 # one of limits.GUIDANCE_RULES
     groups: tuple[int, ...]                     # guidance group id of each row
-    scale: float = 1.0                          # g (corrsynth, cfg)
+    g: float = 1.0                              # the papers' g (corrsynth, cfg)
     gamma: float = 0.0                          # cross-label weight (m-corrsynth)
     delta: float = 0.0                          # intra-label weight (m-corrsynth)
     labels: tuple | None = None                 # label of each row (m-corrsynth)
@@ -46,14 +46,14 @@ class Guidance:
 
     # ---- constructors (validate once, with messages that name the fix) ----
     @classmethod
-    def corrsynth(cls, groups, scale: float) -> "Guidance":
+    def corrsynth(cls, groups, g: float) -> "Guidance":
         groups = tuple(int(g) for g in groups)
-        scale = limits.guidance_scale(scale, "guidance scale g")
+        g = limits.guidance_scale(g, "guidance scale g")
         sizes = {g: groups.count(g) for g in set(groups)}
         small = [g for g, n in sizes.items() if n < 2]
         if small:
             raise DivgenError(f"CorrSynth needs at least 2 rows per group; group {small[0]} has 1 (use fewgen for 1 row)")
-        return cls("corrsynth", groups, scale=scale)
+        return cls("corrsynth", groups, g=g)
 
     @classmethod
     def m_corrsynth(cls, groups, labels, gamma: float, delta: float) -> "Guidance":
@@ -68,12 +68,12 @@ class Guidance:
         return cls("m-corrsynth", groups, gamma=gamma, delta=delta, labels=tuple(labels))
 
     @classmethod
-    def cfg(cls, groups, shadow_of, scale: float) -> "Guidance":
+    def cfg(cls, groups, shadow_of, g: float) -> "Guidance":
         groups = tuple(int(g) for g in groups)
         shadow_of = tuple(None if s is None else int(s) for s in shadow_of)
         if len(shadow_of) != len(groups):
             raise DivgenError("cfg needs shadow_of with one entry per row (None for rows that are samples)")
-        scale = limits.guidance_scale(scale, "guidance scale g")
+        g = limits.guidance_scale(g, "guidance scale g")
         for row, leader in enumerate(shadow_of):
             if leader is None:
                 continue
@@ -81,7 +81,7 @@ class Guidance:
                 raise DivgenError(f"row {row}: shadow_of must point at a sample row, got {leader}")
             if groups[leader] != groups[row]:
                 raise DivgenError(f"row {row}: a shadow row must be in its leader's group")
-        return cls("cfg", groups, scale=scale, shadow_of=shadow_of)
+        return cls("cfg", groups, g=g, shadow_of=shadow_of)
 
     @classmethod
     def explicit(cls, groups, gammas: torch.Tensor) -> "Guidance":
@@ -111,7 +111,7 @@ class Guidance:
         n = len(members)
         gam = torch.zeros(n, n, dtype=torch.float32)
         if self.method == "corrsynth":
-            gam.fill_((self.scale - 1.0) / (n - 1)).fill_diagonal_(0.0)
+            gam.fill_((self.g - 1.0) / (n - 1)).fill_diagonal_(0.0)
         elif self.method == "m-corrsynth":
             for i, m in enumerate(members):
                 same = [j for j, r in enumerate(members) if j != i and self.labels[r] == self.labels[m]]
@@ -124,7 +124,7 @@ class Guidance:
             for i, m in enumerate(members):
                 shadows = [j for j, r in enumerate(members) if self.shadow_of[r] == m]
                 if shadows and not self.is_shadow(m):
-                    gam[i, shadows] = (self.scale - 1.0) / len(shadows)
+                    gam[i, shadows] = (self.g - 1.0) / len(shadows)
         elif self.method == "explicit":
             idx = torch.tensor(members)
             gam = self.gammas[idx[:, None], idx[None, :]].clone().fill_diagonal_(0.0)

@@ -114,7 +114,7 @@ def _restrict(guidance: Guidance, rows: list[int]) -> Guidance:
     shadow = None if guidance.shadow_of is None else tuple(
         None if guidance.shadow_of[r] is None else pos[guidance.shadow_of[r]] for r in rows)
     gammas = None if guidance.gammas is None else guidance.gammas[rows][:, rows]
-    return Guidance(guidance.method, groups, scale=guidance.scale, gamma=guidance.gamma, delta=guidance.delta,
+    return Guidance(guidance.method, groups, g=guidance.g, gamma=guidance.gamma, delta=guidance.delta,
                     labels=labels, shadow_of=shadow, gammas=gammas)
 
 

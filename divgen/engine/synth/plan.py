@@ -137,9 +137,9 @@ def make_guidance(task: Task, b: BatchRows):
     if task.method == "fewgen":
         return None
     if task.method == "corrsynth":
-        return Guidance.corrsynth(groups=b.groups, scale=p["g"])
+        return Guidance.corrsynth(groups=b.groups, g=p["g"])
     if task.method == "m-corrsynth":
         return Guidance.m_corrsynth(groups=b.groups, labels=b.labels, gamma=p["gamma"], delta=p["delta"])
     if task.method == "cfg":
-        return Guidance.cfg(groups=b.groups, shadow_of=b.shadow_of, scale=p["g"])
+        return Guidance.cfg(groups=b.groups, shadow_of=b.shadow_of, g=p["g"])
     raise DivgenError(f"unknown method {task.method!r}")
