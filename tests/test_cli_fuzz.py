@@ -203,7 +203,8 @@ ROWS = [
     ("gen-top-p-0", [*G, "--top-p", "0"], "--top-p must be in (0, 1]"),
     ("gen-top-p-big", [*G, "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     ("gen-top-k-neg", [*G, "--top-k", "-1"], "--top-k must be in [0,"),
-    ("gen-min-p-1", [*G, "--min-p", "1"], "--min-p must be in [0, 1)"),
+    ("gen-min-p-over-1", [*G, "--min-p", "1.01"], "--min-p must be in [0, 1]"),        # 1 keeps the max, as in HF/vLLM
+    ("gen-alpha-1", [*G, "--alpha", "1"], "--alpha must be in [0, 1)"),                # the papers' α: 1 would keep nothing
     ("gen-min-p-nan", [*G, "--min-p", "nan"], "--min-p must be a finite number"),
     ("gen-seed-huge", [*G, "--seed", str(2 ** 63)], "--seed must be in"),
     ("gen-stop-empty", [*G, "--stop", ""], "--stop must be a list of non-empty strings"),
@@ -227,8 +228,8 @@ ROWS = [
     ("synth-per-label-huge", [*S, "--per-label", "1000000000"], "the maximum is 10,000,000"),   # issue 8.3
     ("synth-per-label-0", [*S, "--per-label", "0"], "--per-label must be >= 1"),
     ("synth-temperature-inf", [*S, "--temperature", "inf"], "--temperature must be a finite number"),
-    ("synth-min-p", [*S, "--min-p", "1.5"], "--min-p must be in [0, 1)"),
-    ("synth-alpha-renamed", [*S, "--alpha", "0.1"], "--alpha was renamed: --min-p"),
+    ("synth-min-p", [*S, "--min-p", "1.5"], "--min-p must be in [0, 1]"),
+    ("synth-alpha-1", [*S, "--alpha", "1"], "--alpha must be in [0, 1)"),   # the papers' α beside the peers' --min-p
     ("synth-top-k", [*S, "--top-k", "-3"], "--top-k must be"),
     ("synth-max-new-0", [*S, "--max-new-tokens", "0"], "--max-new-tokens must be in"),
     ("synth-method", [*S, "--method", "beam"], "is not a method"),
@@ -306,7 +307,7 @@ ROWS_22 = [
     ("gen-top-k-huge", [*G, "--top-k", str(2 ** 40)], "--top-k must be in [0,"),
     ("gen-top-k-text", [*G, "--top-k", "1.5"], "invalid int value"),
     ("gen-top-p-nan", [*G, "--top-p", "nan"], "--top-p must be a finite number"),
-    ("gen-min-p-neg", [*G, "--min-p", "-0.1"], "--min-p must be in [0, 1)"),
+    ("gen-min-p-neg", [*G, "--min-p", "-0.1"], "--min-p must be in [0, 1]"),
     ("gen-seed-neg-huge", [*G, "--seed", str(-2 ** 63)], "--seed must be in"),
     ("gen-seed-text", [*G, "--seed", "x"], "invalid int value"),
     ("gen-diverse-low", [*G, "-n", "2", "--diverse", "0.5"], "--diverse G must be in"),
@@ -597,7 +598,7 @@ ROWS_22 = [
     ("bench-model-empty-dir", ["bench", "decode", "--model", "{d}/nomodel"], "no config.json"),
     ("bench-kind", ["bench", "kernels"], "invalid choice"),
     ("bench-corrsynth-batch-1", ["bench", "decode", "--batch-sizes", "1"], "corrsynth contrasts at least 2 rows"),
-    ("bench-min-p-high", ["bench", "decode", "--min-p", "1.5"], "--min-p must be in [0, 1)"),
+    ("bench-min-p-high", ["bench", "decode", "--min-p", "1.5"], "--min-p must be in [0, 1]"),
     ("bench-min-p-nan", ["bench", "decode", "--min-p", "nan"], "--min-p must be a finite number"),
     ("bench-dtype-bogus", ["bench", "decode", "--dtype", "int8"], "--dtype 'int8' is not a dtype"),
     # ---- spa partition (issue 22: --out DIR overwrote DIR/scores.jsonl, its own input) ---------------
@@ -713,6 +714,19 @@ ROWS_22 = [
     ("spa-run-synth-missing", [*RUN, "--synth", "{d}/none.jsonl"], "--synth"),
     ("spa-run-quiet-bad", [*RUN, "--quiet", "--steps", "-1"], "--steps must be in"),
     ("spa-run-task-bomb", ["spa", "run", "{d}/bomb.yaml", "--out", "{d}/run_new"], "expands to more than"),
+    # ---- serve: every check runs before vLLM starts (and without it installed) --------------------
+    ("serve-port-0", ["serve", "--port", "0"], "--port must be in [1, 65535], got 0"),
+    ("serve-port-huge", ["serve", "--dry-run", "--port", "70000"], "--port must be in [1, 65535]"),
+    ("serve-host-empty", ["serve", "--host", ""], "--host '' is not an address"),
+    ("serve-host-space", ["serve", "--host", "0.0.0.0 8000"], "is not an address"),
+    ("serve-vllm-args-unquoted", ["serve", "--vllm-args", "--dtype 'float32"], "is not a valid flag string"),
+    ("serve-vllm-args-port", ["serve", "--vllm-args", "--port 9"], "--port is set by divgen serve"),
+    ("serve-vllm-args-processors", ["serve", "--vllm-args=--logits-processors=x.y:Z"],
+     "--logits-processors is set by divgen serve"),
+    ("serve-vllm-args-scheduler", ["serve", "--vllm-args", "--scheduler-cls x.Y"], "--scheduler-cls is set by"),
+    ("serve-model-missing", ["serve", "{d}/no_model_here"], "does not exist"),
+    ("serve-python-missing", ["serve", "--python", "{d}/no_venv/bin/python"], "is not an executable file"),
+    ("serve-python-not-executable", ["serve", "--python", "{d}/notes.txt"], "is not an executable file"),
 ]
 # Rows answered after torch is imported (whether a CUDA device exists needs torch), still before
 # any model or slow work.

@@ -74,6 +74,27 @@ _GREEDY_EPS = 1e-5       # vLLM treats a temperature below this as greedy
 MAX_GROUP_SIZE = 4096     # rows of one group the scheduler holds for (far above any batch)
 
 
+DEFAULT_GROUP_TIMEOUT_S = 30.0  # DivgenScheduler: seconds a sized group may wait for its rows
+
+
+def group_timeout_s() -> float:
+    """``DIVGEN_GROUP_TIMEOUT_S`` (seconds, default 30), checked: how long ``DivgenScheduler``
+    holds an incomplete group before failing it."""
+    import os
+
+    from divgen.engine import limits
+
+    raw = os.environ.get("DIVGEN_GROUP_TIMEOUT_S", "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_GROUP_TIMEOUT_S
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= limits.MAX_GROUP_TIMEOUT_S:
+        raise DivgenError(f"DIVGEN_GROUP_TIMEOUT_S must be a number of seconds in (0, {limits.MAX_GROUP_TIMEOUT_S:g}], "
+                          f"got {raw!r}: set it so, or unset it (default {DEFAULT_GROUP_TIMEOUT_S:g})")
+    return value
+
+
 # ----------------------------------------------------------------------------------------------
 # Tags
 # ----------------------------------------------------------------------------------------------

@@ -26,30 +26,17 @@ A member preempted under KV-cache pressure rejoins late (vLLM's rule); run with 
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
-from divgen.bindings.vllm import parse_tag
+from divgen.bindings.vllm import group_timeout_s, parse_tag
 from divgen.engine.errors import DivgenError
 
 logger = logging.getLogger("divgen.vllm")
-DEFAULT_TIMEOUT_S = 30.0
 # a member not yet started: waiting, or waiting for its structured-output grammar to compile
 _UNSTARTED = (RequestStatus.WAITING, RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR)
-
-
-def group_timeout_s() -> float:
-    raw = os.environ.get("DIVGEN_GROUP_TIMEOUT_S", "")
-    try:
-        value = float(raw) if raw else DEFAULT_TIMEOUT_S
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise DivgenError(f"DIVGEN_GROUP_TIMEOUT_S must be a number of seconds > 0, got {raw!r}")
-    return value
 
 
 def _group_of(request) -> tuple[str, int] | None:
