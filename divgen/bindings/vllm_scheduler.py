@@ -66,6 +66,20 @@ class DivgenScheduler(Scheduler):
         # FINISHED_ERROR and reported to their clients in this step's update_from_output
         self.grammar_compile_error_reqs.update(ids)
 
+    @staticmethod
+    def _grammar_ready(request) -> bool:
+        """False while a member's structured-output grammar compiles. A held request is out of
+        ``self.waiting``, where vLLM would promote it once its grammar is ready, so the promotion
+        is made here, by vLLM's rule (a failed compilation is left to vLLM, which fails it)."""
+        if request.status != RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR:
+            return True
+        grammar = getattr(getattr(request, "structured_output_request", None), "grammar", None)
+        if grammar is None:
+            return False
+        if not isinstance(grammar, Exception):
+            request.status = RequestStatus.WAITING
+        return True
+
     def _hold(self) -> list:
         """Requests taken out of ``self.waiting`` for this step (put back after it)."""
         now = time.monotonic()
@@ -102,7 +116,7 @@ class DivgenScheduler(Scheduler):
                                          "all members together, or fix divgen_size")
                 else:
                     held += members
-            elif (ready is None and all(r.status == RequestStatus.WAITING for r in members)   # grammars ready
+            elif (ready is None and all(map(self._grammar_ready, members))
                   and len(self.running) + size <= self.max_num_running_reqs and prompt_tokens <= budget):
                 ready = members
             else:
