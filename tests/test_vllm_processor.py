@@ -33,6 +33,8 @@ def chosen(out):
 
 
 def sample(logits, mix, seeds, step, **kw):
+    """step: one int for every row, or a list (each row's own counter)."""
+    step = torch.tensor(step, dtype=torch.int64) if isinstance(step, list) else step
     return reference.guided_sample(logits, mix, seeds=torch.tensor(seeds), step=step, **kw).tolist()
 
 
@@ -219,14 +221,18 @@ def test_penalties_are_applied_to_tagged_rows_before_sampling():
     tag = divgen_tag("p", scale=2.0)
     prompts, outs = [[1, 2, 3], [4, 5]], [[6, 6, 7], [8]]
     pens = [dict(repetition=2.0, frequency=0.5), dict(presence=1.5)]
-    proc = DivgenLogitsProcessor()
-    proc.update_state(Update(2, added=tuple((i, penalised_params(20 + i, tag, **pens[i]), prompts[i], outs[i])
-                                            for i in range(2))))
     logits = torch.randn(2, VOCAB) * 2
-    got = chosen(proc.apply(logits.clone()))
     penalised = torch.stack([vllm_penalties(logits[i], prompts[i], outs[i], **pens[i]) for i in range(2)])
-    assert got == sample(penalised, corrsynth_mix(2, 2.0), [20, 21], [3, 1])
-    assert got != sample(logits, corrsynth_mix(2, 2.0), [20, 21], [3, 1]) or torch.equal(penalised, logits)
+    assert not torch.equal(penalised, logits)
+    changed = 0
+    for seed in range(20, 60, 2):
+        proc = DivgenLogitsProcessor()
+        proc.update_state(Update(2, added=tuple((i, penalised_params(seed + i, tag, **pens[i]), prompts[i], outs[i])
+                                                for i in range(2))))
+        got = chosen(proc.apply(logits.clone()))
+        assert got == sample(penalised, corrsynth_mix(2, 2.0), [seed, seed + 1], [3, 1])
+        changed += got != sample(logits, corrsynth_mix(2, 2.0), [seed, seed + 1], [3, 1])
+    assert changed > 0                       # the penalties reach the draw
 
 
 def test_a_masked_token_in_one_member_does_not_attract_the_others():
