@@ -85,6 +85,21 @@ def test_model_sized_rows_equal_the_reference():
         assert torch.equal(ref, fast)
 
 
+@pytest.mark.parametrize("alpha", [0.0, "mixed"])
+@pytest.mark.parametrize("any_cut", [False, True])
+def test_guided_rows_without_alpha_or_masks_equal_the_reference(alpha, any_cut):
+    """The vLLM binding's usual step: 16 finite rows x 49,152 tokens in CorrSynth groups of 4,
+    no α cut (every token kept: the dense-score path, no mask terms), greedy and sampled rows,
+    top-k on some; and the same with α on half the rows."""
+    for seed in range(3):
+        args = list(_case(seed, 16, 49152, "groups", 4.0))
+        args[0] = torch.randn(16, 49152, generator=torch.Generator().manual_seed(50 + seed)) * 4.0   # finite
+        args[5] = torch.zeros(16) if alpha == 0.0 else torch.tensor([0.0, 0.05] * 8)
+        args[6] = torch.tensor([0, 50, 1, 0] * 4, dtype=torch.int64)
+        ref, fast = _both(args, any_cut=any_cut)
+        assert torch.equal(ref, fast), seed
+
+
 def test_non_finite_rows_follow_the_reference_rules():
     logits = torch.randn(4, 50)
     logits[1] = float("-inf")                   # a slot not in use: token 0
