@@ -28,8 +28,9 @@ mask, the temperature rule, the mask rule for −inf contrasting logits, the noi
 reference's: its constants and building blocks are imported, and ``_cut_scores`` mirrors the
 reference's scores-and-mask lines (``reference.guided_scores`` on the gathered columns); tests/test_cpu_sample.py compares the two token for token under
 injected and counter-based noise, so a change of the reference's rules shows up there.
-Under ``torch.compile`` (data-dependent sizes), with ``return_logprobs`` and with min-p (its
-threshold needs every row's max guided score) the reference runs.
+Under ``torch.compile`` (data-dependent sizes), with ``return_logprobs`` and with min-p on the
+gathered path (its threshold needs every row's max guided score; the dense path has it) the
+reference runs.
 """
 from __future__ import annotations
 
@@ -144,11 +145,17 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
                        min_p: torch.Tensor | None = None, any_top_k_top_p: bool = True,
                        noise: torch.Tensor | None = None, return_logprobs: bool = False):
     """``reference.guided_sample_step``'s signature and tokens (module docstring)."""
-    if (return_logprobs or min_p is not None or torch.compiler.is_compiling() or logits.device.type != "cpu"
-            or (any_top_k_top_p and bool((top_p < 1).any()))):
+    def run_reference():
         return reference.guided_sample_step(
             logits, mix, seeds, step, temperature, alpha, top_k, top_p, min_p=min_p,
             any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs)
+
+    if (return_logprobs or torch.compiler.is_compiling() or logits.device.type != "cpu"
+            or (any_top_k_top_p and bool((top_p < 1).any()))):
+        return run_reference()
+    dense = mix is not None and bool((alpha <= 0).any())      # guided rows keeping every token
+    if min_p is not None and not dense:
+        return run_reference()
     n_rows, vocab = logits.shape
     x = logits.float()
     row_max = x.amax(dim=-1)
@@ -159,15 +166,19 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
     greedy, t_div = sampling_temperature(temperature)
     # Candidates: the α-kept tokens; for unguided rows also only logits within the noise's reach
     # of the best (z = (l − c) / T, so a winner has l ≥ max l − T·gap; a margin covers rounding).
-    if mix is not None and bool((alpha <= 0).any()):
+    if dense:
         # Guided rows without an α cut keep the whole vocabulary: gathering it costs more than the
         # reference's dense pass. The scores are computed densely instead (the reference's ops on
         # the same operands: the same bits), and only tokens within the noise's reach of each
-        # row's best score are kept (a winner has z ≥ max z − gap; top-k keeps the max).
+        # row's best score are kept (a winner has z ≥ max z − gap; top-k keeps the max). Min-p is
+        # the reference's test on the same z and max: a second lower bound.
         zf = _dense_scores(x, mix, row_limit, t_div)                          # [R, V]
         best = zf.amax(dim=-1)
         reach = best - (_noise_gap(noise, best) + 2 * _MARGIN) - best.abs() * 1e-6
-        rows, cols = _candidates(zf, torch.where(torch.isfinite(reach), reach, float("-inf")))
+        reach = torch.where(torch.isfinite(reach), reach, float("-inf"))
+        if min_p is not None:
+            reach = torch.maximum(reach, best + torch.log(min_p.float()))   # the reference's threshold
+        rows, cols = _candidates(zf, reach)
         z = zf[rows, cols]
     else:
         limit = row_limit
