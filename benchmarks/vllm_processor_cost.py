@@ -14,8 +14,10 @@ SmolLM2-135M-Instruct (vocabulary 49,152), fp32, on the CPU.
 2. ``step``: the 135M model's decode step in vLLM (``LLM``, engine core in this process, its
    default CPU configuration, the processor loaded): the same 16 prompts, 64 tokens each with EOS
    ignored, untagged and tagged in turn for --repeats rounds; ms a step = wall time / tokens a
-   row (the prompt's prefill included, once). The processor's share of a step is part 1's
-   median over the untagged step, and, end to end, (tagged − untagged) / untagged.
+   row (the prompt's prefill included, once). The processor's share of a step: ``apply`` timed
+   inside vLLM during the tagged rounds (median over its calls) over the tagged step; end to
+   end, (tagged − untagged) / untagged; and part 1's median over the untagged step (measured
+   minutes apart: on a shared machine the least reliable of the three).
 
 Writes ``benchmarks/results/vllm_processor_cost-cpu-<arch>-<N>cores.json`` (``--output-json`` overrides).
 """
@@ -134,14 +136,32 @@ def time_vllm_steps(lm, args) -> dict:
         assert all(len(o.outputs[0].token_ids) == n for o in outs)
         return dt * 1e3 / n
 
-    run(False), run(True)                  # warm-up
-    rounds = {"untagged": [], "tagged": []}
-    for _ in range(args.repeats):
-        for name in rounds:
-            rounds[name].append(run(name == "tagged"))
+    # apply() timed inside vLLM (the engine core runs in this process): every call of a round
+    apply_ms: list[float] = []
+    inner = DivgenLogitsProcessor.apply
+
+    def timed_apply(self, logits):
+        t0 = time.perf_counter()
+        out = inner(self, logits)
+        if self.requests:
+            apply_ms.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    DivgenLogitsProcessor.apply = timed_apply
+    try:
+        run(False), run(True)              # warm-up
+        apply_ms.clear()
+        rounds = {"untagged": [], "tagged": []}
+        for _ in range(args.repeats):
+            for name in rounds:
+                rounds[name].append(run(name == "tagged"))
+    finally:
+        DivgenLogitsProcessor.apply = inner
     med = {k: statistics.median(v) for k, v in rounds.items()}
     return {"untagged_step_ms": med["untagged"], "tagged_step_ms": med["tagged"], "rounds_ms": rounds,
-            "tagged_overhead": med["tagged"] / med["untagged"] - 1, "new_tokens": n, "repeats": args.repeats}
+            "tagged_overhead": med["tagged"] / med["untagged"] - 1, "new_tokens": n, "repeats": args.repeats,
+            "apply_in_vllm_median_ms": statistics.median(apply_ms), "apply_in_vllm_calls": len(apply_ms),
+            "apply_in_vllm_share_of_tagged_step": statistics.median(apply_ms) / med["tagged"]}
 
 
 def main(argv=None) -> int:
@@ -164,7 +184,8 @@ def main(argv=None) -> int:
     if not args.no_vllm:
         record["vllm_step"] = s = time_vllm_steps(lm, args)
         print(f"vLLM decode step, batch 16: untagged {s['untagged_step_ms']:.1f} ms, tagged {s['tagged_step_ms']:.1f} ms "
-              f"({100 * s['tagged_overhead']:+.1f} %)", flush=True)
+              f"({100 * s['tagged_overhead']:+.1f} %); apply() inside vLLM {s['apply_in_vllm_median_ms']:.2f} ms "
+              f"= {100 * s['apply_in_vllm_share_of_tagged_step']:.1f} % of the tagged step", flush=True)
         for name, r in record["apply"].items():
             r["share_of_untagged_step"] = r["median_ms"] / s["untagged_step_ms"]
             print(f"apply {name:>15} = {100 * r['share_of_untagged_step']:.1f} % of the untagged step", flush=True)

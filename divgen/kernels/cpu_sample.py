@@ -176,6 +176,7 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
         best = zf.amax(dim=-1)
         reach = best - (_noise_gap(noise, best) + 2 * _MARGIN) - best.abs() * 1e-6
         reach = torch.where(torch.isfinite(reach), reach, float("-inf"))
+        reach = torch.where(greedy, best, reach)                              # greedy: the ties at the max
         if min_p is not None:
             reach = torch.maximum(reach, best + torch.log(min_p.float()))   # the reference's threshold
         rows, cols = _candidates(zf, reach)
