@@ -38,8 +38,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")     # the engine co
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")             # GiB
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# the script's folder is on sys.path when it runs as a script: vs_vllm is its neighbour
 from vs_vllm import PROMPTS, git_sha, machine, versions  # noqa: E402
 
 ROWS, GROUP, SCALE = 16, 4, 2.0
