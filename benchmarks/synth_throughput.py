@@ -41,9 +41,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
+from divgen.engine import limits
 from divgen.bench.common import default_results_path, device_name, result_record, write_json
 
-METHODS = ("fewgen", "corrsynth", "cfg")
+METHODS = limits.BENCH_METHODS
 TARGETS = {"corrsynth/fewgen": 0.85, "corrsynth/cfg": 3.0}
 
 
@@ -169,7 +170,6 @@ def batching(args) -> int:
         return results, stats
 
     job.decode_batch = recording
-    from divgen.engine import decode
 
     # rows per decoder call (fixed: one batch) and whether the host reads each step one step late
     known = {"fixed": (1, None), "continuous": (job.ROWS_PER_CALL, None), "continuous-lag": (job.ROWS_PER_CALL, True)}
@@ -186,11 +186,10 @@ def batching(args) -> int:
                                            few_shot_file=args.few_shot, model=args.model,
                                            g=args.g if m != "fewgen" else None)
                 for v, (per_call, lag) in variants.items():
-                    job.ROWS_PER_CALL, decode.READ_LAG = per_call, lag
                     calls.clear()
                     out = Path(tmp) / f"{m}-{v}-{rep}.jsonl"
                     report = run_synth(task, out, lm=lm, batch_rows=args.batch_rows, progress=False,
-                                       log=lambda msg: None)
+                                       log=lambda msg: None, per_call=per_call, lag=lag)
                     assert report.written == examples, (m, v, report.written)
                     useful, slots = sum(c[0] for c in calls), sum(c[1] for c in calls)
                     computed = sum(c[2] for c in calls)
@@ -202,7 +201,6 @@ def batching(args) -> int:
                           f"{examples / report.wall_time_s:6.2f} ex/s  occupancy {100 * useful / slots:5.1f} % "
                           f"(while groups wait {_pct(steady)}; drain {100 * (1 - w_slots / slots):4.1f} % "
                           f"of steps; {len(calls)} calls)", file=sys.stderr)
-    job.ROWS_PER_CALL, decode.READ_LAG = known["continuous"]
     job.decode_batch = real_decode
     rows = []
     print(f"\n{'method':10s} {'batching':10s} {'examples/s':>10s} {'occupancy':>9s} {'while waiting':>13s} "

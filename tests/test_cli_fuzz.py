@@ -141,6 +141,8 @@ def build_inputs_22(d: Path) -> None:
     # task files: an alias bomb, deep nesting (issue 22)
     bomb = "prompt: [&a [x,x,x,x,x,x,x,x,x,x], " + ", ".join(
         f"&{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 10) + "]" for i in range(8)) + "]\n"
+    (d / "many_labels.yaml").write_text("labels: [" + ", ".join(f"l{i}" for i in range(257)) + "]\n"
+                                        "prompt: 'Write a {label} text.'\nmethod: cfg\n")
     (d / "bomb.yaml").write_text("labels: [{name: a}, {name: b}]\n" + bomb)
     (d / "deep.yaml").write_text("prompt: " + "[" * 100_000 + "]" * 100_000 + "\n")
     (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -203,8 +205,8 @@ ROWS = [
     ("gen-top-p-0", [*G, "--top-p", "0"], "--top-p must be in (0, 1]"),
     ("gen-top-p-big", [*G, "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     ("gen-top-k-neg", [*G, "--top-k", "-1"], "--top-k must be in [0,"),
-    ("gen-min-p-over-1", [*G, "--min-p", "1.01"], "--min-p must be in [0, 1]"),        # 1 keeps the max, as in HF/vLLM
-    ("gen-alpha-1", [*G, "--alpha", "1"], "--alpha must be in [0, 1)"),                # the papers' α: 1 would keep nothing
+    ("gen-min-p-over-1", [*G, "--min-p", "1.01"], "--min-p must be in [0, 1]"),
+    ("gen-alpha-1", [*G, "--alpha", "1"], "--alpha must be in [0, 1)"),
     ("gen-min-p-nan", [*G, "--min-p", "nan"], "--min-p must be a finite number"),
     ("gen-seed-huge", [*G, "--seed", str(2 ** 63)], "--seed must be in"),
     ("gen-stop-empty", [*G, "--stop", ""], "--stop must be a list of non-empty strings"),
@@ -229,7 +231,8 @@ ROWS = [
     ("synth-per-label-0", [*S, "--per-label", "0"], "--per-label must be >= 1"),
     ("synth-temperature-inf", [*S, "--temperature", "inf"], "--temperature must be a finite number"),
     ("synth-min-p", [*S, "--min-p", "1.5"], "--min-p must be in [0, 1]"),
-    ("synth-alpha-1", [*S, "--alpha", "1"], "--alpha must be in [0, 1)"),   # the papers' α beside the peers' --min-p
+    ("synth-alpha-1", [*S, "--alpha", "1"], "--alpha must be in [0, 1)"),
+    ("synth-alpha-nan", [*S, "--alpha", "nan"], "--alpha must be a finite number"),
     ("synth-top-k", [*S, "--top-k", "-3"], "--top-k must be"),
     ("synth-max-new-0", [*S, "--max-new-tokens", "0"], "--max-new-tokens must be in"),
     ("synth-method", [*S, "--method", "beam"], "is not a method"),
@@ -342,7 +345,12 @@ ROWS_22 = [
     ("synth-max-tokens-alias", [*S, "--max-tokens", "0"], "--max-new-tokens must be in"),
     ("synth-dtype", [*S, "--dtype", "int8"], "is not a dtype"),
     ("synth-device-mps", [*S, "--device", "mps"], "--device mps is not supported"),
-    ("synth-rows-per-group-huge", [*S, "--rows-per-group", "100000"], "--rows-per-group must be in [1, 1024]"),
+    ("synth-rows-per-group-huge", [*S, "--rows-per-group", "100000"], "--rows-per-group must be in [1, 256]"),
+    # a group the kernels cannot take is refused at the edge (it used to pass the task check and fail in
+    # the kernel plan with a traceback)
+    ("synth-rows-per-group-257", [*S, "--rows-per-group", "257"], "--rows-per-group must be in [1, 256]"),
+    ("synth-cfg-labels-over-kernels", ["synth", "{d}/many_labels.yaml", "--out", "{d}/new.jsonl", "--method", "cfg"],
+     "257 labels make groups of 257 rows"),
     ("synth-batch-rows-huge", [*S, "--batch-rows", "10000000"], "--batch-rows must be in"),
     ("synth-per-label-text", [*S, "--per-label", "many"], "invalid int value"),
     ("synth-ignore-eos-bad-temp", [*S, "--ignore-eos", "--temperature", "nan"], "--temperature must be a finite"),
@@ -727,6 +735,8 @@ ROWS_22 = [
     ("serve-model-missing", ["serve", "{d}/no_model_here"], "does not exist"),
     ("serve-python-missing", ["serve", "--python", "{d}/no_venv/bin/python"], "is not an executable file"),
     ("serve-python-not-executable", ["serve", "--python", "{d}/notes.txt"], "is not an executable file"),
+    ("serve-model-not-a-model", ["serve", "{d}/nomodel", "--dry-run", "--python", sys.executable],
+     "is not a model directory"),
 ]
 # Rows answered after torch is imported (whether a CUDA device exists needs torch), still before
 # any model or slow work.

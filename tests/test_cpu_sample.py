@@ -42,22 +42,44 @@ def _case(seed, rows, vocab, mix_kind, scale=3.0):
     return logits, _mix(rows, gen, mix_kind), seeds, step, temperature, min_p, top_k, torch.ones(rows)
 
 
-def _both(args, *, any_cut, noise=None):
-    logits, mix, seeds, step, temperature, min_p, top_k, top_p = args
-    kw = dict(any_top_k_top_p=any_cut, noise=noise)
-    ref = reference.guided_sample_step(logits, mix, seeds, step, temperature, min_p, top_k, top_p, **kw)
-    fast = cpu_sample.guided_sample_step(logits, mix, seeds, step, temperature, min_p, top_k, top_p, **kw)
+def _peers_min_p(rows, seed):
+    """The peers' min-p per row (after temperature), 0 (off) on some rows, 1 (only the max) on one."""
+    return torch.tensor([[0.0, 0.1, 0.5, 1.0, 0.02][(i * 3 + seed) % 5] for i in range(rows)])
+
+
+def _both(args, *, any_cut, noise=None, min_p=None):
+    logits, mix, seeds, step, temperature, alpha, top_k, top_p = args
+    kw = dict(any_top_k_top_p=any_cut, noise=noise, min_p=min_p)
+    ref = reference.guided_sample_step(logits, mix, seeds, step, temperature, alpha, top_k, top_p, **kw)
+    fast = cpu_sample.guided_sample_step(logits, mix, seeds, step, temperature, alpha, top_k, top_p, **kw)
     return ref, fast
 
 
 @pytest.mark.parametrize("mix_kind", [None, "groups", "one"])
 @pytest.mark.parametrize("any_cut", [False, True])
-def test_tokens_equal_the_reference_with_counter_noise(mix_kind, any_cut):
+@pytest.mark.parametrize("peers_min_p", [False, True])
+def test_tokens_equal_the_reference_with_counter_noise(mix_kind, any_cut, peers_min_p):
     for seed in range(12):
         for rows, vocab, scale in ((1, 97, 3.0), (6, 1000, 3.0), (16, 4099, 8.0), (5, 300, 0.05)):
             args = _case(seed, rows, vocab, mix_kind, scale)
-            ref, fast = _both(args, any_cut=any_cut)
+            ref, fast = _both(args, any_cut=any_cut, min_p=_peers_min_p(rows, seed) if peers_min_p else None)
             assert torch.equal(ref, fast), (seed, rows, vocab, scale)
+
+
+def test_peers_min_p_cuts_what_the_reference_cuts():
+    """The min-p cut is live in these cases (not a no-op that both sides skip): with min-p 1 on a
+    hot plain row only the max survives, so every draw is the argmax, in both samplers."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 500, generator=gen)
+    args = (logits, None, torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.full((4,), 5.0),
+            torch.zeros(4), torch.zeros(4, dtype=torch.int64), torch.ones(4))
+    without = torch.stack([_both(args[:3] + (torch.full((4,), s),) + args[4:], any_cut=False)[1]
+                           for s in range(20)])
+    assert (without != logits.argmax(-1)).any()          # T = 5 wanders off the argmax
+    for s in range(20):
+        a = args[:3] + (torch.full((4,), s),) + args[4:]
+        ref, fast = _both(a, any_cut=False, min_p=torch.ones(4))
+        assert torch.equal(ref, fast) and torch.equal(fast, logits.argmax(-1))
 
 
 @pytest.mark.parametrize("mix_kind", [None, "groups"])

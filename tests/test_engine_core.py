@@ -9,6 +9,7 @@ import torch
 
 from torch._dynamo.utils import counters
 
+from divgen.engine import limits
 from divgen.engine.decode import Engine, _StopChecker, generate
 from divgen.engine.errors import DivgenError
 from divgen.engine.guidance import Guidance, mix_from_gammas
@@ -57,7 +58,7 @@ def texts(results):
     return [(r.row, r.token_ids, r.finish_reason) for r in results]
 
 
-METHODS = ["fewgen", "corrsynth", "m-corrsynth", "cfg"]
+METHODS = list(limits.METHODS)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -149,14 +150,14 @@ def test_gamma_recomputed_over_the_members_left():
     sched = Scheduler(5, g, slots=6)
     for unit in list(sched.pending):
         sched.admit(unit, first_step=0)
-    full = sched.mix(6)
-    assert torch.allclose(full[:3, :3], mix_from_gammas(g.gamma_matrix([0, 1, 2])))
-    assert full[5, 5] == 1 and full[5].abs().sum() == 1           # free slot: independent
+    (slots_a, wa), (slots_b, wb) = sched.weight_blocks(6)     # slot 5 is free: in no block
+    assert slots_a == [0, 1, 2] and slots_b == [3, 4]
+    assert torch.allclose(wa, mix_from_gammas(torch.full((3, 3), 1.0).fill_diagonal_(0)))   # γ = (3-1)/2
+    assert torch.allclose(wb, torch.tensor([[3.0, -2.0], [-2.0, 3.0]]))
     sched.retire(1)
-    after = sched.mix(6)
-    idx = torch.tensor([0, 2])
-    assert torch.allclose(after[idx][:, idx], torch.tensor([[3.0, -2.0], [-2.0, 3.0]]))  # γ = (g-1)/1
-    assert after[1].abs().sum() == 1
+    (slots_a, wa), _ = sched.weight_blocks(6)
+    assert slots_a == [0, 2]
+    assert torch.allclose(wa, torch.tensor([[3.0, -2.0], [-2.0, 3.0]]))  # γ = (g-1)/1 over the two left
 
 
 def test_request_that_cannot_fit_names_the_knob(tiny_lm):

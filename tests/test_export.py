@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from divgen.engine import limits
 from divgen.bindings.cli import main
 from divgen.engine.export import split_of
 from divgen.engine.synth import load_task, run_synth
@@ -17,7 +18,7 @@ from divgen.engine.synth.output import legacy_sidecar_path, sidecar_path
 from divgen.engine.synth.schema import NEUTRAL_PARAMS, PARAM_KEYS, record_params
 
 datasets = pytest.importorskip("datasets")
-METHODS = ("fewgen", "corrsynth", "m-corrsynth", "cfg")
+METHODS = limits.METHODS
 RECORD_KEYS = ["text", "label", "method", "params", "seed", "group", "slot", "finish_reason", "tokens", "task",
                "model", "divgen_version", "examples"]
 

@@ -223,6 +223,56 @@ def test_kill_9_during_filter_leaves_the_old_or_the_new_output(tmp_path):
     assert temporaries(tmp_path) == []
 
 
+@pytest.mark.slow
+def test_kill_9_during_spa_partition_leaves_the_old_or_the_new_partitions(tmp_path):
+    """``spa partition`` replaces its two files one after the other, each atomically; partitions.json
+    (what ``spa adapt`` reads) is written last and names the scores file it was written with, so a
+    kill leaves an old or new record whole, and a scores file from another run is recognisable."""
+    import hashlib
+
+    def pairs(path: Path, n: int, tag: str) -> Path:
+        path.write_text("".join(json.dumps({"prompt": f"{tag} question {i} about {AG[i % 4]}",
+                                            "response": f"{tag} answer {i} on {AG[(i * 7) % 4]} matters"}) + "\n"
+                                for i in range(n)))
+        return path
+
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"prompt": f"what about {t}?"}) + "\n" for t in AG))
+    a, b = pairs(tmp_path / "a.jsonl", 3000, "a"), pairs(tmp_path / "b.jsonl", 3000, "b")
+    out, ref = tmp_path / "parts", tmp_path / "ref"
+
+    def partition(data: Path, dest: Path) -> list[str]:
+        return _cli("spa", "partition", "--data", str(data), "--queries", str(queries), "--method", "lexical",
+                    "--out", str(dest))
+
+    assert subprocess.run(partition(a, out), timeout=300).returncode == 0
+    old = snapshot(out)
+    t0 = time.perf_counter()
+    assert subprocess.run(partition(b, ref), timeout=300).returncode == 0
+    full = time.perf_counter() - t0
+    new = snapshot(ref)
+    assert old["partitions.json"] != new["partitions.json"]
+
+    def record_names_its_scores(snap) -> bool:
+        named = json.loads(snap["partitions.json"])["scores_sha256"]
+        return hashlib.sha256(snap["scores.jsonl"]).hexdigest() == named
+
+    rng = random.Random(11)
+    for _ in range(3):
+        _kill_at_random(partition(b, out), full, rng)
+        now = snapshot(out)
+        assert now["partitions.json"] in (old["partitions.json"], new["partitions.json"])
+        assert now["scores.jsonl"] in (old["scores.jsonl"], new["scores.jsonl"])
+        # a kill between the two renames: new scores beside the old record, which says so
+        assert record_names_its_scores(now) or now["partitions.json"] == old["partitions.json"]
+        if now != old and now != new:
+            assert not record_names_its_scores(now)
+        assert subprocess.run(partition(a, out), timeout=300).returncode == 0    # back to the old output
+        assert snapshot(out) == old
+    assert subprocess.run(partition(b, out), timeout=300).returncode == 0
+    assert snapshot(out) == new and temporaries(out) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # outputs: own earlier outputs are replaced, nothing else; the working folder never
 # ---------------------------------------------------------------------------------------------

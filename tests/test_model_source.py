@@ -48,7 +48,7 @@ def test_generation_config_defaults_and_generate_resolution_order(tmp_path):
         {"temperature": 0.6, "top_p": 0.9, "top_k": 50, "do_sample": True, "eos_token_id": 2}))
     assert generation_defaults(d) == {"temperature": 0.6, "top_p": 0.9, "top_k": 50}
     assert generation_defaults(tmp_path / "none") == {}
-    args = Namespace(temperature=None, top_p=0.5, top_k=None, min_p=None, max_new_tokens=None, seed=None)
+    args = Namespace(temperature=None, top_p=0.5, top_k=None, min_p=None, alpha=None, max_new_tokens=None, seed=None)
     got = resolve_sampling(args, d)                           # flag > generation_config > DEFAULTS
     assert got == {**DEFAULTS, "temperature": 0.6, "top_p": 0.5, "top_k": 50}
     (d / "generation_config.json").write_text(json.dumps({"temperature": -3}))

@@ -92,19 +92,40 @@ def test_static_plan_rejects_what_does_not_fit():
         kernels.build_sample_plan(block_mix([[0, 1]]), "cpu", rows=ROWS).copy_from(a)
 
 
-def test_scheduler_mix_stays_a_mix_when_no_member_contrasts():
-    """A guided run keeps a mix (identity rows) even when every group is down to one member, so
-    the step's inputs (and the log-prob floor) keep one form for the whole run."""
+def test_guided_plan_keeps_a_mix_when_no_member_contrasts():
+    """A guided run keeps a dense mix (identity rows) even when every group is down to one member,
+    so the torch step's inputs keep one form for the whole run; unguided runs stay mix-free."""
     from divgen.engine.scheduler import Scheduler
+    from divgen.kernels.plan import build_group_plan
 
     sched = Scheduler(4, Guidance.corrsynth([0, 0, 1, 1], scale=2.0), slots=4)
     for unit in list(sched.pending):
         sched.admit(unit, first_step=0)
     sched.retire(1)
     sched.retire(3)
-    mix = sched.mix(4)
-    assert mix is not None and torch.equal(mix, torch.eye(4))
-    assert Scheduler(4, None, slots=4).mix(4) is None           # unguided runs stay mix-free
+    assert sched.weight_blocks(4) == []
+    plan = build_group_plan(sched.weight_blocks(4), 4, "cpu", guided=True)
+    assert plan.mix is not None and torch.equal(plan.mix, torch.eye(4))
+    assert build_group_plan([], 4, "cpu", guided=False).mix is None
+
+
+@pytest.mark.parametrize("groups", [[[0, 1, 2, 3], [4, 5]], [[1, 3, 5], [0, 2]], [[7], [2, 9, 4, 11]], []])
+def test_group_plan_equals_the_plan_of_the_dense_mix(groups):
+    """The engine's path (blocks straight from the scheduler) and the direct callers' path (a dense
+    mix searched for its groups) give the same plan, tensor for tensor."""
+    from divgen.kernels.plan import build_group_plan
+
+    mix = block_mix(groups)
+    blocks = []
+    for g in sorted((sorted(g) for g in groups if len(g) > 1), key=lambda g: g[0]):
+        idx = torch.tensor(g)
+        blocks.append((g, mix[idx[:, None], idx[None, :]]))
+    for static in (None, 16):
+        a = build_group_plan(blocks, ROWS, "cpu", guided=True, static_block=static)
+        b = kernels.build_sample_plan(mix, "cpu", rows=ROWS, static_block=static)
+        assert a.group_sizes == b.group_sizes
+        ta, tb = a.tensors(), b.tensors()
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_static_plan_splits_the_vocabulary_as_for_its_full_groups():

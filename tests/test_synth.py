@@ -221,7 +221,8 @@ def _task_file(tmp_path: Path, **fields) -> Path:
 @pytest.mark.parametrize("args,needle", [
     (["--method", "beam"], "--method"),
     (["--g", "0.5"], "--g"),
-    (["--min-p", "1"], "--min-p"),
+    (["--min-p", "1.5"], "--min-p"),
+    (["--alpha", "1"], "--alpha"),
     (["--method", "m-corrsynth", "--gamma", "-1"], "--gamma"),
     (["--method", "m-corrsynth", "--delta", "-1"], "--delta"),
     (["--rows-per-group", "1"], "--rows-per-group"),

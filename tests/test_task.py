@@ -104,7 +104,7 @@ def test_cfg_needs_two_labels_and_corrsynth_two_rows():
 @pytest.mark.parametrize("overrides,needle", [
     ({"method": "beam"}, "--method"),
     ({"g": 0.9}, "--g"),
-    ({"min_p": 1.0}, "--min-p"), ({"alpha": 1.0}, "--min-p"),
+    ({"min_p": 1.5}, "--min-p"), ({"alpha": 1.0}, "--alpha"),
     ({"per_label": 0}, "--per-label"),
     ({"rows_per_group": 1}, "--rows-per-group"),
     ({"method": "m-corrsynth", "delta": -2.0}, "--delta"),
@@ -202,14 +202,18 @@ def test_fingerprint_tracks_what_changes_the_texts():
     assert fingerprint(base, {"pos": ["x"], "neg": ["y"]}) != fp
 
 
-def test_min_p_field_and_its_alpha_alias():
-    assert task_from_dict(make(sampling={"min_p": 0.05})).sampling.min_p == 0.05
-    alias = task_from_dict(make(sampling={"alpha": 0.05}))
-    assert alias.sampling.min_p == alias.sampling.alpha == 0.05
-    assert alias.content() == task_from_dict(make(sampling={"min_p": 0.05})).content()   # same fingerprint input
-    with pytest.raises(DivgenError, match="alias"):
-        task_from_dict(make(sampling={"alpha": 0.05, "min_p": 0.05}))
-    assert task_from_dict(make()).with_overrides(alpha=0.2).sampling.min_p == 0.2
+def test_alpha_and_min_p_are_two_fields():
+    """The papers' α and the peers' min-p are separate knobs (DESIGN.md, "Cutoffs"): each field
+    sets its own, both may be set, and they are different fingerprint inputs."""
+    by_min_p = task_from_dict(make(sampling={"min_p": 0.05}))
+    by_alpha = task_from_dict(make(sampling={"alpha": 0.05}))
+    assert (by_min_p.sampling.min_p, by_min_p.sampling.alpha) == (0.05, 0.0)
+    assert (by_alpha.sampling.alpha, by_alpha.sampling.min_p) == (0.05, 0.0)
+    assert by_alpha.content() != by_min_p.content()
+    both = task_from_dict(make(sampling={"alpha": 0.05, "min_p": 1.0}))       # min-p 1: only the max
+    assert (both.sampling.alpha, both.sampling.min_p) == (0.05, 1.0)
+    assert task_from_dict(make()).with_overrides(alpha=0.2).sampling.alpha == 0.2
+    assert task_from_dict(make()).with_overrides(min_p=0.2).sampling.min_p == 0.2
 
 
 def test_every_methods_parameters_are_checked_and_named_by_field(tmp_path):
@@ -248,13 +252,12 @@ def test_bom_csv_reads_its_label_column(tmp_path):
     assert few_shot_pool(task) == {"pos": ["good one"], "neg": ["bad one"]}
 
 
-def test_sampling_constructor_takes_min_p_or_its_alias():
+def test_sampling_constructor_keeps_alpha_and_min_p_apart():
     from divgen.engine.synth.task import Sampling
 
-    assert Sampling(alpha=0.1) == Sampling(min_p=0.1) and Sampling(alpha=0.1).alpha == 0.1
-    assert Sampling().min_p == 0.0
-    with pytest.raises(DivgenError, match="alias"):
-        Sampling(min_p=0.1, alpha=0.2)
+    assert Sampling(alpha=0.1).alpha == 0.1 and Sampling(alpha=0.1).min_p == 0.0
+    assert Sampling(min_p=0.1).min_p == 0.1 and Sampling(min_p=0.1).alpha == 0.0
+    assert Sampling(alpha=0.1) != Sampling(min_p=0.1)
 
 
 def test_unset_sampling_fields_come_from_the_models_generation_config(tmp_path):

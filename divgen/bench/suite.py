@@ -33,10 +33,11 @@ from pathlib import Path
 
 import torch
 
+from divgen.engine import limits
 from divgen.bench.common import latency_summary, sync
 
 KINDS = ("decode", "synth", "kernel")
-METHODS = ("fewgen", "corrsynth", "cfg")
+METHODS = limits.BENCH_METHODS
 
 
 @dataclass
@@ -54,7 +55,7 @@ class BenchConfig:
     task: str = "ag_news"                       # synth: task file or shipped name
     vocab: int = 49152                          # kernel: vocabulary size
     seed: int = 0
-    min_p: float = 0.0                          # decode: α of the sampled rows
+    min_p: float = 0.0                          # decode: the sampled rows' min-p (peers' rule)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,15 +115,13 @@ def time_decode(lm, prompts, guidance, output_len: int, seed: int, min_p: float 
         finished_at.extend([now] * (done - len(finished_at)))
 
     sync(lm.device)
-    decode.STEP_TIMES = steps_timed = []
-    try:
-        t0 = time.perf_counter()
-        results, _ = decode.generate(lm, prompts, max_new_tokens=output_len, temperature=1.0, min_p=min_p,
-                                     seeds=seed, ignore_eos=True, guidance=guidance, progress=progress)
-        sync(lm.device)
-        t1 = time.perf_counter()
-    finally:
-        decode.STEP_TIMES = None
+    steps_timed: list = []
+    t0 = time.perf_counter()
+    results, _ = decode.generate(lm, prompts, max_new_tokens=output_len, temperature=1.0, min_p=min_p,
+                                 seeds=seed, ignore_eos=True, guidance=guidance, progress=progress,
+                                 step_times=steps_timed)
+    sync(lm.device)
+    t1 = time.perf_counter()
     steps = [b - a for a, b in zip(marks, marks[1:])]
     return {"wall_s": t1 - t0, "tokens": sum(len(r.token_ids) for r in results), "requests": len(results),
             "ttft": [marks[0] - t0] if marks else [], "token": steps,

@@ -20,7 +20,7 @@ from divgen.engine.errors import DivgenError
 MAX_KERNEL_ELEMENTS = 1 << 28       # logits of one kernel-bench call (rows x vocab)
 PNG_STAMP = b"divgen bench"         # a tEXt chunk in every plot bench writes: it may replace only those
 KINDS = ("decode", "synth", "kernel")
-METHODS = ("fewgen", "corrsynth", "cfg")
+METHODS = limits.BENCH_METHODS
 DEFAULT_BATCH_SIZES = {"decode": (2, 4, 16), "synth": (16, 32, 64), "kernel": (2, 4, 16)}
 PLOT_METRIC = {"decode": "tok_per_s", "synth": "examples_per_s", "kernel": "tok_per_s"}
 
@@ -52,7 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None,
                    help="model dtype: auto, float32, bfloat16, float16 (default auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--min-p", type=float, default=0.0, help="decode: min-p (alpha) of the sampled rows (default 0)")
+    p.add_argument("--min-p", type=float, default=0.0, help="decode: min-p of the sampled rows, after temperature as in transformers and vLLM (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None, metavar="PATH", help="write the result rows as JSON")

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="JSONL of {\"prompt\", \"response\"} pairs")
     p.add_argument("--queries", required=True, help="JSONL of {\"prompt\"[, \"response\"]} or .txt, one query per "
                                                     "line; K = number of queries")
-    p.add_argument("--method", required=True, choices=["random", "lexical", "influence"])
+    p.add_argument("--method", required=True, choices=list(limits.SPA_PARTITION_METHODS))
     p.add_argument("--influence", default="lissa", choices=["lissa", "gradsim"],
                    help="influence: LiSSA inverse-Hessian (default) or gradient cosine similarity")
     p.add_argument("--out", required=True, help="output directory (partitions.json, scores.jsonl)")

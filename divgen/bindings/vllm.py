@@ -65,6 +65,7 @@ from dataclasses import dataclass
 
 import torch
 
+from divgen.engine import limits
 from divgen import kernels
 from divgen.engine.errors import DivgenError
 from divgen.engine.guidance import MAX_WEIGHT, Guidance, mix_from_gammas
@@ -76,7 +77,7 @@ except ImportError:  # vLLM absent: the bookkeeping below still runs (the main s
 
 TAG_PREFIX = "divgen_"
 TAG_FIELDS = ("group", "method", "scale", "label", "gamma", "delta", "member", "weights", "size", "alpha")
-TAG_METHODS = ("corrsynth", "m-corrsynth", "explicit")
+TAG_METHODS = limits.TAG_METHODS
 _GREEDY_EPS = 1e-5       # vLLM treats a temperature below this as greedy
 MAX_GROUP_SIZE = 4096     # rows of one group the scheduler holds for (far above any batch)
 

@@ -11,8 +11,8 @@ Per ``generate`` call (Llama-family models; others take the HF slow path, ``mode
 2. Admission prefills the groups' prompts (all but the last token; one right-padded batch per
    admission round) into their slots of the KV cache ``[layers, S, kv_heads, max_len, head_dim]``;
    the last prompt token becomes the slot's input.
-3. When the batch changes, the host rebuilds the sampling plan (the γ mix of the groups' active
-   rows, ``build_sample_plan``), the CFG leader index and the multi-LoRA slots: once per change.
+3. When the batch changes, the host rebuilds the sampling plan (the weight blocks of the groups'
+   active rows, ``build_group_plan``), the CFG leader index and the multi-LoRA slots: once per change.
    A compiled step gets one static plan per run (fixed shapes and addresses, refilled in place,
    so the compiled step's guards and a captured graph's buffers stay the same; ``kernels/plan.py``).
 4. ``decode_step`` runs forward + guided sampling + EOS/length checks for all slots on the device.
@@ -42,7 +42,8 @@ from divgen.engine.errors import DivgenError
 from divgen.engine.guidance import Guidance
 from divgen.engine.kv_cache import KVCache
 from divgen.engine.model import LoadedModel
-from divgen.engine.sampling import SamplingParams, build_sample_plan, guided_sample_step
+from divgen.engine.sampling import SamplingParams, guided_sample_step
+from divgen.kernels.plan import build_group_plan, stage
 from divgen.engine.scheduler import Scheduler
 from divgen.kernels.plan import MAX_GROUP_ROWS, next_power_of_2
 
@@ -133,12 +134,17 @@ class _StopChecker:
         self.stop = [s for s in stop if s]
         self.eos = frozenset() if ignore_eos else lm.eos_token_ids
         self.max_new_tokens = max_new_tokens
+        # ``check`` runs after every token, so a stop string that appears ends in the newest
+        # token's text: it lies within the text of the last 4·L tokens (L its characters; a token
+        # is at least one byte, a character at most four), and 8 more tokens cover a cut that
+        # decodes differently at its left edge (a partial character, a leading space).
+        self.window = 4 * max(len(s) for s in self.stop) + 8 if self.stop else 0
 
     def check(self, ids: list[int]) -> str | None:
         if ids and ids[-1] in self.eos:
             return "eos"
         if self.stop:
-            text = self.lm.decode(ids)
+            text = self.lm.decode(ids[-self.window:])      # the new text only (see __init__)
             if any(s in text for s in self.stop):
                 return "stop"
         if len(ids) >= self.max_new_tokens:
@@ -191,7 +197,7 @@ def decode_step(model, k_cache, v_cache, st, plan, eos_ids, any_top_k_top_p: boo
     Forward the slots' input tokens, sample (guided), let CFG shadows take their leader's token,
     check EOS and length, and advance the active slots in place. Returns [2, S] int64: the
     sampled tokens and the slots that finished in this step. ``marks`` (eager CPU steps, for
-    ``STEP_TIMES``): the time the forward ended is appended."""
+    ``Engine.run``'s step_times): the time the forward ended is appended."""
     logits = model.decode(st.tokens, st.pos, k_cache, v_cache)                      # [S, V] fp32
     if marks is not None:
         marks.append(time.perf_counter())
@@ -221,15 +227,6 @@ class _View:
         for name in DecodeState.FIELDS:
             setattr(self, name, getattr(st, name)[:n])
 
-
-# Whether engines read a step's tokens one step late (after launching the next). None: by device
-# (CUDA lags, CPU reads at once). benchmarks/synth_throughput.py sets True to measure the CUDA
-# schedule's slot occupancy on a CPU.
-READ_LAG: bool | None = None
-
-# When a list, eager engines append one ``StepTime`` per decode step (``divgen bench decode``'s
-# forward / sampler / host split). None (the default): nothing is timed.
-STEP_TIMES: list | None = None
 
 
 @dataclass
@@ -279,9 +276,7 @@ class Engine:
         self.trim = (not self.compiled) if trim is None else bool(trim)
         # Read step t's tokens after launching step t+1 (lag) on CUDA, so the host never stalls
         # the device; on CPU the step has finished when it returns, so it is read at once.
-        if lag is None:
-            lag = (lm.device.type == "cuda") if READ_LAG is None else READ_LAG
-        self.lag = bool(lag)
+        self.lag = (lm.device.type == "cuda") if lag is None else bool(lag)
         if self.compiled:
             mode = "reduce-overhead" if lm.device.type == "cuda" else None
             if mode is not None:   # CUDA graphs: the cache and state keep their addresses between replays
@@ -296,147 +291,16 @@ class Engine:
     def run(self, encoded: list[list[int]], params: SamplingParams, *, max_new_tokens: int,
             stopper: _StopChecker, guidance: Guidance | None = None, listeners: Sequence[BatchListener] = (),
             progress: Callable[[int, int], None] | None = None,
-            on_result: Callable[[GenerationResult], None] | None = None) -> tuple[list[GenerationResult], RunStats]:
-        start = time.perf_counter()
-        dev, st, S = self.device, self.state, self.slots
-        sched = Scheduler(len(encoded), guidance, S)
-        for g in sched.groups:
-            self.cache.check_fits(max(len(encoded[r]) for r in g.rows), max_new_tokens, len(g.rows))
+            on_result: Callable[[GenerationResult], None] | None = None, lag: bool | None = None,
+            step_times: list | None = None) -> tuple[list[GenerationResult], RunStats]:
+        """Decode ``encoded`` (token ids per row) to the end: see ``_Run``. lag: read each step's
+        tokens one step late (default: this engine's). step_times: a list that gets one
+        ``StepTime`` per eager CPU step (``divgen bench decode``'s split); None: nothing is timed."""
         if listeners and self.compiled:
             raise DivgenError("multi-LoRA listeners need an eager step: pass compile=False")
-        eos = sorted(self.lm.eos_token_ids) or [-1]
-        eos_ids = torch.tensor(eos, dtype=torch.int64, device=dev)
-        greedy_only = params.all_greedy and params.no_cutoffs and (guidance is None)
-        any_cut = bool((params.top_k > 0).any() or (params.top_p < 1).any())
-        any_min_p = bool((params.min_p > 0).any())
-        seeds = params.seeds.tolist()
-        is_shadow = [guidance is not None and guidance.is_shadow(r) for r in range(len(encoded))]
-        sample_rows = [r for r in range(len(encoded)) if not is_shadow[r]]
-        stats = RunStats(slots=S)
-        st.active.zero_()
-        generated: dict[int, list[int]] = {}
-        finished: dict[int, GenerationResult] = {}
-        n_live = S
-        plan = None
-        # the largest group of the run (a group over the kernels' maximum gets the plan's own error)
-        block = min(next_power_of_2(max(len(u.rows) for u in sched.groups)), MAX_GROUP_ROWS)
-        waiting: list[bool] = []                # per step: were groups left waiting for slots
-
-        def admit() -> bool:
-            """Admit every waiting group that fits, in order; prefill them in one batch."""
-            rows, slots = [], []
-            while (group := sched.next_admissible()) is not None:
-                slots += sched.admit(group, first_step=stats.steps)
-                rows += group.rows
-            if not rows:
-                return False
-            self._prefill([encoded[r] for r in rows], slots, rows, listeners)
-            idx = torch.tensor(slots, dtype=torch.int64, device=dev)
-            index = torch.tensor(rows, dtype=torch.int64, device=dev)
-            st.tokens[idx] = torch.tensor([encoded[r][-1] for r in rows], dtype=torch.int64, device=dev)
-            st.pos[idx] = torch.tensor([len(encoded[r]) - 1 for r in rows], dtype=torch.int64, device=dev)
-            st.gen[idx] = 0
-            st.max_new[idx] = max_new_tokens
-            st.active[idx] = True
-            st.check_eos[idx] = bool(stopper.eos)
-            st.seeds[idx] = params.seeds[index]
-            st.temperature[idx] = params.temperature[index]
-            st.alpha[idx] = params.alpha[index]
-            st.min_p[idx] = params.min_p[index]
-            st.top_k[idx] = params.top_k[index]
-            st.top_p[idx] = params.top_p[index]
-            for r in rows:
-                generated[r] = []
-            stats.prompt_tokens += sum(len(encoded[r]) for r in rows)
-            return True
-
-        def rebuild() -> None:
-            nonlocal n_live, plan
-            n_live = (sched.highest_used_slot() + 1) if self.trim else S
-            n_live = max(n_live, 1)
-            mix = sched.mix(n_live)
-            if greedy_only:
-                plan = None
-            elif self.compiled:     # one static plan, refilled in place (fixed shapes and addresses)
-                new = build_sample_plan(mix, dev, rows=n_live, static_block=block, masks=False)   # finite logits
-                plan = new if plan is None else plan.copy_from(new)
-            else:
-                plan = build_sample_plan(mix, dev, rows=n_live, masks=False)
-            st.leader[:n_live] = torch.tensor(sched.leader_slots(n_live), dtype=torch.int64, device=dev)
-            rows = torch.tensor(sched.slot_rows(n_live), dtype=torch.int64, device=dev)
-            for listener in listeners:
-                listener.set_batch(rows)
-
-        def finish(row: int, reason: str) -> None:
-            ids, text = stopper.final_text(generated[row], reason)
-            res = GenerationResult(row=row, token_ids=ids, text=text, finish_reason=reason, seed=seeds[row])
-            finished[row] = res
-            stats.generated_tokens += len(generated[row])
-            freed = sched.retire(row)          # the row's slot and its shadows' slots
-            if reason == "stop":               # still active on the device: stop it there
-                st.active[torch.tensor(freed, dtype=torch.int64, device=dev)] = False
-            if on_result is not None:
-                on_result(res)
-
-        def process(rec) -> bool:
-            step_index, host = rec
-            host = self._read(host)
-            tokens, done = host[0].tolist(), host[1].tolist()
-            live = list(sched.live_slots(step_index, len(tokens)))   # rows that worked in this step
-            useful, changed = len(live), False
-            for slot, row in live:
-                if is_shadow[row] or row in finished:   # shadows (maybe retired with their leader just now)
-                    continue
-                generated[row].append(tokens[slot])
-                if done[slot]:
-                    reason = "eos" if tokens[slot] in stopper.eos else "length"
-                else:
-                    reason = stopper.check(generated[row]) if stopper.stop else None
-                if reason is not None:
-                    finish(row, reason)
-                    changed = True
-            stats.rows_forwarded += useful
-            stats.rows_forwarded_per_step.append(useful)
-            stats.waiting_per_step.append(waiting[step_index])
-            if progress is not None:
-                progress(len(finished), len(sample_rows))
-            return changed
-
-        t0 = time.perf_counter()
-        admit()
-        rebuild()
-        stats.prefill_time_s += time.perf_counter() - t0
-        prev = None
-        while len(finished) < len(sample_rows):
-            n = n_live
-            k, v = (self.cache.k, self.cache.v) if n == S else (self.cache.k[:, :n], self.cache.v[:, :n])
-            view = st if n == S else _View(st, n)
-            timed = STEP_TIMES is not None and not self.compiled and dev.type == "cpu"
-            t_step = time.perf_counter()
-            if timed:
-                marks: list = []
-                out = self._step(self.model, k, v, view, plan, eos_ids, any_cut, greedy_only, any_min_p, marks)
-                STEP_TIMES.append(StepTime(t_step, marks[0], time.perf_counter(), n))
-            else:
-                out = self._step(self.model, k, v, view, plan, eos_ids, any_cut, greedy_only, any_min_p)
-            rec = (stats.steps, self._to_host(out))
-            waiting.append(bool(sched.pending))
-            stats.steps += 1
-            stats.slots_forwarded += n
-            if not self.lag:                   # read this step now (free on CPU: no device to wait for)
-                prev, rec = rec, None
-            if prev is not None and process(prev):
-                t0 = time.perf_counter()
-                admit()
-                rebuild()
-                stats.prefill_time_s += time.perf_counter() - t0
-                if timed:
-                    STEP_TIMES[-1].prefill_after += time.perf_counter() - t0
-            prev = rec
-            if len(finished) < len(sample_rows) and not sched.any_live():
-                raise RuntimeError("decode engine: rows left but none in a slot (scheduler bug)")
-        stats.wall_time_s = time.perf_counter() - start
-        return [finished[r] for r in sample_rows], stats
+        run = _Run(self, encoded, params, max_new_tokens, stopper, guidance, listeners, progress, on_result,
+                   self.lag if lag is None else bool(lag), step_times)
+        return run.loop()
 
     def _to_host(self, out: torch.Tensor):
         """Start copying a step's [2, n] output to the host; ``_read`` waits for it. On CUDA the copy
@@ -488,6 +352,182 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+
+class _Run:
+    """One ``Engine.run``: the host side of a set of rows while they decode, in four moves.
+
+    * ``admit``: every waiting group that fits goes into free slots (lowest first), prefilled in
+      one batch, its per-row sampling values written into the device state;
+    * ``rebuild``: after a batch change, the step inputs that depend on the batch: the live
+      prefix of slots, the sampling plan (the groups' weight blocks), the CFG leader of each slot,
+      the listeners' slot rows;
+    * ``read``: a step's tokens appended to their rows, stop conditions checked;
+    * ``retire``: a finished row leaves (with its CFG shadows), its slots are freed.
+
+    ``loop`` launches a step, reads the previous one (``lag``: one step late, so the host never
+    stalls a CUDA device; at once on CPU) and admits and rebuilds when a row left.
+    """
+
+    def __init__(self, engine: Engine, encoded, params: SamplingParams, max_new_tokens: int, stopper: _StopChecker,
+                 guidance: Guidance | None, listeners, progress, on_result, lag: bool, step_times: list | None):
+        self.engine, self.encoded, self.params = engine, encoded, params
+        self.max_new_tokens, self.stopper, self.guidance = max_new_tokens, stopper, guidance
+        self.listeners, self.progress, self.on_result, self.lag = listeners, progress, on_result, lag
+        dev, S = engine.device, engine.slots
+        self.sched = sched = Scheduler(len(encoded), guidance, S)
+        for g in sched.groups:
+            engine.cache.check_fits(max(len(encoded[r]) for r in g.rows), max_new_tokens, len(g.rows))
+        eos = sorted(engine.lm.eos_token_ids) or [-1]
+        self.eos_ids = torch.tensor(eos, dtype=torch.int64, device=dev)
+        self.greedy_only = params.all_greedy and params.no_cutoffs and (guidance is None)
+        self.any_cut = bool((params.top_k > 0).any() or (params.top_p < 1).any())
+        self.any_min_p = bool((params.min_p > 0).any())
+        self.seeds = params.seeds.tolist()
+        self.is_shadow = [guidance is not None and guidance.is_shadow(r) for r in range(len(encoded))]
+        self.sample_rows = [r for r in range(len(encoded)) if not self.is_shadow[r]]
+        self.stats = RunStats(slots=S)
+        self.generated: dict[int, list[int]] = {}
+        self.finished: dict[int, GenerationResult] = {}
+        self.n_live = S
+        self.plan = None
+        # the largest group of the run (a group over the kernels' maximum gets the plan's own error)
+        self.block = min(next_power_of_2(max(len(u.rows) for u in sched.groups)), MAX_GROUP_ROWS)
+        self.waiting: list[bool] = []           # per step: were groups left waiting for slots
+        self.step_times = step_times if (step_times is not None and not engine.compiled
+                                         and dev.type == "cpu") else None
+        engine.state.active.zero_()
+
+    def admit(self) -> bool:
+        """Admit every waiting group that fits, in order; prefill them in one batch."""
+        sched, st, dev, encoded, params = self.sched, self.engine.state, self.engine.device, self.encoded, self.params
+        rows, slots = [], []
+        while (group := sched.next_admissible()) is not None:
+            slots += sched.admit(group, first_step=self.stats.steps)
+            rows += group.rows
+        if not rows:
+            return False
+        self.engine._prefill([encoded[r] for r in rows], slots, rows, self.listeners)
+        idx = torch.tensor(slots, dtype=torch.int64, device=dev)
+        index = torch.tensor(rows, dtype=torch.int64, device=dev)
+        st.tokens[idx] = torch.tensor([encoded[r][-1] for r in rows], dtype=torch.int64, device=dev)
+        st.pos[idx] = torch.tensor([len(encoded[r]) - 1 for r in rows], dtype=torch.int64, device=dev)
+        st.gen[idx] = 0
+        st.max_new[idx] = self.max_new_tokens
+        st.active[idx] = True
+        st.check_eos[idx] = bool(self.stopper.eos)
+        st.seeds[idx] = params.seeds[index]
+        st.temperature[idx] = params.temperature[index]
+        st.alpha[idx] = params.alpha[index]
+        st.min_p[idx] = params.min_p[index]
+        st.top_k[idx] = params.top_k[index]
+        st.top_p[idx] = params.top_p[index]
+        for r in rows:
+            self.generated[r] = []
+        self.stats.prompt_tokens += sum(len(encoded[r]) for r in rows)
+        return True
+
+    def rebuild(self) -> None:
+        """The step inputs that depend on the batch (class docstring)."""
+        engine, sched, st, dev = self.engine, self.sched, self.engine.state, self.engine.device
+        n = max((sched.highest_used_slot() + 1) if engine.trim else engine.slots, 1)
+        self.n_live = n
+        blocks, guided = sched.weight_blocks(n), sched.guidance is not None
+        if self.greedy_only:
+            self.plan = None
+        elif engine.compiled:   # one static plan, refilled in place (fixed shapes and addresses)
+            new = build_group_plan(blocks, n, dev, guided=guided, static_block=self.block, masks=False)
+            self.plan = new if self.plan is None else self.plan.copy_from(new)
+        else:                   # masks=False: the engine's logits are finite
+            self.plan = build_group_plan(blocks, n, dev, guided=guided, masks=False)
+        leader, rows = stage([sched.leader_slots(n), sched.slot_rows(n)], torch.int64, dev)
+        st.leader[:n] = leader
+        for listener in self.listeners:
+            listener.set_batch(rows)
+
+    def retire(self, row: int, reason: str) -> None:
+        """Row ``row`` finished for ``reason``: its result, its slots (and its shadows') freed."""
+        ids, text = self.stopper.final_text(self.generated[row], reason)
+        res = GenerationResult(row=row, token_ids=ids, text=text, finish_reason=reason, seed=self.seeds[row])
+        self.finished[row] = res
+        self.stats.generated_tokens += len(self.generated[row])
+        freed = self.sched.retire(row)
+        if reason == "stop":               # still active on the device: stop it there
+            self.engine.state.active[torch.tensor(freed, dtype=torch.int64, device=self.engine.device)] = False
+        if self.on_result is not None:
+            self.on_result(res)
+
+    def read(self, rec) -> bool:
+        """Append a step's tokens to their rows; True when a row finished (the batch changed)."""
+        step_index, host = rec
+        host = self.engine._read(host)
+        tokens, done = host[0].tolist(), host[1].tolist()
+        live = list(self.sched.live_slots(step_index, len(tokens)))   # rows that worked in this step
+        stopper, changed = self.stopper, False
+        for slot, row in live:
+            if self.is_shadow[row] or row in self.finished:   # shadows (maybe retired with their leader)
+                continue
+            self.generated[row].append(tokens[slot])
+            if done[slot]:
+                reason = "eos" if tokens[slot] in stopper.eos else "length"
+            else:
+                reason = stopper.check(self.generated[row]) if stopper.stop else None
+            if reason is not None:
+                self.retire(row, reason)
+                changed = True
+        self.stats.rows_forwarded += len(live)
+        self.stats.rows_forwarded_per_step.append(len(live))
+        self.stats.waiting_per_step.append(self.waiting[step_index])
+        if self.progress is not None:
+            self.progress(len(self.finished), len(self.sample_rows))
+        return changed
+
+    def launch(self):
+        """Launch one step over the live prefix of slots; returns its (index, host copy) record."""
+        engine, n, st = self.engine, self.n_live, self.engine.state
+        k, v = (engine.cache.k, engine.cache.v) if n == engine.slots else (engine.cache.k[:, :n], engine.cache.v[:, :n])
+        view = st if n == engine.slots else _View(st, n)
+        args = (engine.model, k, v, view, self.plan, self.eos_ids, self.any_cut, self.greedy_only, self.any_min_p)
+        if self.step_times is not None:
+            t_step, marks = time.perf_counter(), []
+            out = engine._step(*args, marks)
+            self.step_times.append(StepTime(t_step, marks[0], time.perf_counter(), n))
+        else:
+            out = engine._step(*args)
+        rec = (self.stats.steps, engine._to_host(out))
+        self.waiting.append(bool(self.sched.pending))
+        self.stats.steps += 1
+        self.stats.slots_forwarded += n
+        return rec
+
+    def refill(self) -> None:
+        t0 = time.perf_counter()
+        self.admit()
+        self.rebuild()
+        spent = time.perf_counter() - t0
+        self.stats.prefill_time_s += spent
+        if self.step_times:
+            self.step_times[-1].prefill_after += spent
+
+    def loop(self) -> tuple[list[GenerationResult], RunStats]:
+        start = time.perf_counter()
+        t0 = time.perf_counter()
+        self.admit()
+        self.rebuild()
+        self.stats.prefill_time_s += time.perf_counter() - t0
+        prev = None
+        while len(self.finished) < len(self.sample_rows):
+            rec = self.launch()
+            if not self.lag:                   # read this step now (free on CPU: no device to wait for)
+                prev, rec = rec, None
+            if prev is not None and self.read(prev):
+                self.refill()
+            prev = rec
+            if len(self.finished) < len(self.sample_rows) and not self.sched.any_live():
+                raise RuntimeError("decode engine: rows left but none in a slot (scheduler bug)")
+        self.stats.wall_time_s = time.perf_counter() - start
+        return [self.finished[r] for r in self.sample_rows], self.stats
+
+
 def generate(
     lm: LoadedModel,
     prompts: Sequence,
@@ -507,6 +547,8 @@ def generate(
     max_batch_rows: int | None = None,
     on_result: Callable[[GenerationResult], None] | None = None,
     compile: bool | None = None,
+    lag: bool | None = None,
+    step_times: list | None = None,
 ) -> tuple[list[GenerationResult], RunStats]:
     """Generate a continuation for every prompt. See the module docstring.
 
@@ -523,6 +565,8 @@ def generate(
         max_batch_rows: KV slots (rows decoded at once); default all rows. Groups wait for
             free slots and enter as soon as a finished row frees enough (continuous batching).
         on_result: called with each sample's result as soon as it finishes.
+        lag, step_times: ``Engine.run``'s (benchmarks: the CUDA read schedule on a CPU, the
+            forward / sampler / host split of eager CPU steps).
         compile: torch.compile the step (default: on CUDA only; see ``default_compile``).
     Returns: results for every non-shadow row in prompt order, and the run's stats.
     """
@@ -551,8 +595,5 @@ def generate(
         compile = False if listeners else lm.compile
     engine = _engine_for(lm, slots, max_len, compile)
     return engine.run(encoded, params, max_new_tokens=max_new_tokens, stopper=stopper, guidance=guidance,
-                      listeners=listeners, progress=progress, on_result=on_result)
+                      listeners=listeners, progress=progress, on_result=on_result, lag=lag, step_times=step_times)
 
-
-def notice(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)

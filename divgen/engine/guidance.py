@@ -1,9 +1,13 @@
 """Guidance specs: which rows are contrasted, and with what weights γ_{m,n} (DESIGN.md table).
 
-A ``Guidance`` names a guidance group per row and a rule. ``mixing_matrix`` turns it into the
-[A, A] mix over the A rows still active — diagonal 1 + Σ_n γ_{m,n}, off-diagonal −γ_{m,n} —
-so the guided scores are ``s = mix @ log_softmax(logits)``. Weights are recomputed by the same
-rule whenever a row finishes and leaves its group; a group with one active row is plain sampling.
+A ``Guidance`` names a guidance group per row and a rule (the papers' g, γ, δ). For the rows
+still active, ``weight_blocks`` yields each coupled group's positions and its block of weights —
+diagonal 1 + Σ_n γ_{m,n}, off-diagonal −γ_{m,n} — so the guided scores of a group are
+``weights @ log_softmax(logits[group])``; the scheduler hands the blocks to the kernels' plan as
+they are. ``_gammas`` is the one place the rules of the table below are written. Weights are
+recomputed whenever a row finishes and leaves its group; a group with one active row is plain
+sampling. ``mixing_matrix`` assembles the dense [A, A] mix from the same blocks (the HF binding,
+the reference and the tests).
 
 | method      | γ_{m,n} over the active rows n ≠ m of m's group                                 |
 |-------------|----------------------------------------------------------------------------------|
@@ -25,14 +29,13 @@ from divgen.engine import limits
 from divgen.engine.errors import DivgenError
 from divgen.engine.limits import MAX_WEIGHT
 
-METHODS = limits.GUIDANCE_RULES     # the rules of a Guidance (engine/limits.py holds the one list)
 
 
 @dataclass(frozen=True)
 class Guidance:
     """How the rows of one decode batch are contrasted. Per-row lists have one entry per row."""
 
-    method: str                                 # one of METHODS
+    method: str                                 # one of limits.GUIDANCE_RULES
     groups: tuple[int, ...]                     # guidance group id of each row
     scale: float = 1.0                          # g (corrsynth, cfg)
     gamma: float = 0.0                          # cross-label weight (m-corrsynth)
@@ -102,45 +105,63 @@ class Guidance:
     def leader(self, row: int) -> int:
         return self.shadow_of[row] if self.is_shadow(row) else row
 
+    def _gammas(self, members: list[int]) -> torch.Tensor:
+        """γ [n, n] fp32 (zero diagonal) among the active rows ``members`` of one group: the table
+        of the module docstring, the one place it is written."""
+        n = len(members)
+        gam = torch.zeros(n, n, dtype=torch.float32)
+        if self.method == "corrsynth":
+            gam.fill_((self.scale - 1.0) / (n - 1)).fill_diagonal_(0.0)
+        elif self.method == "m-corrsynth":
+            for i, m in enumerate(members):
+                same = [j for j, r in enumerate(members) if j != i and self.labels[r] == self.labels[m]]
+                cross = [j for j, r in enumerate(members) if self.labels[r] != self.labels[m]]
+                if same:
+                    gam[i, same] = self.delta / len(same)
+                if cross:
+                    gam[i, cross] = self.gamma / len(cross)
+        elif self.method == "cfg":
+            for i, m in enumerate(members):
+                shadows = [j for j, r in enumerate(members) if self.shadow_of[r] == m]
+                if shadows and not self.is_shadow(m):
+                    gam[i, shadows] = (self.scale - 1.0) / len(shadows)
+        elif self.method == "explicit":
+            idx = torch.tensor(members)
+            gam = self.gammas[idx[:, None], idx[None, :]].clone().fill_diagonal_(0.0)
+        else:
+            raise DivgenError(f"unknown guidance method {self.method!r}: use one of {', '.join(limits.GUIDANCE_RULES)}")
+        return gam
+
+    def weight_blocks(self, active: list[int]) -> list[tuple[list[int], torch.Tensor]]:
+        """The coupled groups of the active rows (original row ids, in batch order): for each, its
+        positions in ``active`` (ascending) and its weights [n, n] fp32 (diagonal 1 + Σ_n γ_{m,n},
+        off-diagonal −γ_{m,n}), ordered by first position. Rows coupled to no other row (a group
+        with one active row, g = 1, a CFG leader without shadows) are left out: they sample alone."""
+        from divgen.kernels.plan import guidance_groups      # the components of one small block
+
+        by_group: dict[int, list[int]] = {}
+        for pos, row in enumerate(active):
+            by_group.setdefault(self.groups[row], []).append(pos)
+        out = []
+        for positions in by_group.values():
+            if len(positions) < 2:
+                continue
+            gam = self._gammas([active[p] for p in positions])
+            if not bool((gam != 0).any()):
+                continue
+            weights = mix_from_gammas(gam)
+            for part in guidance_groups(weights, len(positions)):   # CFG: one part per leader
+                if len(part) > 1:
+                    idx = torch.tensor(part)
+                    out.append(([positions[i] for i in part], weights[idx[:, None], idx[None, :]]))
+        return sorted(out, key=lambda block: block[0][0])
+
     def gamma_matrix(self, active: list[int]) -> torch.Tensor:
         """γ over the active rows (original row ids, batch order) -> [A, A] fp32, zero diagonal."""
-        a = len(active)
-        gam = torch.zeros(a, a, dtype=torch.float32)
-        pos = {row: i for i, row in enumerate(active)}
-        by_group: dict[int, list[int]] = {}
-        for row in active:
-            by_group.setdefault(self.groups[row], []).append(row)
-        for members in by_group.values():
-            if len(members) < 2:
-                continue  # a group with one active row is plain sampling
-            if self.method == "corrsynth":
-                w = (self.scale - 1.0) / (len(members) - 1)
-                for m in members:
-                    for n in members:
-                        if n != m:
-                            gam[pos[m], pos[n]] = w
-            elif self.method == "m-corrsynth":
-                for m in members:
-                    same = [n for n in members if n != m and self.labels[n] == self.labels[m]]
-                    cross = [n for n in members if self.labels[n] != self.labels[m]]
-                    for n in same:
-                        gam[pos[m], pos[n]] = self.delta / len(same)
-                    for n in cross:
-                        gam[pos[m], pos[n]] = self.gamma / len(cross)
-            elif self.method == "cfg":
-                for m in members:
-                    if self.is_shadow(m):
-                        continue
-                    shadows = [n for n in members if self.shadow_of[n] == m]
-                    for n in shadows:
-                        gam[pos[m], pos[n]] = (self.scale - 1.0) / len(shadows)
-            elif self.method == "explicit":
-                for m in members:
-                    for n in members:
-                        if n != m:
-                            gam[pos[m], pos[n]] = float(self.gammas[m, n])
-            else:
-                raise DivgenError(f"unknown guidance method {self.method!r}: use one of {', '.join(METHODS)}")
+        gam = torch.zeros(len(active), len(active), dtype=torch.float32)
+        for positions, weights in self.weight_blocks(active):
+            idx = torch.tensor(positions)
+            gam[idx[:, None], idx[None, :]] = -weights.clone().fill_diagonal_(0.0)
         return gam
 
 
@@ -151,11 +172,20 @@ def mix_from_gammas(gam: torch.Tensor) -> torch.Tensor:
     return mix
 
 
+def dense_mix(blocks, rows: int) -> torch.Tensor:
+    """[rows, rows] fp32: the identity with each block of ``weight_blocks`` written in place."""
+    mix = torch.eye(rows, dtype=torch.float32)
+    for positions, weights in blocks:
+        idx = torch.tensor(positions)
+        mix[idx[:, None], idx[None, :]] = weights
+    return mix
+
+
 def mixing_matrix(guidance: Guidance | None, active: list[int], device=None) -> torch.Tensor | None:
-    """The mix for the active rows, or None when no row is guided (plain sampling)."""
+    """The dense mix for the active rows, or None when no row is guided (plain sampling)."""
     if guidance is None:
         return None
-    gam = guidance.gamma_matrix(active)
-    if not bool((gam != 0).any()):
+    blocks = guidance.weight_blocks(active)
+    if not blocks:
         return None
-    return mix_from_gammas(gam).to(device if device is not None else "cpu")
+    return dense_mix(blocks, len(active)).to(device if device is not None else "cpu")

@@ -26,10 +26,6 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.slots, self.max_len = slots, max_len
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
     def check_fits(self, prompt_len: int, max_new_tokens: int, group_rows: int = 1) -> None:
         """Raise one clear error when a request cannot fit, naming the knob to raise."""
         if prompt_len + max_new_tokens > self.max_len:

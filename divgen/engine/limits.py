@@ -30,6 +30,11 @@ import math
 METHODS = ("fewgen", "cfg", "corrsynth", "m-corrsynth")     # synth methods (task files, --method)
 GUIDED_METHODS = ("cfg", "corrsynth", "m-corrsynth")        # the ones that build a Guidance
 GUIDANCE_RULES = GUIDED_METHODS + ("explicit",)              # Guidance rules (explicit: the user's γ)
+BENCH_METHODS = ("fewgen", "corrsynth", "cfg")              # divgen bench's default comparison
+TAG_METHODS = ("corrsynth", "m-corrsynth", "explicit")      # vLLM request tags (divgen_method)
+SPA_PARTITION_METHODS = ("random", "lexical", "influence")  # spa partition --method
+INFLUENCE_KINDS = ("lissa", "gradsim")                      # spa partition --influence
+SPA_RUN_METHODS = ("random", "lexical") + INFLUENCE_KINDS   # spa run --methods
 
 # ---- limits --------------------------------------------------------------------------------------
 MAX_TEMPERATURE = 100.0          # higher is uniform sampling for any logits that fit in bf16
@@ -37,7 +42,8 @@ MAX_WEIGHT = 100.0               # g, γ, δ: above this the guided scores are m
 MAX_NEW_TOKENS = 32768
 MAX_SAMPLES = 4096               # rows in one decode call from the CLI (generate -n, spa sample)
 MAX_JOB_EXAMPLES = 10_000_000    # synth: examples per job, all labels together
-MAX_GROUP_ROWS = 1024            # synth: sample rows per guidance group
+MAX_GROUP_ROWS = 256             # rows in one guidance group (CFG's shadows included): the sampling
+#                                  kernels' maximum (divgen/kernels/plan.py takes it from here)
 MAX_BATCH_ROWS = 65536           # synth: rows per engine call
 MAX_SEED = 2 ** 62               # seeds within ±2^62 (row seeds are derived by hashing)
 MAX_TOP_K = 2 ** 31 - 1

@@ -1,17 +1,20 @@
 """Per-row sampling parameters and the sampling entry points of the engine.
 
 ``SamplingParams`` is a dataclass of per-row tensors with short-circuit flags (vLLM's
-SamplingMetadata habit). ``Sampler`` turns the logits of one decode step into tokens:
+SamplingMetadata habit), built and checked once by ``SamplingParams.make`` (the Python entry).
+
+``Sampler`` is the slow path's sampler (``models/hf_loop.py``, models without divgen's forward):
+one call per step with the dense guidance mix of the rows now in the batch,
 
 1. all rows greedy and no guidance  -> argmax (no noise, no softmax);
 2. otherwise                        -> ``divgen.kernels.guided_sample`` (Triton on CUDA, the torch
-   reference elsewhere), with the guidance ``mix`` of the rows now in the batch.
+   reference elsewhere).
 
 Two cutoffs, two names: ``alpha`` is the papers' plausibility cutoff α on the row's own,
 untempered distribution (keep ℓ(v) ≥ max ℓ + log α); ``min_p`` is transformers' and vLLM's
 min-p, on the distribution being sampled (guided, after temperature; 1 keeps only the max).
 
-The compiled decode step calls the capturable API instead (``build_sample_plan`` once per batch
+The engine's decode step calls the capturable API instead (``build_group_plan`` once per batch
 change on the host, ``guided_sample_step`` inside the step: no host sync, fixed shapes, per-row
 step counters on the device).
 """
@@ -72,9 +75,10 @@ class SamplingParams:
         ps = [limits.top_p(p, "top_p") for p in ps]
         alphas = [limits.alpha(a, "alpha") for a in alphas]
         min_ps = [limits.min_p(a, "min_p") for a in min_ps]
-        for s in seed_list:
-            if not (-(2 ** 63) <= s < 2 ** 63):
-                raise DivgenError(f"seed must fit in a signed 64-bit integer, got {s}")
+        if isinstance(seeds, int):
+            limits.seed(seeds, "seeds")
+        else:
+            seed_list = [limits.seed(s, "seeds") for s in seed_list]
         return cls(
             temperature=torch.tensor(temps, dtype=torch.float32, device=device),
             top_k=torch.tensor(ks, dtype=torch.int64, device=device),

@@ -5,17 +5,16 @@ group (all rows of one guidance group id), a CFG leader with its shadow rows, or
 Units are admitted first come first served as soon as enough slots are free (lowest free slots
 first); a row retires when it finishes (a CFG leader takes its shadows along), freeing its slot
 for the next unit. Everything the decode step needs from the batch composition is derived here,
-once per change: the guidance mix of the rows still active (γ recomputed over the members left,
-by ``Guidance.gamma_matrix``), the leader slot of every slot and the prompt row of every slot.
+once per change: the weight blocks of the groups still active (γ recomputed over the members
+left, by ``Guidance.weight_blocks``, in slot ids), the leader slot of every slot and the prompt
+row of every slot.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
 
-import torch
-
-from divgen.engine.guidance import Guidance, mix_from_gammas
+from divgen.engine.guidance import Guidance
 
 
 @dataclass
@@ -108,18 +107,12 @@ class Scheduler:
                     out[s] = self.row_slot[g.leader(r)]
         return out
 
-    def mix(self, n: int) -> torch.Tensor | None:
-        """[n, n] fp32 guidance mix of the first n slots (identity for free slots and rows without
-        a partner left), or None for an unguided run. A guided run keeps a mix to its end, so the
-        step's inputs keep one form (and one log-prob floor, see ``kernels.reference``)."""
+    def weight_blocks(self, n: int) -> list:
+        """The coupled groups among the first n slots: [(slot ids ascending, weights [k, k] fp32)]
+        (``Guidance.weight_blocks`` in slot ids); every other slot samples alone. [] for an
+        unguided run."""
         if self.guidance is None:
-            return None
+            return []
         slots = [s for s in range(n) if self.slot_row[s] is not None]
-        active = [self.slot_row[s] for s in slots]
-        full = torch.eye(n, dtype=torch.float32)
-        if not active:
-            return full
-        gam = self.guidance.gamma_matrix(active)                          # [A, A]
-        idx = torch.tensor(slots, dtype=torch.int64)
-        full[idx[:, None], idx[None, :]] = mix_from_gammas(gam)
-        return full
+        blocks = self.guidance.weight_blocks([self.slot_row[s] for s in slots])
+        return [([slots[p] for p in positions], weights) for positions, weights in blocks]

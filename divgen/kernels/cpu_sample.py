@@ -28,9 +28,11 @@ mask, the temperature rule, the mask rule for −inf contrasting logits, the noi
 reference's: its constants and building blocks are imported, and ``_cut_scores`` mirrors the
 reference's scores-and-mask lines (``reference.guided_scores`` on the gathered columns); tests/test_cpu_sample.py compares the two token for token under
 injected and counter-based noise, so a change of the reference's rules shows up there.
-Under ``torch.compile`` (data-dependent sizes), with ``return_logprobs`` and with min-p on the
-gathered path (its threshold needs every row's max guided score; the dense path has it) the
-reference runs.
+* min-p (the peers' rule, on the tempered guided scores) keeps z ≥ max z + log min_p: the row's
+  max z is always among the candidates (the α-kept tokens, or for unguided rows the tokens
+  within the noise's reach of the best, or on the dense path the tokens within
+  reach of the best guided score), so it is the same value as the reference's.
+Under ``torch.compile`` (data-dependent sizes) and with ``return_logprobs`` the reference runs.
 """
 from __future__ import annotations
 
@@ -145,17 +147,12 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
                        min_p: torch.Tensor | None = None, any_top_k_top_p: bool = True,
                        noise: torch.Tensor | None = None, return_logprobs: bool = False):
     """``reference.guided_sample_step``'s signature and tokens (module docstring)."""
-    def run_reference():
+    if (return_logprobs or torch.compiler.is_compiling() or logits.device.type != "cpu"
+            or (any_top_k_top_p and bool((top_p < 1).any()))):
         return reference.guided_sample_step(
             logits, mix, seeds, step, temperature, alpha, top_k, top_p, min_p=min_p,
             any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs)
-
-    if (return_logprobs or torch.compiler.is_compiling() or logits.device.type != "cpu"
-            or (any_top_k_top_p and bool((top_p < 1).any()))):
-        return run_reference()
     dense = mix is not None and bool((alpha <= 0).any())      # guided rows keeping every token
-    if min_p is not None and not dense:
-        return run_reference()
     n_rows, vocab = logits.shape
     x = logits.float()
     row_max = x.amax(dim=-1)
@@ -188,6 +185,9 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
             limit = torch.maximum(row_limit, reach)
         rows, cols = _candidates(x, limit)                                    # row-major, ids ascending
         z = _cut_scores(x, mix, row_limit, rows, cols, t_div)             # [N] gathered scores
+    if min_p is not None:                                                     # the peers' min-p
+        z_top = _row_max(z, rows, n_rows)                                     # [R] max z (module doc)
+        z = torch.where(z >= (z_top + torch.log(min_p.float()))[rows], z, float("-inf"))
 
     if any_top_k_top_p and bool((top_k > 0).any()):
         counts = torch.bincount(rows, minlength=n_rows)

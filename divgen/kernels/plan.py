@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-MAX_GROUP_ROWS = 256       # rows in one guidance group (the kernels' documented maximum)
+from divgen.engine.limits import MAX_GROUP_ROWS  # noqa: E402  rows in one guidance group (the kernels' maximum)
 
 
 def next_power_of_2(n: int) -> int:
@@ -107,6 +107,19 @@ class SamplePlan:
         return self
 
 
+def stage(parts, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Host values (lists or CPU tensors) -> device tensors of ``dtype``, in one copy: they are
+    packed into one host buffer (pinned on CUDA, so the copy is non-blocking and does not drain
+    the step's read lag) and split on the device."""
+    flat = [torch.as_tensor(p, dtype=dtype).reshape(-1) for p in parts]
+    host = torch.cat(flat) if flat else torch.zeros(0, dtype=dtype)
+    if device.type == "cpu":
+        buf = host
+    else:
+        buf = host.pin_memory().to(device, non_blocking=True)
+    return list(torch.split(buf, [f.numel() for f in flat]))
+
+
 def check_mix(mix, rows: int | None = None) -> int:
     """Shape, dtype and finiteness of a guidance mix; returns R. Reads the values (host sync)."""
     if not isinstance(mix, torch.Tensor) or mix.dim() != 2 or mix.shape[0] != mix.shape[1]:
@@ -178,8 +191,47 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
         rows = int(rows)
     else:
         rows = check_mix(mix, rows)
-    groups = guidance_groups(mix, rows)
-    largest = max(len(g) for g in groups)
+    dense = None if mix is None else mix.detach().to("cpu", torch.float32)
+    groups = [(g, None if dense is None else dense[torch.tensor(g)[:, None], torch.tensor(g)[None, :]])
+              for g in guidance_groups(mix, rows)]
+    return _plan(groups, rows, device, dense, ops=ops, static_block=static_block, masks=masks)
+
+
+def build_group_plan(blocks, rows: int, device: torch.device | str, *, guided: bool = True, ops=None,
+                     static_block: int | None = None, masks: bool = True) -> SamplePlan:
+    """The plan of ``rows`` rows from their coupled groups, as ``Guidance.weight_blocks`` yields
+    them (the engine's path: no [R, R] matrix is searched for its groups).
+
+    Args:
+        blocks: [(row ids ascending, weights [n, n] fp32)] of the coupled groups, ordered by first
+            row; every other row samples alone (weight 1).
+        guided: keep a dense mix for the torch steps (the identity with the blocks written in), so
+            a guided run keeps one form of step inputs to its end; False (no guidance): mix None.
+        ops, static_block, masks: as ``build_sample_plan``.
+    """
+    device = torch.device(device)
+    rows = int(rows)
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    if ops is None:
+        from divgen.kernels import ops_for
+
+        ops = ops_for(device)
+    coupled = {r for g, _ in blocks for r in g}
+    groups = sorted([(list(g), w) for g, w in blocks] + [([r], None) for r in range(rows) if r not in coupled],
+                    key=lambda gw: gw[0][0])
+    dense = None
+    if guided:
+        dense = torch.eye(rows, dtype=torch.float32)
+        for g, w in blocks:
+            idx = torch.tensor(g)
+            dense[idx[:, None], idx[None, :]] = w
+    return _plan(groups, rows, device, dense, ops=ops, static_block=static_block, masks=masks)
+
+
+def _plan(groups, rows: int, device: torch.device, dense, *, ops, static_block, masks) -> SamplePlan:
+    """The plan's tensors from the groups [(row ids, weights [n, n] or None for a lone row)]."""
+    largest = max(len(g) for g, _ in groups)
     if largest > MAX_GROUP_ROWS:
         raise ValueError(f"mix couples {largest} rows into one guidance group; the kernels handle up to "
                          f"{MAX_GROUP_ROWS} (split the batch into smaller groups)")
@@ -190,16 +242,14 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
             raise ValueError(f"static_block must be a power of two in [1, {MAX_GROUP_ROWS}], got {static_block}")
         if largest > block:
             raise ValueError(f"a group of {largest} rows does not fit static_block {block}")
-    dense = None if mix is None else mix.detach().to("cpu", torch.float32)
-    order = [r for g in groups for r in g]
+    order = [r for g, _ in groups for r in g]
     starts = [0]
     offsets, blocks = [], []
-    for g in groups:
+    for g, w in groups:
         starts.append(starts[-1] + len(g))
         offsets.append(sum(b.numel() for b in blocks))
-        idx = torch.tensor(g)
-        blocks.append(torch.ones(1) if dense is None else dense[idx[:, None], idx[None, :]].reshape(-1))
-    sizes = tuple(len(g) for g in groups)
+        blocks.append(torch.ones(1) if w is None else w.reshape(-1).float())
+    sizes = tuple(len(g) for g, _ in groups)
     if block:                   # pad to R groups (empty ones at the end) and R · block weights
         filled = sum(b.numel() for b in blocks)
         pad = rows - len(groups)
@@ -207,13 +257,15 @@ def build_sample_plan(mix: torch.Tensor | None, device: torch.device | str, *, r
         offsets += [filled] * pad
         blocks.append(torch.zeros(rows * block - filled))
         sizes += (0,) * pad
+    ints = stage([order, starts, offsets], torch.int64, device)
+    floats = stage([torch.cat(blocks)] + ([] if dense is None else [dense.reshape(-1)]), torch.float32, device)
     plan = SamplePlan(
         rows=rows, device=device,
-        mix=None if dense is None else dense.to(device),
-        order=torch.tensor(order, dtype=torch.int32, device=device),
-        group_start=torch.tensor(starts, dtype=torch.int32, device=device),
-        w_offset=torch.tensor(offsets, dtype=torch.int64, device=device),
-        weights=torch.cat(blocks).to(device),
+        mix=None if dense is None else floats[1].view(rows, rows),
+        order=ints[0].to(torch.int32),
+        group_start=ints[1].to(torch.int32),
+        w_offset=ints[2],
+        weights=floats[0],
         group_sizes=sizes,
         static_block=block,
         masks=masks,

@@ -1,4 +1,4 @@
-"""divgen's own model forwards (DESIGN.md, "models/").
+"""divgen's own model forwards (DESIGN.md, "Engine shape").
 
 * ``llama``: the Llama family (SmolLM2, Llama 2/3, Mistral, Qwen2/2.5) in a few plain modules,
   gpt-fast style, reading the slot-based static KV cache of ``divgen.engine.kv_cache``.

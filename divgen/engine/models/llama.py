@@ -2,17 +2,19 @@
 
     args = ModelArgs.from_config(hf_config_dict)
     model = Transformer.from_state_dict(args, state_dict)      # HF parameter names, no copy
-    model.prefill(tokens [B, T], lengths [B], slots [B], cache)   # K/V of prompts into their slots
-    logits = model.decode(tokens [S], pos [S], cache)             # one token per slot -> [S, V]
+    model.setup_rope(max_len)                                  # RoPE tables for the cache length
+    model.prefill(tokens [B, T], slots [B], k_cache, v_cache)  # K/V of right-padded prompts into slots
+    logits = model.decode(tokens [S], pos [S], k_cache, v_cache)   # one token per slot -> [S, V] fp32
 
 Modules keep the HF parameter names (``model.layers.3.self_attn.q_proj`` ...) so a safetensors
 checkpoint or an HF model's ``state_dict()`` loads as is and multi-LoRA wrappers find the same
 layer paths. The numerics follow the HF reference (fp32 RMSNorm, ``rotate_half`` RoPE with the
-same fp32 tables, SDPA), so greedy tokens equal ``transformers.generate``.
+same fp32 tables), so greedy tokens equal ``transformers.generate``.
 
 Decode attention never copies the cache for GQA: the G = heads / kv_heads query heads of one KV
-head are laid out as G query rows of that head, so one SDPA call over ``[S, kv_heads, G, D]``
-against ``[S, kv_heads, max_len, D]`` with a per-slot length mask does the whole layer.
+head are laid out as G query rows of that head, and two batched products over views of the
+cache (``DecodeIndex.attend``: scores, then values, over the first max(pos) + 1 positions, with a
+per-slot length mask) do the whole layer.
 """
 from __future__ import annotations
 

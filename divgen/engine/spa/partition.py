@@ -45,8 +45,7 @@ import torch
 from divgen.engine.errors import DivgenError
 from divgen.engine.spa.data import Example, write_jsonl
 
-METHODS = ("random", "lexical", "influence")
-INFLUENCE_KINDS = ("lissa", "gradsim")
+from divgen.engine.limits import INFLUENCE_KINDS  # noqa: E402,F401
 from divgen.engine.spa.partition_files import (  # noqa: E402,F401  (the torch-free file side)
     PARTITIONS_FILE, SCORES_FILE, WRITTEN, check_partition_out, file_sha256, read_partitions,
 )

@@ -42,10 +42,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from divgen.engine import limits
 from divgen.engine.errors import DivgenError
 
 STAGES = ("synth", "whole", "partition", "adapt", "sample", "kl", "judge", "report")
-METHODS = ("random", "lexical", "lissa", "gradsim")
+METHODS = limits.SPA_RUN_METHODS
 METHOD_NAMES = {"random": "random", "lexical": "lexical (BM25)", "lissa": "influence (LiSSA)",
                 "gradsim": "influence (grad. similarity)"}
 SINGLE = "single"

@@ -93,13 +93,17 @@ def run_synth(
     shard: tuple[int, int] | None = None,
     device=None,
     compile: bool | None = None,
+    per_call: int | None = None,
+    lag: bool | None = None,
 ) -> SynthReport:
     """Generate the task's examples into ``out`` (append-only, resumable). See module docstring.
 
     lm: a loaded model (default: load ``task.model`` with ``task.dtype`` on ``device``). progress:
     False = none; otherwise a tqdm bar when stderr is a terminal, else a line every few seconds
     (engine/progress.py). log: where one-line notes go (default: stderr). shard: (i, N) = only the
-    groups of shard i of N (engine/synth/shards.py; ``divgen synth --ray``)."""
+    groups of shard i of N (engine/synth/shards.py; ``divgen synth --ray``). per_call: rows per
+    decoder call (default ``ROWS_PER_CALL``; 1 = one batch a call, no refill across batches); lag:
+    the engine's read schedule (benchmarks/synth_throughput.py measures both)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     limits.batch_rows(batch_rows, "batch_rows")
     device = limits.device(device, "device")
@@ -146,7 +150,7 @@ def run_synth(
             os.fsync(fd)
             log(f"note: cut a torn last line off {out} ({existing.size - existing.good_bytes} bytes)")
         write_sidecar(out, fp, content, task)
-        _generate_into(task, lm, fd, groups, existing, pool, fp, batch_rows, progress, report)
+        _generate_into(task, lm, fd, groups, existing, pool, fp, batch_rows, progress, report, per_call, lag)
     except BaseException:
         # A run that failed before writing a record leaves nothing behind that it created.
         if created and report.written == 0 and os.fstat(fd).st_size == 0:
@@ -191,13 +195,14 @@ def batches(task: Task, groups: Plan, done: set, batch_rows: int) -> Iterator[tu
 ROWS_PER_CALL = 2048
 
 
-def rows_per_call(batch_rows: int) -> int:
-    """Rows of one decoder call: ``ROWS_PER_CALL`` rounded down to whole batches, at least one."""
-    return batch_rows * max(1, ROWS_PER_CALL // batch_rows)
+def rows_per_call(batch_rows: int, per_call: int | None = None) -> int:
+    """Rows of one decoder call: ``per_call`` (default ``ROWS_PER_CALL``) rounded down to whole
+    batches, at least one."""
+    return batch_rows * max(1, (ROWS_PER_CALL if per_call is None else per_call) // batch_rows)
 
 
 def decode_batch(task: Task, lm, b: BatchRows, progress: Callable[[int, int], None], slots: int | None = None,
-                 on_result=None):
+                 on_result=None, lag: bool | None = None):
     """The one call into the decoder: the rows of one call -> (results, stats), decoded in at most
     ``slots`` rows at a time (default: all at once); ``on_result`` gets each sample as it finishes."""
     from divgen.engine.decode import generate
@@ -209,12 +214,12 @@ def decode_batch(task: Task, lm, b: BatchRows, progress: Callable[[int, int], No
         lm, b.prompts, max_new_tokens=task.max_new_tokens, temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p, alpha=s.alpha, min_p=s.min_p, seeds=b.seeds, stop=task.stop,
         ignore_eos=task.ignore_eos, guidance=make_guidance(task, b), progress=progress,
-        max_batch_rows=slots, on_result=on_result,
+        max_batch_rows=slots, on_result=on_result, lag=lag,
     )
 
 
 def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, fp, batch_rows, progress,
-                   report) -> None:
+                   report, per_call: int | None = None, lag: bool | None = None) -> None:
     from divgen.engine.progress import progress_bar
 
     prompt = PromptCache(task, lm, pool)
@@ -229,7 +234,7 @@ def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, f
                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
     written_before_run = report.written
     try:
-        for batch, missing in batches(task, groups, existing.done, rows_per_call(batch_rows)):
+        for batch, missing in batches(task, groups, existing.done, rows_per_call(batch_rows, per_call)):
             b = rows_for_groups(task, batch, missing, prompt)
             in_batch = sum(b.write)
             written_before = bar.n
@@ -270,7 +275,7 @@ def _generate_into(task, lm, fd, groups: Plan, existing: ExistingOutput, pool, f
                         if report.written - written_before_run > bar.n:
                             bar.update(report.written - written_before_run - bar.n)
 
-            results, stats = decode_batch(task, lm, b, on_progress, slots=batch_rows, on_result=on_result)
+            results, stats = decode_batch(task, lm, b, on_progress, slots=batch_rows, on_result=on_result, lag=lag)
             report.generate_time_s += stats.wall_time_s
             report.rows_forwarded += stats.rows_forwarded
             report.steps += stats.steps

@@ -429,6 +429,11 @@ def validate(task: Task, where: _Where | None = None, flagged: set = frozenset()
     if task.method == "cfg" and k < 2:
         raise DivgenError(f"{name('method')} cfg needs at least 2 labels: the other labels' "
                           "prompts are the negative prompts")
+    # the rows one kernel group couples: CFG couples each sample row with its K − 1 shadow rows only
+    if task.method == "cfg" and k > limits.MAX_GROUP_ROWS:
+        raise DivgenError(f"{name('method')} cfg couples each sample row with one shadow row per other label: "
+                          f"{k} labels make groups of {k} rows, and the sampling kernels take at most "
+                          f"{limits.MAX_GROUP_ROWS}: use corrsynth or fewer labels")
     s = task.sampling
     sampling = Sampling(
         temperature=limits.temperature(s.temperature, name("sampling.temperature")),
