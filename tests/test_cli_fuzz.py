@@ -728,13 +728,20 @@ ROWS_22 = [
     ("spa-run-synth-missing", [*RUN, "--synth", "{d}/none.jsonl"], "--synth"),
     ("spa-run-quiet-bad", [*RUN, "--quiet", "--steps", "-1"], "--steps must be in"),
     ("spa-run-task-bomb", ["spa", "run", "{d}/bomb.yaml", "--out", "{d}/run_new"], "expands to more than"),
-    # divgen serve: every check runs before vLLM is looked for or a model is resolved
-    ("serve-port-0", ["serve", "--port", "0"], "--port must be in 1..65535"),
-    ("serve-host-empty", ["serve", "--host", ""], "--host must be an address"),
-    ("serve-vllm-args-unbalanced", ["serve", "--vllm-args", "--dtype 'bf16"], "is not a valid flag string"),
-    ("serve-vllm-args-owned", ["serve", "--vllm-args", "--port 9000"], "--port is set by divgen serve"),
-    ("serve-python-not-executable", ["serve", "--python", "{d}/syn.jsonl"], "is not an executable file"),
-    ("serve-model-missing", ["serve", "{d}/nomodel", "--dry-run", "--python", sys.executable],
+    # ---- serve: every check runs before vLLM starts (and without it installed) --------------------
+    ("serve-port-0", ["serve", "--port", "0"], "--port must be in [1, 65535], got 0"),
+    ("serve-port-huge", ["serve", "--dry-run", "--port", "70000"], "--port must be in [1, 65535]"),
+    ("serve-host-empty", ["serve", "--host", ""], "--host '' is not an address"),
+    ("serve-host-space", ["serve", "--host", "0.0.0.0 8000"], "is not an address"),
+    ("serve-vllm-args-unquoted", ["serve", "--vllm-args", "--dtype 'float32"], "is not a valid flag string"),
+    ("serve-vllm-args-port", ["serve", "--vllm-args", "--port 9"], "--port is set by divgen serve"),
+    ("serve-vllm-args-processors", ["serve", "--vllm-args=--logits-processors=x.y:Z"],
+     "--logits-processors is set by divgen serve"),
+    ("serve-vllm-args-scheduler", ["serve", "--vllm-args", "--scheduler-cls x.Y"], "--scheduler-cls is set by"),
+    ("serve-model-missing", ["serve", "{d}/no_model_here"], "does not exist"),
+    ("serve-python-missing", ["serve", "--python", "{d}/no_venv/bin/python"], "is not an executable file"),
+    ("serve-python-not-executable", ["serve", "--python", "{d}/notes.txt"], "is not an executable file"),
+    ("serve-model-not-a-model", ["serve", "{d}/nomodel", "--dry-run", "--python", sys.executable],
      "is not a model directory"),
 ]
 # Rows answered after torch is imported (whether a CUDA device exists needs torch), still before

@@ -107,6 +107,31 @@ def test_model_sized_rows_equal_the_reference():
         assert torch.equal(ref, fast)
 
 
+@pytest.mark.parametrize("alpha", [0.0, "mixed"])
+@pytest.mark.parametrize("any_cut", [False, True])
+@pytest.mark.parametrize("min_p", [None, "some"])
+@pytest.mark.parametrize("masks", [False, True])
+def test_guided_rows_without_alpha_equal_the_reference(alpha, any_cut, min_p, masks):
+    """The vLLM binding's usual step: 16 rows x 49,152 tokens in CorrSynth groups of 4, no α cut
+    (every token kept: the dense-score path), greedy and sampled rows, top-k and vLLM's min-p on
+    some, finite logits or masks (min_tokens, a grammar); and the same with α on half the rows."""
+    for seed in range(3):
+        args = list(_case(seed, 16, 49152, "groups", 4.0))
+        gen = torch.Generator().manual_seed(50 + seed)
+        args[0] = torch.randn(16, 49152, generator=gen) * 4.0
+        if masks:
+            args[0][0, 2] = float("-inf")                                     # EOS under min_tokens
+            args[0][5, torch.randperm(49152, generator=gen)[:49000]] = float("-inf")   # a grammar
+        args[5] = torch.zeros(16) if alpha == 0.0 else torch.tensor([0.0, 0.05] * 8)
+        args[6] = torch.tensor([0, 50, 1, 0] * 4, dtype=torch.int64)
+        mp = None if min_p is None else torch.tensor([0.0, 0.1, 0.5, 1.0] * 4)
+        logits, mix, seeds, step, temperature, a, top_k, top_p = args
+        kw = dict(any_top_k_top_p=any_cut, min_p=mp)
+        ref = reference.guided_sample_step(logits, mix, seeds, step, temperature, a, top_k, top_p, **kw)
+        fast = cpu_sample.guided_sample_step(logits, mix, seeds, step, temperature, a, top_k, top_p, **kw)
+        assert torch.equal(ref, fast), seed
+
+
 def test_non_finite_rows_follow_the_reference_rules():
     logits = torch.randn(4, 50)
     logits[1] = float("-inf")                   # a slot not in use: token 0

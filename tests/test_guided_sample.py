@@ -65,29 +65,42 @@ def log_softmax64(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def scores_from_mix(lp: np.ndarray, mix) -> np.ndarray:
-    """s_m(v) = Σ_n mix[m, n] · g_{m,n}(v), g = ℓ_n(v), or ℓ_m(v) where a contrasting ℓ_n(v) is
-    −inf (the mask rule: that row's term is dropped); mix None: s = ℓ."""
+def row_lse64(x: np.ndarray) -> np.ndarray:
+    """lse_r = l_r − ℓ_r, the normaliser of each row's finite logits."""
+    out = np.zeros(x.shape[0])
+    for r in range(x.shape[0]):
+        finite = x[r][np.isfinite(x[r])]
+        out[r] = finite.max() + math.log(np.exp(finite - finite.max()).sum())
+    return out
+
+
+def scores_from_mix(x: np.ndarray, mix) -> np.ndarray:
+    """s_m(v) = Σ_n mix[m, n] · g_{m,n}(v) from logits x, g = ℓ_n(v), or l_m(v) − lse_n where a
+    contrasting ℓ_n(v) is −inf (the mask rule: row n read as agreeing with row m's logit at v);
+    mix None: s = ℓ."""
+    lp, lse = log_softmax64(x), row_lse64(x)
     if mix is None:
-        return lp.copy()
+        return lp
     mix = np.asarray(mix, dtype=np.float64)
     s = np.zeros_like(lp)
     for m in range(lp.shape[0]):
         for n in range(lp.shape[0]):
             if mix[m, n] != 0:
-                other = lp[n] if n == m else np.where(np.isfinite(lp[n]), lp[n], lp[m])
+                other = lp[n] if n == m else np.where(np.isfinite(lp[n]), lp[n], x[m] - lse[n])
                 s[m] += mix[m, n] * other
     return s
 
 
-def scores_from_gammas(lp: np.ndarray, gamma: np.ndarray) -> np.ndarray:
-    """DESIGN.md: s_m = ℓ_m + Σ_{n≠m} γ_{m,n} (ℓ_m − ℓ_n), the term dropped where ℓ_n is −inf (a mask)."""
+def scores_from_gammas(x: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    """DESIGN.md: s_m = ℓ_m + Σ_{n≠m} γ_{m,n} (ℓ_m − ℓ_n) from logits x; where ℓ_n is −inf (a
+    mask) the term is γ_{m,n} (lse_n − lse_m), that of a token both rows' logits agree on."""
+    lp, lse = log_softmax64(x), row_lse64(x)
     s = lp.copy()
     for m in range(lp.shape[0]):
         for n in range(lp.shape[0]):
             if n != m:
                 term = gamma[m, n] * (lp[m] - lp[n])
-                s[m] += np.where(np.isfinite(lp[n]), term, 0.0)
+                s[m] += np.where(np.isfinite(lp[n]), term, gamma[m, n] * (lse[n] - lse[m]))
     return s
 
 
@@ -127,7 +140,7 @@ def independent_sample(logits, mix, u, temperature=1.0, alpha=0.0, top_k=0, top_
     """Tokens and log-probs of guided Gumbel-max sampling with uniforms u, in float64."""
     x = logits.double().numpy()
     rows = x.shape[0]
-    s = scores_from_mix(log_softmax64(x), None if mix is None else mix.double().numpy())
+    s = scores_from_mix(x, None if mix is None else mix.double().numpy())
     temps, alphas = per_row(temperature, rows), per_row(alpha, rows)
     ks, ps, mps = per_row(top_k, rows), per_row(top_p, rows), per_row(min_p, rows)
     gumbel = -np.log(-np.log(u.double().numpy()))
@@ -367,8 +380,7 @@ def exact_distribution(x: np.ndarray, gamma_sign=1.0, alpha_on_guided=False, inv
     """p_m ∝ exp(s_m / T) on A_m (DESIGN.md), or one of three deliberate mistakes."""
     k = x.shape[0]
     gamma = gamma_sign * (STAT_SCALE - 1) / (k - 1) * (1 - np.eye(k))
-    lp = log_softmax64(x)
-    s = scores_from_gammas(lp, gamma)
+    s = scores_from_gammas(x, gamma)
     t = 1 / STAT_T if inverse_t else STAT_T
     out = np.zeros_like(x)
     for m in range(k):
@@ -498,7 +510,7 @@ def test_greedy_is_argmax_of_guided_scores_in_alpha_set(layout, gs):
     mix = make_mix(layout)
     alpha = torch.tensor([0.0, 0.3, 0.01, 0.1, 0.0, 0.5])
     x = logits.double().numpy()
-    s = scores_from_mix(log_softmax64(x), None if mix is None else mix.double().numpy())
+    s = scores_from_mix(x, None if mix is None else mix.double().numpy())
     want = [int(np.argmax(np.where(alpha_set(x[m], float(alpha[m])), s[m], -np.inf))) for m in range(ROWS)]
     for fn in (reference.guided_sample, gs.guided_sample):
         tokens = fn(logits, mix, seeds=make_seeds(ROWS), step=0, temperature=0.0, alpha=alpha)

@@ -43,7 +43,7 @@ def _logits(seed, masked=False):
 
 def _oracle_scores(x, mix):
     lp = log_softmax64(x.double().numpy())
-    s = scores_from_mix(lp, mix.double().numpy())
+    s = scores_from_mix(x.double().numpy(), mix.double().numpy())       # takes logits (the mask rule)
     s[:, OWN_IDS] = lp[:, OWN_IDS]                     # the own-token rule: s_m(v) = ℓ_m(v)
     return s
 

@@ -15,11 +15,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_guided_sample import corrsynth_block, independent_sample, make_noise, make_seeds
+from test_guided_sample import corrsynth_block, independent_sample, make_noise, make_seeds, scores_from_mix
 
 import divgen.kernels as kernels
 from divgen.engine.sampling import Sampler, SamplingParams
-from divgen.kernels import guided_sample_triton, reference
+from divgen.kernels import cpu_sample, guided_sample_triton, reference
 
 NEG_INF = float("-inf")
 EOS = 7
@@ -30,8 +30,20 @@ def gs(on_kernel_device):
     return on_kernel_device(guided_sample_triton)
 
 
+def cpu_guided_sample(logits, mix, *, seeds, step, temperature=1.0, alpha=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                      noise=None, return_logprobs=False):
+    """``reference.guided_sample``'s checked entry point onto the CPU sampler's step (the engine's
+    CPU sampler, ``cpu_sample.guided_sample_step``; it hands log-probs and min-p to the reference)."""
+    temperature, alpha, top_k, top_p, min_p = reference.check_guided_sample_args(
+        logits, mix, seeds, temperature, alpha, top_k, top_p, noise, min_p)
+    return cpu_sample.guided_sample_step(
+        logits, mix, seeds, reference.step_tensor(step, logits.shape[0], logits.device), temperature, alpha,
+        top_k, top_p, min_p=min_p if bool((min_p > 0).any()) else None,
+        any_top_k_top_p=bool((top_k > 0).any() or (top_p < 1).any()), noise=noise, return_logprobs=return_logprobs)
+
+
 def implementations(gs):
-    return {"reference": reference.guided_sample, "kernel": gs.guided_sample}
+    return {"reference": reference.guided_sample, "kernel": gs.guided_sample, "cpu": cpu_guided_sample}
 
 
 # ---- the mask rule ---------------------------------------------------------------------------
@@ -65,20 +77,23 @@ def test_masked_contrasting_rows_equal_the_oracle(impl, vocab, temperature, top,
         torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["reference", "kernel"])
-def test_a_mask_in_one_member_does_not_pull_the_others(impl, gs):
+@pytest.mark.parametrize("impl", ["reference", "kernel", "cpu"])
+@pytest.mark.parametrize("eos_gap", [-1.0, 1.5])
+def test_a_mask_in_one_member_does_not_pull_the_others(impl, eos_gap, gs):
     """The vLLM report: 4 identical rows of one group, EOS masked in member 0 only (min_tokens).
     Identical rows contrast to nothing, so members 1-3 must draw exactly what they draw without
-    the mask (the old −100 floor added 100·γ to EOS: every draw became EOS)."""
+    the mask. The old −100 floor added 100·γ to EOS (every draw became EOS); reading ℓ_0(EOS) as
+    ℓ_m(EOS) added γ·log(1/(1 − p(EOS))), which flips draws when EOS is likely (eos_gap 1.5:
+    p(EOS) ≈ 0.5 in member 0's unmasked row)."""
     vocab = 111
     row = torch.randn(vocab, generator=torch.Generator().manual_seed(3))
-    row[EOS] = row.max() - 1.0              # a likely token, not the most likely
+    row[EOS] = row.max() + eos_gap
     free = row.repeat(4, 1)
     masked = free.clone()
     masked[0, EOS] = NEG_INF
-    mix = corrsynth_block(4, 2.0)
+    mix = corrsynth_block(4, 3.0)
     fn = implementations(gs)[impl]
-    draws = 40 if impl == "reference" else 6
+    draws = 6 if impl == "kernel" else 60
     eos_masked = eos_free = 0
     for step in range(draws):
         args = dict(seeds=make_seeds(4, offset=step), step=step, temperature=1.0)
@@ -87,28 +102,39 @@ def test_a_mask_in_one_member_does_not_pull_the_others(impl, gs):
         assert with_mask[0] != EOS
         eos_masked += int((with_mask[1:] == EOS).sum())
         eos_free += int((without[1:] == EOS).sum())
-    assert eos_masked == eos_free < 3 * draws
+    assert eos_masked == eos_free
+    if eos_gap < 0:
+        assert eos_free < 3 * draws
 
 
 def test_mask_rule_drops_exactly_the_masked_term():
-    """ŝ differs from the unmasked scores, at a masked (n, v), by exactly −γ_{m,n}(ℓ_m(v) − ℓ_n(v))
-    (up to the row's constant): the term is dropped, nothing else moves."""
+    """ŝ (the comparison values: logits mixed, no normaliser) changes, at a masked (n, v), by
+    exactly −γ_{m,n}(l_m(v) − l_n(v)) — row n is read as agreeing with row m there — and nowhere
+    else; in log-probs the masked token then gets γ_{m,n}(lse_n − lse_m), the term of a token on
+    which the rows' logits agree (checked against the float64 oracle's guided log-probs)."""
     x = torch.randn(3, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
     mix = corrsynth_block(3, 2.5)
     gamma = 0.75
     masked = x.clone()
     masked[1, 5] = NEG_INF
-    lp = torch.log_softmax(x.double(), dim=-1)
-    lp1 = x[1].double() - torch.logsumexp(masked[1].double(), dim=-1)   # row 1 renormalised without v = 5
     before = reference.guided_scores(x, mix).double()
     after = reference.guided_scores(masked, mix).double()
     for m in (0, 2):
-        shift = (after[m] - before[m])                                   # [V]
-        const = shift[6]                                                 # an unmasked token
-        dropped = gamma * (lp[m, 5] - lp1[5])
-        assert float(shift[5] - const) == pytest.approx(-float(dropped), abs=1e-4)
-        others = torch.cat([shift[:5], shift[6:]]) - const
-        assert float(others.abs().max()) < 1e-4
+        shift = after[m] - before[m]                                     # [V]
+        dropped = gamma * (x[m, 5].double() - x[1, 5].double())
+        assert float(shift[5]) == pytest.approx(-float(dropped), abs=1e-5)
+        assert float(torch.cat([shift[:5], shift[6:]]).abs().max()) < 1e-5
+    # the same scores, up to a constant per row, as the oracle's s = mix @ g(ℓ)
+    want = scores_from_mix(masked.double().numpy(), mix.double().numpy())
+    lse = torch.logsumexp(masked.double(), dim=-1)
+    for m in (0, 2):
+        const = float(after[m, 0]) - want[m, 0]
+        assert np.abs(after[m].numpy() - const - want[m]).max() < 1e-4
+        agree = gamma * (float(lse[1]) - float(lse[m]))                  # the term where rows agree
+        lp = torch.log_softmax(masked.double(), dim=-1)
+        others = [n for n in range(3) if n != m and n != 1]
+        term5 = want[m, 5] - lp[m, 5].item() - sum(gamma * (lp[m, 5] - lp[n, 5]).item() for n in others)
+        assert term5 == pytest.approx(agree, abs=1e-9)
 
 
 # ---- min_p as transformers and vLLM mean it ---------------------------------------------------
@@ -195,7 +221,7 @@ def near_tie(vocab: int = 4099) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("impl", ["reference", "kernel"])
+@pytest.mark.parametrize("impl", ["reference", "kernel", "cpu"])
 def test_greedy_row_gives_the_same_token_in_any_batch(impl, gs):
     x = near_tie()
     fn = implementations(gs)[impl]
@@ -230,6 +256,39 @@ def test_top_k_on_a_flat_row_keeps_exactly_k(impl, gs):
                             return_logprobs=True)
         assert int(token[0]) >= vocab - k
         assert float(logprob[0]) == pytest.approx(-math.log(k), abs=2e-4)
+
+
+def flat_row(vocab: int) -> torch.Tensor:
+    """Distinct logits one fp32 ulp apart, ascending: 1, 1 + ulp, 1 + 2 ulp, ... (a log-softmax
+    rounds them to the ulp of lse, ~8 input ulps, and merges them in runs)."""
+    ulp = float(np.nextafter(np.float32(1.0), np.float32(2.0)) - np.float32(1.0))
+    x = torch.ones(vocab) + torch.arange(vocab, dtype=torch.float32) * ulp
+    assert torch.unique(x).numel() == vocab
+    return x
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernel", "cpu"])
+def test_top_k_1000_on_a_flat_row_keeps_exactly_1000(impl, gs):
+    """The issue's case, 4099 tokens, top-k = 1000: the 1000th largest logit is kept and the
+    1001st is not. Injected noise puts the largest Gumbel value on one token, so that token wins
+    exactly when the cut keeps it (a 1001st kept token would win its draw)."""
+    vocab, k = 4099, 1000
+    x = flat_row(vocab)
+    fn = implementations(gs)[impl]
+
+    def winner(token: int, temperature: float) -> int:
+        noise = torch.full((1, vocab), 1e-6)
+        noise[0, token] = 1 - 1e-6
+        return int(fn(x[None], None, seeds=make_seeds(1), step=0, temperature=temperature, top_k=k,
+                      noise=noise)[0])
+
+    for temperature in (1.0, 0.5):
+        assert winner(vocab - k, temperature) == vocab - k               # the 1000th: kept
+        assert winner(vocab - k - 1, temperature) >= vocab - k           # the 1001st: cut
+        assert winner(0, temperature) >= vocab - k
+    draws = [int(fn(x[None], None, seeds=make_seeds(1), step=s, temperature=1.0, top_k=k)[0])
+             for s in range(40 if impl != "kernel" else 4)]
+    assert min(draws) >= vocab - k
 
 
 def test_kernel_plan_without_masks_is_a_promise_of_finite_logits(kernel_device):

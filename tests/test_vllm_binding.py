@@ -5,8 +5,9 @@ import os
 from types import SimpleNamespace
 
 import pytest
+from conftest import import_vllm_dependency
 
-pytest.importorskip("vllm")
+import_vllm_dependency("vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine core in this process
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")           # GiB; the default reserves far more
 

@@ -33,6 +33,8 @@ def chosen(out):
 
 
 def sample(logits, mix, seeds, step, **kw):
+    """step: one int for every row, or a list (each row's own counter)."""
+    step = torch.tensor(step, dtype=torch.int64) if isinstance(step, list) else step
     return reference.guided_sample(logits, mix, seeds=torch.tensor(seeds), step=step, **kw).tolist()
 
 

@@ -76,11 +76,10 @@ def server_command(args) -> tuple[list[str], dict]:
     from divgen.engine import limits
     from divgen.engine.model_source import find_model
 
-    if not 0 < args.port < 65536:
-        raise DivgenError(f"--port must be in 1..65535, got {args.port}")
+    limits.count(args.port, "--port", low=1, high=limits.MAX_PORT)
     if not args.host or any(c.isspace() for c in args.host):
-        raise DivgenError(f"--host must be an address such as 127.0.0.1 (this machine) or 0.0.0.0 (every "
-                          f"interface), got {args.host!r}")
+        raise DivgenError(f"--host {args.host!r} is not an address: give an IP address or a host name, e.g. "
+                          "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
     try:
         extra = shlex.split(args.vllm_args)
     except ValueError as exc:
@@ -90,9 +89,11 @@ def server_command(args) -> tuple[list[str], dict]:
         if any(a == flag or a.startswith(flag + "=") for a in extra):
             raise DivgenError(f"{flag} is set by divgen serve (its processor, scheduler, MODEL, --host, "
                               "--port): drop it from --vllm-args")
-    python = vllm_python(args.python)
     find_model(args.model)                                   # fast: a clear message for a bad MODEL
-    limits.device(None, "--device")
+    python = vllm_python(args.python)
+    from divgen.bindings.vllm import group_timeout_s
+
+    group_timeout_s()                                        # DIVGEN_GROUP_TIMEOUT_S, before the server starts
     from divgen.engine.model import resolve_model_dir
 
     model_dir, _ = resolve_model_dir(args.model)

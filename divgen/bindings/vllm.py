@@ -8,8 +8,9 @@
                             extra_args=divgen_tag(group="q1", scale=2.0))   # 8 rows contrast each other
     outputs = llm.generate([prompt], params)
 
-Over HTTP: ``vllm serve MODEL --logits-processors divgen.bindings.vllm:DivgenLogitsProcessor`` and
-``"vllm_xargs": {"divgen_group": "q1", "divgen_scale": 2}`` in a request's body.
+Over HTTP: ``divgen serve MODEL`` (vLLM's OpenAI-compatible server with this processor and
+``vllm_scheduler.DivgenScheduler``) and ``"vllm_xargs": {"divgen_group": "q1", "divgen_scale": 2,
+"divgen_size": 4}`` in each member's body (``divgen_size``: the group's row count, requests × n).
 
 Tags are flat ``extra_args`` keys with the prefix ``divgen_`` (vLLM's HTTP ``vllm_xargs`` takes no
 nested values), built and checked by ``divgen_tag``; ``divgen_group`` marks a request as tagged:
@@ -24,8 +25,10 @@ The rule is divgen's own (``engine.guidance.Guidance``), applied with the row's 
 row's guidance is its row of γ, so members need not agree. For every tagged row of the step the
 processor computes ``s_m = Σ_n mix[m, n] · ℓ_n`` and samples it with divgen's kernels
 (``kernels.guided_sample_step``, the same tokens as ``kernels.reference.guided_sample``):
-α = the request's ``min_p`` on the row's *own* distribution, then its ``temperature``, ``top_k``,
-``top_p``, and Gumbel noise that is a pure function of (seed, step, token) — ``seed`` is the
+the papers' α (``divgen_alpha``) on the row's *own* distribution, then the request's
+``temperature``, ``min_p`` (vLLM's min-p, after temperature), ``top_k``, ``top_p``, and its
+presence/frequency/repetition penalties (applied to the row's logits first: vLLM applies them
+after the processors, where they would change nothing), and Gumbel noise that is a pure function of (seed, step, token) — ``seed`` is the
 request's seed (a random one when None; vLLM gives the n children of a request seed + i, as divgen
 does), ``step`` the number of tokens the request has generated. The processor returns logits that
 are −inf except at that token, so vLLM's own sampler emits exactly divgen's choice.
@@ -40,10 +43,14 @@ Who counts as a member, step by step (vLLM's persistent batch has no lockstep):
 * **not yet started / waiting / preempted**: not in the batch, so not contrasted until it is; a
   member that joins late starts its own step counter at 0 and is contrasted with the others'
   current distributions.
-* When all members are admitted in the same step (one ``generate`` call whose prompts fit the
-  batch, with the engine core in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the rows are in
-  lockstep and the tokens are divgen engine's tokens for the same seeds. vLLM's default
-  multiprocess engine core may admit the members of one call over several steps.
+* When all members are admitted in the same step the rows are in lockstep and the tokens are
+  divgen engine's tokens for the same seeds. ``DivgenScheduler`` (``--scheduler-cls``, set by
+  ``divgen serve``) admits the ``divgen_size`` rows of a group together, with any engine core;
+  without it, one offline ``generate`` call whose prompts fit the batch with the engine core
+  in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) is admitted in one step.
+* A token another mechanism masked (−inf: min_tokens, allowed ids, bad words, a grammar) in a
+  contrasting member is read as agreeing with the row's own logit (``kernels.reference``, the
+  mask rule): it never attracts the other members.
 
 Untagged requests are never touched. A group with more than ``kernels.MAX_GROUP_ROWS`` (256)
 present members is contrasted in chunks of 256 (batch order). Limits: a member whose prompt is
@@ -73,6 +80,27 @@ TAG_FIELDS = ("group", "method", "scale", "label", "gamma", "delta", "member", "
 TAG_METHODS = limits.TAG_METHODS
 _GREEDY_EPS = 1e-5       # vLLM treats a temperature below this as greedy
 MAX_GROUP_SIZE = 4096     # rows of one group the scheduler holds for (far above any batch)
+
+
+DEFAULT_GROUP_TIMEOUT_S = 30.0  # DivgenScheduler: seconds a sized group may wait for its rows
+
+
+def group_timeout_s() -> float:
+    """``DIVGEN_GROUP_TIMEOUT_S`` (seconds, default 30), checked: how long ``DivgenScheduler``
+    holds an incomplete group before failing it."""
+    import os
+
+    from divgen.engine import limits
+
+    raw = os.environ.get("DIVGEN_GROUP_TIMEOUT_S", "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_GROUP_TIMEOUT_S
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= limits.MAX_GROUP_TIMEOUT_S:
+        raise DivgenError(f"DIVGEN_GROUP_TIMEOUT_S must be a number of seconds in (0, {limits.MAX_GROUP_TIMEOUT_S:g}], "
+                          f"got {raw!r}: set it so, or unset it (default {DEFAULT_GROUP_TIMEOUT_S:g})")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,30 +26,17 @@ A member preempted under KV-cache pressure rejoins late (vLLM's rule); run with 
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
-from divgen.bindings.vllm import parse_tag
+from divgen.bindings.vllm import group_timeout_s, parse_tag
 from divgen.engine.errors import DivgenError
 
 logger = logging.getLogger("divgen.vllm")
-DEFAULT_TIMEOUT_S = 30.0
 # a member not yet started: waiting, or waiting for its structured-output grammar to compile
 _UNSTARTED = (RequestStatus.WAITING, RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR)
-
-
-def group_timeout_s() -> float:
-    raw = os.environ.get("DIVGEN_GROUP_TIMEOUT_S", "")
-    try:
-        value = float(raw) if raw else DEFAULT_TIMEOUT_S
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise DivgenError(f"DIVGEN_GROUP_TIMEOUT_S must be a number of seconds > 0, got {raw!r}")
-    return value
 
 
 def _group_of(request) -> tuple[str, int] | None:
@@ -78,6 +65,20 @@ class DivgenScheduler(Scheduler):
         # the scheduler's own path for failing requests before they run: finished with
         # FINISHED_ERROR and reported to their clients in this step's update_from_output
         self.grammar_compile_error_reqs.update(ids)
+
+    @staticmethod
+    def _grammar_ready(request) -> bool:
+        """False while a member's structured-output grammar compiles. A held request is out of
+        ``self.waiting``, where vLLM would promote it once its grammar is ready, so the promotion
+        is made here, by vLLM's rule (a failed compilation is left to vLLM, which fails it)."""
+        if request.status != RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR:
+            return True
+        grammar = getattr(getattr(request, "structured_output_request", None), "grammar", None)
+        if grammar is None:
+            return False
+        if not isinstance(grammar, Exception):
+            request.status = RequestStatus.WAITING
+        return True
 
     def _hold(self) -> list:
         """Requests taken out of ``self.waiting`` for this step (put back after it)."""
@@ -115,7 +116,7 @@ class DivgenScheduler(Scheduler):
                                          "all members together, or fix divgen_size")
                 else:
                     held += members
-            elif (ready is None and all(r.status == RequestStatus.WAITING for r in members)   # grammars ready
+            elif (ready is None and all(map(self._grammar_ready, members))
                   and len(self.running) + size <= self.max_num_running_reqs and prompt_tokens <= budget):
                 ready = members
             else:

@@ -12,7 +12,9 @@ Where the reference's time goes on a CPU (16 rows x 49,152 tokens): the counter-
   no fixed bound: its row's own min/max give it.
 * The α cutoff keeps tokens with l ≥ max l + log α (own logits), so a row with α > 0 has a
   small kept set; everything after the scores is computed on those tokens only (gathered, one
-  flat list over all rows).
+  flat list over all rows). Guided rows with α = 0 (the vLLM binding's requests) keep the whole
+  vocabulary: their scores are computed densely (one [R, R] x [R, V] product when no logit is
+  −inf) and only tokens within the noise's reach of each row's best guided score are gathered.
 * top-k: the k-th largest kept score is a value, the same on the gathered list (``topk``, no
   sort of the vocabulary). top-p needs the ascending cumulative mass over the whole row in the
   reference's order, so a step with a top-p row runs the reference (exact, and as slow).
@@ -28,7 +30,8 @@ reference's scores-and-mask lines (``reference.guided_scores`` on the gathered c
 injected and counter-based noise, so a change of the reference's rules shows up there.
 * min-p (the peers' rule, on the tempered guided scores) keeps z ≥ max z + log min_p: the row's
   max z is always among the candidates (the α-kept tokens, or for unguided rows the tokens
-  within the noise's reach of the best), so it is the same value as the reference's.
+  within the noise's reach of the best, or on the dense path the tokens within
+  reach of the best guided score), so it is the same value as the reference's.
 Under ``torch.compile`` (data-dependent sizes) and with ``return_logprobs`` the reference runs.
 """
 from __future__ import annotations
@@ -90,9 +93,32 @@ def _mixed_scores(x, mix, rows, cols, own=None):
     n = ucols.shape[0]
     padded = torch.zeros(max(_PAD, -(-n // _PAD) * _PAD), dtype=ucols.dtype, device=ucols.device)
     padded[:n] = ucols
-    lse = torch.logsumexp(x, dim=-1)                                          # [R], as the reference
+    lse = torch.logsumexp(x, dim=-1) if own is not None else None           # [R], as the reference
     s = reference.guided_scores(x[:, padded], mix, lse=lse, own=None if own is None else own[padded])   # [R, U]
     return s[rows, where]
+
+
+def _dense_scores(x, mix, row_limit, t_div, own=None):
+    """The reference's z [R, V]: ``guided_scores``, kept where the own logit is finite and ≥ the
+    row's max + log α, divided by T (the same ops as ``reference.guided_sample_step``)."""
+    finite = torch.isfinite(x)
+    if bool(finite.all()) and own is None:    # no masks: guided_scores' mask terms would add exact zeros
+        s = mix.float() @ x
+        if not bool(torch.isfinite(row_limit).any()):     # and no α cut: every token is kept
+            return s.div_(t_div[:, None])
+    else:
+        s = reference.guided_scores(x, mix, own=own)
+    keep = finite & (x >= row_limit[:, None])
+    return torch.where(keep, s / t_div[:, None], float("-inf"))
+
+
+def _noise_gap(noise, like: torch.Tensor) -> torch.Tensor:
+    """[R] the largest minus the smallest Gumbel value a row's noise can take."""
+    if noise is None:
+        return torch.full_like(like, NOISE_GAP)
+    u = noise.float()
+    g = _gumbel(torch.stack((u.min(dim=-1).values, u.max(dim=-1).values), dim=1))
+    return g[:, 1] - g[:, 0]
 
 
 def _candidates(x: torch.Tensor, limit: torch.Tensor):
@@ -128,6 +154,7 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
         return reference.guided_sample_step(
             logits, mix, seeds, step, temperature, alpha, top_k, top_p, min_p=min_p,
             any_top_k_top_p=any_top_k_top_p, noise=noise, return_logprobs=return_logprobs, own=own)
+    dense = mix is not None and bool((alpha <= 0).any())      # guided rows keeping every token
     n_rows, vocab = logits.shape
     x = logits.float()
     row_max = x.amax(dim=-1)
@@ -138,12 +165,28 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
     greedy, t_div = sampling_temperature(temperature)
     # Candidates: the α-kept tokens; for unguided rows also only logits within the noise's reach
     # of the best (z = (l − c) / T, so a winner has l ≥ max l − T·gap; a margin covers rounding).
-    limit = row_limit
-    if mix is None and noise is None:
-        reach = row_max - t_div * (NOISE_GAP + 2 * _MARGIN) - 1e-3 * (1 + row_max.abs())
-        limit = torch.maximum(row_limit, reach)
-    rows, cols = _candidates(x, limit)                                        # row-major, ids ascending
-    z = _cut_scores(x, mix, row_limit, rows, cols, t_div, own)               # [N] gathered scores
+    if dense:
+        # Guided rows without an α cut keep the whole vocabulary: gathering it costs more than the
+        # reference's dense pass. The scores are computed densely instead (the reference's ops on
+        # the same operands: the same bits), and only tokens within the noise's reach of each
+        # row's best score are kept (a winner has z ≥ max z − gap; top-k keeps the max). Min-p is
+        # the reference's test on the same z and max: a second lower bound.
+        zf = _dense_scores(x, mix, row_limit, t_div, own)                     # [R, V]
+        best = zf.amax(dim=-1)
+        reach = best - (_noise_gap(noise, best) + 2 * _MARGIN) - best.abs() * 1e-6
+        reach = torch.where(torch.isfinite(reach), reach, float("-inf"))
+        reach = torch.where(greedy, best, reach)                              # greedy: the ties at the max
+        if min_p is not None:
+            reach = torch.maximum(reach, best + torch.log(min_p.float()))   # the reference's threshold
+        rows, cols = _candidates(zf, reach)
+        z = zf[rows, cols]
+    else:
+        limit = row_limit
+        if mix is None and noise is None:
+            reach = row_max - t_div * (NOISE_GAP + 2 * _MARGIN) - 1e-3 * (1 + row_max.abs())
+            limit = torch.maximum(row_limit, reach)
+        rows, cols = _candidates(x, limit)                                    # row-major, ids ascending
+        z = _cut_scores(x, mix, row_limit, rows, cols, t_div, own)           # [N] gathered scores
     if min_p is not None:                                                     # the peers' min-p
         z_top = _row_max(z, rows, n_rows)                                     # [R] max z (module doc)
         z = torch.where(z >= (z_top + torch.log(min_p.float()))[rows], z, float("-inf"))
@@ -165,12 +208,7 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
 
     # Only tokens within the noise's reach of the row's best score can win.
     best = _row_max(z, rows, n_rows)                                           # [R]
-    if noise is None:
-        gap = torch.full_like(best, NOISE_GAP)
-    else:
-        u = noise.float()
-        g = _gumbel(torch.stack((u.min(dim=-1).values, u.max(dim=-1).values), dim=1))
-        gap = g[:, 1] - g[:, 0]
+    gap = _noise_gap(noise, best)
     reach = torch.where(greedy, best, best - (gap + _MARGIN) - best.abs() * 1e-6)
     near = (z >= reach[rows]) & torch.isfinite(z)
     rows, cols, z = rows[near], cols[near], z[near]

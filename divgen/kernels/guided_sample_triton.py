@@ -11,15 +11,15 @@ For a row m of a guidance group G(m) (rows that ``mix`` couples, see ``kernels/p
 W the group's block of ``mix``:
 
     ℓ_n(v)  = l_n(v) − lse_n,   lse_n = max_n + log Σ_u exp(l_n(u) − max_n)     log_softmax
-    s_m(v)  = Σ_{n ∈ G(m)} W[m, n] · g_{m,n}(v),  g = ℓ_n(v), or ℓ_m(v) where ℓ_n(v) = −inf (a mask)
-    ŝ_m(v)  = s_m(v) + c_m = W·L + L_m ⊙ (W_off·Mk) + (W_off ⊙ D)·Mk           (``_mix``)
+    s_m(v)  = Σ_{n ∈ G(m)} W[m, n] · g_{m,n}(v),  g = ℓ_n(v), or l_m(v) − lse_n where ℓ_n(v) = −inf (a mask)
+    ŝ_m(v)  = s_m(v) + c_m = W·L + L_m ⊙ (W_off·Mk)                           (``_mix``)
     z_m(v)  = ŝ_m(v) · (1 / T_m)   if l_m(v) finite and l_m(v) ≥ max_m + log α_m,   else −inf
             and −inf where z_m(v) < max_u z_m(u) + log min_p_m                   (min-p, tempered)
     x_m     = argmax_v z'_m(v) + G_m(v)     (T_m < 1e-6: no G; z' = z after top-k / top-p)
 
 ŝ is the reference's (``reference.guided_scores``): raw logits L (−inf read as 0) mixed, plus the
-mask rule's two terms (Mk = [l = −inf], W_off = W off the diagonal, D[m, n] = lse_n − lse_m), a
-constant c_m per row away from s, so the same tokens, cuts and log-probs; a row without guidance
+mask rule's term (Mk = [l = −inf], W_off = W off the diagonal), a constant c_m = Σ_n W[m, n] lse_n
+per row away from s, so the same tokens, cuts and log-probs; a row without guidance
 compares its raw logits.
 
 1. Pass 1 (``_stats_kernel``, one program per (row, chunk)) keeps an online (max, Σ exp) per
@@ -237,7 +237,8 @@ def _tile_rows(tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offs
 @triton.jit
 def _mask_terms(s, own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
                 logits_ptr, stride_logits, cols, col_mask):
-    """s + the mask rule's terms: Σ_{n ≠ m, l_n(v) = −inf} W[m, n] · (L_m(v) + lse_n − lse_m).
+    """s + the mask rule's term: Σ_{n ≠ m, l_n(v) = −inf} W[m, n] · L_m(v) (row n read as agreeing
+    with row m on v; lse_own and lse_ptr are unused, kept for the call sites' shape).
 
     One contrasting row at a time (its logits re-read from L1/L2, its column of W), so only
     [M, BLOCK_V] values stay live; it runs only for a tile where some row of the group is masked."""
@@ -246,8 +247,7 @@ def _mask_terms(s, own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size,
         xn = tl.load(logits_ptr + row_n.to(tl.int64) * stride_logits + cols, mask=col_mask, other=0.0)
         masked_n = (xn.to(tl.float32) == float("-inf")) & col_mask                  # [BLOCK_V]
         w_n = tl.load(weights_ptr + w_off + pos * size + n, mask=pos_mask & (pos != n), other=0.0)   # [M]
-        lse_n = tl.load(lse_ptr + row_n)
-        s += tl.where(masked_n[None, :], w_n[:, None] * (own + (lse_n - lse_own)[:, None]), 0.0)
+        s += tl.where(masked_n[None, :], w_n[:, None] * own, 0.0)
     return s
 
 
@@ -258,10 +258,10 @@ def _mix(x_own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size, order_p
          MASKS: tl.constexpr):
     """Guided scores ŝ [M, BLOCK_V] over the group's rows at ``cols`` (``reference.guided_scores``):
 
-        ŝ = W · L + L_own ⊙ (W_off · Mk) + (W_off ⊙ D) · Mk
+        ŝ = W · L + L_own ⊙ (W_off · Mk)
 
-    L = the logits, −inf read as 0; Mk = [logit = −inf] (a mask: the term of that row is
-    dropped); W_off = W off the diagonal; D[m, n] = lse_n − lse_m. Not log-probs: a row without
+    L = the logits, −inf read as 0; Mk = [logit = −inf] (a mask: that row is read as agreeing
+    with the own row there); W_off = W off the diagonal. Not log-probs: a row without
     guidance compares its own logits exactly. The mask terms (``_mask_terms``) are compiled in
     only with MASKS (a plan's ``masks``: contrasting rows may hold −inf) and run only for a tile
     where a row of the group has a −inf logit.

@@ -8,7 +8,7 @@ For rows r with logits l_r [V] and log-probs ℓ_r = log_softmax(l_r), and a mix
 ``mix`` [R, R] (diagonal 1 + Σ_n γ_{m,n}, off-diagonal −γ_{m,n}; identity = no guidance):
 
     s_m(v) = Σ_n mix[m, n] · g_{m,n}(v)                    guided scores
-    g_{m,n}(v) = ℓ_n(v) if ℓ_n(v) is finite (or n = m), else ℓ_m(v)          the mask rule
+    g_{m,n}(v) = ℓ_n(v) if ℓ_n(v) is finite (or n = m), else l_m(v) − lse_n    the mask rule
     A_m    = { v : l_m(v) > −inf  and  l_m(v) ≥ max_u l_m(u) + log α }     α cutoff, own logits
     z_m(v) = s_m(v) / T_m on A_m (T_m < 1e-6: T_m = 1), −inf elsewhere
     P_m    = { v ∈ A_m : z_m(v) ≥ max_u z_m(u) + log min_p }             min-p, tempered
@@ -19,10 +19,15 @@ for v ∈ O, s_m(v) = ℓ_m(v), the row's own log-prob, whatever the other rows 
 contrasting row masked v). The contrast then never decides when a row stops.
 
 The mask rule: a contrasting row's −inf log-prob is a mask set by another mechanism (min_tokens,
-allowed ids, bad words, a grammar, another request's cut), not the model's opinion, so the term
-γ_{m,n} · (ℓ_m(v) − ℓ_n(v)) is dropped for such v: reading ℓ_n(v) as ℓ_m(v) does exactly that. It
-never makes a token more attractive (the old reading, −100, gave s_m(v) += 100·γ). A row of a
-group whose logits are all −inf (a slot not in use) is masked everywhere.
+allowed ids, bad words, a grammar, another request's cut), not the model's opinion, so row n is
+read as agreeing with row m on such v: its logit l_n(v) is read as l_m(v) (under its own
+normaliser lse_n), and the term γ_{m,n} · (ℓ_m(v) − ℓ_n(v)) becomes γ_{m,n} · (lse_n − lse_m), the
+term of every token on which the two rows' logits agree. So the token is exactly as attractive
+to row m as a token the rows agree on: members identical but for a mask draw exactly what they
+draw without it. (Reading ℓ_n(v) as ℓ_m(v) would not do that: a mask moves lse_n, and a token
+masked in a member holding most of the mass, e.g. EOS under min_tokens, would gain
+γ · (lse_m − lse_n); the old −100 floor gave s_m(v) += 100·γ.) A row of a group whose logits are
+all −inf (a slot not in use) is masked everywhere.
 
 Two knobs, two names: α (``alpha``) is the papers' plausibility cutoff on the row's own,
 untempered distribution; ``min_p`` is transformers' and vLLM's min-p, on the distribution being
@@ -39,8 +44,8 @@ Values that keep distinct logits distinct: ℓ_n = l_n − lse_n in fp32 rounds 
 (~5e-7 at lse ≈ 8), which merges logits 1e-7 apart. Every comparison (argmax, cuts) is made on
 ŝ_m(v) = s_m(v) + c_m, c_m a constant of the row (so the same order, cut sets and log-probs):
 
-    ŝ_m = mix @ L + L_m ⊙ (W @ Mk) + (W ⊙ D) @ Mk        (L = l with −inf read as 0; Mk = [l = −inf];
-                                                          W = mix off the diagonal; D[m, n] = lse_n − lse_m)
+    ŝ_m = mix @ L + L_m ⊙ (W @ Mk)                        (L = l with −inf read as 0; Mk = [l = −inf];
+                                                          W = mix off the diagonal; c_m = Σ_n mix[m, n] lse_n)
 
 so a row without guidance compares its raw logits (the same token as ``argmax(logits)`` for a
 greedy row, alone or in any batch) and a group without masks compares mix @ l. Log-probs are
@@ -209,23 +214,25 @@ def guided_scores(x: torch.Tensor, mix: torch.Tensor | None, lse: torch.Tensor |
                   own: torch.Tensor | None = None) -> torch.Tensor:
     """ŝ [R, V] fp32 of the module docstring from fp32 logits x [R, V] (+inf already clamped):
     the guided scores up to a constant per row, with the mask rule, on values that keep distinct
-    logits distinct (raw logits, not log-probs). mix None: x itself. lse: the rows' logsumexp
-    over the whole vocabulary when x holds only some columns (the CPU sampler's gathered ones).
-    own: optional [V] bool, the columns outside the contrast (the own-token rule of the module
-    docstring: there ŝ_m(v) = ℓ_m(v) + c_m, the row's own log-prob plus the row's constant)."""
+    logits distinct (raw logits, not log-probs). mix None: x itself. Column by column: the
+    columns of ŝ are those of x (the CPU sampler passes only the columns it needs). own:
+    optional [V] bool, the columns outside the contrast (the own-token rule of the module
+    docstring: there ŝ_m(v) = ℓ_m(v) − c_m, the row's own log-prob in ŝ's units); it needs each
+    row's logsumexp over the whole vocabulary, ``lse`` [R] when x holds only some columns."""
     if mix is None:
         return x
     finite = x > float("-inf")                                                # NaN counts as masked
     lf = torch.where(finite, x, 0.0)                                          # [R, V] L
     masked = (~finite).float()                                                # [R, V] Mk
-    lse = torch.logsumexp(x, dim=-1) if lse is None else lse                  # [R]
-    lse = torch.where(torch.isfinite(lse), lse, 0.0)                          # a row not in use: 0
     mix = mix.float()
     off = mix - torch.diag_embed(torch.diagonal(mix))                         # [R, R] W
-    d = lse[None, :] - lse[:, None]                                           # [R, R] D[m, n]
-    s = mix @ lf + lf * (off @ masked) + (off * d) @ masked                  # [R, V]
+    s = mix @ lf + lf * (off @ masked)                                       # [R, V]
     if own is not None:
-        # ℓ_m(v) + c_m with c_m = Σ_n mix[m, n] lse_n and Σ_n mix[m, n] = 1: x_m(v) + Σ_n W[m, n] D[m, n]
+        # s = ŝ + c_m, c_m = −Σ_n mix[m, n] lse_n; with Σ_n mix[m, n] = 1, ℓ_m(v) − c_m is
+        # x_m(v) + Σ_n W[m, n] (lse_n − lse_m)
+        lse = torch.logsumexp(x, dim=-1) if lse is None else lse              # [R]
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)                      # a row not in use: 0
+        d = lse[None, :] - lse[:, None]                                       # [R, R] D[m, n]
         s = torch.where(own[None, :], x + (off * d).sum(dim=-1, keepdim=True), s)
     return s
 
@@ -317,7 +324,7 @@ def guided_sample(
 
     Semantics:
         x = logits.float()
-        s = mix @ g(log_softmax(x))                            # [R, V]; the mask rule; mix None = identity
+        s = mix @ g(log_softmax(x))                            # [R, V]; g: the mask rule; mix None = identity
         keep = isfinite(x) & (x >= x.max(-1) + log(alpha))     # the papers' α, untempered
         z = where(keep, s / T, -inf)                           # T < 1e-6: T = 1 (greedy)
         keep &= z >= z.max(-1) + log(min_p)                    # the peers' min-p, tempered
