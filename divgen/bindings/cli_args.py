@@ -50,22 +50,12 @@ def add_model_args(g) -> None:
 
 def check_sampling_args(args) -> None:
     """Check every decoding flag the user set (None = not set), naming the flag."""
-    if args.temperature is not None:
-        limits.temperature(args.temperature, "--temperature")
-    if args.top_p is not None:
-        limits.top_p(args.top_p, "--top-p")
-    if args.top_k is not None:
-        limits.top_k(args.top_k, "--top-k")
-    if args.min_p is not None:
-        limits.min_p(args.min_p, "--min-p")
-    if args.alpha is not None:
-        limits.alpha(args.alpha, "--alpha")
-    if args.seed is not None:
-        limits.seed(args.seed, "--seed")
-    if args.stop is not None:
-        limits.stop_strings(args.stop, "--stop")
-    if args.max_new_tokens is not None:
-        limits.max_new_tokens(args.max_new_tokens, "--max-new-tokens")
+    for attr, check in (("temperature", limits.temperature), ("top_p", limits.top_p), ("top_k", limits.top_k),
+                        ("min_p", limits.min_p), ("alpha", limits.alpha), ("seed", limits.seed),
+                        ("stop", limits.stop_strings), ("max_new_tokens", limits.max_new_tokens)):
+        value = getattr(args, attr)
+        if value is not None:
+            check(value, "--" + attr.replace("_", "-"))
     check_model_args(args)
 
 

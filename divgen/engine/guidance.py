@@ -158,26 +158,16 @@ class Guidance:
 
     def gamma_matrix(self, active: list[int]) -> torch.Tensor:
         """γ over the active rows (original row ids, batch order) -> [A, A] fp32, zero diagonal."""
-        gam = torch.zeros(len(active), len(active), dtype=torch.float32)
-        for positions, weights in self.weight_blocks(active):
-            idx = torch.tensor(positions)
-            gam[idx[:, None], idx[None, :]] = -weights.clone().fill_diagonal_(0.0)
-        return gam
+        from divgen.kernels.plan import dense_from_blocks
+
+        gam = dense_from_blocks(self.weight_blocks(active), len(active)).neg_().fill_diagonal_(0.0)
+        return gam + 0.0                                                  # no −0.0 entries
 
 
 def mix_from_gammas(gam: torch.Tensor) -> torch.Tensor:
     """[A, A] γ (zero diagonal) -> mix with diagonal 1 + Σ_n γ_{m,n} and off-diagonal −γ_{m,n}."""
     mix = -gam.clone()
     mix += torch.diag(1.0 + gam.sum(dim=1))
-    return mix
-
-
-def dense_mix(blocks, rows: int) -> torch.Tensor:
-    """[rows, rows] fp32: the identity with each block of ``weight_blocks`` written in place."""
-    mix = torch.eye(rows, dtype=torch.float32)
-    for positions, weights in blocks:
-        idx = torch.tensor(positions)
-        mix[idx[:, None], idx[None, :]] = weights
     return mix
 
 
@@ -188,4 +178,6 @@ def mixing_matrix(guidance: Guidance | None, active: list[int], device=None) -> 
     blocks = guidance.weight_blocks(active)
     if not blocks:
         return None
-    return dense_mix(blocks, len(active)).to(device if device is not None else "cpu")
+    from divgen.kernels.plan import dense_from_blocks
+
+    return dense_from_blocks(blocks, len(active)).to(device if device is not None else "cpu")

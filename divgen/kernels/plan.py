@@ -226,13 +226,18 @@ def build_group_plan(blocks, rows: int, device: torch.device | str, *, guided: b
     coupled = {r for g, _ in blocks for r in g}
     groups = sorted([(list(g), w) for g, w in blocks] + [([r], None) for r in range(rows) if r not in coupled],
                     key=lambda gw: gw[0][0])
-    dense = None
-    if guided:
-        dense = torch.eye(rows, dtype=torch.float32)
-        for g, w in blocks:
-            idx = torch.tensor(g)
-            dense[idx[:, None], idx[None, :]] = w
+    dense = dense_from_blocks(blocks, rows) if guided else None
     return _plan(groups, rows, device, dense, ops=ops, static_block=static_block, masks=masks, own=own)
+
+
+def dense_from_blocks(blocks, rows: int) -> torch.Tensor:
+    """[rows, rows] fp32: the identity with each (row ids, weights) block written in place (the
+    dense mix of the torch steps, the HF binding and the tests; the one place it is assembled)."""
+    dense = torch.eye(rows, dtype=torch.float32)
+    for g, w in blocks:
+        idx = torch.tensor(g)
+        dense[idx[:, None], idx[None, :]] = w
+    return dense
 
 
 def _plan(groups, rows: int, device: torch.device, dense, *, ops, static_block, masks, own=None) -> SamplePlan:
