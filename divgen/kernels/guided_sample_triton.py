@@ -81,25 +81,6 @@ compares its raw logits.
    step counters, so the bits equal ``reference.uniform_noise`` and a replayed CUDA graph draws
    fresh noise at every step.
 
-Passes over the logits and their cost (sm_90 SASS loop-body instructions a logit, bf16, one
-row a program; ``python -m divgen.kernels.compile_check``, kernels/README.md):
-
-    pass                               insn/logit   runs
-    stats (pass 1)                         25.6      always
-    sample, plain                         104        without top-k/top-p
-    sample, round (top, candidate)        114        each round a row is open
-    verify                                 72        each round a row is open or refining
-    bisection count, top-k / top-p        137 / 199  8 + 8 passes, rows unsettled after 4 rounds
-    final sample (top; with log-probs)   114; 126   bisected rows
-
-A plain step is 25.6 + 104 = 130 insn/logit. A top-k/top-p row costs 25.6 + 114 · (rounds
-sampled) + 71.5 · (rounds verified) [+ 2,777 when it falls to the bisection]: 211 (1.6×) when
-round 1 settles it, 3,547 (27×) in the worst case (4 rounds, then the bisection); the old step
-was ~2,800 (21×) for every row. Measured rounds on SmolLM2-135M next-token distributions
-(``benchmarks/top_k_top_p_rounds.py``, 80 distributions × 32 draws, kernels/README.md): round 1
-settles 90 % (top_p 0.9) / 96 % (0.95) of rows, 66–83 % at top_k 50 alone, 52–75 % with both;
-expected 220–231 insn/logit (1.7–1.8× plain) for top-p alone, 245–283 (1.9–2.2×) for top_k 50,
-259–322 (2.0–2.5×) for top_k 50 with top_p 0.9/0.95; ≤ 0.4 % of rows reach the bisection.
 Launches (``launch_count``), a fixed list per plan: a plain step 3 (stats, sample, select; the
 sample pass combines the stats itself, ``_combine_stats``, when its tiles are whole groups, i.e.
 groups of ≤ 16 rows; 4 with larger groups, whose mixing reads other tiles' rows' lse). With
@@ -115,11 +96,8 @@ the first sample pass's (``_combine_stats``), every program for its own rows fro
 partials in the same order (identical results; chunk 0 stores them). Per-round state buffers
 keep any launch from reading what it writes. The price: each program re-reads its rows'
 partials from L2 (≤ M · 64 chunks · 24 floats, masked to live rows).
-Why 4 rounds, not fewer: a row still open after the last round costs the bisection, 16 more
-passes; on SmolLM2 (kernels/README.md) round 4 settles up to 2.3 % of rows (top_k 50, top_p
-0.9, T = 1), so with 3 rounds ~2.7 % of rows (83 % of 64-row steps) would pay 16 passes to
-save 2 launches. Nor 32 pivots a pass (7 passes a threshold, 2 launches fewer): the counting
-passes grow from 137 / 199 to 207 / 306 insn/logit (the bisection +35 %) and spill on sm_80.
+The passes' instruction costs, the measured distribution of rounds and why 4 rounds of 15
+pivots are in kernels/README.md ("Passes, rounds and launches").
 Nothing reads back to the host, so the step can be captured in a CUDA graph.
 
 Compiled figures (sm_90 / sm_80 registers, spills, shared memory, instructions per logit) are
