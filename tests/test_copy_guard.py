@@ -11,7 +11,7 @@ from divgen.engine.errors import DivgenError
 from divgen.engine.guidance import Guidance
 from divgen.engine.sampling import SamplingParams
 
-from test_engine_core import EOS, VOCAB, tiny_lm  # noqa: F401  (the tiny random Llama fixture)
+from test_engine_core import EOS, VOCAB, guidance_for, tiny_lm  # noqa: F401  (the tiny random Llama fixture)
 
 N = 4
 
@@ -42,7 +42,7 @@ def test_ban_equals_a_plain_python_reference():
     for r, grams in enumerate(tables):
         if grams:
             table[r, : len(grams)] = torch.tensor(grams)
-    got = ban_copies(logits, table, hists)
+    got = ban_copies(logits.clone(), table, hists)
     want = _ban_reference(logits, tables, hists.tolist())
     assert torch.equal(got, want)
     assert (got == float("-inf")).sum() > 0                         # the case did ban something
@@ -91,13 +91,6 @@ def _prompts(n):
     return [torch.randint(50, VOCAB, (int(k),), generator=g).tolist() for k in torch.randint(1, 9, (n,), generator=g)]
 
 
-def _guidance(method, n):
-    if method == "fewgen":
-        return None
-    if method == "corrsynth":
-        return Guidance.corrsynth([i // 3 for i in range(n)], g=2.0)
-    return Guidance.cfg([i // 3 for i in range(n)], shadow_of=[None if i % 3 == 0 else i - i % 3 for i in range(n)],
-                        g=2.0)
 
 
 def _decode(lm, ps, guidance, guard, *, temperature=1.0, compile=False, slots=4, new=16):
@@ -123,7 +116,7 @@ def test_no_output_holds_a_banned_ngram_while_unguarded_rows_copy(tiny_lm, metho
     SEQ, the others copy it (so the forcing works and the table is per row)."""
     n_rows = 12
     ps = _prompts(n_rows)
-    g = _guidance(method, n_rows)
+    g = guidance_for(method, n_rows)
     sample = [r for r in range(n_rows) if g is None or not g.is_shadow(r)]
     guarded = set(sample[::2])
     guard = CopyGuard(N, [[SEQ] if r in guarded else [] for r in range(n_rows)])
@@ -144,7 +137,7 @@ def test_guard_that_never_matches_changes_nothing(tiny_lm, method):
     """Tables whose n-grams never occur (checked): the same tokens, token for token, as no guard."""
     n_rows = 9
     ps = _prompts(n_rows)
-    g = _guidance(method, n_rows)
+    g = guidance_for(method, n_rows)
     without = _decode(tiny_lm, ps, g, None)
     seen = set()
     for res in without:
@@ -165,7 +158,7 @@ def test_guard_that_never_matches_changes_nothing(tiny_lm, method):
 def test_compiled_step_with_the_guard_equals_the_eager_step(tiny_lm):
     """fullgraph=True compiles the guarded step (fixed shapes, no host sync): same tokens."""
     ps = _prompts(6)
-    g = _guidance("corrsynth", 6)
+    g = guidance_for("corrsynth", 6)
     guard = CopyGuard(N, [[SEQ]] * 6)
     eager = _decode(tiny_lm, ps, g, guard)
     compiled = _decode(tiny_lm, ps, g, guard, compile=True)

@@ -75,14 +75,13 @@ def ngram_table(lm, sources: Sequence, n: int) -> list[tuple[int, ...]]:
 
 def ban_copies(logits: torch.Tensor, table: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
     """logits [R, V] with −inf at every token that would complete an n-gram of the row's table
-    after its last n − 1 tokens. table [R, T, n] int64 (padding −1), hist [R, n − 1] int64.
-    Fixed shapes, no host sync (capturable)."""
-    rows, vocab = logits.shape
+    after its last n − 1 tokens, in place. table [R, T, n] int64 (padding −1), hist [R, n − 1]
+    int64. Fixed shapes, no host sync, no [R, V] temporary (capturable)."""
     match = (table[:, :, :-1] == hist[:, None, :]).all(dim=-1)                # [R, T]
-    idx = torch.where(match, table[:, :, -1], vocab)                          # vocab: a spare column
-    wide = torch.cat([logits, logits.new_zeros(rows, 1)], dim=1)
-    wide.scatter_(1, idx, float("-inf"))                                      # one value: order-free
-    return wide[:, :vocab]
+    idx = torch.where(match, table[:, :, -1], 0)                              # [R, T] (0: no match)
+    ban = torch.where(match, float("-inf"), float("inf")).to(logits.dtype)    # +inf: leave as is
+    # in place, as a min: order-free, and no copy of the [R, V] logits
+    return logits.scatter_reduce_(1, idx, ban, reduce="amin", include_self=True)
 
 
 def push(hist: torch.Tensor, new: torch.Tensor, active: torch.Tensor) -> None:
