@@ -159,3 +159,16 @@ def test_static_plan_launches_as_many_vocabulary_chunks_as_the_plain_plan(monkey
         chunks[name] = gs.launch_config(128256, plan.prepared, torch.device("cuda")).num_chunks
     # ⌈4 · 132 / 16⌉ = 33 asked, rounded to whole 512-token tiles: 32 (padded tiles would give 9)
     assert chunks["static"] == chunks["plain"] == 32
+
+
+def test_stage_packs_the_host_values_into_one_buffer():
+    """A plan's host values reach the device in one copy per dtype: ``stage`` returns views of one
+    buffer holding exactly the values given (on CUDA that buffer is copied from pinned memory)."""
+    from divgen.kernels.plan import stage
+
+    parts = [[3, 1, 2], torch.tensor([7, 8]), [], [[4, 5], [6, 9]]]
+    out = stage(parts, torch.int64, torch.device("cpu"))
+    assert [t.tolist() for t in out] == [[3, 1, 2], [7, 8], [], [4, 5, 6, 9]]
+    assert all(t.dtype == torch.int64 for t in out)
+    base = out[0].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == base for t in out)      # one buffer, split
