@@ -265,6 +265,9 @@ def test_size_and_alpha_tags():
     assert tag.size == 4 and tag.alpha == 0.1
     with pytest.raises(DivgenError, match="divgen_size"):
         parse_tag({"divgen_group": "g", "divgen_scale": 2.0, "divgen_size": 0.5})
+    with pytest.raises(DivgenError, match=r"divgen_size.*\[1, 4096\]"):      # 0 is not a row count
+        parse_tag({"divgen_group": "g", "divgen_scale": 2.0, "divgen_size": 0})
+    assert parse_tag({"divgen_group": "g", "divgen_scale": 2.0}).size == 0            # no size: no lockstep
     with pytest.raises(DivgenError, match="divgen_alpha"):
         parse_tag({"divgen_group": "g", "divgen_scale": 2.0, "divgen_alpha": 1.0})
     proc = DivgenLogitsProcessor()

@@ -79,7 +79,6 @@ TAG_PREFIX = "divgen_"
 TAG_FIELDS = ("group", "method", "scale", "label", "gamma", "delta", "member", "weights", "size", "alpha")
 TAG_METHODS = limits.TAG_METHODS
 _GREEDY_EPS = 1e-5       # vLLM treats a temperature below this as greedy
-MAX_GROUP_SIZE = 4096     # rows of one group the scheduler holds for (far above any batch)
 
 
 DEFAULT_GROUP_TIMEOUT_S = 30.0  # DivgenScheduler: seconds a sized group may wait for its rows
@@ -153,10 +152,12 @@ def parse_tag(extra_args) -> Tag | None:
     method = fields.get("method", "corrsynth")
     if method not in TAG_METHODS:
         raise DivgenError(f"divgen tag: divgen_method must be one of {', '.join(TAG_METHODS)}, got {method!r}")
-    size = fields.get("size", 0)
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_GROUP_SIZE:
+    size = fields.get("size")           # absent: no lockstep admission (0 below)
+    if size is None:
+        size = 0
+    elif isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= limits.MAX_TAG_GROUP_SIZE:
         raise DivgenError(f"divgen tag: 'divgen_size' must be the group's row count, an integer in "
-                          f"[1, {MAX_GROUP_SIZE}] (requests × n), got {size!r}")
+                          f"[1, {limits.MAX_TAG_GROUP_SIZE}] (requests × n), got {size!r}")
     alpha = fields.get("alpha", 0.0)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < 1:
         raise DivgenError(f"divgen tag: 'divgen_alpha' must be a number in [0, 1) (the papers' α; the "

@@ -54,6 +54,7 @@ MAX_BENCH_LEN = 32768            # bench --input-len / --output-len
 MAX_REPEATS = 10_000             # bench --repeats / --warmup, eval --seeds
 MAX_THREADS = 4096               # --threads
 MAX_PORT = 65535                 # serve --port
+MAX_TAG_GROUP_SIZE = 4096        # serve: divgen_size, rows of one group the scheduler holds for
 MAX_GROUP_TIMEOUT_S = 86400.0    # serve: DIVGEN_GROUP_TIMEOUT_S, seconds a lockstep group may wait for its rows
 MAX_EPOCHS = 1000                # eval --epochs
 MAX_WIDTH = 100_000              # show --width
