@@ -199,3 +199,32 @@ def test_waiting_steps_cover_exactly_the_steps_before_the_last_admission(tiny_lm
     _, slow = generate(slow_lm, ps, max_new_tokens=NEW, guidance=guidance_for("corrsynth", 12),
                        max_batch_rows=6, **SAMPLING)
     assert len(slow.waiting_per_step) == slow.steps and slow.waiting_per_step[0] and not slow.waiting_per_step[-1]
+
+
+
+@pytest.mark.parametrize("listeners", [False, True])
+@torch.inference_mode()
+def test_admission_prefill_writes_the_cache_of_whole_prompt_prefills(tiny_lm, listeners):
+    """Admission (decode.Engine._prefill) computes the prompts' common prefix once, copies it and
+    prefills the rest in length batches; with multi-LoRA listeners it shares nothing. Either way
+    every slot's cache holds what prefilling each prompt whole, alone, writes."""
+    class Listener:
+        def set_batch(self, rows):
+            seen.append(rows.tolist())
+
+    seen = []
+    head = [13 + i % 80 for i in range(12)]
+    ps = [head + p for p in prompts(7, seed=11)]
+    engine = Engine(tiny_lm, slots=8, max_len=64, compile=False)
+    slots = [5, 0, 7, 2, 1, 3, 6]
+    engine._prefill(ps, slots, list(range(7)), [Listener()] if listeners else [])
+    model = engine.model
+    for p, s in zip(ps, slots):
+        k = torch.zeros_like(engine.cache.k[:, :1])
+        v = torch.zeros_like(engine.cache.v[:, :1])
+        model.prefill(torch.tensor([p[:-1]]), torch.tensor([0]), k, v)
+        n = len(p) - 1
+        torch.testing.assert_close(engine.cache.k[:, s, :, :n], k[:, 0, :, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(engine.cache.v[:, s, :, :n], v[:, 0, :, :n], atol=1e-5, rtol=1e-5)
+    if listeners:       # each prefill batch told its rows
+        assert sorted(r for rows in seen for r in rows) == list(range(7))

@@ -71,3 +71,30 @@ def test_which_architectures_take_the_own_forward():
     assert fast_forward_for({"model_type": "mistral"})
     assert not fast_forward_for({"model_type": "gemma3_text"})
     assert not fast_forward_for({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+@pytest.mark.parametrize("name", ["llama3-rope-scaling", "mistral"])     # mistral: a window of 8 < prefix
+@torch.inference_mode()
+def test_prefill_after_a_cached_prefix_matches_transformers(name):
+    """A prefix prefilled once and copied to other slots, then each row's rest at start > 0 (the
+    engine's shared-prefix admission): the next-token logits equal transformers' on the whole prompt."""
+    hf, ours = build(name)
+    torch.manual_seed(2)
+    prefix = torch.randint(0, VOCAB, (11,)).tolist()
+    prompts = [prefix + torch.randint(0, VOCAB, (n,)).tolist() for n in (4, 9, 1)]
+    a = ours.args
+    cache = KVCache(a.n_layers, 4, a.n_kv_heads, 32, a.head_dim, torch.float32, "cpu")
+    ours.prefill(torch.tensor([prefix]), torch.tensor([2]), cache.k, cache.v)
+    slots = torch.tensor([2, 0, 3])
+    cache.k[:, slots[1:], :, :11] = cache.k[:, 2:3, :, :11]
+    cache.v[:, slots[1:], :, :11] = cache.v[:, 2:3, :, :11]
+    width = max(len(p) for p in prompts) - 1 - 11
+    rest = torch.tensor([p[11:-1] + [0] * (width - len(p) + 12) for p in prompts])
+    ours.prefill(rest, slots, cache.k, cache.v, start=11)
+    tokens = torch.zeros(4, dtype=torch.int64)
+    pos = torch.zeros(4, dtype=torch.int64)
+    tokens[slots] = torch.tensor([p[-1] for p in prompts])
+    pos[slots] = torch.tensor([len(p) - 1 for p in prompts])
+    logits = ours.decode(tokens, pos, cache.k, cache.v)
+    for i, s in enumerate(slots.tolist()):
+        torch.testing.assert_close(logits[s], hf(torch.tensor([prompts[i]])).logits[0, -1], atol=2e-4, rtol=1e-4)

@@ -8,9 +8,9 @@ Per ``generate`` call (Llama-family models; others take the HF slow path, ``mode
 1. Rows are grouped into guidance groups (a CorrSynth group, a CFG leader with its shadows, one
    FewGen row). The scheduler (``divgen.engine.scheduler``) admits whole groups, first come first
    served, as soon as enough of the engine's S slots are free.
-2. Admission prefills the groups' prompts (all but the last token; one right-padded batch per
-   admission round) into their slots of the KV cache ``[layers, S, kv_heads, max_len, head_dim]``;
-   the last prompt token becomes the slot's input.
+2. Admission prefills the groups' prompts (all but the last token; their common prefix once,
+   the rest in right-padded batches of similar length) into their slots of the KV cache
+   ``[layers, S, kv_heads, max_len, head_dim]``; the last prompt token becomes the slot's input.
 3. When the batch changes, the host rebuilds the sampling plan (the weight blocks of the groups'
    active rows, ``build_group_plan``), the CFG leader index and the multi-LoRA slots: once per change.
    A compiled step gets one static plan per run (fixed shapes and addresses, refilled in place,
@@ -336,16 +336,67 @@ class Engine:
         return rec
 
     def _prefill(self, prompts: list[list[int]], slots: list[int], rows: list[int], listeners) -> None:
-        """Write all but the last token of each prompt into its slot (right-padded, one batch)."""
-        width = max(len(p) for p in prompts) - 1
-        if width == 0:
-            return
+        """Write all but the last token of each prompt into its slot.
+
+        Two savings, both exact in the math (the same positions attend to the same keys):
+        the prompts' longest common prefix (a chat template's system turn, a task's header) is
+        computed once, in the first slot, and copied to the others (not under multi-LoRA
+        listeners: an adapter changes the prefix's K/V); the rest goes in right-padded batches of
+        similar length (``prefill_batches``), so padding costs little."""
+        body = [p[:-1] for p in prompts]
+        start = 0 if listeners or len(body) < 2 else common_prefix_len(body)
+        if start < PREFIX_MIN:
+            start = 0
+        k, v = self.cache.k, self.cache.v
+        if start:
+            first = slots[0]
+            self.model.prefill(torch.tensor([body[0][:start]], dtype=torch.int64, device=self.device),
+                               torch.tensor([first], device=self.device), k, v)
+            rest = torch.tensor(slots[1:], device=self.device)
+            k[:, rest, :, :start] = k[:, first:first + 1, :, :start]
+            v[:, rest, :, :start] = v[:, first:first + 1, :, :start]
         pad = self.lm.pad_token_id
-        tokens = torch.tensor([p[:-1] + [pad] * (width - len(p) + 1) for p in prompts], dtype=torch.int64)
-        for listener in listeners:
-            listener.set_batch(torch.tensor(rows, dtype=torch.int64, device=self.device))
-        self.model.prefill(tokens.to(self.device), torch.tensor(slots, device=self.device),
-                           self.cache.k, self.cache.v)
+        for batch in prefill_batches([len(b) - start for b in body]):
+            width = max(len(body[i]) for i in batch) - start
+            tokens = torch.tensor([body[i][start:] + [pad] * (width - len(body[i]) + start) for i in batch],
+                                  dtype=torch.int64)
+            for listener in listeners:
+                listener.set_batch(torch.tensor([rows[i] for i in batch], dtype=torch.int64, device=self.device))
+            self.model.prefill(tokens.to(self.device), torch.tensor([slots[i] for i in batch], device=self.device),
+                               k, v, start)
+
+
+PREFIX_MIN = 8          # a shorter common prefix is not worth its own pass
+PAD_SHARE = 0.125       # a prefill batch pads at most this share of its real tokens
+
+
+def common_prefix_len(seqs: list[list[int]]) -> int:
+    """Length of the longest prefix that every sequence starts with."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def prefill_batches(lengths: list[int]) -> list[list[int]]:
+    """Indices of the non-empty lengths in batches of similar length: sorted, a new batch begins
+    when right-padding to the next length would pad more than PAD_SHARE of the batch's tokens."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    total = 0
+    for i in order:
+        n = lengths[i]
+        if batches and (len(batches[-1]) + 1) * n <= (1 + PAD_SHARE) * (total + n):
+            batches[-1].append(i)
+            total += n
+        else:
+            batches.append([i])
+            total = n
+    return batches
 
 
 def _engine_for(lm: LoadedModel, slots: int, max_len: int, compile: bool | None) -> Engine:

@@ -189,20 +189,26 @@ class Attention(nn.Module):
     def out(self, x: torch.Tensor) -> torch.Tensor:
         return fused_linear(self._o, x, (self.o_proj,)) if _plain(self.o_proj) else self.o_proj(x)
 
-    def prefill(self, x, cos, sin, k_cache, v_cache, slots):
-        # x [B, T, dim]; cos/sin [T, hd]; k/v_cache [S, KVH, L, hd] (this layer); slots [B]
+    def prefill(self, x, cos, sin, k_cache, v_cache, slots, start: int = 0):
+        # x [B, T, dim] at positions start..start+T-1; cos/sin [T, hd]; k/v_cache [S, KVH, L, hd]
+        # (this layer), whose slots already hold positions [0, start); slots [B]
         b, t, _ = x.shape
         h, kv, hd = self.n_heads, self.n_kv, self.hd
         qkv = self.qkv(x).view(b, t, h + 2 * kv, hd).transpose(1, 2)          # [B, H+2KVH, T, hd]
         qk = apply_rope(qkv[:, : h + kv], cos, sin)
         q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv:]
-        k_cache[slots, :, :t] = k
-        v_cache[slots, :, :t] = v
+        k_cache[slots, :, start:start + t] = k
+        v_cache[slots, :, start:start + t] = v
+        if start:                                     # the cached prefix's keys and values too
+            k, v = k_cache[slots, :, :start + t], v_cache[slots, :, :start + t]
         g = h // kv
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)    # [B, H, T, hd]
-        if self.window is not None and t > self.window:
-            i = torch.arange(t, device=x.device)
-            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)    # [B, H, start+T, hd]
+        if start or (self.window is not None and t > self.window):
+            i = torch.arange(start, start + t, device=x.device)[:, None]       # query positions
+            j = torch.arange(start + t, device=x.device)[None, :]              # key positions
+            mask = j <= i
+            if self.window is not None:
+                mask &= j > i - self.window
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -351,16 +357,20 @@ class Transformer(nn.Module):
         self.cos, self.sin = rope_tables(self.args, max_len, w.device, w.dtype)
         self._rope_len = max_len
 
-    def prefill(self, tokens: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        """Write the K/V of right-padded prompts ``tokens`` [B, T] (positions 0..T-1) into cache
-        slots ``slots`` [B] of ``k_cache``/``v_cache`` [layers, S, KVH, L, hd]. Padding positions
-        write values that the decode length mask never reads and later decode steps overwrite."""
+    def prefill(self, tokens: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                start: int = 0) -> None:
+        """Write the K/V of right-padded prompts ``tokens`` [B, T] (positions start..start+T-1)
+        into cache slots ``slots`` [B] of ``k_cache``/``v_cache`` [layers, S, KVH, L, hd]; with
+        start > 0 the slots already hold positions [0, start) (a shared prefix), which the new
+        positions attend to. Padding positions write values that the decode length mask never
+        reads and later decode steps overwrite."""
         t = tokens.shape[1]
-        self.setup_rope(t)
-        cos, sin = self.cos[:t], self.sin[:t]
+        self.setup_rope(start + t)
+        cos, sin = self.cos[start:start + t], self.sin[start:start + t]
         h = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
-            h = h + layer.self_attn.prefill(layer.input_layernorm(h), cos, sin, k_cache[i], v_cache[i], slots)
+            h = h + layer.self_attn.prefill(layer.input_layernorm(h), cos, sin, k_cache[i], v_cache[i], slots,
+                                            start)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
