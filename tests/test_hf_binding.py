@@ -1,10 +1,10 @@
-"""The HF drop-in: transformers' generate with DivgenLogitsProcessor gives the engine's exact
+"""The HF drop-in: transformers' generate with DivgenHFLogitsProcessor gives the engine's exact
 tokens, per method (FewGen, CorrSynth, M-CorrSynth, CFG), with EOS ids read from the model."""
 import pytest
 import torch
 from transformers import GenerationConfig, LogitsProcessor
 
-from divgen.bindings.hf import DivgenLogitsProcessor, eos_ids_of
+from divgen.bindings.hf import DivgenHFLogitsProcessor, eos_ids_of
 from divgen.engine.decode import generate
 from divgen.engine.errors import DivgenError
 from divgen.engine.guidance import Guidance
@@ -32,20 +32,20 @@ def _strip(ids, lm):
 
 
 def test_is_a_transformers_logits_processor_with_eos_from_generation_config(embedded_lm):
-    proc = DivgenLogitsProcessor(embedded_lm.model)
+    proc = DivgenHFLogitsProcessor(embedded_lm.model)
     assert isinstance(proc, LogitsProcessor)
     assert proc.eos.tolist() == sorted(embedded_lm.model.generation_config.eos_token_id
                                        if isinstance(embedded_lm.model.generation_config.eos_token_id, list)
                                        else [embedded_lm.model.generation_config.eos_token_id])
     assert eos_ids_of(GenerationConfig(eos_token_id=[7, 3, 7])) == [3, 7]
-    assert DivgenLogitsProcessor(GenerationConfig(eos_token_id=5)).eos.tolist() == [5]
-    assert DivgenLogitsProcessor(embedded_lm.model, eos_token_ids=[9, 4]).eos.tolist() == [4, 9]
+    assert DivgenHFLogitsProcessor(GenerationConfig(eos_token_id=5)).eos.tolist() == [5]
+    assert DivgenHFLogitsProcessor(embedded_lm.model, eos_token_ids=[9, 4]).eos.tolist() == [4, 9]
     with pytest.raises(DivgenError, match="no EOS token ids"):
-        DivgenLogitsProcessor(GenerationConfig())
+        DivgenHFLogitsProcessor(GenerationConfig())
     with pytest.raises(DivgenError, match="min_p must be in"):       # the peers' min-p: 1 is allowed, 1.5 not
-        DivgenLogitsProcessor(embedded_lm.model, min_p=1.5, seeds=[1, 2])
+        DivgenHFLogitsProcessor(embedded_lm.model, min_p=1.5, seeds=[1, 2])
     with pytest.raises(DivgenError, match="alpha must be in"):       # the papers' α: [0, 1)
-        DivgenLogitsProcessor(embedded_lm.model, alpha=1.0, seeds=[1, 2])
+        DivgenHFLogitsProcessor(embedded_lm.model, alpha=1.0, seeds=[1, 2])
 
 
 def test_fewgen_equals_engine_and_rows_finish_independently(embedded_lm):
@@ -53,7 +53,7 @@ def test_fewgen_equals_engine_and_rows_finish_independently(embedded_lm):
     prompts = [lm.format_prompt(p) for p in SHORT]
     seeds = [5, 6, 7, 8]
     engine, _ = generate(lm, prompts, max_new_tokens=24, temperature=1.0, top_k=20, seeds=seeds)
-    proc = DivgenLogitsProcessor(lm.model, temperature=1.0, top_k=20, seeds=seeds)
+    proc = DivgenHFLogitsProcessor(lm.model, temperature=1.0, top_k=20, seeds=seeds)
     hf = _hf_generate(lm, prompts, proc, 24)
     assert [_strip(ids, lm) for ids in hf] == [r.token_ids for r in engine]
     assert {r.finish_reason for r in engine} == {"eos", "length"}       # the test covers both
@@ -66,7 +66,7 @@ def test_corrsynth_equals_engine_with_rows_leaving_the_group(embedded_lm):
     seeds = [11, 12, 13, 14]
     engine, _ = generate(lm, prompts, max_new_tokens=24, temperature=0.9, alpha=0.02, seeds=seeds,
                          guidance=guidance)
-    proc = DivgenLogitsProcessor(lm.model, guidance=guidance, temperature=0.9, alpha=0.02, seeds=seeds)
+    proc = DivgenHFLogitsProcessor(lm.model, guidance=guidance, temperature=0.9, alpha=0.02, seeds=seeds)
     hf = _hf_generate(lm, prompts, proc, 24)
     assert [_strip(ids, lm) for ids in hf] == [r.token_ids for r in engine]
     lengths = sorted(len(r.token_ids) for r in engine if r.finish_reason == "eos")
@@ -81,7 +81,7 @@ def test_m_corrsynth_equals_engine(embedded_lm):
     prompts = [lm.format_prompt(f"Write a news headline about {t}.") for t in TOPICS]
     guidance = Guidance.m_corrsynth([0, 0, 0, 0], labels=["a", "a", "b", "b"], gamma=1.5, delta=0.5)
     engine, _ = generate(lm, prompts, max_new_tokens=12, temperature=0.8, seeds=21, guidance=guidance)
-    proc = DivgenLogitsProcessor(lm.model, guidance=guidance, temperature=0.8, seeds=21)
+    proc = DivgenHFLogitsProcessor(lm.model, guidance=guidance, temperature=0.8, seeds=21)
     hf = _hf_generate(lm, prompts, proc, 12)
     assert [_strip(ids, lm) for ids in hf] == [r.token_ids for r in engine]
 
@@ -96,7 +96,7 @@ def test_cfg_shadow_rows_take_their_leaders_token_and_leaders_equal_engine(embed
     guidance = Guidance.cfg([0, 1, 0, 1], shadow_of=[None, None, 0, 1], g=3.0)
     engine, _ = generate(lm, prompts, max_new_tokens=16, temperature=0.7, seeds=[3, 4, 5, 6], guidance=guidance)
     assert [r.row for r in engine] == [0, 1]
-    proc = DivgenLogitsProcessor(lm.model, guidance=guidance, temperature=0.7, seeds=[3, 4, 5, 6])
+    proc = DivgenHFLogitsProcessor(lm.model, guidance=guidance, temperature=0.7, seeds=[3, 4, 5, 6])
     hf = _hf_generate(lm, prompts, proc, 16)
     assert hf[2] == hf[0] and hf[3] == hf[1]
     assert [_strip(hf[0], lm), _strip(hf[1], lm)] == [r.token_ids for r in engine]
@@ -105,15 +105,15 @@ def test_cfg_shadow_rows_take_their_leaders_token_and_leaders_equal_engine(embed
 def test_row_count_change_is_a_clear_error_and_a_new_call_starts_afresh(embedded_lm):
     lm = embedded_lm
     prompts = [lm.format_prompt(f"Write a news headline about {t}.") for t in TOPICS[:2]]
-    proc = DivgenLogitsProcessor(lm.model, guidance=Guidance.corrsynth([0, 0], g=2.0), seeds=[1, 2])
+    proc = DivgenHFLogitsProcessor(lm.model, guidance=Guidance.corrsynth([0, 0], g=2.0), seeds=[1, 2])
     first = _hf_generate(lm, prompts, proc, 6)
     assert _hf_generate(lm, prompts, proc, 6) == first          # reused: the step counter restarted
     with pytest.raises(DivgenError, match="guidance describes 2 rows but generate passed 4"):
         _hf_generate(lm, prompts * 2, proc, 6)
     with pytest.raises(DivgenError, match="per-row settings give 3 rows but generate passed 2"):
-        _hf_generate(lm, prompts, DivgenLogitsProcessor(lm.model, seeds=[1, 2, 3]), 4)
+        _hf_generate(lm, prompts, DivgenHFLogitsProcessor(lm.model, seeds=[1, 2, 3]), 4)
     # scalar settings fit any row count
-    free = DivgenLogitsProcessor(lm.model, seeds=1)
+    free = DivgenHFLogitsProcessor(lm.model, seeds=1)
     assert len(_hf_generate(lm, prompts, free, 3)) == 2
     assert len(_hf_generate(lm, prompts[:1], free, 3)) == 1
 
@@ -126,7 +126,7 @@ def test_scores_are_one_hot_on_the_reference_sample():
     torch.manual_seed(0)
     rows, vocab = 3, 101
     scores = torch.randn(rows, vocab) * 3
-    proc = DivgenLogitsProcessor(GenerationConfig(eos_token_id=7), guidance=Guidance.corrsynth([0, 0, 0], g=3.0),
+    proc = DivgenHFLogitsProcessor(GenerationConfig(eos_token_id=7), guidance=Guidance.corrsynth([0, 0, 0], g=3.0),
                                  temperature=0.9, seeds=[1, 2, 3])
     ids = torch.tensor([[5, 6], [5, 6], [5, 6]])
     out = proc(ids, scores)

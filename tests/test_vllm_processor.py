@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from divgen.bindings.vllm import DivgenLogitsProcessor, divgen_tag, group_gammas, parse_tag
+from divgen.bindings.vllm import DivgenVLLMLogitsProcessor, divgen_tag, group_gammas, parse_tag
 from divgen.engine.errors import DivgenError
 from divgen.kernels import reference
 
@@ -45,7 +45,7 @@ def corrsynth_mix(k, g):
 
 def test_lockstep_group_untagged_row_and_members_leaving():
     torch.manual_seed(0)
-    proc = DivgenLogitsProcessor()
+    proc = DivgenVLLMLogitsProcessor()
     outs = [[] for _ in range(5)]
     tag = divgen_tag("q", scale=3.0)
     added = [(i, params(10 + i, tag, temperature=0.9, min_p=0.05), None, outs[i]) for i in (0, 1, 2, 4)]
@@ -83,12 +83,12 @@ def test_lockstep_group_untagged_row_and_members_leaving():
 def test_guidance_really_changes_the_sample_and_one_member_is_plain_divgen_sampling():
     torch.manual_seed(1)
     logits = torch.randn(2, VOCAB) * 2
-    tagged = DivgenLogitsProcessor()
+    tagged = DivgenVLLMLogitsProcessor()
     tagged.update_state(Update(2, added=tuple((i, params(i, divgen_tag("g", scale=20.0)), None, []) for i in range(2))))
     plain = sample(logits, None, [0, 1], 0)
     guided = chosen(tagged.apply(logits.clone()))
     assert guided == sample(logits, corrsynth_mix(2, 20.0), [0, 1], 0)
-    alone = DivgenLogitsProcessor()
+    alone = DivgenVLLMLogitsProcessor()
     alone.update_state(Update(1, added=((0, params(0, divgen_tag("g", scale=20.0)), None, []),)))
     assert chosen(alone.apply(logits[:1].clone())) == plain[:1]
     assert guided != plain                                        # (fixed logits: guidance moves a row)
@@ -96,7 +96,7 @@ def test_guidance_really_changes_the_sample_and_one_member_is_plain_divgen_sampl
 
 def test_swap_and_two_groups_are_block_diagonal():
     torch.manual_seed(2)
-    proc = DivgenLogitsProcessor()
+    proc = DivgenVLLMLogitsProcessor()
     a, b = divgen_tag("a", scale=2.0), divgen_tag("b", scale=4.0)
     proc.update_state(Update(4, added=((0, params(1, a), None, []), (1, params(2, b), None, []),
                                        (2, params(3, a), None, []), (3, params(4, b), None, []))))
@@ -117,7 +117,7 @@ def test_swap_and_two_groups_are_block_diagonal():
 
 def test_member_joining_late_uses_its_own_step_for_the_noise():
     torch.manual_seed(3)
-    proc = DivgenLogitsProcessor()
+    proc = DivgenVLLMLogitsProcessor()
     tag = divgen_tag("g", scale=2.0)
     early, late = [5, 6, 7], []
     proc.update_state(Update(2, added=((0, params(8, tag), None, early), (1, params(9, tag), None, late))))
@@ -143,7 +143,7 @@ def test_m_corrsynth_and_explicit_weights_follow_divgen_rules():
 
 def test_seedless_requests_draw_a_seed_once_and_greedy_rows_take_the_guided_argmax():
     torch.manual_seed(4)
-    proc = DivgenLogitsProcessor()
+    proc = DivgenVLLMLogitsProcessor()
     tag = divgen_tag("g", scale=2.0)
     proc.update_state(Update(2, added=((0, params(None, tag, temperature=0.0), None, []),
                                        (1, params(None, tag, temperature=0.0), None, []))))
@@ -170,9 +170,9 @@ def test_bad_tags_are_refused_with_the_fix(fields, message):
     with pytest.raises(DivgenError, match=message):
         parse_tag(flat)
     with pytest.raises(ValueError, match=message):
-        DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args=flat))
-    DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args=None))
-    DivgenLogitsProcessor.validate_params(SimpleNamespace(extra_args={"other": 1}))
+        DivgenVLLMLogitsProcessor.validate_params(SimpleNamespace(extra_args=flat))
+    DivgenVLLMLogitsProcessor.validate_params(SimpleNamespace(extra_args=None))
+    DivgenVLLMLogitsProcessor.validate_params(SimpleNamespace(extra_args={"other": 1}))
 
 
 def test_tags_are_flat_http_compatible_extra_args():
@@ -187,7 +187,7 @@ def test_tags_are_flat_http_compatible_extra_args():
 def test_a_group_over_the_kernel_limit_is_contrasted_in_chunks():
     from divgen import kernels
 
-    proc = DivgenLogitsProcessor()
+    proc = DivgenVLLMLogitsProcessor()
     tag = divgen_tag("big", scale=2.0)
     n = kernels.MAX_GROUP_ROWS + 2
     proc.update_state(Update(n, added=tuple((i, params(i, tag), None, []) for i in range(n))))
@@ -226,7 +226,7 @@ def test_penalties_are_applied_to_tagged_rows_before_sampling():
     assert not torch.equal(penalised, logits)
     changed = 0
     for seed in range(0, 40, 2):
-        proc = DivgenLogitsProcessor()
+        proc = DivgenVLLMLogitsProcessor()
         proc.update_state(Update(2, added=tuple((i, penalised_params(seed + i, tag, **pens[i]), prompts[i], outs[i])
                                                 for i in range(2))))
         got = chosen(proc.apply(logits.clone()))
@@ -248,7 +248,7 @@ def test_a_masked_token_in_one_member_does_not_attract_the_others():
     for seed in range(60):
         got = []
         for masked in (True, False):
-            proc = DivgenLogitsProcessor()
+            proc = DivgenVLLMLogitsProcessor()
             proc.update_state(Update(4, added=tuple((i, params(seed * 4 + i, tag), None, []) for i in range(4))))
             logits = row.repeat(4, 1)
             if masked:
@@ -270,7 +270,7 @@ def test_size_and_alpha_tags():
     assert parse_tag({"divgen_group": "g", "divgen_scale": 2.0}).size == 0            # no size: no lockstep
     with pytest.raises(DivgenError, match="divgen_alpha"):
         parse_tag({"divgen_group": "g", "divgen_scale": 2.0, "divgen_alpha": 1.0})
-    proc = DivgenLogitsProcessor()
+    proc = DivgenVLLMLogitsProcessor()
     proc.update_state(Update(1, added=((0, params(3, divgen_tag("a", scale=1.0, alpha=0.3)), None, []),)))
     logits = torch.randn(1, VOCAB) * 3
     assert chosen(proc.apply(logits.clone())) == sample(logits, None, [3], 0, alpha=0.3)

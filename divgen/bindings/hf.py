@@ -1,8 +1,8 @@
 """Drop-in for code that already calls ``transformers``' ``model.generate``: divgen's guided
 sampler as a ``transformers.LogitsProcessor``.
 
-    from divgen.bindings.hf import DivgenLogitsProcessor
-    proc = DivgenLogitsProcessor(model, guidance=Guidance.corrsynth([0, 0, 0, 0], g=2.0),
+    from divgen.bindings.hf import DivgenHFLogitsProcessor
+    proc = DivgenHFLogitsProcessor(model, guidance=Guidance.corrsynth([0, 0, 0, 0], g=2.0),
                                  temperature=0.8, alpha=0.05, seeds=[1, 2, 3, 4])
     out = model.generate(**batch, logits_processor=[proc], do_sample=False, max_new_tokens=64)
 
@@ -58,7 +58,7 @@ def eos_ids_of(model_or_config) -> list[int]:
     return []
 
 
-class DivgenLogitsProcessor(LogitsProcessor):
+class DivgenHFLogitsProcessor(LogitsProcessor):
     """divgen's guided sampler inside ``model.generate`` (see the module docstring).
 
     Args:
@@ -111,7 +111,7 @@ class DivgenLogitsProcessor(LogitsProcessor):
             what = "guidance describes" if self.guidance is not None else "per-row settings give"
             raise DivgenError(
                 f"{what} {self.rows} rows but generate passed {rows} (batch x num_return_sequences x beams): "
-                f"build a DivgenLogitsProcessor for {rows} rows, or pass {self.rows} prompts")
+                f"build a DivgenHFLogitsProcessor for {rows} rows, or pass {self.rows} prompts")
         self.prompt_width = input_ids.shape[1]
         self.params = SamplingParams.make(rows, device=device, **self.options)
         self.finished = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -146,7 +146,3 @@ class DivgenLogitsProcessor(LogitsProcessor):
             tokens = tokens[take]                             # shadows take their leader's token
         out[active, tokens] = 0.0
         return out
-
-
-# The name this binding had before it became a LogitsProcessor subclass.
-DivgenSampler = DivgenLogitsProcessor

@@ -8,7 +8,7 @@ once to a safetensors folder, hub id in the local cache) and replaces itself (``
 stays the server's) with
 
     PYTHON -m vllm.entrypoints.openai.api_server --model DIR --host HOST --port PORT \\
-        --logits-processors divgen.bindings.vllm:DivgenLogitsProcessor \\
+        --logits-processors divgen.bindings.vllm:DivgenVLLMLogitsProcessor \\
         --scheduler-cls divgen.bindings.vllm_scheduler.DivgenScheduler ...
 
 so a ``divgen_*`` tag can never reach a server that would ignore it, and groups that give
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from divgen.engine.errors import DivgenError
 
-PROCESSOR = "divgen.bindings.vllm:DivgenLogitsProcessor"
+PROCESSOR = "divgen.bindings.vllm:DivgenVLLMLogitsProcessor"
 SCHEDULER = "divgen.bindings.vllm_scheduler.DivgenScheduler"
 ENTRY = "vllm.entrypoints.openai.api_server"
 

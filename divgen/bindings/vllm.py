@@ -1,9 +1,9 @@
 """divgen guidance inside vLLM: a v1 logits processor for requests tagged with a guidance group.
 
     from vllm import LLM, SamplingParams
-    from divgen.bindings.vllm import DivgenLogitsProcessor, divgen_tag
+    from divgen.bindings.vllm import DivgenVLLMLogitsProcessor, divgen_tag
 
-    llm = LLM(model=path, logits_processors=[DivgenLogitsProcessor])
+    llm = LLM(model=path, logits_processors=[DivgenVLLMLogitsProcessor])
     params = SamplingParams(n=8, temperature=0.8, seed=0, max_tokens=64,
                             extra_args=divgen_tag(group="q1", scale=2.0))   # 8 rows contrast each other
     outputs = llm.generate([prompt], params)
@@ -297,7 +297,7 @@ def group_gammas(tags: list[Tag]) -> torch.Tensor:
     return gam
 
 
-class DivgenLogitsProcessor(_VllmLogitsProcessor):
+class DivgenVLLMLogitsProcessor(_VllmLogitsProcessor):
     """vLLM v1 logits processor: divgen guidance over tagged requests (see the module docstring).
 
     Steps, each vLLM step: (1) ``update_state`` follows the persistent batch (removed, added,

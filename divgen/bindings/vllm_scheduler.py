@@ -1,6 +1,6 @@
 """Lockstep admission of divgen guidance groups in vLLM's v1 scheduler (``--scheduler-cls``).
 
-    vllm serve MODEL --logits-processors divgen.bindings.vllm:DivgenLogitsProcessor \\
+    vllm serve MODEL --logits-processors divgen.bindings.vllm:DivgenVLLMLogitsProcessor \\
         --scheduler-cls divgen.bindings.vllm_scheduler.DivgenScheduler       (``divgen serve`` does this)
 
 vLLM admits waiting requests as they arrive and as the token budget allows, so the members of a
