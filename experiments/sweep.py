@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK = ROOT / "engine" / "tasks" / "ag_news.yaml"
+TASK = ROOT / "divgen" / "engine" / "tasks" / "ag_news.yaml"
 RESULTS = ROOT / "experiments" / "results"
 DEFAULT_RUNS = ROOT / "runs" / "sweep"
 
