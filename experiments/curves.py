@@ -1,0 +1,434 @@
+"""Learning curves on AG News: student accuracy against the number of synthetic examples N
+(experiments/README.md, "learning curves").
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/curves.py --data ../shared/data/ag_news_test.csv --stage gen
+    .venv/bin/python experiments/curves.py --data ../shared/data/ag_news_test.csv --stage score     # then summary
+
+For each (variant, seed) it generates ONE set with ``divgen synth ag_news`` (the embedded
+SmolLM2-135M-Instruct, few-shot prompts from the pool rows) into ``RUNS/<variant>_s<seed>.jsonl``;
+the smaller points are nested prefixes of it: the point N is the set's groups 0 .. N/4 − 1 (one
+example per label each), which is exactly what ``--per-label N/4`` generates (a row's seed is a
+hash of (seed, group, slot), so its text does not depend on how many groups the job has). Each
+prefix is written to ``RUNS/<variant>_s<seed>.n<N>.jsonl`` (with a copy of synth's sidecar, so
+``divgen metrics`` finds the few-shot rows for the copy rate).
+
+Stages:
+
+* ``gen``: runs synth, one process at a time, in a schedule that answers the question early:
+  the first seed of every main variant (FewGen, CorrSynth with the fixes) up to the largest N,
+  then the other seeds up to the second-largest N, then those seeds up to the largest N; plain
+  CorrSynth last (``--order depth`` instead takes each (variant, seed) to the largest N in turn).
+  synth resumes a killed file, and a larger ``--per-label`` extends a file; the wall time of every
+  synth call is kept in ``RUNS/<variant>_s<seed>.time.json``.
+* ``score``: every complete prefix gets ``divgen metrics --json --no-embeddings`` (per-label
+  Self-BLEU-4, copy rate, mean words), the EOS rate (finish_reason), and ``divgen eval --json
+  --seeds 1 --no-real`` (label fidelity, linear-probe accuracy); once per N, the real-data row
+  (the same probe on as many real pool rows, 3 seeds). Results are cached per file as JSON.
+  ``--finetune`` also fine-tunes the MiniLM student on seed 0 of each variant at N = 400.
+* ``summary``: ``experiments/results/curves_smollm2.json`` (per variant, N, seed; per variant, N:
+  mean ± std over the seeds that exist), ``experiments/results/curves_smollm2.png`` (matplotlib,
+  if installed) and a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results"
+DIVGEN = [sys.executable, "-m", "divgen.bindings.cli"]
+LABELS = 4
+
+VARIANTS = {   # name: synth flags (after `divgen synth ag_news --few-shot DATA`)
+    "fewgen": ["--method", "fewgen"],
+    "corrsynth-fixed": ["--method", "corrsynth", "--g", "1.5", "--own-special", "--copy-guard", "8"],
+    "corrsynth": ["--method", "corrsynth", "--g", "1.5"],
+}
+LOW_PRIORITY = ("corrsynth",)     # generated after every other variant's seeds
+COLORS = {"fewgen": "tab:blue", "corrsynth-fixed": "tab:red", "corrsynth": "tab:orange", "real": "black"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+def log(msg: str) -> None:
+    print(f"[curves {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd: list[str], capture: bool = False) -> str:
+    log("+ " + " ".join(cmd))
+    done = subprocess.run(cmd, check=True, text=True, env=ENV, cwd=ROOT,
+                          stdout=subprocess.PIPE if capture else None)
+    return done.stdout or ""
+
+
+def set_path(runs: Path, variant: str, seed: int) -> Path:
+    return runs / f"{variant}_s{seed}.jsonl"
+
+
+def read_complete(path: Path) -> list[dict]:
+    """The complete records of a synth output (a line still being written is left out)."""
+    if not path.exists():
+        return []
+    body = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in body.split("\n")[:-1] if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# gen
+# ----------------------------------------------------------------------------------------------
+def schedule(variants: list[str], seeds: list[int], sizes: list[int], order: str) -> list[tuple[str, int, int]]:
+    """(variant, seed, N) targets in run order (see the module docstring)."""
+    top = max(sizes)
+    mid = sorted(sizes)[-2] if len(sizes) > 1 else top
+    out = []
+    for group in ([v for v in variants if v not in LOW_PRIORITY], [v for v in variants if v in LOW_PRIORITY]):
+        if order == "depth":
+            out += [(v, s, top) for s in seeds for v in group]
+            continue
+        out += [(v, seeds[0], top) for v in group]
+        out += [(v, s, mid) for s in seeds[1:] for v in group]
+        out += [(v, s, top) for s in seeds[1:] for v in group]
+    seen, ordered = set(), []
+    for t in out:
+        if t not in seen:
+            seen.add(t)
+            ordered.append(t)
+    return ordered
+
+
+class Stopped(Exception):
+    pass
+
+
+def generate(data: Path, runs: Path, variant: str, seed: int, n: int) -> None:
+    out = set_path(runs, variant, seed)
+    have = {(r["group"], r["slot"]) for r in read_complete(out)}
+    if sum(g < n // LABELS for g, _ in have) >= n:
+        return
+    cmd = [*DIVGEN, "synth", "ag_news", "--few-shot", str(data), "--out", str(out), "--per-label", str(n // LABELS),
+           "--seed", str(seed), "--no-progress", *VARIANTS[variant]]
+    log(f"generating {out.name} up to N = {n} ({len(have)} rows there)")
+    start = time.time()
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT)
+    stopped = False
+
+    def on_term(signum, frame):
+        nonlocal stopped
+        stopped = True
+        proc.terminate()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        rc = proc.wait()
+        stopped = True
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    took = time.time() - start
+    after = len(read_complete(out))
+    timing = out.with_suffix(".time.json")
+    segs = json.loads(timing.read_text())["segments"] if timing.exists() else []
+    segs.append({"rows_before": len(have), "rows_after": after, "target": n, "seconds": round(took, 1),
+                 "complete": rc == 0})
+    timing.write_text(json.dumps({"segments": segs}, indent=2) + "\n")
+    log(f"{out.name}: {after - len(have)} rows in {took / 60:.1f} min (exit {rc})")
+    if stopped:
+        raise Stopped
+    if rc != 0:
+        raise SystemExit(f"curves: divgen synth failed on {out.name} (exit {rc})")
+
+
+def gen_seconds(runs: Path, variant: str, seed: int) -> tuple[float, int]:
+    """(seconds, rows) spent generating a set so far, over every synth call (killed ones too)."""
+    timing = set_path(runs, variant, seed).with_suffix(".time.json")
+    if not timing.exists():
+        return 0.0, 0
+    segs = json.loads(timing.read_text())["segments"]
+    return sum(s["seconds"] for s in segs), sum(s["rows_after"] - s["rows_before"] for s in segs)
+
+
+# ----------------------------------------------------------------------------------------------
+# score
+# ----------------------------------------------------------------------------------------------
+def prefix(runs: Path, variant: str, seed: int, n: int) -> Path | None:
+    """The set's first N/4 groups in their own file (with synth's sidecar), or None when the set
+    does not hold them all yet."""
+    src = set_path(runs, variant, seed)
+    records = sorted((r for r in read_complete(src) if r["group"] < n // LABELS), key=lambda r: (r["group"], r["slot"]))
+    if len(records) < n:
+        return None
+    dest = runs / f"{variant}_s{seed}.n{n}.jsonl"
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if not dest.exists() or dest.read_text(encoding="utf-8") != body:
+        dest.write_text(body, encoding="utf-8")
+    side = src.with_name("." + src.name + ".task.json")
+    if side.exists():
+        shutil.copyfile(side, dest.with_name("." + dest.name + ".task.json"))
+    return dest
+
+
+def score_file(path: Path, data: Path) -> dict:
+    cache = path.with_suffix(".score.json")
+    if cache.exists():
+        return json.loads(cache.read_text())
+    records = read_complete(path)
+    m = json.loads(run([*DIVGEN, "metrics", str(path), "--json", "--no-embeddings"], capture=True))
+    m = m[0] if isinstance(m, list) else m
+    ev = json.loads(run([*DIVGEN, "eval", str(path), "--real", str(data), "--task", "ag_news", "--seeds", "1",
+                         "--no-real", "--json"], capture=True))
+    row = ev["rows"][0]
+    per_label = [lab["self_bleu"]["4"] for lab in m["labels"].values() if lab.get("self_bleu")]
+    o = m["overall"]
+    result = {
+        "file": path.name, "n": o["count"],
+        "probe_accuracy": row["students"]["probe"]["accuracy"]["mean"],
+        "probe_macro_f1": row["students"]["probe"]["macro_f1"]["mean"],
+        "fidelity": row["fidelity"], "fidelity_per_label": row["fidelity_per_label"],
+        "self_bleu_4_label": sum(per_label) / len(per_label) if per_label else None,
+        "self_bleu_4_per_label": {k: lab["self_bleu"]["4"] for k, lab in m["labels"].items() if lab.get("self_bleu")},
+        "copy_rate": o["copy_rate"], "degenerate_rate": o["degenerate_rate"],
+        "duplicate_rate": o["duplicate_rate"], "mean_words": o["mean_words"],
+        "eos_rate": sum(r.get("finish_reason") == "eos" for r in records) / len(records),
+        "test_rows": ev["settings"]["test_rows"],
+    }
+    cache.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def score_real(runs: Path, data: Path, n: int, some_prefix: Path) -> dict:
+    """The real-data row at N: the probe on as many real pool rows per label as the prefix has
+    (all 190 per label when that is fewer), 3 seeds (other real rows per seed)."""
+    cache = runs / f"real.n{n}.score.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    ev = json.loads(run([*DIVGEN, "eval", str(some_prefix), "--real", str(data), "--task", "ag_news", "--seeds", "3",
+                         "--json"], capture=True))
+    row = next(r for r in ev["rows"] if r.get("real"))
+    result = {"n_asked": row["asked"], "n_used": row["n"], "short_labels": row["short_labels"],
+              "probe_accuracy": row["students"]["probe"]["accuracy"],
+              "probe_macro_f1": row["students"]["probe"]["macro_f1"]}
+    cache.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def finetune_file(path: Path, data: Path) -> dict:
+    cache = path.with_suffix(".finetune.json")
+    if cache.exists():
+        return json.loads(cache.read_text())
+    ev = json.loads(run([*DIVGEN, "eval", str(path), "--real", str(data), "--task", "ag_news", "--student",
+                         "finetune", "--seeds", "1", "--json"], capture=True))
+    syn = ev["rows"][0]["students"]["finetune"]
+    real = next(r for r in ev["rows"] if r.get("real"))
+    result = {"file": path.name, "accuracy": syn["accuracy"], "macro_f1": syn["macro_f1"],
+              "real_n": real["n"], "real_accuracy": real["students"]["finetune"]["accuracy"],
+              "test_rows": ev["settings"]["finetune_test_rows"], "seconds": ev["settings"]["wall_time_s"]}
+    cache.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def score_all(runs: Path, data: Path, variants, seeds, sizes, finetune: bool) -> None:
+    for n in sizes:
+        for v in variants:
+            for s in seeds:
+                p = prefix(runs, v, s, n)
+                if p is None:
+                    continue
+                score_file(p, data)
+                score_real(runs, data, n, p)
+    if finetune:
+        for v in variants:
+            p = prefix(runs, v, seeds[0], 400)
+            if p is not None:
+                finetune_file(p, data)
+
+
+# ----------------------------------------------------------------------------------------------
+# summary
+# ----------------------------------------------------------------------------------------------
+KEYS = ("probe_accuracy", "probe_macro_f1", "fidelity", "self_bleu_4_label", "copy_rate", "eos_rate", "mean_words",
+        "degenerate_rate", "duplicate_rate")
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "values": values}
+
+
+def summarise(runs: Path, variants, seeds, sizes) -> dict:
+    per_seed, points, sets = {}, {}, {}
+    for v in variants:
+        for s in seeds:
+            secs, rows = gen_seconds(runs, v, s)
+            if rows:
+                have = len(read_complete(set_path(runs, v, s)))
+                sets[f"{v}_s{s}"] = {"rows": have, "generate_minutes": round(secs / 60, 1),
+                                     "examples_per_s": round(rows / secs, 3) if secs else None}
+        for n in sizes:
+            got = {}
+            for s in seeds:
+                cache = runs / f"{v}_s{s}.n{n}.score.json"
+                if cache.exists():
+                    got[s] = json.loads(cache.read_text())
+            if not got:
+                continue
+            per_seed.setdefault(v, {})[str(n)] = {str(s): r for s, r in got.items()}
+            pt = {"seeds": sorted(got)}
+            for k in KEYS:
+                vals = [r[k] for r in got.values() if r.get(k) is not None]
+                if vals:
+                    pt[k] = mean_std(vals)
+            rates = [sets[f"{v}_s{s}"]["examples_per_s"] for s in got if sets.get(f"{v}_s{s}", {}).get("examples_per_s")]
+            pt["generate_minutes_est"] = round(n / statistics.fmean(rates) / 60, 1) if rates else None
+            points.setdefault(v, {})[str(n)] = pt
+    real = {}
+    for n in sizes:
+        cache = runs / f"real.n{n}.score.json"
+        if cache.exists():
+            real[str(n)] = json.loads(cache.read_text())
+    finetune = {}
+    for v in variants:
+        cache = runs / f"{v}_s{seeds[0]}.n400.finetune.json"
+        if cache.exists():
+            finetune[v] = json.loads(cache.read_text())
+    return {
+        "what": "AG News learning curves (experiments/curves.py): SmolLM2-135M-Instruct (embedded), few-shot prompts "
+                "(2 pool rows each), at most 48 new tokens, min-p 0.05, temperature 1. Point N of a (variant, seed) is "
+                "the first N/4 groups (N/4 examples per label) of one generated set. Student: linear probe on frozen "
+                "all-MiniLM-L6-v2 embeddings (1 seed per set; mean ± std over generation seeds), tested on the "
+                "6840 held-out real rows. Fidelity: a probe trained on the 760 real pool rows agrees with the label. "
+                "Self-BLEU-4: per label on up to 200 texts (divgen metrics default), averaged over the 4 labels. "
+                "Real: the same probe on as many real pool rows (at most 190 per label), 3 seeds of the row draw.",
+        "variants": {v: VARIANTS[v] for v in variants},
+        "sizes": sizes,
+        "sets": sets,
+        "points": points,
+        "per_seed": per_seed,
+        "real": real,
+        "finetune_n400": finetune,
+    }
+
+
+def fmt(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    if not stat:
+        return "–"
+    m = f"{scale * stat['mean']:.{digits}f}"
+    return m if stat["std"] is None else f"{m} ± {scale * stat['std']:.{digits}f}"
+
+
+def table(summary: dict) -> str:
+    lines = ["| variant | N | seeds | probe acc % | fidelity % | sBLEU-4 (label) | copy % | EOS % | words | gen min (est.) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for v, pts in summary["points"].items():
+        for n, p in sorted(pts.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {v} | {n} | {len(p['seeds'])} | {fmt(p.get('probe_accuracy'))} | {fmt(p.get('fidelity'))} | "
+                         f"{fmt(p.get('self_bleu_4_label'), 1, 3)} | {fmt(p.get('copy_rate'))} | "
+                         f"{fmt(p.get('eos_rate'))} | {fmt(p.get('mean_words'), 1, 1)} | "
+                         f"{p['generate_minutes_est'] if p.get('generate_minutes_est') is not None else '–'} |")
+    for n, r in sorted(summary["real"].items(), key=lambda kv: int(kv[0])):
+        used = r["n_used"] if r["n_used"] == r["n_asked"] else f"{r['n_used']} (of {r['n_asked']} asked)"
+        lines.append(f"| real pool rows | {used} | 3 | {fmt(r['probe_accuracy'])} | | | | | | |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not installed: no PNG (pip install matplotlib)")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for v, pts in summary["points"].items():
+        ns = sorted(int(n) for n in pts)
+        acc = [pts[str(n)]["probe_accuracy"] for n in ns]
+        a.errorbar(ns, [100 * s["mean"] for s in acc], yerr=[100 * (s["std"] or 0) for s in acc], marker="o",
+                   capsize=3, color=COLORS.get(v), label=f"{v} (seeds: {', '.join(str(len(pts[str(n)]['seeds'])) for n in ns)})")
+        sb = [pts[str(n)].get("self_bleu_4_label") for n in ns]
+        b.errorbar([n for n, s in zip(ns, sb) if s], [s["mean"] for s in sb if s], yerr=[s["std"] or 0 for s in sb if s],
+                   marker="o", capsize=3, color=COLORS.get(v), label=v)
+    if summary["real"]:
+        ns = sorted(int(n) for n in summary["real"])
+        rs = [summary["real"][str(n)] for n in ns]
+        a.errorbar([r["n_used"] for r in rs], [100 * r["probe_accuracy"]["mean"] for r in rs],
+                   yerr=[100 * r["probe_accuracy"]["std"] for r in rs], marker="s", capsize=3, color="black", ls="--",
+                   label="real pool rows (at most 760)")
+    ticks = sorted({int(n) for pts in summary["points"].values() for n in pts}
+                   | {r["n_used"] for r in summary["real"].values()})
+    for ax in (a, b):
+        ax.set_xscale("log")
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("training examples N (log scale)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    a.set_ylabel("student accuracy on 6840 real test rows, % (linear probe)")
+    a.set_title("AG News, SmolLM2-135M-Instruct: accuracy vs N")
+    b.set_ylabel("per-label Self-BLEU-4 (lower = more diverse)")
+    b.set_title("diversity vs N (Self-BLEU on ≤ 200 texts per label)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ag_news_test.csv"),
+                    help="AG News CSV (the pool rows feed the prompts and the judge; the rest is the test set)")
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "curves"), help="folder of raw outputs (git-ignored)")
+    ap.add_argument("--stage", choices=("gen", "score", "summary", "all"), default="all")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated generation seeds")
+    ap.add_argument("--sizes", default="100,400,1600", help="comma-separated N (multiples of 4), e.g. 100,400,1600,4000")
+    ap.add_argument("--order", choices=("breadth", "depth"), default="breadth", help="gen schedule (module docstring)")
+    ap.add_argument("--finetune", action="store_true", help="score: also fine-tune on seed 0 of each variant at N = 400")
+    ap.add_argument("--out", default=str(RESULTS / "curves_smollm2"),
+                    help="summary path without suffix (.json and .png are written)")
+    args = ap.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    sizes = sorted(int(n) for n in args.sizes.split(",") if n)
+    if unknown or not seeds or not sizes or any(n <= 0 or n % LABELS for n in sizes):
+        print(f"curves: bad --variants/--seeds/--sizes (variants: {', '.join(VARIANTS)}; N a positive multiple "
+              f"of {LABELS})", file=sys.stderr)
+        return 2
+    data = Path(args.data).resolve()
+    if not data.is_file():
+        print(f"curves: {data} is not a file: pass --data PATH to the AG News test CSV", file=sys.stderr)
+        return 2
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    if args.stage in ("gen", "all"):
+        try:
+            for v, s, n in schedule(variants, seeds, sizes, args.order):
+                generate(data, runs, v, s, n)
+        except Stopped:
+            log("stopped: the partial set resumes on the next run")
+            return 1
+    if args.stage in ("score", "all"):
+        score_all(runs, data, variants, seeds, sizes, args.finetune)
+    if args.stage in ("score", "summary", "all"):
+        summary = summarise(runs, variants, seeds, sizes)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot(summary, out.with_suffix(".png"))
+        print(table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
