@@ -302,7 +302,7 @@ def summarise(runs: Path, variants, seeds, sizes) -> dict:
             finetune[v] = json.loads(cache.read_text())
     return {
         "what": "AG News learning curves (experiments/curves.py): SmolLM2-135M-Instruct (embedded), few-shot prompts "
-                "(2 pool rows each), at most 48 new tokens, min-p 0.05, temperature 1. Point N of a (variant, seed) is "
+                "(2 pool rows each), at most 48 new tokens, alpha (plausibility cutoff) 0.05, temperature 1. Point N of a (variant, seed) is "
                 "the first N/4 groups (N/4 examples per label) of one generated set. Student: linear probe on frozen "
                 "all-MiniLM-L6-v2 embeddings (1 seed per set; mean ± std over generation seeds), tested on the "
                 "6840 held-out real rows. Fidelity: a probe trained on the 760 real pool rows agrees with the label. "

@@ -81,8 +81,9 @@ def sample_variants() -> list[Variant]:
             (("BLOCK_V", gs.CUDA_STATS_BLOCK_V),), num_warps=8, logits_per_thread=gs.CUDA_STATS_BLOCK_V / 256))
     # tile shapes: (G_BLOCK, M, K) for every group block the plan can produce
     shapes = [(g, g, g) for g in (1, 2, 4, 8, 16)] + [(32, 32, 32), (64, 32, 32), (256, 32, 32)]
-    tile_args = (("tile_group_ptr", "*i32"), ("tile_row0_ptr", "*i32"), ("order_ptr", "*i32"),
-                 ("group_start_ptr", "*i32"), ("w_offset_ptr", "*i64"), ("weights_ptr", "*fp32"))
+    plan = ("plan", ("*i32", "*i32", "*i32", "*i32", "*i64", "*fp32"))   # tile_group .. weights
+    row_params = ("row_params", ("*fp32",) * 4)                          # lse, cut, inv_t, zcut
+    cuts = ("cuts", ("*i64", "*fp32"))                                   # top_k, top_p
     for g_block, m, k in shapes:
         block_v, warps = gs.CUDA_TILES[m]
         count_v = max(16, 32 * warps // m)
@@ -96,20 +97,19 @@ def sample_variants() -> list[Variant]:
                          if dtype == "bf16" else [(True, True, False), (True, False, 1)])
             for top, logprobs, cand in flag_sets:
                 fuse = m == g_block and (not top or cand == 2)
-                sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), ("noise_ptr", _ptr(dtype)),
-                       ("stride_noise", "i32"), *tile_args,
-                       ("lse_ptr", "*fp32"), ("cut_ptr", "*fp32"), ("inv_t_ptr", "*fp32"), ("greedy_ptr", "*i32"),
-                       ("seed_ptr", "*i64"), ("step_ptr", "*i64"), ("lo_top_k_ptr", "*i64"), ("lo_top_p_ptr", "*i64"),
-                       ("state_ptr", "*i32"), ("skip_from", "i32"),
-                       ("best_score_ptr", "*fp32"), ("best_token_ptr", "*i32"), ("best_z_ptr", "*fp32"),
-                       ("z_max_ptr", "*fp32"), ("z_sum_ptr", "*fp32"),
-                       ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"), ("zcut_ptr", "*fp32"),
-                       ("top_k_ptr", "*i64"), ("top_p_ptr", "*fp32"), ("part_ptr", "*fp32"), ("cand_z_ptr", "*fp32"),
-                       ("cand_z_max_ptr", "*fp32"), ("state_out_ptr", "*i32"), ("lo_out_ptr", "*i64"),
-                       ("rounds_ptr", "*i32"), ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"),
-                       ("center_out_ptr", "*fp32"), ("spacing_out_ptr", "*fp32"),
-                       ("measure_ptr", "*fp32"), ("measure_max_ptr", "*fp32"),
-                       ("part_max_ptr", "*fp32"), ("part_sum_ptr", "*fp32"), ("cutoff_ptr", "*fp32"),
+                decide, narrow = cand == 1, top and not cand
+                # a stage's pointers are one tuple argument; a stage the variant skips gets None
+                stages = (("top", ("*i64", "*fp32", "*i64", "*i64") if top else None),
+                          ("state_ptr", "*i32" if top else None), ("skip_from", "i32"),
+                          ("decide", ("*fp32", "*fp32", "*fp32", "*i32", "*i64", "*i32", "*fp32", "*fp32", "*fp32",
+                                      "*fp32") if decide else None),
+                          ("narrow", ("*fp32", "*fp32") if narrow else None),
+                          ("stats", ("*fp32",) * 3 if fuse else None))
+                sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), ("noise", "constexpr"), plan,
+                       row_params, ("draw", ("*i32", "*i64", "*i64")),
+                       ("winners", ("*fp32", "*i32", "*fp32", "*fp32", "*fp32")),
+                       ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"),
+                       *((n, t or "constexpr") for n, t in stages),
                        *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "HAS_NOISE",
                                                      "TOP_K_TOP_P", "RETURN_LOGPROBS", "CANDIDATE", "GUMBEL_MAX",
                                                      "DECIDE", "NARROW_P", "NUM_LEVELS", "NUM_PIVOTS",
@@ -117,22 +117,18 @@ def sample_variants() -> list[Variant]:
                 tag = (f"sample G={g_block} M={m} {dtype}{' top' if top else ''}{' logp' if logprobs else ''}"
                        f"{' round' if cand else ''}{' 1' if cand == 2 else ''}")
                 out.append(Variant(f"{mod}:_sample_kernel", tag, sig, (
+                    ("noise", None), *((n, None) for n, t in stages if t is None),
                     ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", block_v), ("HAS_NOISE", False),
                     ("TOP_K_TOP_P", top), ("RETURN_LOGPROBS", logprobs), ("CANDIDATE", bool(cand)),
-                    ("GUMBEL_MAX", gs.GUMBEL_MAX), ("DECIDE", cand == 1), ("NARROW_P", top and not cand),
+                    ("GUMBEL_MAX", gs.GUMBEL_MAX), ("DECIDE", decide), ("NARROW_P", narrow),
                     ("NUM_LEVELS", gs.NUM_LEVELS), ("NUM_PIVOTS", gs.NUM_PIVOTS), ("FUSE_STATS", fuse),
                     ("C_BLOCK", gs.MAX_CHUNKS), ("MASKS", False)),
                     num_warps=warps, logits_per_thread=m * block_v / (32 * warps)))
             verify_v = max(16, (64 if m == 1 else 32) * warps // m)
-            sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), *tile_args,
-                   ("lse_ptr", "*fp32"), ("cut_ptr", "*fp32"), ("inv_t_ptr", "*fp32"), ("top_k_ptr", "*i64"),
-                   ("top_p_ptr", "*fp32"), ("state_ptr", "*i32"),
-                   ("best_score_ptr", "*fp32"), ("best_token_ptr", "*i32"), ("best_z_ptr", "*fp32"),
-                   ("z_max_ptr", "*fp32"),
-                   ("tokens_ptr", "*i64"), ("cand_z_ptr", "*fp32"), ("cand_z_max_ptr", "*fp32"),
-                   ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"), ("part_ptr", "*fp32"),
+            sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), plan, row_params, cuts,
+                   ("state_ptr", "*i32"), ("winners", ("*fp32", "*i32", "*fp32", "*fp32")), ("tokens_ptr", "*i64"),
+                   ("candidate", ("*fp32", "*fp32")), ("bracket", ("*fp32", "*fp32")), ("part_ptr", "*fp32"),
                    ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"),
-                   ("zcut_ptr", "*fp32"),
                    *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "NUM_LEVELS", "C_BLOCK",
                                                  "MASKS")))
             out.append(Variant(f"{mod}:_verify_kernel", f"verify G={g_block} M={m} {dtype}", sig, (
@@ -143,24 +139,24 @@ def sample_variants() -> list[Variant]:
             # decides the last round) and the first top-p pass (it finishes the top-k threshold)
             for mass, first in ([(False, False), (True, False), (False, True), (True, True)] if dtype == "bf16"
                                 else [(True, False)]):
-                sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), *tile_args,
-                       ("lse_ptr", "*fp32"), ("cut_ptr", "*fp32"), ("inv_t_ptr", "*fp32"), ("top_k_ptr", "*i64"),
-                       ("top_p_ptr", "*fp32"), ("lo_top_k_ptr", "*i64"), ("lo_prev_ptr", "*i64"), ("lo_ptr", "*i64"),
-                       ("pivot_shift", "i32"), ("prev_shift", "i32"), ("state_ptr", "*i32"), ("state_out_ptr", "*i32"),
-                       ("measure_in_ptr", "*fp32"), ("measure_max_in_ptr", "*fp32"),
-                       ("measure_ptr", "*fp32"), ("measure_max_ptr", "*fp32"),
-                       ("part_ptr", "*fp32"), ("cand_z_ptr", "*fp32"), ("cand_z_max_ptr", "*fp32"),
-                       ("lo_r_ptr", "*i64"), ("rounds_ptr", "*i32"), ("center_ptr", "*fp32"), ("spacing_ptr", "*fp32"),
-                       ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"), ("zcut_ptr", "*fp32"),
+                decide = first and not mass
+                sig = (("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), plan, row_params, cuts,
+                       ("lo_top_k_ptr", "*i64"), ("lo_prev_ptr", "*i64"), ("lo_ptr", "*i64"),
+                       ("pivot_shift", "i32"), ("prev_shift", "i32"), ("state_ptr", "*i32"),
+                       ("measure_in", ("*fp32", "*fp32")), ("measure_out", ("*fp32", "*fp32")),
+                       ("decide", ("*fp32", "*fp32", "*fp32", "*i64", "*i32", "*fp32", "*fp32", "*i32")
+                        if decide else "constexpr"),
+                       ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"),
                        *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "NUM_PIVOTS",
                                                      "MASS", "APPLY_TOP_K", "FIRST", "DECIDE", "FINISH_TOP_K",
                                                      "NUM_LEVELS", "MASKS")))
                 tag = (f"count G={g_block} M={m} {dtype} {'top-p' if mass else 'top-k'}"
                        f"{(' finish' if mass else ' decide') if first else ''}")
                 out.append(Variant(f"{mod}:_threshold_count_kernel", tag, sig, (
+                    *((() if decide else (("decide", None),))),
                     ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", count_v),
                     ("NUM_PIVOTS", gs.NUM_PIVOTS), ("MASS", mass), ("APPLY_TOP_K", mass), ("FIRST", first),
-                    ("DECIDE", first and not mass), ("FINISH_TOP_K", first and mass), ("NUM_LEVELS", gs.NUM_LEVELS),
+                    ("DECIDE", decide), ("FINISH_TOP_K", first and mass), ("NUM_LEVELS", gs.NUM_LEVELS),
                     ("MASKS", False)),
                     num_warps=warps, logits_per_thread=m * count_v / (32 * warps)))
     # plans whose contrasting rows may hold −inf (the vLLM binding's): the mask rule's terms

@@ -110,6 +110,7 @@ likewise a top-p mass within rounding of top_p · total (summed in another order
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -400,16 +401,17 @@ def _narrow_rows(rows, slots, live, measure_ptr, measure_max_ptr, lo_prev, shift
 @triton.jit(do_not_specialize=["pivot_shift", "prev_shift"])
 def _threshold_count_kernel(
     logits_ptr, stride_logits,
-    tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr,
-    lse_ptr, cut_ptr, inv_t_ptr, top_k_ptr, top_p_ptr,
+    plan,                  # (tile_group, tile_row0, order, group_start, w_offset, weights): ``_tile_rows``
+    row_params,            # (lse, cut, inv_t, zcut) [R] fp32
+    cuts,                  # (top_k [R] i64, top_p [R] fp32)
     lo_top_k_ptr,          # [R] i64: the top-k threshold's lo (APPLY_TOP_K; out with FINISH_TOP_K)
     lo_prev_ptr, lo_ptr,   # [R] i64: lo of the previous counting pass (in), of this one (out)
     pivot_shift, prev_shift,
-    state_ptr, state_out_ptr,                                   # [R] i32 (state_out: DECIDE)
-    measure_in_ptr, measure_max_in_ptr,  # the previous pass's [T·M, num_chunks, NUM_PIVOTS], [T·M, num_chunks]
-    measure_ptr, measure_max_ptr,        # out: this pass's
-    part_ptr, cand_z_ptr, cand_z_max_ptr, lo_r_ptr, rounds_ptr, center_ptr, spacing_ptr,   # DECIDE
-    vocab, chunk_len, num_chunks, zcut_ptr,
+    state_ptr,             # [R] i32
+    measure_in,            # the previous pass's (measure [T·M, num_chunks, NUM_PIVOTS], max [T·M, num_chunks])
+    measure_out,           # out: this pass's
+    decide,                # DECIDE: (part, cand_z, cand_z_max, lo_r, rounds, center, spacing, state_out); else None
+    vocab, chunk_len, num_chunks,
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
     NUM_PIVOTS: tl.constexpr, MASS: tl.constexpr, APPLY_TOP_K: tl.constexpr, FIRST: tl.constexpr,
     DECIDE: tl.constexpr, FINISH_TOP_K: tl.constexpr, NUM_LEVELS: tl.constexpr, MASKS: tl.constexpr,
@@ -434,11 +436,17 @@ def _threshold_count_kernel(
     """
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
+    tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr = plan
+    lse_ptr, cut_ptr, inv_t_ptr, zcut_ptr = row_params
+    top_k_ptr, top_p_ptr = cuts
+    measure_in_ptr, measure_max_in_ptr = measure_in
+    measure_ptr, measure_max_ptr = measure_out
     pos, pos_mask, rows, start, size, w_off = _tile_rows(
         tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, tile, M_BLOCK)
     writer = pos_mask & ((pos * 0 + chunk) == 0)   # chunk 0 stores the per-row results (a tensor:
     # the interpreter cannot mask with "tensor & scalar")
     if DECIDE:
+        part_ptr, cand_z_ptr, cand_z_max_ptr, lo_r_ptr, rounds_ptr, center_ptr, spacing_ptr, state_out_ptr = decide
         state_prev = tl.load(state_ptr + rows, mask=pos_mask, other=3)
         state, lo_r, center, spacing, live = _decide_rows(
             rows, pos_mask, state_prev, part_ptr, top_k_ptr, top_p_ptr, cand_z_ptr, cand_z_max_ptr,
@@ -551,13 +559,16 @@ def _pick_candidate(rows, live, best_score_ptr, best_token_ptr, best_z_ptr, z_ma
 @triton.jit
 def _verify_kernel(
     logits_ptr, stride_logits,
-    tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr,
-    lse_ptr, cut_ptr, inv_t_ptr, top_k_ptr, top_p_ptr, state_ptr,
-    best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr,        # the round's sample partials
-    tokens_ptr, cand_z_ptr, cand_z_max_ptr,                       # out (chunk 0): [R] i64, f32, f32
-    center_ptr, spacing_ptr,
-    part_ptr,                                           # out: [R, num_chunks, 3, NUM_LEVELS] fp32
-    vocab, chunk_len, num_chunks, zcut_ptr,
+    plan,                  # (tile_group, tile_row0, order, group_start, w_offset, weights): ``_tile_rows``
+    row_params,            # (lse, cut, inv_t, zcut) [R] fp32
+    cuts,                  # (top_k [R] i64, top_p [R] fp32)
+    state_ptr,
+    winners,               # the round's sample partials (best_score, best_token, best_z, z_max) [R, num_chunks]
+    tokens_ptr,            # out (chunk 0): [R] i64
+    candidate,             # out (chunk 0): (cand_z, cand_z_max) [R] fp32
+    bracket,               # (center, spacing) [R] fp32: a refining row's probe levels
+    part_ptr,              # out: [R, num_chunks, 3, NUM_LEVELS] fp32
+    vocab, chunk_len, num_chunks,
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
     NUM_LEVELS: tl.constexpr, C_BLOCK: tl.constexpr, MASKS: tl.constexpr,
 ):
@@ -573,6 +584,12 @@ def _verify_kernel(
     rows without a cut: their token is final) and (zx, zmax) for the next launch's decision."""
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
+    tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr = plan
+    lse_ptr, cut_ptr, inv_t_ptr, zcut_ptr = row_params
+    top_k_ptr, top_p_ptr = cuts
+    best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr = winners
+    cand_z_ptr, cand_z_max_ptr = candidate
+    center_ptr, spacing_ptr = bracket
     pos, pos_mask, rows, start, size, w_off = _tile_rows(
         tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, tile, M_BLOCK)
     state = tl.load(state_ptr + rows, mask=pos_mask, other=2)
@@ -719,19 +736,21 @@ def _decide_rows(
 
 @triton.jit(do_not_specialize=["skip_from"])
 def _sample_kernel(
-    logits_ptr, stride_logits, noise_ptr, stride_noise,
-    tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr,
-    lse_ptr, cut_ptr, inv_t_ptr, greedy_ptr, seed_ptr, step_ptr, lo_top_k_ptr, lo_top_p_ptr,
-    state_ptr, skip_from,
-    best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, z_sum_ptr,   # out: [R, num_chunks]
-    vocab, chunk_len, num_chunks, zcut_ptr,
-    # DECIDE (rounds ≥ 2): the previous round's verify partials and candidates, this round's
-    # state / lo / bracket (out, chunk 0), the rounds counter; NARROW_P (the final sample after
-    # the bisection): the last top-p counting pass's partials
-    top_k_ptr, top_p_ptr, part_ptr, cand_z_ptr, cand_z_max_ptr,
-    state_out_ptr, lo_out_ptr, rounds_ptr, center_ptr, spacing_ptr, center_out_ptr, spacing_out_ptr,
-    measure_ptr, measure_max_ptr,
-    part_max_ptr, part_sum_ptr, cutoff_ptr,          # FUSE_STATS: the stats pass's chunk partials
+    logits_ptr, stride_logits,
+    noise,                 # HAS_NOISE: (noise [R, V], its row stride), injected uniforms; else None
+    plan,                  # (tile_group, tile_row0, order, group_start, w_offset, weights): ``_tile_rows``
+    row_params,            # (lse, cut, inv_t, zcut) [R] fp32
+    draw,                  # (greedy [R] i32, seed [R] i64, step [R] i64)
+    winners,               # out: (best_score, best_token, best_z, z_max, z_sum) [R, num_chunks]
+    vocab, chunk_len, num_chunks,
+    top,                   # TOP_K_TOP_P: (top_k, top_p, lo_top_k, lo_top_p); else None
+    state_ptr, skip_from,  # TOP_K_TOP_P: rows whose state is ≥ skip_from are left alone; else None, 0
+    decide,                # DECIDE (rounds ≥ 2): the previous round's verify partials and candidates,
+    # this round's state / lo / bracket (out, chunk 0), the rounds counter: (part, cand_z,
+    # cand_z_max, state_out, lo_out, rounds, center, spacing, center_out, spacing_out); else None
+    narrow,                # NARROW_P (the final sample after the bisection): the last top-p counting
+    # pass's partials (measure, measure_max); else None
+    stats,                 # FUSE_STATS: the stats pass's chunk partials (part_max, part_sum, cutoff); else None
     M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_NOISE: tl.constexpr, TOP_K_TOP_P: tl.constexpr, RETURN_LOGPROBS: tl.constexpr,
     CANDIDATE: tl.constexpr, GUMBEL_MAX: tl.constexpr, DECIDE: tl.constexpr, NARROW_P: tl.constexpr,
@@ -758,10 +777,15 @@ def _sample_kernel(
     """
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
+    tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, weights_ptr = plan
+    lse_ptr, cut_ptr, inv_t_ptr, zcut_ptr = row_params
+    greedy_ptr, seed_ptr, step_ptr = draw
+    best_score_ptr, best_token_ptr, best_z_ptr, z_max_ptr, z_sum_ptr = winners
     pos, pos_mask, rows, start, size, w_off = _tile_rows(
         tile_group_ptr, tile_row0_ptr, order_ptr, group_start_ptr, w_offset_ptr, tile, M_BLOCK)
     row_offsets = rows.to(tl.int64) * stride_logits
     if FUSE_STATS:
+        part_max_ptr, part_sum_ptr, cutoff_ptr = stats
         lse, cut = _combine_stats(rows, pos_mask, part_max_ptr, part_sum_ptr, cutoff_ptr, num_chunks, C_BLOCK)
         first = pos_mask & ((pos * 0 + chunk) == 0)
         tl.store(lse_ptr + rows, lse, mask=first)
@@ -776,7 +800,10 @@ def _sample_kernel(
                              tl.load(step_ptr + rows, mask=pos_mask, other=0))
     active = pos_mask
     if TOP_K_TOP_P:
+        top_k_ptr, top_p_ptr, lo_top_k_ptr, lo_top_p_ptr = top
         if DECIDE:
+            (part_ptr, cand_z_ptr, cand_z_max_ptr, state_out_ptr, lo_out_ptr, rounds_ptr, center_ptr, spacing_ptr,
+             center_out_ptr, spacing_out_ptr) = decide
             writer = pos_mask & ((pos * 0 + chunk) == 0)
             state, lo_r, center, spacing, live = _decide_rows(
                 rows, pos_mask, tl.load(state_ptr + rows, mask=pos_mask, other=3), part_ptr, top_k_ptr,
@@ -794,6 +821,7 @@ def _sample_kernel(
             state = tl.load(state_ptr + rows, mask=pos_mask, other=0)
             key_top_k = tl.load(lo_top_k_ptr + rows, mask=pos_mask, other=0) + 1
             if NARROW_P:
+                measure_ptr, measure_max_ptr = narrow
                 lo_p = _narrow_rows(rows, tile * M_BLOCK + tl.arange(0, M_BLOCK), pos_mask & (state < skip_from),
                                     measure_ptr, measure_max_ptr,
                                     tl.load(lo_top_p_ptr + rows, mask=pos_mask & (state < skip_from), other=0),
@@ -838,6 +866,7 @@ def _sample_kernel(
             can_win = (tile_max > float("-inf")) & (tile_max + GUMBEL_MAX > row_best)
             if tl.max(can_win.to(tl.int32)) > 0:
                 if HAS_NOISE:
+                    noise_ptr, stride_noise = noise
                     u = tl.load(noise_ptr + rows.to(tl.int64)[:, None] * stride_noise + cols[None, :],
                                 mask=pos_mask[:, None] & col_mask[None, :], other=0.5).to(tl.float32)
                 else:
@@ -1028,6 +1057,17 @@ class _StepInputs:
     inv_t: torch.Tensor
     zcut: torch.Tensor
 
+    @property
+    def plan_args(self) -> tuple:
+        """The kernels' ``plan`` argument (``_tile_rows``)."""
+        t, p = self.tiles, self.plan
+        return (t.tile_group, t.tile_row0, p.order, p.group_start, p.w_offset, p.weights)
+
+    @property
+    def row_params(self) -> tuple:
+        """The kernels' ``row_params`` argument."""
+        return (self.lse, self.cut, self.inv_t, self.zcut)
+
 
 def _bisect(inp: _StepInputs, top_k: torch.Tensor, top_p: torch.Tensor, state_prev: torch.Tensor,
             state: torch.Tensor, decide: tuple | None):
@@ -1046,21 +1086,21 @@ def _bisect(inp: _StepInputs, top_k: torch.Tensor, top_p: torch.Tensor, state_pr
     measure_max = torch.empty(2, slots, cfg.num_chunks, dtype=torch.float32, device=dev)
     lo = torch.empty(2 * THRESHOLD_PASSES, rows, dtype=torch.int64, device=dev)
     lo_top_k = torch.empty(rows, dtype=torch.int64, device=dev)
-    unused = decide or (inp.lse,) * 7
     for g in range(2 * THRESHOLD_PASSES):
         p = g % THRESHOLD_PASSES
         mass = g >= THRESHOLD_PASSES
         shift = 32 - PIVOT_BITS * (p + 1)
+        first_decides = g == 0 and decide is not None
         _threshold_count_kernel[(tiles.count, cfg.num_chunks)](
-            logits, logits.stride(0),
-            tiles.tile_group, tiles.tile_row0, plan.order, plan.group_start, plan.w_offset, plan.weights,
-            inp.lse, inp.cut, inp.inv_t, top_k, top_p, lo_top_k, lo[g - 1] if g else lo[0], lo[g],
-            shift, shift + PIVOT_BITS, state_prev if g == 0 else state, state,
-            measure[(g - 1) % 2], measure_max[(g - 1) % 2], measure[g % 2], measure_max[g % 2], *unused,
-            vocab, cfg.chunk_len, cfg.num_chunks, inp.zcut,
+            logits, logits.stride(0), inp.plan_args, inp.row_params, (top_k, top_p),
+            lo_top_k, lo[g - 1] if g else lo[0], lo[g], shift, shift + PIVOT_BITS,
+            state_prev if g == 0 else state,
+            (measure[(g - 1) % 2], measure_max[(g - 1) % 2]), (measure[g % 2], measure_max[g % 2]),
+            (*decide, state) if first_decides else None,
+            vocab, cfg.chunk_len, cfg.num_chunks,
             M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.count_block_v,
             NUM_PIVOTS=NUM_PIVOTS, MASS=mass, APPLY_TOP_K=mass, FIRST=p == 0,
-            DECIDE=g == 0 and decide is not None, FINISH_TOP_K=g == THRESHOLD_PASSES, NUM_LEVELS=NUM_LEVELS,
+            DECIDE=first_decides, FINISH_TOP_K=g == THRESHOLD_PASSES, NUM_LEVELS=NUM_LEVELS,
             MASKS=plan.masks,
             num_warps=cfg.num_warps,
         )
@@ -1144,42 +1184,44 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
     best_token = torch.empty(rows, cfg.num_chunks, dtype=torch.int32, device=dev)
     best_z, z_max, z_sum = (torch.empty_like(best_score) for _ in range(3))
     greedy_i = greedy.to(torch.int32)
-    seeds_noise = (logits if noise is None else noise, 0 if noise is None else noise.stride(0))
-    tile_args = (tiles.tile_group, tiles.tile_row0, plan.order, plan.group_start, plan.w_offset, plan.weights)
+    winners = (best_score, best_token, best_z, z_max, z_sum)
 
-    def sample(lo_k, lo_p, state, skip_from, *, top: bool, candidate: bool, decide=None, narrow=None,
+    def sample(inp: _StepInputs, top=None, *, candidate: bool = False, decide=None, narrow=None,
                stats: bool = False, max_pass: bool = False):
-        extra = (top_k, top_p, *(decide or (lse,) * 10), *(narrow or (lse, lse)), part_max, part_sum, cutoff)
+        """One sample pass; top: (lo_top_k, lo_top_p, state, skip_from) with top-k/top-p."""
+        lo_k, lo_p, state, skip_from = top or (None, None, None, 0)
         _sample_kernel[(tiles.count, cfg.num_chunks)](
-            logits, logits.stride(0), *seeds_noise, *tile_args,
-            lse, cut, inv_t, torch.ones_like(greedy_i) if max_pass else greedy_i, seeds, step,
-            lo_k, lo_p, state, skip_from,
-            best_score, best_token, best_z, z_max, z_sum,
-            vocab, cfg.chunk_len, cfg.num_chunks, zcut, *extra,
+            logits, logits.stride(0), None if noise is None else (noise, noise.stride(0)),
+            inp.plan_args, inp.row_params, (torch.ones_like(greedy_i) if max_pass else greedy_i, seeds, step),
+            winners, vocab, cfg.chunk_len, cfg.num_chunks,
+            None if top is None else (top_k, top_p, lo_k, lo_p), state, skip_from,
+            decide, narrow, (part_max, part_sum, cutoff) if stats else None,
             M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.block_v,
-            HAS_NOISE=noise is not None, TOP_K_TOP_P=top,
+            HAS_NOISE=noise is not None, TOP_K_TOP_P=top is not None,
             RETURN_LOGPROBS=return_logprobs and not candidate and not max_pass,
             CANDIDATE=candidate, GUMBEL_MAX=GUMBEL_MAX, DECIDE=decide is not None, NARROW_P=narrow is not None,
             NUM_LEVELS=NUM_LEVELS, NUM_PIVOTS=NUM_PIVOTS, FUSE_STATS=stats, C_BLOCK=c_block, MASKS=plan.masks,
             num_warps=cfg.num_warps,
         )
 
-    def select(state, skip_from, *, top: bool):
+    def select(state=None, skip_from: int = 0):
+        """Reduce the chunk winners; state: rows whose state is ≥ skip_from keep their token."""
         _select_kernel[(triton.cdiv(rows, block_r),)](
             best_score, best_token, best_z, z_max, z_sum, state, skip_from, tokens, logprobs,
             rows, vocab, cfg.num_chunks,
-            BLOCK_R=block_r, C_BLOCK=c_block, RETURN_LOGPROBS=return_logprobs, SKIP_SETTLED=top,
+            BLOCK_R=block_r, C_BLOCK=c_block, RETURN_LOGPROBS=return_logprobs, SKIP_SETTLED=state is not None,
         )
 
+    inp = _StepInputs(logits=logits, plan=plan, tiles=tiles, cfg=cfg, lse=lse, cut=cut, inv_t=inv_t, zcut=zcut)
     if min_p is not None:          # the rows' max z (greedy winners, no cut), then the threshold
-        sample(lse, lse, lse, 0, top=False, candidate=False, stats=fuse_stats, max_pass=True)
+        sample(inp, stats=fuse_stats, max_pass=True)
         fuse_stats = False         # lse and cut are stored now
         z_top = best_score.max(dim=1).values                                   # [R]
         zcut = torch.where(min_p > 0, z_top + torch.log(min_p.float()), zcut)
-    inp = _StepInputs(logits=logits, plan=plan, tiles=tiles, cfg=cfg, lse=lse, cut=cut, inv_t=inv_t, zcut=zcut)
+        inp = dataclasses.replace(inp, zcut=zcut)
     if not any_top_k_top_p:
-        sample(lse, lse, lse, 0, top=False, candidate=False, stats=fuse_stats)   # placeholders: unused
-        select(lse, 0, top=False)
+        sample(inp, stats=fuse_stats)
+        select()
         return (tokens, logprobs) if return_logprobs else tokens
 
     rounds = torch.zeros(rows, dtype=torch.int32, device=dev)
@@ -1199,20 +1241,20 @@ def guided_sample_step(logits: torch.Tensor, plan: SamplePlan, seeds: torch.Tens
             prev = max(r - 1, 0)
             decide = (part, cand[0], cand[1], st[r], lo_r[r], rounds, bracket[0, prev], bracket[1, prev],
                       bracket[0, r], bracket[1, r]) if r else None
-            sample(lo_r[prev], lo_r[prev], st[prev], STATE_REFINE, top=True, candidate=True, decide=decide,
+            sample(inp, (lo_r[prev], lo_r[prev], st[prev], STATE_REFINE), candidate=True, decide=decide,
                    stats=fuse_stats and r == 0)
             _verify_kernel[(tiles.count, cfg.num_chunks)](
-                logits, logits.stride(0), *tile_args, lse, cut, inv_t, top_k, top_p, st[r],
-                best_score, best_token, best_z, z_max, tokens, cand[0], cand[1],
-                bracket[0, r], bracket[1, r], part, vocab, cfg.chunk_len, cfg.num_chunks, zcut,
+                logits, logits.stride(0), inp.plan_args, inp.row_params, (top_k, top_p), st[r],
+                winners[:4], tokens, (cand[0], cand[1]), (bracket[0, r], bracket[1, r]), part,
+                vocab, cfg.chunk_len, cfg.num_chunks,
                 M_BLOCK=tiles.m_block, K_BLOCK=tiles.k_block, G_BLOCK=tiles.g_block, BLOCK_V=cfg.verify_block_v,
                 NUM_LEVELS=NUM_LEVELS, C_BLOCK=c_block, MASKS=plan.masks, num_warps=cfg.num_warps,
             )
         state_prev, state = st[n - 1], st[n]
         decide = (part, cand[0], cand[1], lo_r[n - 1], rounds, bracket[0, n - 1], bracket[1, n - 1])
     lo_top_k, lo_p, measure, measure_max = _bisect(inp, top_k, top_p, state_prev, state, decide)
-    sample(lo_top_k, lo_p, state, STATE_ACCEPTED, top=True, candidate=False, narrow=(measure, measure_max))
-    select(state, STATE_ACCEPTED, top=True)
+    sample(inp, (lo_top_k, lo_p, state, STATE_ACCEPTED), narrow=(measure, measure_max))
+    select(state, STATE_ACCEPTED)
     if trace is not None:           # tests and tools: per-row final state and rounds open
         trace.update(state=state, rounds=rounds)
     return (tokens, logprobs) if return_logprobs else tokens
