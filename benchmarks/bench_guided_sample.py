@@ -26,7 +26,7 @@ Bytes and floor. Each pass of the kernel reads every logit of the rows it works 
 bytes a row (bf16). The basic path makes 2 passes over every row. With top-k/top-p a row makes
 the stats pass, then a sample and a verify pass each round it is open or refining in, and only
 rows left unsettled after the rounds add the bisection's counting passes and the final sample
-(module docstring of ``kernels/guided_sample_triton.py``); a tile (here: a group) reads all of
+(``kernels/guided_sample_triton/``, the module docstrings); a tile (here: a group) reads all of
 its rows while any of them works. ``passes`` is that count, averaged over the rows, from one
 traced step on the benchmark's logits (the step's ``trace=``: rounds and final state per row; a
 refining row's skipped sample is counted as read, so it is a slight upper bound). ``GB/s`` is

@@ -1,6 +1,6 @@
 """Rounds of the top-k / top-p sample / verify scheme on real next-token distributions.
 
-The Triton step (``kernels/guided_sample_triton.py``, module docstring "top-k / top-p") samples
+The Triton step (``kernels/guided_sample_triton/rounds.py``, top-k / top-p by rounds) samples
 over key(z) > lo, verifies the candidate with one measuring pass and either accepts it, raises
 lo past it, or hands the row to the exact bisection. This script replays that rule in torch
 (same decide rule as ``_decide_kernel``) on the embedded SmolLM2's next-token logits for
@@ -53,7 +53,7 @@ def kept_set(z: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return keep
 
 
-PROBE_DEPTHS = (0.0, 1.0, 2.0, 4.0, 8.0, -1.0, -2.0, -4.0)   # guided_sample_triton._probe_levels
+PROBE_DEPTHS = (0.0, 1.0, 2.0, 4.0, 8.0, -1.0, -2.0, -4.0)   # guided_sample_triton.rounds._probe_levels
 
 
 def probe_levels(zx, refine, center, spacing, depths=PROBE_DEPTHS):

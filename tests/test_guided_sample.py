@@ -863,7 +863,7 @@ def test_rounds_on_flat_and_near_tied_scores_equal_reference(case, kernel_device
 def test_rows_unsettled_after_the_rounds_take_the_bisection(kernel_device, monkeypatch):
     """With one round, a rejected row goes to the exact bisection (state BISECT); its token is
     still the reference's, and the settled rows keep theirs."""
-    monkeypatch.setattr(guided_sample_triton, "SAMPLE_ROUNDS", 1)
+    monkeypatch.setattr(guided_sample_triton.step, "SAMPLE_ROUNDS", 1)
     rows, vocab = 3, 40
     logits = (-0.02 * torch.arange(vocab, dtype=torch.float32)).expand(rows, vocab).contiguous()
     noise = torch.full((rows, vocab), 0.5)
@@ -905,7 +905,7 @@ def test_step_launch_count_is_fixed(kernel_device, monkeypatch):
     THRESHOLD_PASSES counting passes more with top-k/top-p, whatever the rows need (here row 0
     settles in round 1, row 1 takes the bisection); log-probs skip the rounds (and keep the
     row-stats launch: their first pass is a counting pass)."""
-    s = guided_sample_triton
+    s = guided_sample_triton.step            # the host module: it launches the kernels
     launches = []
 
     class Counted:
@@ -926,7 +926,7 @@ def test_step_launch_count_is_fixed(kernel_device, monkeypatch):
     params = dict(top_k=torch.tensor([2, 0]), top_p=torch.tensor([1.0, 0.1]))
     monkeypatch.setattr(s, "SAMPLE_ROUNDS", 1)    # the interpreter is slow; the count is per round
     tokens, state, _ = run_rounds(kernel_device, logits, None, noise, **params)
-    assert state.tolist() == [s.STATE_ACCEPTED, s.STATE_BISECT]
+    assert state.tolist() == [guided_sample_triton.STATE_ACCEPTED, guided_sample_triton.STATE_BISECT]
     want = reference.guided_sample(logits, None, seeds=make_seeds(rows), step=0, noise=noise, **params)
     assert torch.equal(tokens, want)
     assert len(launches) == s.launch_count(True, rounds=1) == 3 + 2 + 2 * s.THRESHOLD_PASSES

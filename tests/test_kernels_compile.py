@@ -105,7 +105,7 @@ def test_ci_subset_covers_every_shape_the_wrappers_launch():
 def test_large_groups_spread_over_many_programs(monkeypatch):
     """A 256-row group runs as 8 row tiles × up to 64 vocabulary chunks on a 132-SM GPU (it was
     one program a chunk: ≤ 64 programs), and a 64-row group as 2 tiles."""
-    monkeypatch.setattr(gs, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(gs.step, "_sm_count", lambda index: 132)
     import torch
 
     for group, tiles_expected in ((256, 8), (64, 2), (8, 1)):

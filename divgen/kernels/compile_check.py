@@ -72,10 +72,11 @@ def sample_variants() -> list[Variant]:
     """The guided-sampling kernels at every tile shape the wrappers choose on CUDA."""
     from divgen.kernels import guided_sample_triton as gs
 
-    mod = "divgen.kernels.guided_sample_triton"
+    pkg = "divgen.kernels.guided_sample_triton"
+    stats, gumbel, rounds, bisect = (f"{pkg}.{m}" for m in ("stats", "gumbel", "rounds", "bisect"))
     out = []
     for dtype in ("fp32", "bf16", "fp16"):
-        out.append(Variant(f"{mod}:_stats_kernel", f"stats {dtype}", (
+        out.append(Variant(f"{stats}:_stats_kernel", f"stats {dtype}", (
             ("logits_ptr", _ptr(dtype)), ("stride_logits", "i32"), ("part_max_ptr", "*fp32"), ("part_sum_ptr", "*fp32"),
             ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"), ("BLOCK_V", "constexpr")),
             (("BLOCK_V", gs.CUDA_STATS_BLOCK_V),), num_warps=8, logits_per_thread=gs.CUDA_STATS_BLOCK_V / 256))
@@ -116,7 +117,7 @@ def sample_variants() -> list[Variant]:
                                                      "FUSE_STATS", "C_BLOCK", "MASKS")))
                 tag = (f"sample G={g_block} M={m} {dtype}{' top' if top else ''}{' logp' if logprobs else ''}"
                        f"{' round' if cand else ''}{' 1' if cand == 2 else ''}")
-                out.append(Variant(f"{mod}:_sample_kernel", tag, sig, (
+                out.append(Variant(f"{gumbel}:_sample_kernel", tag, sig, (
                     ("noise", None), *((n, None) for n, t in stages if t is None),
                     ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", block_v), ("HAS_NOISE", False),
                     ("TOP_K_TOP_P", top), ("RETURN_LOGPROBS", logprobs), ("CANDIDATE", bool(cand)),
@@ -131,7 +132,7 @@ def sample_variants() -> list[Variant]:
                    ("vocab", "i32"), ("chunk_len", "i32"), ("num_chunks", "i32"),
                    *((n, "constexpr") for n in ("M_BLOCK", "K_BLOCK", "G_BLOCK", "BLOCK_V", "NUM_LEVELS", "C_BLOCK",
                                                  "MASKS")))
-            out.append(Variant(f"{mod}:_verify_kernel", f"verify G={g_block} M={m} {dtype}", sig, (
+            out.append(Variant(f"{rounds}:_verify_kernel", f"verify G={g_block} M={m} {dtype}", sig, (
                 ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", verify_v),
                 ("NUM_LEVELS", gs.NUM_LEVELS), ("C_BLOCK", gs.MAX_CHUNKS), ("MASKS", False)),
                 num_warps=warps, logits_per_thread=m * verify_v / (32 * warps)))
@@ -152,7 +153,7 @@ def sample_variants() -> list[Variant]:
                                                      "NUM_LEVELS", "MASKS")))
                 tag = (f"count G={g_block} M={m} {dtype} {'top-p' if mass else 'top-k'}"
                        f"{(' finish' if mass else ' decide') if first else ''}")
-                out.append(Variant(f"{mod}:_threshold_count_kernel", tag, sig, (
+                out.append(Variant(f"{bisect}:_threshold_count_kernel", tag, sig, (
                     *((() if decide else (("decide", None),))),
                     ("M_BLOCK", m), ("K_BLOCK", k), ("G_BLOCK", g_block), ("BLOCK_V", count_v),
                     ("NUM_PIVOTS", gs.NUM_PIVOTS), ("MASS", mass), ("APPLY_TOP_K", mass), ("FIRST", first),
@@ -174,12 +175,12 @@ def sample_variants() -> list[Variant]:
     out += masked
     c_block = gs.MAX_CHUNKS
     for block_r, logprobs in ((64, True), (64, False)):
-        out.append(Variant(f"{mod}:_row_stats_kernel", f"row stats R={block_r}", (
+        out.append(Variant(f"{stats}:_row_stats_kernel", f"row stats R={block_r}", (
             ("part_max_ptr", "*fp32"), ("part_sum_ptr", "*fp32"), ("cutoff_ptr", "*fp32"), ("lse_ptr", "*fp32"),
             ("cut_ptr", "*fp32"), ("rows_total", "i32"), ("num_chunks", "i32"),
             ("BLOCK_R", "constexpr"), ("C_BLOCK", "constexpr")),
             (("BLOCK_R", block_r), ("C_BLOCK", c_block)))) if logprobs else None
-        out.append(Variant(f"{mod}:_select_kernel", f"select R={block_r}{' logp' if logprobs else ''}", (
+        out.append(Variant(f"{gumbel}:_select_kernel", f"select R={block_r}{' logp' if logprobs else ''}", (
             ("best_score_ptr", "*fp32"), ("best_token_ptr", "*i32"), ("best_z_ptr", "*fp32"), ("z_max_ptr", "*fp32"),
             ("z_sum_ptr", "*fp32"), ("state_ptr", "*i32"), ("skip_from", "i32"), ("tokens_ptr", "*i64"),
             ("logprobs_ptr", "*fp32"),

@@ -341,14 +341,26 @@ def guided_sample(
             cut distribution (for greedy rows, under the cut distribution at T = 1).
     Returns: tokens [R] int64 (and logprobs [R] fp32). Nothing is modified in place.
     """
+    args = step_arguments(logits, mix, seeds=seeds, step=step, temperature=temperature, alpha=alpha, top_k=top_k,
+                          top_p=top_p, min_p=min_p, noise=noise, return_logprobs=return_logprobs)
+    return guided_sample_step(logits, None if mix is None else mix.float(), **args)
+
+
+def step_arguments(logits, mix, *, seeds, step, temperature=1.0, alpha=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                   noise=None, return_logprobs=False) -> dict:
+    """The direct callers' layer, shared by ``guided_sample`` and the kernels' twin: checks the
+    arguments of ``guided_sample`` (``check_guided_sample_args``: host syncs) and returns the
+    keyword arguments of a capturable step (``guided_sample_step``, either implementation) after
+    ``logits`` and the mix or plan: per-row tensors on the logits' device, min_p None when no
+    row uses it, any_top_k_top_p read from the values."""
     temperature, alpha, top_k, top_p, min_p = check_guided_sample_args(
         logits, mix, seeds, temperature, alpha, top_k, top_p, noise, min_p
     )
-    rows = logits.shape[0]
-    return guided_sample_step(
-        logits, None if mix is None else mix.float(), seeds.to(logits.device),
-        step_tensor(step, rows, logits.device), temperature, alpha, top_k, top_p,
-        min_p=min_p if bool((min_p > 0).any()) else None,
+    rows, device = logits.shape[0], logits.device
+    return dict(
+        seeds=seeds.to(device=device, dtype=torch.int64).contiguous(), step=step_tensor(step, rows, device),
+        temperature=temperature.contiguous(), alpha=alpha.contiguous(), top_k=top_k.contiguous(),
+        top_p=top_p.contiguous(), min_p=min_p.contiguous() if bool((min_p > 0).any()) else None,
         any_top_k_top_p=bool((top_k > 0).any() or (top_p < 1).any()), noise=noise,
         return_logprobs=return_logprobs,
     )
