@@ -98,13 +98,14 @@ def test_guided_plan_keeps_a_mix_when_no_member_contrasts():
     from divgen.engine.scheduler import Scheduler
     from divgen.kernels.plan import build_group_plan
 
-    sched = Scheduler(4, Guidance.corrsynth([0, 0, 1, 1], g=2.0), slots=4)
+    guidance = Guidance.corrsynth([0, 0, 1, 1], g=2.0)
+    sched = Scheduler(4, guidance, slots=4)
     for unit in list(sched.pending):
         sched.admit(unit, first_step=0)
     sched.retire(1)
     sched.retire(3)
-    assert sched.weight_blocks(4) == []
-    plan = build_group_plan(sched.weight_blocks(4), 4, "cpu", guided=True)
+    assert guidance.weight_blocks(sched.slot_row[:4]) == []
+    plan = build_group_plan(guidance.weight_blocks(sched.slot_row[:4]), 4, "cpu", guided=True)
     assert plan.mix is not None and torch.equal(plan.mix, torch.eye(4))
     assert build_group_plan([], 4, "cpu", guided=False).mix is None
 
@@ -149,12 +150,12 @@ def test_static_plan_launches_as_many_vocabulary_chunks_as_the_plain_plan(monkey
     16 working tiles (~4 programs an SM), not of the 64 padded ones."""
     from divgen.kernels import guided_sample_triton as gs
 
-    monkeypatch.setattr(gs, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(gs.step, "_sm_count", lambda index: 132)
     ops = kernels.ops_for("cpu", "triton")
     mix = block_mix([list(range(i, i + 4)) for i in range(0, 64, 4)], rows=64)
     chunks = {}
     for name, block in (("plain", None), ("static", 4)):
-        plan = gs.prepare_plan(kernels.build_sample_plan(mix, "cpu", rows=64, ops=gs._NoPrepare, static_block=block))
+        plan = gs.prepare_plan(kernels.build_sample_plan(mix, "cpu", rows=64, ops=gs.step._NoPrepare, static_block=block))
         # planned as on a GPU (the tiles' shape is the CPU one; only the count matters here)
         chunks[name] = gs.launch_config(128256, plan.prepared, torch.device("cuda")).num_chunks
     # ⌈4 · 132 / 16⌉ = 33 asked, rounded to whole 512-token tiles: 32 (padded tiles would give 9)

@@ -69,6 +69,7 @@ from divgen.engine import limits
 from divgen import kernels
 from divgen.engine.errors import DivgenError
 from divgen.engine.guidance import MAX_WEIGHT, Guidance, mix_from_gammas
+from divgen.kernels.plan import build_group_plan
 
 try:
     from vllm.v1.sample.logits_processor import LogitsProcessor as _VllmLogitsProcessor
@@ -359,19 +360,21 @@ class DivgenVLLMLogitsProcessor(_VllmLogitsProcessor):
             self.plan, self.params = None, {}
             return
         self.rows = torch.tensor(order, dtype=torch.int64, device=self.device)
-        gam = torch.zeros(len(order), len(order), dtype=torch.float32)
         by_group: dict[str, list[int]] = {}
         for pos, r in enumerate(reqs):
             by_group.setdefault(r.tag.group, []).append(pos)
+        blocks = []         # (positions, weights) of each coupled group, as the engine's plan takes them
         for members in by_group.values():
             # the kernels take up to MAX_GROUP_ROWS rows per group: a larger group is contrasted
             # in chunks of that many present members (batch order)
             for lo in range(0, len(members), kernels.MAX_GROUP_ROWS):
                 chunk = members[lo:lo + kernels.MAX_GROUP_ROWS]
-                idx = torch.tensor(chunk)
-                gam[idx[:, None], idx[None, :]] = group_gammas([reqs[p].tag for p in chunk])
-        mix = mix_from_gammas(gam) if bool((gam != 0).any()) else None
-        self.plan = kernels.build_sample_plan(mix, self.device, rows=len(order))   # masks: vLLM's masks come first
+                gam = group_gammas([reqs[p].tag for p in chunk])
+                if bool((gam != 0).any()):
+                    blocks.append((chunk, mix_from_gammas(gam)))
+        blocks.sort(key=lambda block: block[0][0])
+        # masks (the default): vLLM's own masks (min_tokens, grammars) come before this processor
+        self.plan = build_group_plan(blocks, len(order), self.device, guided=bool(blocks))
         self.any_top_k_top_p = any(r.top_k > 0 or r.top_p < 1 for r in reqs)
         self.any_min_p = any(r.min_p > 0 for r in reqs)
         self.any_penalties = any(r.penalised for r in reqs)

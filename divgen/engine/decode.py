@@ -502,7 +502,8 @@ class _Run:
         engine, sched, st, dev = self.engine, self.sched, self.engine.state, self.engine.device
         n = max((sched.highest_used_slot() + 1) if engine.trim else engine.slots, 1)
         self.n_live = n
-        blocks, guided = sched.weight_blocks(n), sched.guidance is not None
+        guided = sched.guidance is not None
+        blocks = sched.guidance.weight_blocks(sched.slot_row[:n]) if guided else []
         masks = self.guard is not None      # the engine's logits are finite, the copy guard's bans −inf
         if self.greedy_only:
             self.plan = None

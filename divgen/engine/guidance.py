@@ -132,16 +132,19 @@ class Guidance:
             raise DivgenError(f"unknown guidance method {self.method!r}: use one of {', '.join(limits.GUIDANCE_RULES)}")
         return gam
 
-    def weight_blocks(self, active: list[int]) -> list[tuple[list[int], torch.Tensor]]:
-        """The coupled groups of the active rows (original row ids, in batch order): for each, its
-        positions in ``active`` (ascending) and its weights [n, n] fp32 (diagonal 1 + Σ_n γ_{m,n},
-        off-diagonal −γ_{m,n}), ordered by first position. Rows coupled to no other row (a group
-        with one active row, g = 1, a CFG leader without shadows) are left out: they sample alone."""
+    def weight_blocks(self, active: list[int | None]) -> list[tuple[list[int], torch.Tensor]]:
+        """The coupled groups of the active rows (original row ids by batch position, None where a
+        position holds no row, e.g. the engine's free slots): for each, its positions
+        (ascending) and its weights [n, n] fp32 (diagonal 1 + Σ_n γ_{m,n}, off-diagonal −γ_{m,n}),
+        ordered by first position; the engine hands them to ``build_group_plan`` as they are.
+        Rows coupled to no other row (a group with one active row, g = 1, a CFG leader without
+        shadows) are left out: they sample alone."""
         from divgen.kernels.plan import guidance_groups      # the components of one small block
 
         by_group: dict[int, list[int]] = {}
         for pos, row in enumerate(active):
-            by_group.setdefault(self.groups[row], []).append(pos)
+            if row is not None:
+                by_group.setdefault(self.groups[row], []).append(pos)
         out = []
         for positions in by_group.values():
             if len(positions) < 2:

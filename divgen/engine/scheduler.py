@@ -5,9 +5,9 @@ group (all rows of one guidance group id), a CFG leader with its shadow rows, or
 Units are admitted first come first served as soon as enough slots are free (lowest free slots
 first); a row retires when it finishes (a CFG leader takes its shadows along), freeing its slot
 for the next unit. Everything the decode step needs from the batch composition is derived here,
-once per change: the weight blocks of the groups still active (γ recomputed over the members
-left, by ``Guidance.weight_blocks``, in slot ids), the leader slot of every slot and the prompt
-row of every slot.
+once per change: the prompt row of every slot (``slot_row``: the engine passes it to
+``Guidance.weight_blocks``, which recomputes γ over the members left, in slot ids) and the leader
+slot of every slot.
 """
 from __future__ import annotations
 
@@ -107,12 +107,3 @@ class Scheduler:
                     out[s] = self.row_slot[g.leader(r)]
         return out
 
-    def weight_blocks(self, n: int) -> list:
-        """The coupled groups among the first n slots: [(slot ids ascending, weights [k, k] fp32)]
-        (``Guidance.weight_blocks`` in slot ids); every other slot samples alone. [] for an
-        unguided run."""
-        if self.guidance is None:
-            return []
-        slots = [s for s in range(n) if self.slot_row[s] is not None]
-        blocks = self.guidance.weight_blocks([self.slot_row[s] for s in slots])
-        return [([slots[p] for p in positions], weights) for positions, weights in blocks]
