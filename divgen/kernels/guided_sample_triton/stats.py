@@ -52,23 +52,16 @@ def _row_stats_kernel(
     A row with no finite logit (a slot not in use) gets lse 0: its logits stay −inf, masked
     everywhere when mixed (the reference's rule), never NaN."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, C_BLOCK)
     rmask = r < rows_total
-    mask = rmask[:, None] & (c < num_chunks)[None, :]
-    offs = r[:, None] * num_chunks + c[None, :]
-    pmax = tl.load(part_max_ptr + offs, mask=mask, other=float("-inf"))
-    psum = tl.load(part_sum_ptr + offs, mask=mask, other=0.0)
-    row_max = tl.max(pmax, axis=1)
-    ref = tl.where(row_max == float("-inf"), 0.0, row_max)
-    total = tl.sum(psum * tl.exp(pmax - ref[:, None]), axis=1)
-    lse = tl.where(row_max == float("-inf"), 0.0, ref + tl.log(tl.where(total > 0, total, 1.0)))
+    lse, cut = _combine_stats(r, rmask, part_max_ptr, part_sum_ptr, cutoff_ptr, num_chunks, C_BLOCK)
     tl.store(lse_ptr + r, lse, mask=rmask)
-    tl.store(cut_ptr + r, row_max + tl.load(cutoff_ptr + r, mask=rmask, other=0.0), mask=rmask)
+    tl.store(cut_ptr + r, cut, mask=rmask)
 
 
 @triton.jit
 def _combine_stats(rows, valid, part_max_ptr, part_sum_ptr, cutoff_ptr, num_chunks, C_BLOCK: tl.constexpr):
-    """``_row_stats_kernel``'s combine (the same ops) for the rows of a program: (lse, cut)."""
+    """The rows' (lse, cut) from their chunk partials, for ``_row_stats_kernel`` and for the first
+    sample pass that combines the stats itself (the same ops wherever it runs)."""
     c = tl.arange(0, C_BLOCK)
     mask = valid[:, None] & (c < num_chunks)[None, :]
     offs = rows[:, None] * num_chunks + c[None, :]
