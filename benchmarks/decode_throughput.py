@@ -26,28 +26,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
-from divgen.bench.common import bench, default_results_path, result_record, sync, write_json
-
-# Real architectures' shapes (public configs), for random-weight GPU runs.
-RANDOM_CONFIGS = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
-    "llama-3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
-}
-
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle stays upright.",
-    "List three facts about the moon.",
-    "What should I cook tonight?",
-    "Describe the colour blue to someone who cannot see.",
-    "Summarise the plot of a heist film in two sentences.",
-    "Why do cats purr?",
-    "Give me advice for my first marathon, including training, nutrition and rest days.",
-]
+from divgen.bench.common import PROMPTS, bench, default_results_path, result_record, sync, write_json
+from divgen.bench.random_model import RANDOM_CONFIGS
 
 
 def load(args):

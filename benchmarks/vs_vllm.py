@@ -40,16 +40,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")             # GiB; the defa
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle stays upright.",
-    "List three facts about the moon.",
-    "What should I cook tonight?",
-    "Describe the colour blue to someone who cannot see.",
-    "Summarise the plot of a heist film in two sentences.",
-    "Why do cats purr?",
-    "Give me advice for my first marathon, including training, nutrition and rest days.",
-]
+from divgen.bench.common import PROMPTS  # noqa: E402
+
 MIN_P = 0.05
 
 

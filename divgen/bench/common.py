@@ -22,6 +22,18 @@ import torch
 _CHECKOUT_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 RESULTS_DIR = _CHECKOUT_RESULTS if _CHECKOUT_RESULTS.is_dir() else Path("benchmarks") / "results"
 
+# The decode benchmarks' prompts (chat-formatted by each script), one per row, cycled.
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle stays upright.",
+    "List three facts about the moon.",
+    "What should I cook tonight?",
+    "Describe the colour blue to someone who cannot see.",
+    "Summarise the plot of a heist film in two sentences.",
+    "Why do cats purr?",
+    "Give me advice for my first marathon, including training, nutrition and rest days.",
+]
+
 
 def sync(device: torch.device | str | None = None) -> None:
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
