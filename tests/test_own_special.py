@@ -152,3 +152,41 @@ def test_engine_own_special(tiny_lm):
         decode_mod.special_token_mask = orig
     assert ids(own_compiled) == ids(own_eager)
     assert ids(own_eager) != ids(guided)
+
+
+def test_slow_path_own_special_and_copy_guard_give_the_engine_tokens(tiny_lm):
+    """The HF forward (architectures without the own forward, e.g. Gemma 3) runs the same rule and
+    the same guard: a CorrSynth run with own-special, then with a copy guard too, gives the
+    engine's tokens; the guard (built from the unguarded run's own outputs, so it must act in
+    every row) leaves none of its n-grams in the guarded outputs; own-special changes some rows."""
+    import dataclasses
+
+    import divgen.engine.decode as decode_mod
+    from divgen.engine.copy_guard import CopyGuard, ngram_table
+
+    ps = tiny_prompts(9)
+    kw = dict(max_new_tokens=14, temperature=1.0, min_p=0.02, seeds=7, max_batch_rows=6, ignore_eos=True)
+    ids = lambda rs: [(r.row, r.token_ids, r.finish_reason) for r in rs]   # noqa: E731
+    slow_lm = dataclasses.replace(tiny_lm, fast_path=False)
+    slow_lm.decode = tiny_lm.decode
+    g = Guidance.corrsynth([i // 3 for i in range(9)], g=30.0)
+    plain, _ = generate(slow_lm, ps, guidance=g, **kw)
+    n = 3
+    orig = decode_mod.special_token_mask
+    decode_mod.special_token_mask = lambda lm: torch.isin(torch.arange(VOCAB), torch.tensor(sorted(lm.eos_token_ids)))
+    try:
+        own_fast, _ = generate(tiny_lm, ps, guidance=g, own_special=True, **kw)
+        own_slow, _ = generate(slow_lm, ps, guidance=g, own_special=True, **kw)
+        guard = CopyGuard(n, [[r.token_ids[2:9]] for r in own_slow])       # each row's own 7-token run
+        guarded_fast, _ = generate(tiny_lm, ps, guidance=g, own_special=True, copy_guard=guard, **kw)
+        guarded_slow, _ = generate(slow_lm, ps, guidance=g, own_special=True, copy_guard=guard, **kw)
+    finally:
+        decode_mod.special_token_mask = orig
+    assert ids(own_slow) == ids(own_fast)
+    assert ids(own_slow) != ids(plain)
+    assert ids(guarded_slow) == ids(guarded_fast)
+    assert all(a.token_ids != b.token_ids for a, b in zip(guarded_slow, own_slow))    # the guard acted
+    for res, src in zip(guarded_slow, guard.sources):
+        grams = set(ngram_table(None, src, n))
+        seq = ps[res.row][-(n - 1):] + res.token_ids
+        assert not any(tuple(seq[i:i + n]) in grams for i in range(len(seq) - n + 1)), res.row

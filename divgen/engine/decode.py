@@ -666,14 +666,12 @@ def generate(
         copy_guard.check(n_rows)
     own = special_token_mask(lm) if own_special else None
     if lm.fast is None:
-        if copy_guard is not None or own is not None:
-            raise DivgenError(f"the copy guard and own-special need divgen's own forward, which {lm.name} does not "
-                              "have (not Llama-family): drop --copy-guard / --own-special for this model")
         from divgen.engine.models.hf_loop import generate_hf_batched
 
         return generate_hf_batched(lm, encoded, params, max_new_tokens=max_new_tokens, stopper=stopper,
                                    guidance=guidance, listeners=listeners, progress=progress,
-                                   max_batch_rows=max_batch_rows, on_result=on_result)
+                                   max_batch_rows=max_batch_rows, on_result=on_result, copy_guard=copy_guard,
+                                   own=own)
     slots = min(n_rows, max_batch_rows or n_rows)
     longest = max(len(ids) for ids in encoded)
     max_len = min(_round_up(longest + max_new_tokens, 64), lm.context_length)

@@ -27,6 +27,7 @@ import torch
 from divgen import kernels
 from divgen.engine.errors import DivgenError
 from divgen.kernels import build_sample_plan, guided_sample_step  # noqa: F401  (the capturable API)
+from divgen.kernels import reference
 
 
 def _as_list(value, rows: int, name: str) -> list:
@@ -112,11 +113,14 @@ class Sampler:
     """
 
     def __call__(self, logits: torch.Tensor, params: SamplingParams, step: int,
-                 mix: torch.Tensor | None = None) -> torch.Tensor:
-        # logits [R, V] -> tokens [R] int64
+                 mix: torch.Tensor | None = None, own: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [R, V] -> tokens [R] int64. own: [V] bool, tokens that take the row's own
+        log-prob instead of the contrasted score (the engine's own-special rule; only with a mix)."""
         if params.all_greedy and params.no_cutoffs and mix is None:
             return torch.argmax(logits, dim=-1)
-        return kernels.guided_sample(
-            logits, mix, seeds=params.seeds, step=step, temperature=params.temperature,
-            alpha=params.alpha, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-        )
+        sampling = dict(seeds=params.seeds, step=step, temperature=params.temperature, alpha=params.alpha,
+                        top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
+        if own is None or mix is None:
+            return kernels.guided_sample(logits, mix, **sampling)
+        plan = kernels.build_sample_plan(mix, logits.device, rows=logits.shape[0], own=own)
+        return kernels.guided_sample_step(logits, plan, **reference.step_arguments(logits, mix, **sampling))

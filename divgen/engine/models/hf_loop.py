@@ -26,6 +26,8 @@ from divgen.engine.errors import DivgenError
 from divgen.engine.decode import BatchListener, GenerationResult, RunStats, _StopChecker
 from divgen.engine.guidance import Guidance, mixing_matrix
 from divgen.engine.model import LoadedModel
+from divgen.engine.copy_guard import CopyGuard, GuardState, ban_copies, build_tables
+from divgen.engine.copy_guard import push as push_history
 from divgen.engine.sampling import Sampler, SamplingParams
 
 
@@ -55,9 +57,11 @@ def _cache_of(out):
 
 def generate_hf_batched(lm: LoadedModel, encoded: list[list[int]], params: SamplingParams, *, max_new_tokens: int,
                         stopper: _StopChecker, guidance: Guidance | None, listeners: list, progress=None,
-                        max_batch_rows: int | None = None, on_result=None) -> tuple[list[GenerationResult], RunStats]:
+                        max_batch_rows: int | None = None, on_result=None, copy_guard: CopyGuard | None = None,
+                        own: torch.Tensor | None = None) -> tuple[list[GenerationResult], RunStats]:
     """``generate`` on the HF forward: fixed batches of whole guidance groups, at most
-    ``max_batch_rows`` rows each (no continuous batching on the slow path)."""
+    ``max_batch_rows`` rows each (no continuous batching on the slow path). copy_guard, own: as
+    the engine's (``generate``): the same bans and the same own-token rule, per batch."""
     from divgen.engine.scheduler import Scheduler
 
     n_rows = len(encoded)
@@ -79,10 +83,11 @@ def generate_hf_batched(lm: LoadedModel, encoded: list[list[int]], params: Sampl
         if guidance is not None:
             sub = _restrict(guidance, rows)
         index = torch.tensor(rows, dtype=torch.int64, device=lm.device)
+        guard = None if copy_guard is None else CopyGuard(copy_guard.n, [copy_guard.sources[r] for r in rows])
         res, stats = generate_hf(lm, [encoded[r] for r in rows], params.select(index),
                                  max_new_tokens=max_new_tokens, stopper=stopper, guidance=sub,
                                  batch_listeners=[_Remap(listener, index) for listener in listeners],
-                                 progress=progress)
+                                 progress=progress, copy_guard=guard, own=own)
         for r in res:
             r.row = rows[r.row]
             results[r.row] = r
@@ -121,9 +126,11 @@ def _restrict(guidance: Guidance, rows: list[int]) -> Guidance:
 @torch.inference_mode()
 def generate_hf(lm: LoadedModel, encoded: list[list[int]], params_all: SamplingParams, *, max_new_tokens: int,
                 stopper: _StopChecker, guidance: Guidance | None = None,
-                batch_listeners: Iterable[BatchListener] = (), progress=None) -> tuple[list[GenerationResult], RunStats]:
+                batch_listeners: Iterable[BatchListener] = (), progress=None, copy_guard: CopyGuard | None = None,
+                own: torch.Tensor | None = None) -> tuple[list[GenerationResult], RunStats]:
     """One fixed batch on the HF forward (the pre-engine loop): rows leave the batch and the HF
-    cache as they finish."""
+    cache as they finish. copy_guard: each sample row's n-gram table and history (the engine's
+    ``GuardState``, one entry per prompt row), banned before sampling; own: the own-token mask."""
     start = time.perf_counter()
     n_rows = len(encoded)
     device = lm.device
@@ -168,11 +175,23 @@ def generate_hf(lm: LoadedModel, encoded: list[list[int]], params_all: SamplingP
     mix = mixing_matrix(guidance, active, device)
     leaders = _leader_positions(guidance, active, device)
     seed_of = params_all.seeds.tolist()
+    guard = None
+    if copy_guard is not None:                               # one guard entry per prompt row
+        tables = build_tables(lm, copy_guard, sample_rows)
+        guard = GuardState(n_rows, copy_guard.n, max([len(t) for t in tables.values()] + [1]), device)
+        guard.admit(list(range(n_rows)), [tables.get(r, []) for r in range(n_rows)], encoded)
+    own = None if own is None or guidance is None else own.to(device)
 
     for step in range(max_new_tokens):
-        tokens = sampler(logits, params, step, mix)          # [B]
+        if guard is not None:
+            logits = ban_copies(logits, guard.table[index], guard.hist[index])
+        tokens = sampler(logits, params, step, mix, own=own)  # [B]
         if leaders is not None:
             tokens = tokens[leaders]                         # shadows take their leader's token
+        if guard is not None:
+            hist = guard.hist[index]
+            push_history(hist, tokens, torch.ones_like(tokens, dtype=torch.bool))
+            guard.hist[index] = hist
         token_list = tokens.tolist()
 
         done_now = []
