@@ -28,7 +28,9 @@ mask, the temperature rule, the mask rule for −inf contrasting logits, the noi
 reference's: its constants and building blocks are imported, and ``_cut_scores`` mirrors the
 reference's scores-and-mask lines (``reference.guided_scores`` on the gathered columns); tests/test_cpu_sample.py compares the two token for token under
 injected and counter-based noise, so a change of the reference's rules shows up there.
-* min-p (the peers' rule, on the tempered guided scores) keeps z ≥ max z + log min_p: the row's
+* min-p (the peers' rule, on the tempered guided scores) keeps z ≥ max z + log min_p. For an
+  unguided row z = l / T, so only logits l ≥ max l + T·log min_p (less a rounding slack) are
+  gathered at all (min-p 0.05 at T = 1: the tokens within 3 nats of the best). The row's
   max z is always among the candidates (the α-kept tokens, or for unguided rows the tokens
   within the noise's reach of the best, or on the dense path the tokens within
   reach of the best guided score), so it is the same value as the reference's.
@@ -182,9 +184,14 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
         z = zf[rows, cols]
     else:
         limit = row_limit
+        slack = 1e-3 * (1 + row_max.abs())          # covers the rounding of z = l / T (a superset)
         if mix is None and noise is None:
-            reach = row_max - t_div * (NOISE_GAP + 2 * _MARGIN) - 1e-3 * (1 + row_max.abs())
+            reach = row_max - t_div * (NOISE_GAP + 2 * _MARGIN) - slack
             limit = torch.maximum(row_limit, reach)
+        if mix is None and min_p is not None:
+            # unguided: z = l / T and max z = max l / T, so min-p keeps l ≥ max l + T·log min_p
+            # (the exact test on z follows below; this only skips tokens it surely drops)
+            limit = torch.maximum(limit, row_max + t_div * torch.log(min_p.float()) - slack)
         rows, cols = _candidates(x, limit)                                    # row-major, ids ascending
         z = _cut_scores(x, mix, row_limit, rows, cols, t_div, own)           # [N] gathered scores
     if min_p is not None:                                                     # the peers' min-p
