@@ -301,13 +301,14 @@ def summarise(runs: Path, variants, seeds, sizes) -> dict:
         if cache.exists():
             finetune[v] = json.loads(cache.read_text())
     return {
-        "what": "AG News learning curves (experiments/curves.py): SmolLM2-135M-Instruct (embedded), few-shot prompts "
-                "(2 pool rows each), at most 48 new tokens, alpha (plausibility cutoff) 0.05, temperature 1. Point N of a (variant, seed) is "
-                "the first N/4 groups (N/4 examples per label) of one generated set. Student: linear probe on frozen "
-                "all-MiniLM-L6-v2 embeddings (1 seed per set; mean ± std over generation seeds), tested on the "
-                "6840 held-out real rows. Fidelity: a probe trained on the 760 real pool rows agrees with the label. "
-                "Self-BLEU-4: per label on up to 200 texts (divgen metrics default), averaged over the 4 labels. "
-                "Real: the same probe on as many real pool rows (at most 190 per label), 3 seeds of the row draw.",
+        "what": "AG News learning curves (experiments/curves.py): SmolLM2-135M-Instruct (embedded), few-shot "
+                "prompts (2 pool rows each), at most 48 new tokens, alpha (plausibility cutoff) 0.05, temperature "
+                "1. Point N of a (variant, seed) is the first N/4 groups (N/4 examples per label) of one generated "
+                "set. Student: linear probe on frozen all-MiniLM-L6-v2 embeddings (1 seed per set; mean ± std over "
+                "generation seeds), tested on the 6840 held-out real rows. Fidelity: a probe trained on the 760 "
+                "real pool rows agrees with the label. Self-BLEU-4: per label on up to 200 texts (divgen metrics "
+                "default), averaged over the 4 labels. Real: the same probe on as many real pool rows per label as "
+                "the set has (all of a label's pool rows when it has fewer: 171-210 per label, 760 in all), 3 draws.",
         "variants": {v: VARIANTS[v] for v in variants},
         "sizes": sizes,
         "sets": sets,
@@ -364,9 +365,8 @@ def plot(summary: dict, path: Path) -> bool:
         a.errorbar([r["n_used"] for r in rs], [100 * r["probe_accuracy"]["mean"] for r in rs],
                    yerr=[100 * r["probe_accuracy"]["std"] for r in rs], marker="s", capsize=3, color="black", ls="--",
                    label="real pool rows (at most 760)")
-    ticks = sorted({int(n) for pts in summary["points"].values() for n in pts}
-                   | {r["n_used"] for r in summary["real"].values()})
-    for ax in (a, b):
+    sizes = {int(n) for pts in summary["points"].values() for n in pts}
+    for ax, ticks in ((a, sorted(sizes | {r["n_used"] for r in summary["real"].values()})), (b, sorted(sizes))):
         ax.set_xscale("log")
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(t) for t in ticks])
