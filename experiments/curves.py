@@ -207,7 +207,7 @@ def score_file(path: Path, data: Path) -> dict:
 
 def score_real(runs: Path, data: Path, n: int, some_prefix: Path) -> dict:
     """The real-data row at N: the probe on as many real pool rows per label as the prefix has
-    (all 190 per label when that is fewer), 3 seeds (other real rows per seed)."""
+    (all of a label's pool rows, 171-210, when that is fewer), 3 seeds (other real rows per seed)."""
     cache = runs / f"real.n{n}.score.json"
     if cache.exists():
         return json.loads(cache.read_text())

@@ -59,7 +59,7 @@ Values are checked once, here, with the limits of ``engine/limits.py`` (the same
 every method's parameters are checked, not only the active method's.
 
 Few-shot pools are read by ``few_shot.py`` and shown by ``prompts.py``. For AG News
-(../shared/data/ag_news_test.csv, 7,600 rows) ``every: 10`` gives a pool of 760 rows (data rows 0, 10, 20, ...; 190 per label); rows with index % 10 != 0 are the
+(../shared/data/ag_news_test.csv, 7,600 rows) ``every: 10`` gives a pool of 760 rows (data rows 0, 10, 20, ...; 171-210 per label); rows with index % 10 != 0 are the
 held-out evaluation rows.
 """
 from __future__ import annotations
