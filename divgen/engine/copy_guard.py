@@ -113,9 +113,11 @@ class GuardState(nn.Module):
                 table[i, : len(grams)] = torch.tensor(grams, dtype=torch.int64)
             tail = prompt[-(n - 1):]
             hist[i, n - 1 - len(tail):] = torch.tensor(tail, dtype=torch.int64)
-        idx = torch.tensor(slots, dtype=torch.int64, device=self.table.device)
-        self.table[idx] = table.to(self.table.device)
-        self.hist[idx] = hist.to(self.hist.device)
+        from divgen.kernels.plan import stage     # one packed copy (pinned, non-blocking on CUDA)
+
+        idx, table_d, hist_d = stage([slots, table, hist], torch.int64, self.table.device)
+        self.table[idx] = table_d.view(table.shape)
+        self.hist[idx] = hist_d.view(hist.shape)
 
     def view(self, rows: int) -> "GuardView":
         return GuardView(self.table[:rows], self.hist[:rows])
