@@ -347,23 +347,22 @@ class Engine:
         start = 0 if listeners or len(body) < 2 else common_prefix_len(body)
         if start < PREFIX_MIN:
             start = 0
-        k, v = self.cache.k, self.cache.v
-        if start:
+        k, v, dev = self.cache.k, self.cache.v, self.device
+        if start:                       # host values of a batch change: one packed copy (``stage``)
             first = slots[0]
-            self.model.prefill(torch.tensor([body[0][:start]], dtype=torch.int64, device=self.device),
-                               torch.tensor([first], device=self.device), k, v)
-            rest = torch.tensor(slots[1:], device=self.device)
+            prefix, first_t, rest = stage([body[0][:start], [first], slots[1:]], torch.int64, dev)
+            self.model.prefill(prefix.view(1, start), first_t, k, v)
             k[:, rest, :, :start] = k[:, first:first + 1, :, :start]
             v[:, rest, :, :start] = v[:, first:first + 1, :, :start]
         pad = self.lm.pad_token_id
         for batch in prefill_batches([len(b) - start for b in body]):
             width = max(len(body[i]) for i in batch) - start
-            tokens = torch.tensor([body[i][start:] + [pad] * (width - len(body[i]) + start) for i in batch],
-                                  dtype=torch.int64)
+            tokens, batch_slots, batch_rows = stage(
+                [[t for i in batch for t in body[i][start:] + [pad] * (width - len(body[i]) + start)],
+                 [slots[i] for i in batch], [rows[i] for i in batch]], torch.int64, dev)
             for listener in listeners:
-                listener.set_batch(torch.tensor([rows[i] for i in batch], dtype=torch.int64, device=self.device))
-            self.model.prefill(tokens.to(self.device), torch.tensor([slots[i] for i in batch], device=self.device),
-                               k, v, start)
+                listener.set_batch(batch_rows)
+            self.model.prefill(tokens.view(len(batch), width), batch_slots, k, v, start)
 
 
 PREFIX_MIN = 8          # a shorter common prefix is not worth its own pass
@@ -478,10 +477,10 @@ class _Run:
         self.engine._prefill([encoded[r] for r in rows], slots, rows, self.listeners)
         if self.guard is not None:
             self.guard.admit(slots, [self.tables.get(r, []) for r in rows], [encoded[r] for r in rows])
-        idx = torch.tensor(slots, dtype=torch.int64, device=dev)
-        index = torch.tensor(rows, dtype=torch.int64, device=dev)
-        st.tokens[idx] = torch.tensor([encoded[r][-1] for r in rows], dtype=torch.int64, device=dev)
-        st.pos[idx] = torch.tensor([len(encoded[r]) - 1 for r in rows], dtype=torch.int64, device=dev)
+        idx, index, last, pos = stage([slots, rows, [encoded[r][-1] for r in rows],
+                                       [len(encoded[r]) - 1 for r in rows]], torch.int64, dev)   # one copy
+        st.tokens[idx] = last
+        st.pos[idx] = pos
         st.gen[idx] = 0
         st.max_new[idx] = self.max_new_tokens
         st.active[idx] = True
