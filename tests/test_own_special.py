@@ -130,61 +130,65 @@ def test_contrast_no_longer_keeps_a_row_from_stopping():
     assert int(reference.guided_sample_step(x, mix, *common, own=_own())[0]) == 0
 
 
-def test_engine_own_special(tiny_lm):
+def _eos_as_special(monkeypatch):
+    """The tiny model's EOS ids (6..11) are its special tokens for the own-token rule."""
+    import divgen.engine.decode as decode_mod
+
+    monkeypatch.setattr(decode_mod, "special_token_mask",
+                        lambda lm: torch.isin(torch.arange(VOCAB), torch.tensor(sorted(lm.eos_token_ids))))
+
+
+def _ids(results):
+    return [(r.row, r.token_ids, r.finish_reason) for r in results]
+
+
+def test_engine_own_special(tiny_lm, monkeypatch):
     """FewGen: no effect. CorrSynth: the compiled step gives the eager step's tokens, and the rule
     changes some rows (EOS ids 6..11 of the tiny model are its special tokens here; a large g
     makes the rows' EOS scores differ enough to matter)."""
-    import divgen.engine.decode as decode_mod
-
     ps = tiny_prompts(9)
     kw = dict(max_new_tokens=14, temperature=1.0, min_p=0.02, seeds=7, max_batch_rows=6)
-    ids = lambda rs: [(r.row, r.token_ids, r.finish_reason) for r in rs]   # noqa: E731
     plain, _ = generate(tiny_lm, ps, **kw)
-    assert ids(generate(tiny_lm, ps, own_special=True, **kw)[0]) == ids(plain)
     g = Guidance.corrsynth([i // 3 for i in range(9)], g=30.0)
-    orig = decode_mod.special_token_mask
-    decode_mod.special_token_mask = lambda lm: torch.isin(torch.arange(VOCAB), torch.tensor(sorted(lm.eos_token_ids)))
-    try:
-        guided, _ = generate(tiny_lm, ps, guidance=g, **kw)
-        own_eager, _ = generate(tiny_lm, ps, guidance=g, own_special=True, compile=False, **kw)
-        own_compiled, _ = generate(tiny_lm, ps, guidance=g, own_special=True, compile=True, **kw)
-    finally:
-        decode_mod.special_token_mask = orig
-    assert ids(own_compiled) == ids(own_eager)
-    assert ids(own_eager) != ids(guided)
+    _eos_as_special(monkeypatch)
+    assert _ids(generate(tiny_lm, ps, own_special=True, **kw)[0]) == _ids(plain)
+    guided, _ = generate(tiny_lm, ps, guidance=g, **kw)
+    own_eager, _ = generate(tiny_lm, ps, guidance=g, own_special=True, compile=False, **kw)
+    own_compiled, _ = generate(tiny_lm, ps, guidance=g, own_special=True, compile=True, **kw)
+    assert _ids(own_compiled) == _ids(own_eager)
+    assert _ids(own_eager) != _ids(guided)
 
 
-def test_slow_path_own_special_and_copy_guard_give_the_engine_tokens(tiny_lm):
+def test_slow_path_own_special_and_copy_guard_give_the_engine_tokens(tiny_lm, monkeypatch):
     """The HF forward (architectures without the own forward, e.g. Gemma 3) runs the same rule and
     the same guard: a CorrSynth run with own-special, then with a copy guard too, gives the
     engine's tokens; the guard (built from the unguarded run's own outputs, so it must act in
     every row) leaves none of its n-grams in the guarded outputs; own-special changes some rows."""
     import dataclasses
 
-    import divgen.engine.decode as decode_mod
     from divgen.engine.copy_guard import CopyGuard, ngram_table
 
     ps = tiny_prompts(9)
     kw = dict(max_new_tokens=14, temperature=1.0, min_p=0.02, seeds=7, max_batch_rows=6, ignore_eos=True)
-    ids = lambda rs: [(r.row, r.token_ids, r.finish_reason) for r in rs]   # noqa: E731
     slow_lm = dataclasses.replace(tiny_lm, fast_path=False)
     slow_lm.decode = tiny_lm.decode
     g = Guidance.corrsynth([i // 3 for i in range(9)], g=30.0)
     plain, _ = generate(slow_lm, ps, guidance=g, **kw)
     n = 3
-    orig = decode_mod.special_token_mask
-    decode_mod.special_token_mask = lambda lm: torch.isin(torch.arange(VOCAB), torch.tensor(sorted(lm.eos_token_ids)))
-    try:
-        own_fast, _ = generate(tiny_lm, ps, guidance=g, own_special=True, **kw)
-        own_slow, _ = generate(slow_lm, ps, guidance=g, own_special=True, **kw)
-        guard = CopyGuard(n, [[r.token_ids[2:9]] for r in own_slow])       # each row's own 7-token run
-        guarded_fast, _ = generate(tiny_lm, ps, guidance=g, own_special=True, copy_guard=guard, **kw)
-        guarded_slow, _ = generate(slow_lm, ps, guidance=g, own_special=True, copy_guard=guard, **kw)
-    finally:
-        decode_mod.special_token_mask = orig
-    assert ids(own_slow) == ids(own_fast)
-    assert ids(own_slow) != ids(plain)
-    assert ids(guarded_slow) == ids(guarded_fast)
+    _eos_as_special(monkeypatch)
+    own_fast, _ = generate(tiny_lm, ps, guidance=g, own_special=True, **kw)
+    own_slow, _ = generate(slow_lm, ps, guidance=g, own_special=True, **kw)
+    guard = CopyGuard(n, [[r.token_ids[2:9]] for r in own_slow])       # each row's own 7-token run
+    guarded_fast, _ = generate(tiny_lm, ps, guidance=g, own_special=True, copy_guard=guard, **kw)
+    guarded_slow, _ = generate(slow_lm, ps, guidance=g, own_special=True, copy_guard=guard, **kw)
+    assert _ids(own_slow) == _ids(own_fast)
+    assert _ids(own_slow) != _ids(plain)
+    assert _ids(guarded_slow) == _ids(guarded_fast)
+    # with EOS on, rows leave the batch at different steps (the slow loop selects its guard rows)
+    eos_kw = {**kw, "ignore_eos": False}
+    left_early = generate(slow_lm, ps, copy_guard=guard, **eos_kw)[0]
+    assert {r.finish_reason for r in left_early} == {"eos", "length"}
+    assert _ids(left_early) == _ids(generate(tiny_lm, ps, copy_guard=guard, **eos_kw)[0])
     assert all(a.token_ids != b.token_ids for a, b in zip(guarded_slow, own_slow))    # the guard acted
     for res, src in zip(guarded_slow, guard.sources):
         grams = set(ngram_table(None, src, n))

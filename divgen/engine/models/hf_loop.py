@@ -175,23 +175,22 @@ def generate_hf(lm: LoadedModel, encoded: list[list[int]], params_all: SamplingP
     mix = mixing_matrix(guidance, active, device)
     leaders = _leader_positions(guidance, active, device)
     seed_of = params_all.seeds.tolist()
-    guard = None
-    if copy_guard is not None:                               # one guard entry per prompt row
+    guard = None                 # (tables, histories) in batch order, selected like the cache
+    if copy_guard is not None:
         tables = build_tables(lm, copy_guard, sample_rows)
-        guard = GuardState(n_rows, copy_guard.n, max([len(t) for t in tables.values()] + [1]), device)
-        guard.admit(list(range(n_rows)), [tables.get(r, []) for r in range(n_rows)], encoded)
+        state = GuardState(n_rows, copy_guard.n, max([len(t) for t in tables.values()] + [1]), device)
+        state.admit(list(range(n_rows)), [tables.get(r, []) for r in range(n_rows)], encoded)
+        guard = (state.table[index], state.hist[index])
     own = None if own is None or guidance is None else own.to(device)
 
     for step in range(max_new_tokens):
         if guard is not None:
-            logits = ban_copies(logits, guard.table[index], guard.hist[index])
+            logits = ban_copies(logits, *guard)
         tokens = sampler(logits, params, step, mix, own=own)  # [B]
         if leaders is not None:
             tokens = tokens[leaders]                         # shadows take their leader's token
         if guard is not None:
-            hist = guard.hist[index]
-            push_history(hist, tokens, torch.ones_like(tokens, dtype=torch.bool))
-            guard.hist[index] = hist
+            push_history(guard[1], tokens, torch.ones_like(tokens, dtype=torch.bool))
         token_list = tokens.tolist()
 
         done_now = []
@@ -219,6 +218,8 @@ def generate_hf(lm: LoadedModel, encoded: list[list[int]], params_all: SamplingP
             active = [active[i] for i in keep]
             cache.batch_select_indices(keep_t)
             mask, next_pos, tokens = mask[keep_t], next_pos[keep_t], tokens[keep_t]
+            if guard is not None:
+                guard = (guard[0][keep_t], guard[1][keep_t])
             index = torch.tensor(active, dtype=torch.int64, device=device)
             params = params_all.select(index)
             mix = mixing_matrix(guidance, active, device)
