@@ -159,19 +159,19 @@ def test_noise_is_hashed_only_near_the_top(monkeypatch):
     """The full-vocabulary noise is never computed: only tokens within the Gumbel range of the
     best score are hashed (here a few dozen of 49,152 per row)."""
     hashed = []
-    real = reference.hash_tokens
+    real = cpu_sample.hash_m
 
     def counting(k1, k2, ids):
         hashed.append(ids.numel())
         return real(k1, k2, ids)
 
     monkeypatch.setattr(reference, "uniform_noise", lambda *a, **k: pytest.fail("full-vocabulary noise"))
-    monkeypatch.setattr(reference, "hash_tokens", counting)
+    monkeypatch.setattr(cpu_sample, "hash_m", counting)
     logits = torch.randn(16, 49152) * 4
     out = cpu_sample.guided_sample_step(logits, None, torch.arange(16), torch.zeros(16, dtype=torch.int64),
                                         torch.ones(16), torch.full((16,), 0.05), torch.zeros(16, dtype=torch.int64),
                                         torch.ones(16), any_top_k_top_p=False)
-    assert out.shape == (16,) and sum(hashed) < 16 * 49152 // 20
+    assert out.shape == (16,) and 0 < sum(hashed) < 16 * 49152 // 20
 
 
 def test_the_cpu_ops_run_the_fast_step():
@@ -191,3 +191,89 @@ def test_noise_range_is_the_counter_uniforms_range():
     g = -torch.log(-torch.log(u))
     assert cpu_sample.G_LO <= float(g.min()) and float(g.max()) <= cpu_sample.G_HI
     assert 19 < cpu_sample.NOISE_GAP < 20
+
+
+def test_int32_hash_equals_the_reference_hash():
+    """``hash_m`` (int32, wrapping products, masked shifts) gives the reference's int64 hash >> 9
+    bit for bit: random and extreme keys (0, 2^31 - 1, 2^31, 2^32 - 1), token ids up to 2^20, and
+    lengths that leave scalar tails after the vector loops."""
+    gen = torch.Generator().manual_seed(7)
+    edge = torch.tensor([0, 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 1], dtype=torch.int64)
+    k1 = torch.cat([edge, torch.randint(0, 1 << 32, (27,), generator=gen)])
+    k2 = torch.cat([edge.flip(0), torch.randint(0, 1 << 32, (27,), generator=gen)])
+    for n in (1, 37, 1000, 4099):
+        ids = torch.randint(0, 1 << 20, (n,), generator=gen)
+        ids[0] = 0
+        want = reference.hash_tokens(k1[:, None], k2[:, None], ids[None, :]) >> 9
+        got = cpu_sample.hash_m(cpu_sample._as_int32(k1)[:, None], cpu_sample._as_int32(k2)[:, None],
+                                ids.to(torch.int32)[None, :])
+        assert got.dtype == torch.int32 and torch.equal(got.long(), want)
+    u = cpu_sample._uniform_from_m(got)
+    assert torch.equal(u, reference.uniform_from_hash(reference.hash_tokens(k1[:, None], k2[:, None],
+                                                                            ids[None, :])))
+
+
+def _model_like(rows, vocab, seed):
+    """Logits spread like a language model's (a few tokens high, most within ~15 of the top), so
+    nearly the whole vocabulary is within the noise's reach at T = 1."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=gen) * 2.5
+    top = torch.randint(0, vocab, (rows, 20), generator=gen)
+    logits.scatter_(1, top, 8 + 4 * torch.rand(rows, 20, generator=gen))
+    return logits
+
+
+@pytest.mark.parametrize("case", ["plain", "temperatures", "masks", "min_p", "odd_vocab"])
+def test_dense_draw_equals_the_reference(case, monkeypatch):
+    """Plain sampling (no α cut, no min-p: most of the vocabulary can win) takes the dense draw
+    (int32 hash of every token, exact Gumbel values only for the tokens whose noise level lets
+    them reach the best score), and its tokens equal the reference's over several steps: T = 1
+    with finite logits, mixed temperatures (greedy, tiny, 0.7, 2.5) and α on some rows, −inf / NaN
+    / +inf logits and a row with no finite logit, the peers' min-p on some rows, and a vocabulary
+    that is not a multiple of 64."""
+    rows, vocab = 24, (50001 if case == "odd_vocab" else 49152)
+    logits = _model_like(rows, vocab, seed=["plain", "temperatures", "masks", "min_p", "odd_vocab"].index(case))
+    temperature = torch.ones(rows)
+    alpha = torch.zeros(rows)
+    min_p = None
+    if case == "temperatures":
+        temperature = torch.tensor([[1.0, 0.0, 1e-7, 0.7, 2.5, 1.0][i % 6] for i in range(rows)])
+        alpha[::5] = 0.05
+    if case == "masks":
+        logits[0, 3] = float("-inf")
+        logits[1, 100:20000] = float("-inf")
+        logits[2, 17] = float("nan")
+        logits[3] = float("-inf")
+        logits[4, 9] = float("inf")
+        logits[5, :] = 1.5                                       # all tied
+    if case == "min_p":
+        min_p = torch.tensor([[0.0, 0.0, 0.02, 0.0][i % 4] for i in range(rows)])
+    seeds = torch.randint(-(2 ** 62), 2 ** 62, (rows,), generator=torch.Generator().manual_seed(3))
+    zeros, ones = torch.zeros(rows, dtype=torch.int64), torch.ones(rows)
+    drawn = []
+    real_draw = cpu_sample._dense_draw
+    monkeypatch.setattr(cpu_sample, "_dense_draw", lambda *a: drawn.append(1) or real_draw(*a))
+    for step in range(4):
+        st = torch.full((rows,), step) + torch.arange(rows)
+        kw = dict(any_top_k_top_p=False, min_p=min_p)
+        ref = reference.guided_sample_step(logits, None, seeds, st, temperature, alpha, zeros, ones, **kw)
+        fast = cpu_sample.guided_sample_step(logits, None, seeds, st, temperature, alpha, zeros, ones, **kw)
+        assert torch.equal(ref, fast), step
+    assert len(drawn) == 4
+
+
+def test_dense_draw_takes_exact_gumbel_values_for_few_tokens(monkeypatch):
+    """The dense draw hashes every token but computes the Gumbel transform (two logs) for only a
+    small share of them: those whose noise level could reach the best score."""
+    rows, vocab = 16, 49152
+    logits = _model_like(rows, vocab, seed=11)
+    logged = []
+    real = cpu_sample._padded_gumbel
+    monkeypatch.setattr(cpu_sample, "_padded_gumbel", lambda u: logged.append(u.numel()) or real(u))
+    zeros, ones = torch.zeros(rows, dtype=torch.int64), torch.ones(rows)
+    args = (logits, None, torch.arange(rows), zeros, ones, torch.zeros(rows), zeros, ones)
+    fast = cpu_sample.guided_sample_step(*args, any_top_k_top_p=False)
+    assert torch.equal(fast, reference.guided_sample_step(*args, any_top_k_top_p=False))
+    within_reach = int((logits >= logits.amax(-1, keepdim=True) - cpu_sample.NOISE_GAP).sum())
+    assert within_reach > rows * vocab // 2                  # the case the dense draw is for
+    assert 0 < sum(logged) < rows * vocab // 10
