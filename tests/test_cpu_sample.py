@@ -223,16 +223,18 @@ def _model_like(rows, vocab, seed):
     return logits
 
 
-@pytest.mark.parametrize("case", ["plain", "temperatures", "masks", "min_p", "odd_vocab"])
+@pytest.mark.parametrize("case", ["plain", "temperatures", "masks", "min_p", "odd_vocab", "guided", "guided_min_p"])
 def test_dense_draw_equals_the_reference(case, monkeypatch):
     """Plain sampling (no α cut, no min-p: most of the vocabulary can win) takes the dense draw
     (int32 hash of every token, exact Gumbel values only for the tokens whose noise level lets
     them reach the best score), and its tokens equal the reference's over several steps: T = 1
     with finite logits, mixed temperatures (greedy, tiny, 0.7, 2.5) and α on some rows, −inf / NaN
     / +inf logits and a row with no finite logit, the peers' min-p on some rows, and a vocabulary
-    that is not a multiple of 64."""
+    that is not a multiple of 64; and guided rows (CorrSynth groups of 4 with no α cut, the vLLM
+    binding's usual step), with and without min-p."""
     rows, vocab = 24, (50001 if case == "odd_vocab" else 49152)
-    logits = _model_like(rows, vocab, seed=["plain", "temperatures", "masks", "min_p", "odd_vocab"].index(case))
+    logits = _model_like(rows, vocab, seed=len(case))
+    mix = _mix(rows, torch.Generator().manual_seed(5), "groups") if case.startswith("guided") else None
     temperature = torch.ones(rows)
     alpha = torch.zeros(rows)
     min_p = None
@@ -246,7 +248,7 @@ def test_dense_draw_equals_the_reference(case, monkeypatch):
         logits[3] = float("-inf")
         logits[4, 9] = float("inf")
         logits[5, :] = 1.5                                       # all tied
-    if case == "min_p":
+    if case.endswith("min_p"):
         min_p = torch.tensor([[0.0, 0.0, 0.02, 0.0][i % 4] for i in range(rows)])
     seeds = torch.randint(-(2 ** 62), 2 ** 62, (rows,), generator=torch.Generator().manual_seed(3))
     zeros, ones = torch.zeros(rows, dtype=torch.int64), torch.ones(rows)
@@ -256,8 +258,8 @@ def test_dense_draw_equals_the_reference(case, monkeypatch):
     for step in range(4):
         st = torch.full((rows,), step) + torch.arange(rows)
         kw = dict(any_top_k_top_p=False, min_p=min_p)
-        ref = reference.guided_sample_step(logits, None, seeds, st, temperature, alpha, zeros, ones, **kw)
-        fast = cpu_sample.guided_sample_step(logits, None, seeds, st, temperature, alpha, zeros, ones, **kw)
+        ref = reference.guided_sample_step(logits, mix, seeds, st, temperature, alpha, zeros, ones, **kw)
+        fast = cpu_sample.guided_sample_step(logits, mix, seeds, st, temperature, alpha, zeros, ones, **kw)
         assert torch.equal(ref, fast), step
     assert len(drawn) == 4
 

@@ -225,11 +225,27 @@ def _row_max(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Ten
     return out.scatter_reduce_(0, rows, values, "amax")
 
 
-def _dense_draw(x, row_limit, t_div, greedy, seeds, step, min_p):
-    """The tokens of unguided rows whose candidates are most of the vocabulary (α = 0 and no
-    min-p: plain T = 1 sampling), with the counter-based noise, a block of rows at a time:
+def _unguided_scores(x, row_limit, t_div):
+    """The reference's tempered, α-cut z of unguided rows, a block of rows at a time: a function
+    of (r0, r1). Every logit finite (NaN and −inf are not), no α cut and T = 1: z is x itself
+    (x / 1 is x, bit for bit), and the masks and the division are skipped."""
+    if (bool((row_limit == float("-inf")).all()) and bool((t_div == 1).all())
+            and bool(x.amin() > float("-inf"))):
+        return lambda r0, r1: x[r0:r1]
 
-    1. z = the reference's tempered, α-cut scores (dense; the same division), and its first argmax;
+    def block(r0, r1):
+        xs = x[r0:r1]
+        keep = torch.isfinite(xs) & (xs >= row_limit[r0:r1, None])
+        return torch.where(keep, xs / t_div[r0:r1, None], float("-inf"))       # as the reference
+    return block
+
+
+def _dense_draw(z_rows, n_rows, vocab, greedy, seeds, step, min_p, device):
+    """The tokens of rows whose candidates are most of the vocabulary (no α cut, no min-p: plain
+    T = 1 sampling, unguided or guided), with the counter-based noise, a block of rows at a time:
+
+    1. z = ``z_rows(r0, r1)``: the reference's tempered, α-cut scores of the rows r0..r1 (dense),
+       min-p applied as the reference does, and its first argmax;
     2. m = the hash's 23 uniform bits for every token (int32, ``hash_m``);
     3. b = the argmax token's exact score z + G: the row's best score is at least b;
     4. candidates: tokens whose score can reach b given the noise level of their m
@@ -237,24 +253,14 @@ def _dense_draw(x, row_limit, t_div, greedy, seeds, step, min_p):
        top, and 1/256 further down — get the exact Gumbel value; the best wins, ties to the
        smallest id. Greedy rows take the argmax of z.
     """
-    n_rows, vocab = x.shape
     k1, k2 = reference.noise_keys(seeds, step)
     k1, k2 = _as_int32(k1), _as_int32(k2)
-    ids = torch.arange(vocab, dtype=torch.int32, device=x.device)
-    tokens = torch.zeros(n_rows, dtype=torch.int64, device=x.device)
+    ids = torch.arange(vocab, dtype=torch.int32, device=device)
+    tokens = torch.zeros(n_rows, dtype=torch.int64, device=device)
     block = max(1, _DENSE_CHUNK // vocab)
-    # Every logit finite (NaN and −inf are not), no α cut and T = 1: the reference's z is x itself
-    # (x / 1 is x, bit for bit), and the masks and the division are skipped.
-    plain = (bool((row_limit == float("-inf")).all()) and bool((t_div == 1).all())
-             and bool(x.amin() > float("-inf")))
     for r0 in range(0, n_rows, block):
         r1 = min(r0 + block, n_rows)
-        xs = x[r0:r1]
-        if plain:
-            z = xs
-        else:
-            keep = torch.isfinite(xs) & (xs >= row_limit[r0:r1, None])
-            z = torch.where(keep, xs / t_div[r0:r1, None], float("-inf"))       # as the reference
+        z = z_rows(r0, r1)
         if min_p is not None:
             z_max = z.amax(dim=-1, keepdim=True)
             z = torch.where(z >= z_max + torch.log(min_p[r0:r1].float())[:, None], z, float("-inf"))
@@ -275,7 +281,7 @@ def _dense_draw(x, row_limit, t_div, greedy, seeds, step, min_p):
         scores = z[rows, cols] + _padded_gumbel(_uniform_from_m(m[rows, cols]))
         top = _row_max(scores, rows, r1 - r0)
         winner = torch.where(scores == top[rows], cols, vocab)
-        won = torch.full((r1 - r0,), vocab, dtype=torch.int64, device=x.device)
+        won = torch.full((r1 - r0,), vocab, dtype=torch.int64, device=device)
         won.scatter_reduce_(0, rows, winner, "amin")                            # ties: smallest id
         tokens[r0:r1] = torch.where(sampled, won, arg)
     return tokens
@@ -310,6 +316,8 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
         # row's best score are kept (a winner has z ≥ max z − gap; top-k keeps the max). Min-p is
         # the reference's test on the same z and max: a second lower bound.
         zf = _dense_scores(x, mix, row_limit, t_div, own)                     # [R, V]
+        if noise is None and not (any_top_k_top_p and bool((top_k > 0).any())):
+            return _dense_draw(lambda r0, r1: zf[r0:r1], n_rows, vocab, greedy, seeds, step, min_p, x.device)
         best = zf.amax(dim=-1)
         reach = best - (_noise_gap(noise, best) + 2 * _MARGIN) - best.abs() * 1e-6
         reach = torch.where(torch.isfinite(reach), reach, float("-inf"))
@@ -333,7 +341,8 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
                 and int((bmax >= limit[:, None]).sum()) * _PAD > n_rows * vocab // _DENSE_SHARE):
             # most of the vocabulary is in reach (plain T = 1 sampling): hashing it densely in int32
             # and drawing the Gumbel values of the few tokens that can win costs less than gathering it
-            return _dense_draw(x, row_limit, t_div, greedy, seeds, step, min_p)
+            return _dense_draw(_unguided_scores(x, row_limit, t_div), n_rows, vocab, greedy, seeds, step,
+                               min_p, x.device)
         rows, cols = _candidates(x, limit, bmax)                              # row-major, ids ascending
         z = _cut_scores(x, mix, row_limit, rows, cols, t_div, own)           # [N] gathered scores
     if min_p is not None:                                                     # the peers' min-p
