@@ -159,14 +159,14 @@ def test_noise_is_hashed_only_near_the_top(monkeypatch):
     """The full-vocabulary noise is never computed: only tokens within the Gumbel range of the
     best score are hashed (here a few dozen of 49,152 per row)."""
     hashed = []
-    real = cpu_sample.hash_m
+    real = cpu_sample.hash_i32
 
     def counting(k1, k2, ids):
         hashed.append(ids.numel())
         return real(k1, k2, ids)
 
     monkeypatch.setattr(reference, "uniform_noise", lambda *a, **k: pytest.fail("full-vocabulary noise"))
-    monkeypatch.setattr(cpu_sample, "hash_m", counting)
+    monkeypatch.setattr(cpu_sample, "hash_i32", counting)
     logits = torch.randn(16, 49152) * 4
     out = cpu_sample.guided_sample_step(logits, None, torch.arange(16), torch.zeros(16, dtype=torch.int64),
                                         torch.ones(16), torch.full((16,), 0.05), torch.zeros(16, dtype=torch.int64),
@@ -194,8 +194,8 @@ def test_noise_range_is_the_counter_uniforms_range():
 
 
 def test_int32_hash_equals_the_reference_hash():
-    """``hash_m`` (int32, wrapping products, masked shifts) gives the reference's int64 hash >> 9
-    bit for bit: random and extreme keys (0, 2^31 - 1, 2^31, 2^32 - 1), token ids up to 2^20, and
+    """``hash_i32`` (int32, wrapping products, masked shifts) gives the reference's int64 hash bit
+    for bit: random and extreme keys (0, 2^31 - 1, 2^31, 2^32 - 1), token ids up to 2^20, and
     lengths that leave scalar tails after the vector loops."""
     gen = torch.Generator().manual_seed(7)
     edge = torch.tensor([0, 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 1], dtype=torch.int64)
@@ -204,11 +204,11 @@ def test_int32_hash_equals_the_reference_hash():
     for n in (1, 37, 1000, 4099):
         ids = torch.randint(0, 1 << 20, (n,), generator=gen)
         ids[0] = 0
-        want = reference.hash_tokens(k1[:, None], k2[:, None], ids[None, :]) >> 9
-        got = cpu_sample.hash_m(cpu_sample._as_int32(k1)[:, None], cpu_sample._as_int32(k2)[:, None],
-                                ids.to(torch.int32)[None, :])
-        assert got.dtype == torch.int32 and torch.equal(got.long(), want)
-    u = cpu_sample._uniform_from_m(got)
+        want = reference.hash_tokens(k1[:, None], k2[:, None], ids[None, :])
+        got = cpu_sample.hash_i32(cpu_sample._as_int32(k1)[:, None], cpu_sample._as_int32(k2)[:, None],
+                                  ids.to(torch.int32)[None, :])
+        assert got.dtype == torch.int32 and torch.equal(got.long() & 0xFFFFFFFF, want)
+    u = cpu_sample._uniform_from_m(cpu_sample._m_of(got))
     assert torch.equal(u, reference.uniform_from_hash(reference.hash_tokens(k1[:, None], k2[:, None],
                                                                             ids[None, :])))
 
@@ -279,3 +279,17 @@ def test_dense_draw_takes_exact_gumbel_values_for_few_tokens(monkeypatch):
     within_reach = int((logits >= logits.amax(-1, keepdim=True) - cpu_sample.NOISE_GAP).sum())
     assert within_reach > rows * vocab // 2                  # the case the dense draw is for
     assert 0 < sum(logged) < rows * vocab // 10
+
+
+def test_first_argmax_is_torch_argmax():
+    """Ties (the first index wins), −inf rows, NaN, and widths that are not a multiple of 64."""
+    gen = torch.Generator().manual_seed(2)
+    for width in (1, 63, 64, 200, 4096):
+        z = torch.randint(-3, 4, (9, width), generator=gen).float()          # many ties
+        z[1] = float("-inf")
+        z[2, width // 2] = float("nan")
+        z[3, -1] = 10.0
+        arg, best = cpu_sample._first_argmax(z)
+        want = z.argmax(dim=-1)
+        assert torch.equal(arg, want), width
+        assert torch.allclose(best, z.gather(1, want[:, None])[:, 0], rtol=0, atol=0, equal_nan=True)
