@@ -281,15 +281,17 @@ def test_dense_draw_takes_exact_gumbel_values_for_few_tokens(monkeypatch):
     assert 0 < sum(logged) < rows * vocab // 10
 
 
-def test_first_argmax_is_torch_argmax():
-    """Ties (the first index wins), −inf rows, NaN, and widths that are not a multiple of 64."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_argmax_is_torch_argmax(dtype):
+    """Ties (the first index wins), −inf rows, NaN, and widths that are not a multiple of 64; the
+    engine's greedy tokens on a CPU are this."""
     gen = torch.Generator().manual_seed(2)
     for width in (1, 63, 64, 200, 4096):
-        z = torch.randint(-3, 4, (9, width), generator=gen).float()          # many ties
+        z = torch.randint(-3, 4, (9, width), generator=gen).to(dtype)        # many ties
         z[1] = float("-inf")
         z[2, width // 2] = float("nan")
         z[3, -1] = 10.0
         arg, best = cpu_sample._first_argmax(z)
         want = z.argmax(dim=-1)
-        assert torch.equal(arg, want), width
+        assert torch.equal(arg, want) and torch.equal(kernels.greedy_tokens(z), want), width
         assert torch.allclose(best, z.gather(1, want[:, None])[:, 0], rtol=0, atol=0, equal_nan=True)

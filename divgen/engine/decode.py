@@ -46,6 +46,7 @@ from divgen.engine.kv_cache import KVCache
 from divgen.engine.model import LoadedModel
 from divgen.engine.own_special import special_token_mask
 from divgen.engine.sampling import SamplingParams, guided_sample_step
+from divgen.kernels import greedy_tokens
 from divgen.kernels.plan import build_group_plan, stage
 from divgen.engine.scheduler import Scheduler
 from divgen.kernels.plan import MAX_GROUP_ROWS, next_power_of_2
@@ -208,7 +209,7 @@ def decode_step(model, k_cache, v_cache, st, plan, eos_ids, any_top_k_top_p: boo
     if guard is not None:
         logits = ban_copies(logits, guard.table, guard.hist)
     if greedy_only:
-        new = torch.argmax(logits, dim=-1)
+        new = greedy_tokens(logits)
     else:
         new = guided_sample_step(logits, plan, st.seeds, st.gen, st.temperature, st.alpha, st.top_k,
                                  st.top_p, min_p=st.min_p if any_min_p else None,

@@ -117,7 +117,7 @@ class Sampler:
         """logits [R, V] -> tokens [R] int64. own: [V] bool, tokens that take the row's own
         log-prob instead of the contrasted score (the engine's own-special rule; only with a mix)."""
         if params.all_greedy and params.no_cutoffs and mix is None:
-            return torch.argmax(logits, dim=-1)
+            return kernels.greedy_tokens(logits)
         sampling = dict(seeds=params.seeds, step=step, temperature=params.temperature, alpha=params.alpha,
                         top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
         if own is None or mix is None:

@@ -29,7 +29,7 @@ from divgen.kernels.plan import MAX_GROUP_ROWS, SamplePlan, build_sample_plan
 from divgen.kernels.reference import uniform_noise
 
 __all__ = ["KernelOps", "ops_for", "build_sample_plan", "SamplePlan", "guided_sample_step", "guided_sample",
-           "add_lora", "build_lora_plan", "uses_triton", "uniform_noise", "reference", "MAX_GROUP_ROWS"]
+           "greedy_tokens", "add_lora", "build_lora_plan", "uses_triton", "uniform_noise", "reference", "MAX_GROUP_ROWS"]
 
 IMPLEMENTATIONS = ("triton", "reference", "cpu")
 
@@ -151,6 +151,17 @@ def guided_sample_step(logits, plan: SamplePlan, seeds, step, temperature, alpha
     return plan.ops.guided_sample_step(logits, plan, seeds, step, temperature, alpha, top_k, top_p,
                                        min_p=min_p, any_top_k_top_p=any_top_k_top_p, noise=noise,
                                        return_logprobs=return_logprobs)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.argmax(logits, dim=-1)`` (the first index of each row's max). On a CPU, outside
+    ``torch.compile``, it is found from 64-token block maxima (argmax over a CPU row is ~8x slower
+    than a max); elsewhere it is torch's argmax (capturable)."""
+    if logits.device.type == "cpu" and logits.dim() == 2 and not torch.compiler.is_compiling():
+        from divgen.kernels.cpu_sample import _first_argmax
+
+        return _first_argmax(logits)[0]
+    return torch.argmax(logits, dim=-1)
 
 
 def guided_sample(logits, mix, *, seeds, step, temperature=1.0, alpha=0.0, top_k=0, top_p=1.0, min_p=0.0,
