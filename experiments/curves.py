@@ -55,6 +55,10 @@ VARIANTS = {   # name: synth flags (after `divgen synth ag_news --few-shot DATA`
     "fewgen": ["--method", "fewgen"],
     "corrsynth-fixed": ["--method", "corrsynth", "--g", "1.5", "--own-special", "--copy-guard", "8"],
     "corrsynth": ["--method", "corrsynth", "--g", "1.5"],
+    # the other guided methods with the same fixes, at the smaller sizes (CFG runs K² rows: ~4x the cost)
+    "m-corrsynth-fixed": ["--method", "m-corrsynth", "--gamma", "1.0", "--delta", "0.5", "--own-special",
+                          "--copy-guard", "8"],
+    "cfg-fixed": ["--method", "cfg", "--g", "1.5", "--own-special", "--copy-guard", "8"],
 }
 # The packaged models: synth's extra flags, the task file, and the names of the raw-output folder and
 # the summary files. Gemma 3 270M is a base model: a completion-style task file (same labels).
@@ -65,8 +69,9 @@ MODELS = {
                     "task": str(ROOT / "experiments" / "tasks" / "ag_news_base.yaml"), "suffix": "gemma3-270m"},
 }
 MODEL = MODELS["smollm2"]          # main() sets the one --model names
-LOW_PRIORITY = ("corrsynth",)     # generated after every other variant's seeds
-COLORS = {"fewgen": "tab:blue", "corrsynth-fixed": "tab:red", "corrsynth": "tab:orange", "real": "black"}
+LOW_PRIORITY = ("corrsynth", "m-corrsynth-fixed", "cfg-fixed")     # generated after every other variant's seeds
+COLORS = {"fewgen": "tab:blue", "corrsynth-fixed": "tab:red", "corrsynth": "tab:orange", "m-corrsynth-fixed": "tab:purple",
+          "cfg-fixed": "tab:green", "real": "black"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 
