@@ -120,7 +120,8 @@ def write_json(path: str | os.PathLike, record: dict) -> None:
 
 
 def default_results_path() -> Path:
-    slug = "".join(c if c.isalnum() else "-" for c in device_name().lower()).strip("-")
+    # "NVIDIA H200" -> nvidia-h200, "cpu-x86_64-2cores" as it is (the committed results' names)
+    slug = "".join(c if c.isalnum() or c == "_" else "-" for c in device_name().lower()).strip("-")
     return RESULTS_DIR / f"{slug}.json"
 
 
