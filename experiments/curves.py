@@ -198,7 +198,11 @@ def prefix(runs: Path, variant: str, seed: int, n: int) -> Path | None:
 def score_file(path: Path, data: Path) -> dict:
     cache = path.with_suffix(".score.json")
     if cache.exists():
-        return json.loads(cache.read_text())
+        result = json.loads(cache.read_text())
+        if "real_coverage" not in result:            # scored before the coverage columns existed
+            result.update(real_coverage(path, data))
+            cache.write_text(json.dumps(result, indent=2) + "\n")
+        return result
     records = read_complete(path)
     m = json.loads(run([*DIVGEN, "metrics", str(path), "--json", "--no-embeddings"], capture=True))
     m = m[0] if isinstance(m, list) else m
@@ -218,9 +222,42 @@ def score_file(path: Path, data: Path) -> dict:
         "duplicate_rate": o["duplicate_rate"], "mean_words": o["mean_words"],
         "eos_rate": sum(r.get("finish_reason") == "eos" for r in records) / len(records),
         "test_rows": ev["settings"]["test_rows"],
+        **real_coverage(path, data),
     }
     cache.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+_TEST = {}
+
+
+def real_coverage(path: Path, data: Path) -> dict:
+    """How closely a set's texts sit to the real test rows in the student's embedding space
+    (all-MiniLM-L6-v2, cosine): per label, the mean over that label's test rows of the similarity
+    to the nearest synthetic text of the label ("coverage"), and the mean similarity of the
+    label's synthetic texts to the label's real centroid ("centrality"); both averaged over the
+    labels. A set whose texts crowd around the label's centre covers less of the real spread."""
+    import torch
+
+    from divgen.engine.eval.data import read_real, read_synthetic, split
+    from divgen.engine.eval.features import embed_cached
+    from divgen.engine.synth.task import load_task
+
+    task = load_task(MODEL["task"])
+    if "test" not in _TEST:
+        _, test = split(read_real(data, task), task.few_shot.every)
+        _TEST["test"] = (test, torch.nn.functional.normalize(embed_cached(test.texts), dim=-1))
+    test, tx = _TEST["test"]
+    syn, _ = read_synthetic(path, task)
+    sx = torch.nn.functional.normalize(embed_cached(syn.texts), dim=-1)
+    cover, central = [], []
+    for k in range(len(task.labels)):
+        t = tx[[i for i, l in enumerate(test.labels) if l == k]]
+        x = sx[[i for i, l in enumerate(syn.labels) if l == k]]
+        cover.append(float((t @ x.T).amax(dim=1).mean()))
+        centre = torch.nn.functional.normalize(t.mean(dim=0), dim=0)
+        central.append(float((x @ centre).mean()))
+    return {"real_coverage": sum(cover) / len(cover), "real_centrality": sum(central) / len(central)}
 
 
 def score_real(runs: Path, data: Path, n: int, some_prefix: Path) -> dict:
@@ -274,7 +311,7 @@ def score_all(runs: Path, data: Path, variants, seeds, sizes, finetune: bool) ->
 # summary
 # ----------------------------------------------------------------------------------------------
 KEYS = ("probe_accuracy", "probe_macro_f1", "fidelity", "self_bleu_4_label", "copy_rate", "eos_rate", "mean_words",
-        "degenerate_rate", "duplicate_rate")
+        "degenerate_rate", "duplicate_rate", "real_coverage", "real_centrality")
 
 
 def mean_std(values: list[float]) -> dict:
@@ -345,17 +382,19 @@ def fmt(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
 
 
 def table(summary: dict) -> str:
-    lines = ["| variant | N | seeds | probe acc % | fidelity % | sBLEU-4 (label) | copy % | EOS % | words | gen min (est.) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | N | seeds | probe acc % | fidelity % | sBLEU-4 (label) | copy % | EOS % | words | coverage | "
+             "centrality | gen min (est.) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v, pts in summary["points"].items():
         for n, p in sorted(pts.items(), key=lambda kv: int(kv[0])):
             lines.append(f"| {v} | {n} | {len(p['seeds'])} | {fmt(p.get('probe_accuracy'))} | {fmt(p.get('fidelity'))} | "
                          f"{fmt(p.get('self_bleu_4_label'), 1, 3)} | {fmt(p.get('copy_rate'))} | "
                          f"{fmt(p.get('eos_rate'))} | {fmt(p.get('mean_words'), 1, 1)} | "
+                         f"{fmt(p.get('real_coverage'), 1, 3)} | {fmt(p.get('real_centrality'), 1, 3)} | "
                          f"{p['generate_minutes_est'] if p.get('generate_minutes_est') is not None else '–'} |")
     for n, r in sorted(summary["real"].items(), key=lambda kv: int(kv[0])):
         used = r["n_used"] if r["n_used"] == r["n_asked"] else f"{r['n_used']} (of {r['n_asked']} asked)"
-        lines.append(f"| real pool rows | {used} | 3 | {fmt(r['probe_accuracy'])} | | | | | | |")
+        lines.append(f"| real pool rows | {used} | 3 | {fmt(r['probe_accuracy'])} | | | | | | | | |")
     return "\n".join(lines)
 
 
