@@ -222,6 +222,12 @@ def _first_argmax(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blk * _PAD + (inner == best[:, None]).to(torch.uint8).argmax(dim=-1), best
 
 
+def _mostly_in_reach(bmax: torch.Tensor, limit: torch.Tensor) -> bool:
+    """True when the 64-token blocks holding a candidate (a score ≥ its row's limit) cover more
+    than 1/_DENSE_SHARE of the step's logits: then the dense draw costs less than gathering."""
+    return int((bmax >= limit[:, None]).sum()) * _DENSE_SHARE > bmax.numel()
+
+
 def _candidates(x: torch.Tensor, limit: torch.Tensor, bmax: torch.Tensor | None = None):
     """(rows, cols) of x >= limit[row], row-major (token ids ascending): 64-token blocks whose
     max (``bmax``, computed when not given) is below the limit are skipped whole."""
@@ -335,15 +341,16 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
         # row's best score are kept (a winner has z ≥ max z − gap; top-k keeps the max). Min-p is
         # the reference's test on the same z and max: a second lower bound.
         zf = _dense_scores(x, mix, row_limit, t_div, own)                     # [R, V]
-        if noise is None and not (any_top_k_top_p and bool((top_k > 0).any())):
-            return _dense_draw(lambda r0, r1: zf[r0:r1], n_rows, vocab, greedy, seeds, step, min_p, x.device)
         best = zf.amax(dim=-1)
         reach = best - (_noise_gap(noise, best) + 2 * _MARGIN) - best.abs() * 1e-6
         reach = torch.where(torch.isfinite(reach), reach, float("-inf"))
         reach = torch.where(greedy, best, reach)                              # greedy: the ties at the max
         if min_p is not None:
             reach = torch.maximum(reach, best + torch.log(min_p.float()))   # the reference's threshold
-        rows, cols = _candidates(zf, reach)
+        bmax = _block_max(zf)
+        if noise is None and not (any_top_k_top_p and bool((top_k > 0).any())) and _mostly_in_reach(bmax, reach):
+            return _dense_draw(lambda r0, r1: zf[r0:r1], n_rows, vocab, greedy, seeds, step, min_p, x.device)
+        rows, cols = _candidates(zf, reach, bmax)
         z = zf[rows, cols]
     else:
         limit = row_limit
@@ -357,7 +364,7 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
             limit = torch.maximum(limit, row_max + t_div * torch.log(min_p.float()) - slack)
         bmax = _block_max(x)
         if (mix is None and noise is None and not (any_top_k_top_p and bool((top_k > 0).any()))
-                and int((bmax >= limit[:, None]).sum()) * _PAD > n_rows * vocab // _DENSE_SHARE):
+                and _mostly_in_reach(bmax, limit)):
             # most of the vocabulary is in reach (plain T = 1 sampling): hashing it densely in int32
             # and drawing the Gumbel values of the few tokens that can win costs less than gathering it
             return _dense_draw(_unguided_scores(x, row_limit, t_div), n_rows, vocab, greedy, seeds, step,
