@@ -424,6 +424,13 @@ def plot(summary: dict, path: Path) -> bool:
         a.errorbar([r["n_used"] for r in rs], [100 * r["probe_accuracy"]["mean"] for r in rs],
                    yerr=[100 * r["probe_accuracy"]["std"] for r in rs], marker="s", capsize=3, color="black", ls="--",
                    label="real pool rows (at most 760)")
+    for v, ft in summary.get("finetune_n400", {}).items():           # the fine-tuned student, seed 0 at N = 400
+        a.scatter([400], [100 * ft["accuracy"]["mean"]], marker="D", s=45, facecolors="none",
+                  edgecolors=COLORS.get(v), label=f"{v}, fine-tuned MiniLM (seed 0, 1000 test rows)")
+    if summary.get("finetune_n400"):
+        real_ft = next(iter(summary["finetune_n400"].values()))
+        a.scatter([real_ft["real_n"]], [100 * real_ft["real_accuracy"]["mean"]], marker="D", s=45,
+                  facecolors="none", edgecolors="black", label="real pool rows, fine-tuned")
     sizes = {int(n) for pts in summary["points"].values() for n in pts}
     for ax, ticks in ((a, sorted(sizes | {r["n_used"] for r in summary["real"].values()})), (b, sorted(sizes))):
         ax.set_xscale("log")
