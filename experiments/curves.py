@@ -55,6 +55,8 @@ VARIANTS = {   # name: synth flags (after `divgen synth ag_news --few-shot DATA`
     "fewgen": ["--method", "fewgen"],
     "corrsynth-fixed": ["--method", "corrsynth", "--g", "1.5", "--own-special", "--copy-guard", "8"],
     "corrsynth": ["--method", "corrsynth", "--g", "1.5"],
+    # FewGen with the copy guard (the guard acts on every method; the contrast fix does not)
+    "fewgen-guard": ["--method", "fewgen", "--copy-guard", "8"],
     # weaker guidance with the same fixes (does the gap to FewGen close as g → 1?)
     "corrsynth-fixed-g1.25": ["--method", "corrsynth", "--g", "1.25", "--own-special", "--copy-guard", "8"],
     # the other guided methods with the same fixes, at the smaller sizes (CFG runs K² rows: ~4x the cost)
@@ -71,9 +73,9 @@ MODELS = {
                     "task": str(ROOT / "experiments" / "tasks" / "ag_news_base.yaml"), "suffix": "gemma3-270m"},
 }
 MODEL = MODELS["smollm2"]          # main() sets the one --model names
-LOW_PRIORITY = ("corrsynth", "corrsynth-fixed-g1.25", "m-corrsynth-fixed", "cfg-fixed")     # generated after every other variant's seeds
+LOW_PRIORITY = ("corrsynth", "corrsynth-fixed-g1.25", "fewgen-guard", "m-corrsynth-fixed", "cfg-fixed")     # generated after every other variant's seeds
 COLORS = {"fewgen": "tab:blue", "corrsynth-fixed": "tab:red", "corrsynth": "tab:orange", "m-corrsynth-fixed": "tab:purple",
-          "cfg-fixed": "tab:green", "corrsynth-fixed-g1.25": "tab:pink", "real": "black"}
+          "cfg-fixed": "tab:green", "corrsynth-fixed-g1.25": "tab:pink", "fewgen-guard": "tab:cyan", "real": "black"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 
