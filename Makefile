@@ -75,7 +75,7 @@ demo: $(STAMP)
 	rm -f demo_fewgen.jsonl demo_corrsynth.jsonl .demo_fewgen.jsonl.task.json .demo_corrsynth.jsonl.task.json
 	OMP_NUM_THREADS=1 $(DEMO_SYNTH) --method fewgen --out demo_fewgen.jsonl
 	OMP_NUM_THREADS=1 $(DEMO_SYNTH) --method corrsynth --out demo_corrsynth.jsonl
-	@echo; echo "== What divgen made: the same prompts, FewGen (independent samples) vs CorrSynth (contrasted) =="
+	@echo; echo "== What divgen made: the same prompts, FewGen (independent samples: the recommended method on this model, it trains the better classifier) vs CorrSynth (contrasted, g = 1.5) =="
 	@$(VENV)/bin/divgen show demo_fewgen.jsonl demo_corrsynth.jsonl --per-label 3
 	@echo; echo "== Diversity (lower Self-BLEU / cosine / dup and higher distinct-n = more diverse) =="
 	@$(VENV)/bin/divgen metrics demo_fewgen.jsonl demo_corrsynth.jsonl
