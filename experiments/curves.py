@@ -1,7 +1,8 @@
 """Learning curves on AG News: student accuracy against the number of synthetic examples N
 (experiments/README.md, "learning curves").
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/curves.py --data ../shared/data/ag_news_test.csv --stage gen
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/curves.py --data ../shared/data/ag_news_test.csv \
+        --stage gen --jobs 2
     .venv/bin/python experiments/curves.py --data ../shared/data/ag_news_test.csv --stage score     # then summary
 
 For each (variant, seed) it generates ONE set with ``divgen synth ag_news`` (the embedded
@@ -18,7 +19,8 @@ prefix is written to ``RUNS/<variant>_s<seed>.n<N>.jsonl`` (with a copy of synth
 
 Stages:
 
-* ``gen``: runs synth, one process at a time, in a schedule that answers the question early:
+* ``gen``: runs synth (``--jobs N``: N processes of one thread at once, never two on one set), in
+  a schedule that answers the question early:
   the first seed of every main variant (FewGen, CorrSynth with the fixes) up to the largest N,
   then the other seeds up to the second-largest N, then those seeds up to the largest N; plain
   CorrSynth last (``--order depth`` instead takes each (variant, seed) to the largest N in turn).
@@ -43,6 +45,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -130,6 +133,73 @@ class Stopped(Exception):
     pass
 
 
+# The synth processes running now (``--jobs`` runs several): SIGTERM or Ctrl-C stops them all, and
+# each partial set resumes on the next run.
+RUNNING: set = set()
+_STOP = threading.Event()
+_LOCK = threading.Lock()
+
+
+def _stop_all(signum=None, frame=None) -> None:
+    with _LOCK:
+        _STOP.set()
+        for proc in RUNNING:
+            proc.terminate()
+
+
+def generate_all(data: Path, runs: Path, targets: list[tuple[str, int, int]], jobs: int) -> None:
+    """Run the targets in schedule order, up to ``jobs`` synth processes at once (one thread of
+    each), never two on one set: a worker takes the first pending target whose set is not being
+    generated, so each set still grows in its scheduled order."""
+    pending, busy, failed = list(targets), set(), []
+    cond = threading.Condition()
+
+    def worker() -> None:
+        while True:
+            with cond:
+                while True:
+                    if _STOP.is_set() or failed or not pending:
+                        return
+                    t = next((t for t in pending if t[:2] not in busy), None)
+                    if t is not None:
+                        break
+                    cond.wait()
+                pending.remove(t)
+                busy.add(t[:2])
+            try:
+                generate(data, runs, *t)
+            except Stopped:
+                return
+            except BaseException as e:            # noqa: BLE001 (re-raised by the main thread)
+                with cond:
+                    failed.append(e)
+                _stop_all()
+                return
+            finally:
+                with cond:
+                    busy.discard(t[:2])
+                    cond.notify_all()
+
+    old = signal.signal(signal.SIGTERM, _stop_all)
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, jobs))]
+    try:
+        for th in threads:
+            th.start()
+        while any(th.is_alive() for th in threads):
+            for th in threads:
+                th.join(timeout=0.5)
+    except KeyboardInterrupt:
+        _stop_all()
+        for th in threads:
+            th.join()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    if failed and not isinstance(failed[0], Stopped):
+        raise failed[0]
+    if _STOP.is_set():
+        raise Stopped
+
+
 def generate(data: Path, runs: Path, variant: str, seed: int, n: int) -> None:
     out = set_path(runs, variant, seed)
     have = {(r["group"], r["slot"]) for r in read_complete(out)}
@@ -139,23 +209,17 @@ def generate(data: Path, runs: Path, variant: str, seed: int, n: int) -> None:
            str(n // LABELS), "--seed", str(seed), "--no-progress", *MODEL["flags"], *VARIANTS[variant]]
     log(f"generating {out.name} up to N = {n} ({len(have)} rows there)")
     start = time.time()
-    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT)
-    stopped = False
-
-    def on_term(signum, frame):
-        nonlocal stopped
-        stopped = True
-        proc.terminate()
-
-    old = signal.signal(signal.SIGTERM, on_term)
+    with _LOCK:
+        if _STOP.is_set():
+            raise Stopped
+        proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT)
+        RUNNING.add(proc)
     try:
         rc = proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        rc = proc.wait()
-        stopped = True
     finally:
-        signal.signal(signal.SIGTERM, old)
+        with _LOCK:
+            RUNNING.discard(proc)
+    stopped = _STOP.is_set()
     took = time.time() - start
     after = len(read_complete(out))
     timing = out.with_suffix(".time.json")
@@ -464,6 +528,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated generation seeds")
     ap.add_argument("--sizes", default="100,400,1600", help="comma-separated N (multiples of 4), e.g. 100,400,1600,4000")
     ap.add_argument("--order", choices=("breadth", "depth"), default="breadth", help="gen schedule (module docstring)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="gen: synth processes at once, one thread each (e.g. the machine's cores; never two on one set)")
     ap.add_argument("--finetune", action="store_true", help="score: also fine-tune on seed 0 of each variant at N = 400")
     ap.add_argument("--out", default=None,
                     help="summary path without suffix (.json and .png are written; default "
@@ -496,8 +562,7 @@ def main(argv=None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     if args.stage in ("gen", "all"):
         try:
-            for v, s, n in schedule(variants, seeds, sizes, args.order):
-                generate(data, runs, v, s, n)
+            generate_all(data, runs, schedule(variants, seeds, sizes, args.order), args.jobs)
         except Stopped:
             log("stopped: the partial set resumes on the next run")
             return 1
