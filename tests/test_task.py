@@ -277,3 +277,15 @@ def test_unset_sampling_fields_come_from_the_models_generation_config(tmp_path):
     (model / "generation_config.json").write_text(json.dumps({"temperature": 500}))
     with pytest.raises(DivgenError, match="generation_config.json"):
         task_from_dict(base).with_generation_defaults()
+
+
+def test_own_special_is_in_the_fingerprint_only_where_it_acts():
+    """own_special changes guided methods' texts (and fingerprints), not FewGen's: a FewGen set made
+    before a task turned it on resumes under the new task file."""
+    task = load_task("ag_news")
+    assert task.own_special
+    fewgen = task.with_overrides(method="fewgen")
+    assert fewgen.content() == fewgen.with_overrides(own_special=False).content()
+    guided = task.with_overrides(method="corrsynth")
+    assert guided.content() != guided.with_overrides(own_special=False).content()
+    assert guided.content()["own_special"] is True

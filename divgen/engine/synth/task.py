@@ -72,7 +72,7 @@ from pathlib import Path
 
 from divgen.engine import limits
 from divgen.engine.errors import DivgenError
-from divgen.engine.limits import METHODS
+from divgen.engine.limits import GUIDED_METHODS, METHODS
 SHIPPED_TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 PROMPT_FIELDS = ("verbalization", "label", "examples")
 EXAMPLE_FIELDS = ("verbalization", "label", "text", "index")
@@ -202,7 +202,9 @@ class Task:
             "seed": self.seed,
             **({"dtype": self.dtype} if self.dtype else {}),   # only when set: older fingerprints stay valid
             **({"copy_guard": self.copy_guard} if self.copy_guard else {}),        # likewise
-            **({"own_special": True} if self.own_special else {}),
+            # only where it acts (a guided method): FewGen's texts, and so its fingerprint, do not
+            # depend on it
+            **({"own_special": True} if self.own_special and self.method in GUIDED_METHODS else {}),
         }
 
     def with_generation_defaults(self) -> "Task":
