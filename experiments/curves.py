@@ -55,9 +55,9 @@ DIVGEN = [sys.executable, "-m", "divgen.bindings.cli"]
 LABELS = 4
 
 VARIANTS = {   # name: synth flags (after `divgen synth ag_news --few-shot DATA`)
-    "fewgen": ["--method", "fewgen"],
+    "fewgen": ["--method", "fewgen", "--copy-guard", "0"],
     "corrsynth-fixed": ["--method", "corrsynth", "--g", "1.5", "--own-special", "--copy-guard", "8"],
-    "corrsynth": ["--method", "corrsynth", "--g", "1.5", "--no-own-special"],
+    "corrsynth": ["--method", "corrsynth", "--g", "1.5", "--no-own-special", "--copy-guard", "0"],
     # FewGen with the copy guard (the guard acts on every method; the contrast fix does not)
     "fewgen-guard": ["--method", "fewgen", "--copy-guard", "8"],
     # weaker guidance with the same fixes (does the gap to FewGen close as g → 1?)
