@@ -194,7 +194,7 @@ def generate_all(data: Path, runs: Path, targets: list[tuple[str, int, int]], jo
             th.join()
     finally:
         signal.signal(signal.SIGTERM, old)
-    if failed and not isinstance(failed[0], Stopped):
+    if failed:
         raise failed[0]
     if _STOP.is_set():
         raise Stopped

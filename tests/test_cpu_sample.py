@@ -301,3 +301,21 @@ def test_first_argmax_is_torch_argmax(dtype):
         want = z.argmax(dim=-1)
         assert torch.equal(arg, want) and torch.equal(kernels.greedy_tokens(z), want), width
         assert torch.allclose(best, z.gather(1, want[:, None])[:, 0], rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_too_tight_noise_bound_changes_the_tokens(monkeypatch):
+    """The dense draw's tests have teeth: with the noise bound G_TOP cut from ~4.2 to 0.5, tokens
+    that could still win are never given their Gumbel value, and the draw departs from the
+    reference on some rows (the same case as ``test_dense_draw_equals_the_reference[plain]``)."""
+    rows, vocab = 24, 49152
+    logits = _model_like(rows, vocab, seed=len("plain"))
+    seeds = torch.randint(-(2 ** 62), 2 ** 62, (rows,), generator=torch.Generator().manual_seed(3))
+    zeros, ones = torch.zeros(rows, dtype=torch.int64), torch.ones(rows)
+    monkeypatch.setattr(cpu_sample, "G_TOP", 0.5)
+    differ = 0
+    for step in range(4):
+        st = torch.full((rows,), step) + torch.arange(rows)
+        args = (logits, None, seeds, st, ones, torch.zeros(rows), zeros, ones)
+        ref = reference.guided_sample_step(*args, any_top_k_top_p=False)
+        differ += int((cpu_sample.guided_sample_step(*args, any_top_k_top_p=False) != ref).sum())
+    assert differ > 0

@@ -33,8 +33,8 @@ injected and counter-based noise, so a change of the reference's rules shows up 
   as the reference's int64 hash at a quarter of its cost), bounds the row's best score by the
   exact score of its top token, and computes the Gumbel transform only for the tokens whose
   noise level (the top bits of the hash) lets them reach that bound — a few per cent of the
-  vocabulary (64 rows x 49,152 at T = 1 on SmolLM2's logits, one thread: 323 ms → about 25 ms;
-  16 rows: about 6 ms).
+  vocabulary (64 rows x 49,152 at T = 1 on SmolLM2's logits, one thread: 323 ms → 25–31 ms;
+  16 rows: 6–9 ms; benchmarks/bench_cpu_sampler.py).
 * min-p (the peers' rule, on the tempered guided scores) keeps z ≥ max z + log min_p. For an
   unguided row z = l / T, so only logits l ≥ max l + T·log min_p (less a rounding slack) are
   gathered at all (min-p 0.05 at T = 1: the tokens within 3 nats of the best). The row's
@@ -95,7 +95,7 @@ def _top_bound() -> float:
 G_TOP = _top_bound()
 # Rows × tokens hashed per pass of the dense draw: the int32 working set of a pass stays in cache.
 _DENSE_CHUNK = 1 << 19
-# The dense draw runs when the candidate blocks hold more than 1/_DENSE_SHARE of a step's logits.
+# The dense draw runs when more than 1/_DENSE_SHARE of a step's logits are in reach (_mostly_in_reach).
 _DENSE_SHARE = 8
 
 
@@ -202,11 +202,6 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
     return x.view(n_rows, nb, _PAD)
 
 
-def _block_max(x: torch.Tensor) -> torch.Tensor:
-    """[R, blocks]: the max of each 64-token block of a row."""
-    return _blocks(x).amax(dim=-1)
-
-
 def _first_argmax(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(torch.argmax(z, -1), the max) of a 2-d z: the first index of each row's max, found from
     the maxima of 64-token blocks (a vectorised reduction: ``argmax`` over a CPU row is ~8x
@@ -231,15 +226,13 @@ def _mostly_in_reach(x: torch.Tensor, limit: torch.Tensor) -> bool:
     return int((sample >= limit[:, None]).sum()) * _DENSE_SHARE > sample.numel()
 
 
-def _candidates(x: torch.Tensor, limit: torch.Tensor, bmax: torch.Tensor | None = None):
+def _candidates(x: torch.Tensor, limit: torch.Tensor):
     """(rows, cols) of x >= limit[row], row-major (token ids ascending): 64-token blocks whose
-    max (``bmax``, computed when not given) is below the limit are skipped whole."""
+    max is below the limit are skipped whole."""
     n_rows, vocab = x.shape
     blocks = _blocks(x)
     nb = blocks.shape[1]
-    if bmax is None:
-        bmax = blocks.amax(dim=-1)
-    rb, bb = (bmax >= limit[:, None]).nonzero(as_tuple=True)
+    rb, bb = (blocks.amax(dim=-1) >= limit[:, None]).nonzero(as_tuple=True)
     i, j = (blocks[rb, bb] >= limit[rb][:, None]).nonzero(as_tuple=True)
     rows, cols = rb[i], bb[i] * _PAD + j
     if nb * _PAD != vocab:                 # the padding is -inf: >= a limit of -inf (α = 0)
@@ -337,6 +330,8 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
     greedy, t_div = sampling_temperature(temperature)
     # Candidates: the α-kept tokens; for unguided rows also only logits within the noise's reach
     # of the best (z = (l − c) / T, so a winner has l ≥ max l − T·gap; a margin covers rounding).
+    top_k_on = any_top_k_top_p and bool((top_k > 0).any())
+    dense_ok = noise is None and not top_k_on            # the dense draw: counter noise, no top-k
     if dense:
         # Guided rows without an α cut keep the whole vocabulary: gathering it costs more than the
         # reference's dense pass. The scores are computed densely instead (the reference's ops on
@@ -350,10 +345,9 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
         reach = torch.where(greedy, best, reach)                              # greedy: the ties at the max
         if min_p is not None:
             reach = torch.maximum(reach, best + torch.log(min_p.float()))   # the reference's threshold
-        bmax = _block_max(zf)
-        if noise is None and not (any_top_k_top_p and bool((top_k > 0).any())) and _mostly_in_reach(zf, reach):
+        if dense_ok and _mostly_in_reach(zf, reach):
             return _dense_draw(lambda r0, r1: zf[r0:r1], n_rows, vocab, greedy, seeds, step, min_p, x.device)
-        rows, cols = _candidates(zf, reach, bmax)
+        rows, cols = _candidates(zf, reach)
         z = zf[rows, cols]
     else:
         limit = row_limit
@@ -365,20 +359,18 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
             # unguided: z = l / T and max z = max l / T, so min-p keeps l ≥ max l + T·log min_p
             # (the exact test on z follows below; this only skips tokens it surely drops)
             limit = torch.maximum(limit, row_max + t_div * torch.log(min_p.float()) - slack)
-        bmax = _block_max(x)
-        if (mix is None and noise is None and not (any_top_k_top_p and bool((top_k > 0).any()))
-                and _mostly_in_reach(x, limit)):
+        if mix is None and dense_ok and _mostly_in_reach(x, limit):
             # most of the vocabulary is in reach (plain T = 1 sampling): hashing it densely in int32
             # and drawing the Gumbel values of the few tokens that can win costs less than gathering it
             return _dense_draw(_unguided_scores(x, row_limit, t_div), n_rows, vocab, greedy, seeds, step,
                                min_p, x.device)
-        rows, cols = _candidates(x, limit, bmax)                              # row-major, ids ascending
+        rows, cols = _candidates(x, limit)                                    # row-major, ids ascending
         z = _cut_scores(x, mix, row_limit, rows, cols, t_div, own)           # [N] gathered scores
     if min_p is not None:                                                     # the peers' min-p
         z_top = _row_max(z, rows, n_rows)                                     # [R] max z (module doc)
         z = torch.where(z >= (z_top + torch.log(min_p.float()))[rows], z, float("-inf"))
 
-    if any_top_k_top_p and bool((top_k > 0).any()):
+    if top_k_on:
         counts = torch.bincount(rows, minlength=n_rows)
         width = int(counts.max()) if rows.numel() else 0
         k_max = min(int(top_k.max()), width)
