@@ -30,8 +30,8 @@ reference's scores-and-mask lines (``reference.guided_scores`` on the gathered c
 injected and counter-based noise, so a change of the reference's rules shows up there.
 * Plain sampling (no α cut, no min-p, T = 1: most of a model's vocabulary lies within the noise's
   reach) gathers nothing: ``_dense_draw`` hashes every token in int32 (``hash_i32``: the same bits
-  as the reference's int64 hash at a quarter of its cost), bounds the row's best score by the
-  exact score of its top token, and computes the Gumbel transform only for the tokens whose
+  as the reference's int64 hash, with twice the lanes and half the bytes), bounds the row's best
+  score by the exact score of its top token, and computes the Gumbel transform only for the tokens whose
   noise level (the top bits of the hash) lets them reach that bound — a few per cent of the
   vocabulary (64 rows x 49,152 at T = 1 on SmolLM2's logits, one thread: 323 ms → 25–31 ms;
   16 rows: 6–9 ms; benchmarks/bench_cpu_sampler.py).
