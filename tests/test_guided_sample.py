@@ -7,6 +7,7 @@ noise is injected. Kernel runs are kept small (the interpreter costs millisecond
 """
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -766,6 +767,40 @@ def test_large_group_split_over_tiles_and_k_blocks(gs):
     got = gs.guided_sample(logits, mix, seeds=make_seeds(rows), step=2, noise=noise, return_logprobs=True,
                            m_block=16, k_block=16, **params)
     assert_same_samples(got, want)
+
+
+@pytest.mark.parametrize("group,rows,vocab", [(1, 8, 3001), (8, 16, 3001), (64, 64, 317)])
+def test_gpu_launch_shapes_equal_reference_under_the_interpreter(group, rows, vocab, monkeypatch):
+    """The launch a 132-SM GPU gets (CUDA_TILES' tile widths and warps, counting/verify widths,
+    vocabulary chunks for 4 programs an SM, 32-row tiles with 32-row K blocks for large groups),
+    run by the interpreter: the same tokens as the reference with top-k, top-p and α. The GPU
+    test below runs the same launch compiled; this one keeps its tile and chunk logic checked
+    on every CPU run."""
+    if not os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("the interpreter runs this; a GPU host runs test_gpu_compiled_kernels_match_reference")
+    step_module = guided_sample_triton.step
+    monkeypatch.setattr(step_module, "_sm_count", lambda index: 132)
+    cpu_config = step_module.launch_config
+    configs = []
+
+    def as_on_a_gpu(vocab, tiles, device, block_v=None, num_chunks=None):
+        configs.append(cpu_config(vocab, tiles, torch.device("cuda"), block_v, num_chunks))
+        return configs[-1]
+
+    monkeypatch.setattr(step_module, "launch_config", as_on_a_gpu)
+    g = torch.Generator().manual_seed(group)
+    logits = (torch.randn(rows, vocab, generator=g) * 3).to(torch.bfloat16)
+    mix = torch.block_diag(*[corrsynth_block(group, 2.0)] * (rows // group))
+    noise = make_noise(rows, vocab, seed=group)
+    params = dict(temperature=torch.full((rows,), 0.8), alpha=0.01, top_k=torch.full((rows,), 50),
+                  top_p=torch.full((rows,), 0.9))
+    m_block, k_block = guided_sample_triton.tile_shape(group, on_cuda=True)
+    want = reference.guided_sample(logits, mix, seeds=make_seeds(rows), step=3, noise=noise, **params)
+    got = guided_sample_triton.guided_sample(logits, mix, seeds=make_seeds(rows), step=3, noise=noise,
+                                             m_block=m_block, k_block=k_block, **params)
+    assert torch.equal(got, want)
+    tile_v, _ = guided_sample_triton.device.CUDA_TILES[m_block]
+    assert configs and all(c.block_v == tile_v and c.num_chunks > 1 for c in configs)
 
 
 # ---- (k) GPU smoke tests: compiled kernels vs the reference (skipped without CUDA) -------------
