@@ -61,14 +61,21 @@ def _ptr(dtype: str) -> str:
 
 
 # Stated local-memory bounds (bytes a thread) of variants that spill on some target, measured with
-# Triton 3.9's bundled ptxas on sm_90: with the min-p threshold (``zcut``) and the mask rule's
-# flag live across the vocabulary loop, three bf16 shapes spill one or two 8-byte values. The
-# masked variants (plans of the vLLM binding, whose contrasting rows may hold −inf: the mask
-# rule's per-row loop, ``_mask_terms``) spill 8-32 bytes on the shapes under their " masks" label.
+# Triton 3.9's bundled ptxas on sm_90 and sm_80 (the larger of the two): with the min-p threshold
+# (``zcut``) and the mask rule's flag live across the vocabulary loop, some bf16 shapes spill one or
+# two 8-byte values, and groups of 2-8 rows, whose mixing reads the group's rows one at a time
+# (``_mix_rows``), 8-16 bytes on a few shapes. The masked variants (plans of the vLLM binding, whose
+# contrasting rows may hold −inf: the mask rule's per-row loop, ``_mask_terms``) spill 8-32 bytes on
+# the shapes under their " masks" label.
 SPILL_BOUNDS: dict[str, int] = {
     "sample G=1 M=1 bf16": 8, "sample G=16 M=16 bf16": 16, "count G=32 M=32 bf16 top-p": 8,
+    "count G=4 M=4 bf16 top-p": 8, "sample G=4 M=4 bf16 top logp": 8,
     "count G=2 M=2 bf16 top-p masks": 8, "count G=4 M=4 bf16 top-p masks": 8,
-    "count G=4 M=4 bf16 top-k decide masks": 8, "count G=16 M=16 bf16 top-p masks": 16,
+    "count G=4 M=4 bf16 top-k masks": 16, "count G=4 M=4 bf16 top-k decide masks": 16,
+    "count G=4 M=4 bf16 top-p finish masks": 16, "count G=8 M=8 bf16 top-k masks": 8,
+    "count G=8 M=8 bf16 top-k decide masks": 8, "verify G=2 M=2 bf16 masks": 16,
+    "sample G=2 M=2 bf16 top round 1 masks": 8, "count G=2 M=2 bf16 top-p finish masks": 8,
+    "sample G=4 M=4 bf16 top round masks": 16, "count G=16 M=16 bf16 top-p masks": 16,
     "count G=16 M=16 bf16 top-p finish masks": 16, "sample G=32 M=32 bf16 top masks": 8,
     "sample G=32 M=32 bf16 top logp masks": 16, "count G=32 M=32 bf16 top-k masks": 16,
     "count G=32 M=32 bf16 top-p masks": 32, "count G=32 M=32 bf16 top-k decide masks": 8,

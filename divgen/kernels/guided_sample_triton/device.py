@@ -17,8 +17,9 @@ per row away from s, so the same tokens, cuts and log-probs; a row without guida
 compares its raw logits.
 
 Tiles. A program owns a tile (up to M rows of one group) × a vocabulary chunk. Groups of ≤ 16 rows
-are one tile: one 2-D load reads the group's rows and W mixes them in registers (broadcast
-multiply-sum below 16 rows, an fp32 ``tl.dot`` at 16). Larger groups (up to 256) are split
+are one tile: below 16 rows W mixes the group's rows one at a time (a multiply-add per row, each
+re-read from L1), at 16 one fp32 ``tl.dot`` mixes the tile's 2-D load; both sum in an order the
+tile's layout does not change. Larger groups (up to 256) are split
 into M = 32-row tiles, each its own program, and the mixing loops over K = 32-row blocks of
 the group (load, clamp, ``tl.dot`` into an fp32 accumulator), so registers and shared memory
 do not grow with the group and a 256-row group spreads over 8 × chunks programs.
@@ -139,6 +140,27 @@ def _mask_terms(s, own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size,
 
 
 @triton.jit
+def _mix_rows(pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, logits_ptr, stride_logits, cols, col_mask,
+              M_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """W · L for a group of < 16 rows, one contrasting row at a time in group order (its logits
+    re-read from L1, its column of W): s = (((w_0 x_0) + w_1 x_1) + ...), the same sum order in
+    every kernel whatever its tile width. (A broadcast multiply-sum, tl.sum(w[:, :, None] ·
+    L[None], axis=1), is reduced in a layout-dependent order: within a thread at 256 tokens a
+    tile, across warps at 32, so the sample, counting and verify passes computed the same score
+    with different rounding and disagreed on where a row's own candidate stands.)"""
+    s = tl.zeros([M_BLOCK, BLOCK_V], dtype=tl.float32)
+    for n in tl.static_range(M_BLOCK):      # unrolled; rows past the group's size add 0 · x = +0
+        row_n = tl.load(order_ptr + start + tl.minimum(n, size - 1))
+        xn = tl.load(logits_ptr + row_n.to(tl.int64) * stride_logits + cols, mask=col_mask,
+                     other=float("-inf")).to(tl.float32)
+        xn = tl.where(xn > float("-inf"), tl.minimum(xn, 65504.0), 0.0)
+        w_n = tl.load(weights_ptr + w_off + pos * size + n, mask=pos_mask & ((pos * 0 + n) < size),
+                      other=0.0)                                                           # [M]
+        s += w_n[:, None] * xn[None, :]
+    return s
+
+
+@triton.jit
 def _mix(x_own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, lse_ptr,
          logits_ptr, stride_logits, cols, col_mask,
          M_BLOCK: tl.constexpr, K_BLOCK: tl.constexpr, G_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -154,7 +176,9 @@ def _mix(x_own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size, order_p
     where a row of the group has a −inf logit.
 
     G_BLOCK = 1: a scale. One tile (M = K = G_BLOCK ≤ 16): the tile's own rows are the whole group,
-    mixed by a broadcast multiply-sum (< 16 rows) or one tl.dot. Larger groups: a loop over K-row
+    mixed row by row in group order (< 16 rows, ``_mix_rows``) or by one tl.dot. Every path sums
+    in an order that does not depend on the tile's layout (a row's score must round the same in
+    the sample, counting and verify passes, which run different tile widths). Larger groups: a loop over K-row
     blocks of the group, each loaded and multiplied into an fp32 accumulator (tl.dot, "ieee").
     """
     own = tl.where(x_own > float("-inf"), x_own, 0.0)                       # [M, BLOCK_V] L_own
@@ -163,12 +187,13 @@ def _mix(x_own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size, order_p
         s = w * own
     else:
         if M_BLOCK == G_BLOCK:
-            w = tl.load(weights_ptr + w_off + pos[:, None] * size + pos[None, :],
-                        mask=pos_mask[:, None] & pos_mask[None, :], other=0.0)          # [G, G]
             if G_BLOCK >= 16:
+                w = tl.load(weights_ptr + w_off + pos[:, None] * size + pos[None, :],
+                            mask=pos_mask[:, None] & pos_mask[None, :], other=0.0)      # [G, G]
                 s = tl.dot(w, own, input_precision="ieee")
             else:
-                s = tl.sum(w[:, :, None] * own[None, :, :], axis=1)
+                s = _mix_rows(pos, pos_mask, weights_ptr, w_off, start, size, order_ptr, logits_ptr,
+                              stride_logits, cols, col_mask, M_BLOCK, BLOCK_V)
             if MASKS:
                 masks = tl.max((pos_mask[:, None] & col_mask[None, :] & (x_own == float("-inf"))).to(tl.int32))
         else:
