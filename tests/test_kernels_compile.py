@@ -6,13 +6,19 @@ CI budget: the heaviest variant of each class on both targets (~40 compiles in t
 workers, ~1-2 min on 2 cores with a cold Triton cache, seconds with a warm one). The variants
 left out differ from a compiled one only in a smaller tile or another pointer dtype.
 """
+import json
 import os
+import subprocess
+import sys
 
 import pytest
+import triton
+import triton.language as tl
 
 from divgen.kernels import compile_check as cc
 from divgen.kernels import guided_sample_triton as gs
 from divgen.kernels import lora_triton as lo
+from divgen.kernels.guided_sample_triton.device import _mix
 from divgen.kernels.plan import MAX_GROUP_ROWS, build_sample_plan, next_power_of_2
 
 
@@ -144,3 +150,56 @@ def test_no_kernel_takes_a_float_scalar():
                       if kind in ("fp32", "fp64", "fp16", "bf16")})
     assert not scalars, scalars
 
+
+
+# ---- the mixing sums in one order at every tile width -------------------------------------------
+@triton.jit
+def _mix_probe(logits_ptr, order_ptr, weights_ptr, out_ptr, size, stride,
+               M_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """_mix of one whole-group tile (nothing else), for reading its compiled code."""
+    pos = tl.arange(0, M_BLOCK)
+    pos_mask = pos < size
+    cols = tl.arange(0, BLOCK_V)
+    col_mask = cols < stride
+    rows = tl.load(order_ptr + pos, mask=pos_mask, other=0)
+    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride + cols[None, :],
+                mask=pos_mask[:, None] & col_mask[None, :], other=float("-inf")).to(tl.float32)
+    s = _mix(x, x, pos, pos_mask, weights_ptr, 0, 0, size, order_ptr, weights_ptr, logits_ptr, stride,
+             cols, col_mask, M_BLOCK, M_BLOCK, M_BLOCK, BLOCK_V, False)
+    tl.store(out_ptr + pos[:, None] * BLOCK_V + cols[None, :], s, mask=pos_mask[:, None] & col_mask[None, :])
+
+
+def _mix_probe_ptx(group: int, width: int, warps: int) -> str:
+    """PTX of _mix_probe for sm_90 (run in a process without TRITON_INTERPRET, as compile_check)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(_mix_probe, {"logits_ptr": "*bf16", "order_ptr": "*i32", "weights_ptr": "*fp32",
+                                 "out_ptr": "*fp32", "size": "i32", "stride": "i32"},
+                    constexprs={"M_BLOCK": group, "BLOCK_V": width})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+
+
+@needs_toolchain
+@pytest.mark.parametrize("group", [2, 8, 16])
+def test_mixing_has_no_cross_thread_reduction_at_any_tile_width(group):
+    """The sample, verify and counting passes tile a group's vocabulary at different widths, and
+    each must round a token's score the same way (kernels/README.md, "One score, one rounding"):
+    the compiled mixing, at each width a pass uses on a GPU, has no warp shuffle, and below 16
+    rows no barrier either (a tl.sum over the group's axis reduced across threads at 32 tokens a
+    tile and within a thread at 256, a different order)."""
+    tile_v, warps = gs.device.CUDA_TILES[group]
+    widths = sorted({tile_v, max(16, 32 * warps // group)})     # sample; counting and verify (launch_config)
+    assert len(widths) == 2
+    code = ("import importlib.util, json, sys; spec = importlib.util.spec_from_file_location('probe', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "ptx = [m._mix_probe_ptx(*map(int, a.split(','))) for a in sys.argv[2:]]; "
+            "print(json.dumps([[p.count('shfl.sync'), p.count('bar.sync')] for p in ptx]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code, __file__, *(f"{group},{w},{warps}" for w in widths)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for width, (shuffles, barriers) in zip(widths, json.loads(done.stdout.strip().splitlines()[-1])):
+        assert shuffles == 0, (group, width)
+        if group < 16:
+            assert barriers == 0, (group, width)
