@@ -476,7 +476,7 @@ def plot(summary: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 6.4))
     for v, pts in summary["points"].items():
         ns = sorted(int(n) for n in pts)
         acc = [pts[str(n)]["probe_accuracy"] for n in ns]
@@ -505,8 +505,10 @@ def plot(summary: dict, path: Path) -> bool:
         ax.set_xticklabels([str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel("training examples N (log scale)")
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    # the accuracy panel's legend goes below it: inside, it hid the fine-tuned markers
+    a.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    b.legend(fontsize=8)
     a.set_ylabel("student accuracy on 6840 real test rows, % (linear probe)")
     a.set_title(f"AG News, {MODEL['title']}: accuracy vs N")
     b.set_ylabel("per-label Self-BLEU-4 (lower = more diverse)")
