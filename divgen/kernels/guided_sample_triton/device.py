@@ -176,10 +176,10 @@ def _mix(x_own, lse_own, pos, pos_mask, weights_ptr, w_off, start, size, order_p
     where a row of the group has a −inf logit.
 
     G_BLOCK = 1: a scale. One tile (M = K = G_BLOCK ≤ 16): the tile's own rows are the whole group,
-    mixed row by row in group order (< 16 rows, ``_mix_rows``) or by one tl.dot. Every path sums
-    in an order that does not depend on the tile's layout (a row's score must round the same in
-    the sample, counting and verify passes, which run different tile widths). Larger groups: a loop over K-row
-    blocks of the group, each loaded and multiplied into an fp32 accumulator (tl.dot, "ieee").
+    mixed row by row in group order (< 16 rows, ``_mix_rows``) or by one tl.dot. Larger groups: a
+    loop over K-row blocks of the group, each loaded and multiplied into an fp32 accumulator (tl.dot,
+    "ieee"). Every path sums in an order the tile's layout does not change: a row's score must round
+    the same in the sample, counting and verify passes, which run different tile widths.
     """
     own = tl.where(x_own > float("-inf"), x_own, 0.0)                       # [M, BLOCK_V] L_own
     if G_BLOCK == 1:
