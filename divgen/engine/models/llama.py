@@ -1,4 +1,5 @@
-"""The Llama-family forward (SmolLM2, Llama 2/3, Mistral, Qwen2/2.5), gpt-fast style.
+"""The Llama-family forward (SmolLM2, Llama 2/3, Mistral, Qwen2/2.5, and Gemma 3's text model),
+gpt-fast style.
 
     args = ModelArgs.from_config(hf_config_dict)
     model = Transformer.from_state_dict(args, state_dict)      # HF parameter names, no copy
@@ -10,6 +11,13 @@ Modules keep the HF parameter names (``model.layers.3.self_attn.q_proj`` ...) so
 checkpoint or an HF model's ``state_dict()`` loads as is and multi-LoRA wrappers find the same
 layer paths. The numerics follow the HF reference (fp32 RMSNorm, ``rotate_half`` RoPE with the
 same fp32 tables), so greedy tokens equal ``transformers.generate``.
+
+Gemma 3 (``gemma3_text``) is the same skeleton with five switches, all read from its config: the
+embeddings scaled by √hidden, RMSNorm weights applied as (1 + w) in fp32, RMSNorm on each head's
+queries and keys before RoPE, a norm after attention and after the MLP as well as before each
+("sandwich"), GeGLU (tanh GELU), an attention scale of ``query_pre_attn_scalar`` ** -0.5, and per
+layer either full attention (RoPE base ``rope_theta``) or a sliding window (its own RoPE base).
+Every layer keeps the whole cache length; a sliding layer's mask reads only its window.
 
 Decode attention never copies the cache for GQA: the G = heads / kv_heads query heads of one KV
 head are laid out as G query rows of that head, and two batched products over views of the
@@ -28,8 +36,10 @@ from torch import nn
 from divgen.engine.models.packed import Gemm, fused_linear
 
 # model_type -> attention biases on q/k/v (Qwen2 has them always; Llama/Mistral by config).
-SUPPORTED = {"llama": None, "mistral": None, "qwen2": True}
+SUPPORTED = {"llama": None, "mistral": None, "qwen2": True, "gemma3_text": None}
 ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+GEMMA = ("gemma3_text",)
 
 
 @dataclass
@@ -51,7 +61,23 @@ class ModelArgs:
     o_bias: bool                  # Llama configs with attention_bias
     mlp_bias: bool
     max_position_embeddings: int
-    sliding_window: int | None    # Mistral: attend to at most this many previous positions
+    sliding_window: int | None    # Mistral, Gemma 3: attend to at most this many previous positions
+    # Per layer: True where the layer attends within ``sliding_window`` only (Mistral: every layer).
+    layer_sliding: tuple = ()
+    # RoPE of the sliding layers when it differs from the full layers' (Gemma 3's local base).
+    local_rope_theta: float | None = None
+    local_rope_scaling: dict | None = None
+    activation: str = "silu"
+    gemma_norms: bool = False     # (1 + w) RMSNorm weights, q/k norms, sandwich norms
+    embed_scale: float | None = None
+    attn_scale: float | None = None   # None: head_dim ** -0.5
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim ** -0.5
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window if self.layer_sliding and self.layer_sliding[layer] else None
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelArgs":
@@ -61,12 +87,23 @@ class ModelArgs:
         model_type = cfg.get("model_type", "llama")
         heads = int(cfg["num_attention_heads"])
         dim = int(cfg["hidden_size"])
-        rope = _rope_parameters(cfg)
+        layers = int(cfg["num_hidden_layers"])
+        rope, local = _rope_parameters(cfg), None
         attention_bias = bool(cfg.get("attention_bias", False))
         qwen = model_type == "qwen2"
-        window = cfg.get("sliding_window") if (model_type == "mistral" or cfg.get("use_sliding_window")) else None
+        gemma = model_type in GEMMA
+        window = cfg.get("sliding_window") if (model_type == "mistral" or cfg.get("use_sliding_window") or gemma) else None
+        sliding = (True,) * layers if window else ()
+        extra = {}
+        if gemma:
+            sliding = tuple(t == "sliding_attention" for t in _gemma_layer_types(cfg, layers))
+            rope, local = _gemma_rope(cfg)
+            extra = dict(activation=cfg.get("hidden_activation") or "gelu_pytorch_tanh", gemma_norms=True,
+                         embed_scale=dim ** 0.5, attn_scale=float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,
+                         local_rope_theta=float(local.get("rope_theta", 10000.0)),
+                         local_rope_scaling=None if local.get("rope_type", "default") == "default" else local)
         return cls(
-            vocab_size=int(cfg["vocab_size"]), dim=dim, n_layers=int(cfg["num_hidden_layers"]), n_heads=heads,
+            vocab_size=int(cfg["vocab_size"]), dim=dim, n_layers=layers, n_heads=heads,
             n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or dim // heads),
             intermediate_size=int(cfg["intermediate_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
@@ -76,7 +113,8 @@ class ModelArgs:
             qkv_bias=qwen or attention_bias, o_bias=attention_bias and not qwen,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            sliding_window=int(window) if window else None,
+            sliding_window=int(window) if window else None, layer_sliding=sliding if window else (),
+            **extra,
         )
 
 
@@ -92,15 +130,52 @@ def _rope_parameters(cfg: dict) -> dict:
     return merged
 
 
+def _gemma_layer_types(cfg: dict, layers: int) -> list[str]:
+    """Gemma 3's per-layer attention kinds: ``layer_types``, or (older configs) every
+    ``sliding_window_pattern``-th layer full and the rest sliding."""
+    types = cfg.get("layer_types")
+    if types:
+        return list(types)[:layers]
+    pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+
+
+def _gemma_rope(cfg: dict) -> tuple[dict, dict]:
+    """(full layers' RoPE, sliding layers' RoPE) from either config layout: transformers 5's
+    ``rope_parameters`` keyed by layer type, or ``rope_theta`` + ``rope_scaling`` (full layers) and
+    ``rope_local_base_freq`` (sliding layers, unscaled)."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+    else:
+        full = _rope_parameters(cfg)
+        local = {"rope_theta": float(cfg.get("rope_local_base_freq", 10000.0))}
+    for p in (full, local):
+        p["rope_type"] = p.get("rope_type") or p.get("type") or "default"
+        p.setdefault("rope_theta", 10000.0)
+    return full, local
+
+
 def unsupported_reason(cfg: dict) -> str | None:
     """Why this config cannot run on the own forward (None when it can)."""
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED:
-        return f"architecture {model_type!r} is not in the Llama family ({', '.join(SUPPORTED)})"
-    rope_type = _rope_parameters(cfg)["rope_type"]
-    if rope_type not in ROPE_TYPES:
-        return f"rope type {rope_type!r} is not supported by the own forward ({', '.join(ROPE_TYPES)})"
-    if cfg.get("hidden_act", "silu") != "silu":
+        return f"architecture {model_type!r} is not in the Llama family or Gemma 3 ({', '.join(SUPPORTED)})"
+    ropes = _gemma_rope(cfg) if model_type in GEMMA else (_rope_parameters(cfg),)
+    for rope in ropes:
+        if rope["rope_type"] not in ROPE_TYPES:
+            return f"rope type {rope['rope_type']!r} is not supported by the own forward ({', '.join(ROPE_TYPES)})"
+    if model_type in GEMMA:
+        act = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
+        if act not in ACTIVATIONS:
+            return f"activation {act!r} is not supported by the own forward ({', '.join(ACTIVATIONS)})"
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if cfg.get(cap) is not None:
+                return f"{cap} is not supported by the own forward"
+        if cfg.get("use_bidirectional_attention"):
+            return "bidirectional attention is not a causal LM's decode"
+    elif cfg.get("hidden_act", "silu") != "silu":
         return f"activation {cfg.get('hidden_act')!r} is not SwiGLU's silu"
     return None
 
@@ -110,11 +185,12 @@ def fast_forward_for(cfg: dict) -> bool:
     return unsupported_reason(cfg) is None
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] fp32, with the config's scaling (as transformers does)."""
+def rope_inv_freq(args: ModelArgs, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] fp32, with the config's scaling (as transformers does);
+    ``local``: the sliding layers' RoPE where the model has its own for them (Gemma 3)."""
     d = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    sc = args.rope_scaling
+    theta, sc = (args.local_rope_theta, args.local_rope_scaling) if local else (args.rope_theta, args.rope_scaling)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     if sc is None:
         return inv_freq
     if sc["rope_type"] == "linear":
@@ -131,9 +207,9 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_tables(args: ModelArgs, max_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(args: ModelArgs, max_len: int, device, dtype, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [max_len, head_dim] in the model dtype, computed in fp32 like transformers."""
-    inv_freq = rope_inv_freq(args).to(device)
+    inv_freq = rope_inv_freq(args, local).to(device)
     t = torch.arange(max_len, dtype=torch.int64, device=device).float()
     freqs = torch.outer(t, inv_freq)                                   # [L, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)                            # [L, D]
@@ -150,14 +226,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # HF's x * rsqrt(mean(x²) + eps) in fp32, as one kernel (the same bits on CPU in fp32)
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.unit_offset:              # Gemma: (x̂ · (1 + w)) in fp32, then the model dtype
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
@@ -168,7 +247,7 @@ def _plain(*modules) -> bool:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
         d, hd = args.dim, args.head_dim
         self.q_proj = nn.Linear(d, args.n_heads * hd, bias=args.qkv_bias)
@@ -176,7 +255,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, args.n_kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * hd, d, bias=args.o_bias)
         self.n_heads, self.n_kv, self.hd = args.n_heads, args.n_kv_heads, hd
-        self.window = args.sliding_window
+        self.window = args.window(layer)
+        self.scale = args.scale
+        self.qk_norm = args.gemma_norms
+        if self.qk_norm:                  # Gemma 3: RMSNorm over each head's q and k, before RoPE
+            self.q_norm = RMSNorm(hd, args.norm_eps, unit_offset=True)
+            self.k_norm = RMSNorm(hd, args.norm_eps, unit_offset=True)
         self._qkv, self._o = Gemm(), Gemm()
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,13 +273,22 @@ class Attention(nn.Module):
     def out(self, x: torch.Tensor) -> torch.Tensor:
         return fused_linear(self._o, x, (self.o_proj,)) if _plain(self.o_proj) else self.o_proj(x)
 
+    def rope_qk(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_axis: int) -> torch.Tensor:
+        """RoPE on q|k side by side (heads on ``head_axis``: H query heads, then KVH key heads),
+        after the per-head q/k norms where the model has them."""
+        if self.qk_norm:
+            h = self.n_heads
+            qk = torch.cat((self.q_norm(qk.narrow(head_axis, 0, h)),
+                            self.k_norm(qk.narrow(head_axis, h, self.n_kv))), dim=head_axis)
+        return apply_rope(qk, cos, sin)
+
     def prefill(self, x, cos, sin, k_cache, v_cache, slots, start: int = 0):
         # x [B, T, dim] at positions start..start+T-1; cos/sin [T, hd]; k/v_cache [S, KVH, L, hd]
         # (this layer), whose slots already hold positions [0, start); slots [B]
         b, t, _ = x.shape
         h, kv, hd = self.n_heads, self.n_kv, self.hd
         qkv = self.qkv(x).view(b, t, h + 2 * kv, hd).transpose(1, 2)          # [B, H+2KVH, T, hd]
-        qk = apply_rope(qkv[:, : h + kv], cos, sin)
+        qk = self.rope_qk(qkv[:, : h + kv], cos, sin, 1)
         q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv:]
         k_cache[slots, :, start:start + t] = k
         v_cache[slots, :, start:start + t] = v
@@ -209,9 +302,9 @@ class Attention(nn.Module):
             mask = j <= i
             if self.window is not None:
                 mask &= j > i - self.window
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return self.out(out.transpose(1, 2).reshape(b, t, h * hd))
 
     def decode(self, x, cos, sin, k_cache, v_cache, step):
@@ -219,11 +312,11 @@ class Attention(nn.Module):
         s = x.shape[0]
         h, kv, hd = self.n_heads, self.n_kv, self.hd
         qkv = self.qkv(x).view(s, h + 2 * kv, hd)
-        qk = apply_rope(qkv[:, : h + kv], cos, sin)                          # q and k in one pass
+        qk = self.rope_qk(qkv[:, : h + kv], cos, sin, 1)                     # q and k in one pass
         q = qk[:, :h].view(s, kv, h // kv, hd)                               # [S, KVH, G, hd]
         step.write(k_cache, qk[:, h:])
         step.write(v_cache, qkv[:, h + kv:])
-        out = step.attend(q, k_cache, v_cache)                               # [S, KVH, G, hd]
+        out = step.attend(q, k_cache, v_cache, self.scale, self.window)      # [S, KVH, G, hd]
         return self.out(out.reshape(s, h * hd))
 
 
@@ -234,6 +327,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
         self.inter = args.intermediate_size
+        self.act = ACTIVATIONS[args.activation]
         self._gate_up, self._down = Gemm(), Gemm()
 
     def forward(self, x):
@@ -242,7 +336,7 @@ class MLP(nn.Module):
             gate, up = gu[..., : self.inter], gu[..., self.inter:]
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        y = F.silu(gate) * up
+        y = self.act(gate) * up
         if _plain(self.down_proj):
             return fused_linear(self._down, y, (self.down_proj,))
         return self.down_proj(y)
@@ -250,7 +344,8 @@ class MLP(nn.Module):
 
 class DecodeIndex:
     """What every layer of one decode step shares, computed once per step: where each slot's new
-    K/V goes, how many cache positions attention reads (``span``) and which of them (``mask``)."""
+    K/V goes, how many cache positions attention reads (``span``) and which of them (``masks``: one
+    for the full layers, one for the sliding window when some layer has one)."""
 
     def __init__(self, pos: torch.Tensor, kv_heads: int, max_len: int, window: int | None):
         s = pos.shape[0]
@@ -260,18 +355,23 @@ class DecodeIndex:
             span = min(int(pos.max()) + 1, max_len) if s else 1   # rows read only their live prefix
         self.span = span
         idx = torch.arange(span, device=pos.device)
-        mask = idx[None, :] <= pos[:, None]                                   # [S, span]
+        causal = idx[None, :] <= pos[:, None]                                 # [S, span]
+        self.masks = {None: self._additive(causal)}
         if window is not None:
-            mask = mask & (idx[None, :] > pos[:, None] - window)
-        # additive: 0 where read, -inf elsewhere, [S, 1, 1, span] fp32
-        self.mask = torch.zeros(mask.shape, dtype=torch.float32, device=pos.device).masked_fill_(
-            ~mask, float("-inf"))[:, None, None, :]
+            self.masks[window] = self._additive(causal & (idx[None, :] > pos[:, None] - window))
         heads = torch.arange(s * kv_heads, device=pos.device).view(s, kv_heads)
         self.flat = (heads * max_len + pos[:, None]).reshape(-1)              # [S·KVH] rows of the cache
         self.pos, self.rows = pos, torch.arange(s, device=pos.device)
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """softmax(q kᵀ / √hd + mask) v over the first ``span`` positions: q [S, KVH, G, hd] against
+    @staticmethod
+    def _additive(mask: torch.Tensor) -> torch.Tensor:
+        """0 where read, -inf elsewhere, [S, 1, 1, span] fp32."""
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+            ~mask, float("-inf"))[:, None, None, :]
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+               window: int | None = None) -> torch.Tensor:
+        """softmax(q kᵀ · scale + mask) v over the first ``span`` positions: q [S, KVH, G, hd] against
         the cache [S, KVH, L, hd] -> [S, KVH, G, hd]. Two batched products on views of the cache
         (no copy) and an fp32 softmax; measured 2x faster than SDPA's CPU kernel with a mask for
         decode shapes (3 query rows a KV head)."""
@@ -279,7 +379,7 @@ class DecodeIndex:
         k = k_cache[:, :, : self.span].reshape(s * kv, self.span, hd)
         v = v_cache[:, :, : self.span].reshape(s * kv, self.span, hd)
         scores = torch.bmm(q.reshape(s * kv, g, hd), k.transpose(1, 2)).view(s, kv, g, self.span)
-        probs = torch.softmax(scores.float().mul_(hd ** -0.5).add_(self.mask), dim=-1).to(q.dtype)
+        probs = torch.softmax(scores.float().mul_(scale).add_(self.masks[window]), dim=-1).to(q.dtype)
         return torch.bmm(probs.view(s * kv, g, self.span), v).view(s, kv, g, hd)
 
     def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
@@ -291,20 +391,35 @@ class DecodeIndex:
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, layer)
         self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        g = args.gemma_norms
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps, g)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps, g)
+        self.sandwich = g                 # Gemma: norms after attention and the MLP as well as before
+        if g:
+            self.pre_feedforward_layernorm = RMSNorm(args.dim, args.norm_eps, g)
+            self.post_feedforward_layernorm = RMSNorm(args.dim, args.norm_eps, g)
+
+    def attn_residual(self, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """h + the attention's output (Gemma: normed first)."""
+        return h + (self.post_attention_layernorm(attn_out) if self.sandwich else attn_out)
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h + the MLP of the normed h (Gemma: its output normed too)."""
+        if self.sandwich:
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Body(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.gemma_norms)
 
 
 class Transformer(nn.Module):
@@ -316,7 +431,8 @@ class Transformer(nn.Module):
         self.model = Body(args)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         self._rope_len = 0
-        self.cos = self.sin = None
+        self.cos = self.sin = self.cos_local = self.sin_local = None
+        self.embed_mult = None            # Gemma: √hidden rounded to the model dtype, as HF does
         self._head = Gemm()
 
     @classmethod
@@ -355,7 +471,20 @@ class Transformer(nn.Module):
             return
         w = self.model.embed_tokens.weight
         self.cos, self.sin = rope_tables(self.args, max_len, w.device, w.dtype)
+        self.cos_local, self.sin_local = self.cos, self.sin
+        if self.args.local_rope_theta is not None:
+            self.cos_local, self.sin_local = rope_tables(self.args, max_len, w.device, w.dtype, local=True)
+        if self.args.embed_scale is not None:
+            self.embed_mult = float(torch.tensor(self.args.embed_scale, dtype=torch.float32).to(w.dtype))
         self._rope_len = max_len
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.model.embed_tokens(tokens)
+        return h * self.embed_mult if self.embed_mult is not None else h
+
+    def _local_rope(self, layer: int) -> bool:
+        """True when this layer uses the sliding layers' own RoPE tables (Gemma 3's local base)."""
+        return self.args.local_rope_theta is not None and self.args.window(layer) is not None
 
     def prefill(self, tokens: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 start: int = 0) -> None:
@@ -366,12 +495,12 @@ class Transformer(nn.Module):
         reads and later decode steps overwrite."""
         t = tokens.shape[1]
         self.setup_rope(start + t)
-        cos, sin = self.cos[start:start + t], self.sin[start:start + t]
-        h = self.model.embed_tokens(tokens)
+        h = self.embed(tokens)
         for i, layer in enumerate(self.model.layers):
-            h = h + layer.self_attn.prefill(layer.input_layernorm(h), cos, sin, k_cache[i], v_cache[i], slots,
-                                            start)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            cos, sin = (self.cos_local, self.sin_local) if self._local_rope(i) else (self.cos, self.sin)
+            a = layer.self_attn.prefill(layer.input_layernorm(h), cos[start:start + t], sin[start:start + t],
+                                        k_cache[i], v_cache[i], slots, start)
+            h = layer.feed_forward(layer.attn_residual(h, a))
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """One token per slot: ``tokens`` [S] at positions ``pos`` [S] -> logits [S, V] fp32.
@@ -380,12 +509,14 @@ class Transformer(nn.Module):
         max_len = k_cache.shape[3]
         self.setup_rope(max_len)
         pos = pos.clamp(max=max_len - 1)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]          # [S, 1, hd]
+        full = (self.cos[pos][:, None], self.sin[pos][:, None])              # [S, 1, hd]
+        local = (self.cos_local[pos][:, None], self.sin_local[pos][:, None]) if self.args.local_rope_theta else full
         step = DecodeIndex(pos, self.args.n_kv_heads, max_len, self.args.sliding_window)
-        h = self.model.embed_tokens(tokens)                                # [S, dim]
+        h = self.embed(tokens)                                             # [S, dim]
         for i, layer in enumerate(self.model.layers):
-            h = h + layer.self_attn.decode(layer.input_layernorm(h), cos, sin, k_cache[i], v_cache[i], step)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            cos, sin = local if self._local_rope(i) else full
+            a = layer.self_attn.decode(layer.input_layernorm(h), cos, sin, k_cache[i], v_cache[i], step)
+            h = layer.feed_forward(layer.attn_residual(h, a))
         return self.head(self.model.norm(h)).float()
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
