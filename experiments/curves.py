@@ -30,7 +30,8 @@ Stages:
   Self-BLEU-4, copy rate, mean words), the EOS rate (finish_reason), and ``divgen eval --json
   --seeds 1 --no-real`` (label fidelity, linear-probe accuracy); once per N, the real-data row
   (the same probe on as many real pool rows, 3 seeds). Results are cached per file as JSON.
-  ``--finetune`` also fine-tunes the MiniLM student on seed 0 of each variant at N = 400.
+  ``--finetune`` also fine-tunes the MiniLM student on each seed's N = 400 prefix of every variant
+  (about 10 minutes a set on one core; the real pool rows' fine-tune comes with each).
 * ``summary``: ``experiments/results/curves_smollm2.json`` (per variant, N, seed; per variant, N:
   mean ± std over the seeds that exist), ``experiments/results/curves_smollm2.png`` (matplotlib,
   if installed) and a Markdown table.
@@ -370,10 +371,11 @@ def score_all(runs: Path, data: Path, variants, seeds, sizes, finetune: bool) ->
                 score_file(p, data)
                 score_real(runs, data, n, p)
     if finetune:
-        for v in variants:
-            p = prefix(runs, v, seeds[0], 400)
-            if p is not None:
-                finetune_file(p, data)
+        for s in seeds:
+            for v in variants:
+                p = prefix(runs, v, s, 400)
+                if p is not None:
+                    finetune_file(p, data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,9 +423,14 @@ def summarise(runs: Path, variants, seeds, sizes) -> dict:
             real[str(n)] = json.loads(cache.read_text())
     finetune = {}
     for v in variants:
-        cache = runs / f"{v}_s{seeds[0]}.n400.finetune.json"
-        if cache.exists():
-            finetune[v] = json.loads(cache.read_text())
+        got = {s: json.loads(c.read_text()) for s in seeds if (c := runs / f"{v}_s{s}.n400.finetune.json").exists()}
+        if got:
+            first = next(iter(got.values()))
+            finetune[v] = {"seeds": sorted(got), "accuracy": mean_std([r["accuracy"]["mean"] for r in got.values()]),
+                           "macro_f1": mean_std([r["macro_f1"]["mean"] for r in got.values()]),
+                           "real_n": first["real_n"],
+                           "real_accuracy": mean_std([r["real_accuracy"]["mean"] for r in got.values()]),
+                           "test_rows": first["test_rows"], "per_seed": {str(s): r for s, r in got.items()}}
     return {
         "what": f"AG News learning curves (experiments/curves.py): {MODEL['title']} (embedded), few-shot "
                 "prompts (2 pool rows each), at most 48 new tokens, alpha (plausibility cutoff) 0.05, temperature "
@@ -464,6 +471,11 @@ def table(summary: dict) -> str:
     for n, r in sorted(summary["real"].items(), key=lambda kv: int(kv[0])):
         used = r["n_used"] if r["n_used"] == r["n_asked"] else f"{r['n_used']} (of {r['n_asked']} asked)"
         lines.append(f"| real pool rows | {used} | 3 | {fmt(r['probe_accuracy'])} | | | | | | | | |")
+    ft = summary.get("finetune_n400") or {}
+    if ft:
+        lines += ["", "| fine-tuned MiniLM at N = 400 | seeds | accuracy % | real pool rows' fine-tune % |", "|---|---:|---:|---:|"]
+        for v, r in ft.items():
+            lines.append(f"| {v} | {len(r['seeds'])} | {fmt(r['accuracy'])} | {fmt(r['real_accuracy'])} |")
     return "\n".join(lines)
 
 
@@ -491,13 +503,16 @@ def plot(summary: dict, path: Path) -> bool:
         a.errorbar([r["n_used"] for r in rs], [100 * r["probe_accuracy"]["mean"] for r in rs],
                    yerr=[100 * r["probe_accuracy"]["std"] for r in rs], marker="s", capsize=3, color="black", ls="--",
                    label="real pool rows (at most 760)")
-    for v, ft in summary.get("finetune_n400", {}).items():           # the fine-tuned student, seed 0 at N = 400
-        a.scatter([400], [100 * ft["accuracy"]["mean"]], marker="D", s=45, facecolors="none",
-                  edgecolors=COLORS.get(v), label=f"{v}, fine-tuned MiniLM (seed 0, 1000 test rows)")
+    for v, ft in summary.get("finetune_n400", {}).items():           # the fine-tuned student at N = 400
+        a.errorbar([400], [100 * ft["accuracy"]["mean"]], yerr=[100 * (ft["accuracy"]["std"] or 0)], marker="D",
+                   ms=7, mfc="none", capsize=3, ls="none", color=COLORS.get(v),
+                   label=f"{v}, fine-tuned MiniLM ({len(ft['seeds'])} seed{'s' if len(ft['seeds']) > 1 else ''}, "
+                         f"{ft['test_rows']} test rows)")
     if summary.get("finetune_n400"):
         real_ft = next(iter(summary["finetune_n400"].values()))
-        a.scatter([real_ft["real_n"]], [100 * real_ft["real_accuracy"]["mean"]], marker="D", s=45,
-                  facecolors="none", edgecolors="black", label="real pool rows, fine-tuned")
+        a.errorbar([real_ft["real_n"]], [100 * real_ft["real_accuracy"]["mean"]],
+                   yerr=[100 * (real_ft["real_accuracy"]["std"] or 0)], marker="D", ms=7, mfc="none", capsize=3,
+                   ls="none", color="black", label="real pool rows, fine-tuned")
     sizes = {int(n) for pts in summary["points"].values() for n in pts}
     for ax, ticks in ((a, sorted(sizes | {r["n_used"] for r in summary["real"].values()})), (b, sorted(sizes))):
         ax.set_xscale("log")
@@ -533,7 +548,8 @@ def main(argv=None) -> int:
     ap.add_argument("--order", choices=("breadth", "depth"), default="breadth", help="gen schedule (module docstring)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="gen: synth processes at once, one thread each (e.g. the machine's cores; never two on one set)")
-    ap.add_argument("--finetune", action="store_true", help="score: also fine-tune on seed 0 of each variant at N = 400")
+    ap.add_argument("--finetune", action="store_true",
+                    help="score: also fine-tune the MiniLM student on each seed's N = 400 prefix (~10 min a set)")
     ap.add_argument("--out", default=None,
                     help="summary path without suffix (.json and .png are written; default "
                     "experiments/results/curves_<model>)")
