@@ -31,6 +31,9 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The steady state: the compiled candidate pass from the first step (a long job switches to it by
+# itself after TIER_UP_S seconds of dense draws); DIVGEN_CPU_SAMPLER=unfused times the torch passes.
+os.environ.setdefault("DIVGEN_CPU_SAMPLER", "fused")
 import torch
 
 from divgen.bench.common import default_results_path, result_record, write_json
@@ -101,8 +104,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     logits_all = model_logits(max(args.rows))
     out = []
+    mode_name = cpu_sample.sampler_mode()
     print(f"bench_cpu_sampler: SmolLM2-135M logits, V = {logits_all.shape[1]}, torch threads {args.threads}, "
-          f"{args.repeats} interleaved rounds (medians)")
+          f"{args.repeats} interleaved rounds (medians), CPU sampler {mode_name}")
     print(f"{'mode':16s} {'rows':>4s} " + " ".join(f"{v:>12s}" for v in ("divgen", "reference", "hf", "exp-race"))
           + "   divgen/best peer   divgen ns/logit")
     for mode in args.modes:
@@ -130,7 +134,8 @@ def main(argv=None) -> int:
                         "divgen_over_best_peer": ratio, "divgen_ns_per_logit": ns})
     if args.output_json is not None:
         path = args.output_json or default_results_path()
-        write_json(path, result_record("cpu_sampler", out, threads=args.threads, repeats=args.repeats))
+        write_json(path, result_record("cpu_sampler", out, threads=args.threads, repeats=args.repeats,
+                                       cpu_sampler=mode_name))
     return 0
 
 

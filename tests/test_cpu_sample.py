@@ -223,16 +223,36 @@ def _model_like(rows, vocab, seed):
     return logits
 
 
-@pytest.mark.parametrize("case", ["plain", "temperatures", "masks", "min_p", "odd_vocab", "guided", "guided_min_p"])
-def test_dense_draw_equals_the_reference(case, monkeypatch):
+def _draw_mode(mode, monkeypatch):
+    """Run the dense draw fused (compiled; skipped without a C++ compiler) or unfused; returns a
+    list that counts the compiled draw's calls."""
+    calls = []
+    if mode == "unfused":
+        monkeypatch.setattr(cpu_sample, "_FUSED", False)
+        return calls
+    monkeypatch.setattr(cpu_sample, "_FUSED", None)
+    monkeypatch.setenv("DIVGEN_CPU_SAMPLER", "fused")
+    fused = cpu_sample._fused_draw()
+    if fused is None:
+        pytest.skip("no C++ compiler on PATH: the fused draw cannot be built here")
+    monkeypatch.setattr(cpu_sample, "_FUSED", lambda *a: calls.append(1) or fused(*a))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["fused", "unfused"])
+@pytest.mark.parametrize("case", ["plain", "temperatures", "masks", "min_p", "odd_vocab", "tiny_vocab", "guided",
+                                  "guided_min_p"])
+def test_dense_draw_equals_the_reference(case, mode, monkeypatch):
     """Plain sampling (no α cut, no min-p: most of the vocabulary can win) takes the dense draw
-    (int32 hash of every token, exact Gumbel values only for the tokens whose noise level lets
-    them reach the best score), and its tokens equal the reference's over several steps: T = 1
-    with finite logits, mixed temperatures (greedy, tiny, 0.7, 2.5) and α on some rows, −inf / NaN
-    / +inf logits and a row with no finite logit, the peers' min-p on some rows, and a vocabulary
-    that is not a multiple of 64; and guided rows (CorrSynth groups of 4 with no α cut, the vLLM
-    binding's usual step), with and without min-p."""
-    rows, vocab = 24, (50001 if case == "odd_vocab" else 49152)
+    (unfused: int32 hash of every token, exact Gumbel values only for the tokens whose noise level
+    lets them reach the best score; fused: one compiled loop giving every token its exact score),
+    and its tokens equal the reference's over several steps: T = 1 with finite logits, mixed
+    temperatures (greedy, tiny, 0.7, 2.5) and α on some rows, −inf / NaN / +inf logits and a row
+    with no finite logit, the peers' min-p on some rows, vocabularies that are not a multiple of
+    64 (or of the vector width: 50,001 and 97); and guided rows (CorrSynth groups of 4 with no α
+    cut, the vLLM binding's usual step), with and without min-p."""
+    calls = _draw_mode(mode, monkeypatch)
+    rows, vocab = 24, {"odd_vocab": 50001, "tiny_vocab": 97}.get(case, 49152)
     logits = _model_like(rows, vocab, seed=len(case))
     mix = None
     if case.startswith("guided"):
@@ -268,11 +288,13 @@ def test_dense_draw_equals_the_reference(case, monkeypatch):
         fast = cpu_sample.guided_sample_step(logits, mix, seeds, st, temperature, alpha, zeros, ones, **kw)
         assert torch.equal(ref, fast), step
     assert len(drawn) == 4
+    assert (len(calls) > 0) == (mode == "fused")
 
 
 def test_dense_draw_takes_exact_gumbel_values_for_few_tokens(monkeypatch):
     """The dense draw hashes every token but computes the Gumbel transform (two logs) for only a
     small share of them: those whose noise level could reach the best score."""
+    _draw_mode("unfused", monkeypatch)
     rows, vocab = 16, 49152
     logits = _model_like(rows, vocab, seed=11)
     logged = []
@@ -311,6 +333,7 @@ def test_a_too_tight_noise_bound_changes_the_tokens(monkeypatch):
     logits = _model_like(rows, vocab, seed=len("plain"))
     seeds = torch.randint(-(2 ** 62), 2 ** 62, (rows,), generator=torch.Generator().manual_seed(3))
     zeros, ones = torch.zeros(rows, dtype=torch.int64), torch.ones(rows)
+    _draw_mode("unfused", monkeypatch)
     monkeypatch.setattr(cpu_sample, "G_TOP", 0.5)
     differ = 0
     for step in range(4):
@@ -319,3 +342,61 @@ def test_a_too_tight_noise_bound_changes_the_tokens(monkeypatch):
         ref = reference.guided_sample_step(*args, any_top_k_top_p=False)
         differ += int((cpu_sample.guided_sample_step(*args, any_top_k_top_p=False) != ref).sum())
     assert differ > 0
+
+
+
+@pytest.mark.parametrize("vocab", [97, 1000, 4099, 49152])
+def test_fused_candidate_pass_equals_the_torch_passes(vocab, monkeypatch):
+    """The compiled candidate pass gives every token the int32 hash's m + 1 where the unfused test
+    keeps it and 0 elsewhere, bit for bit, tails of the vector loop included: extreme keys, a
+    floor that cuts about half of each row, −inf and NaN scores."""
+    _draw_mode("fused", monkeypatch)
+    fused = cpu_sample._FUSED
+    gen = torch.Generator().manual_seed(vocab)
+    rows = 9
+    k1 = torch.tensor([0, 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 5, 6, 7, 8], dtype=torch.int64)
+    k2 = torch.randint(0, 1 << 32, (rows,), generator=gen)
+    k1, k2 = cpu_sample._as_int32(k1), cpu_sample._as_int32(k2)
+    z = torch.randn(rows, vocab, generator=gen)
+    z[0, ::7] = float("-inf")
+    z[1, ::11] = float("nan")
+    floor = torch.zeros(rows)
+    floor[2] = float("inf")                   # only top-level noise
+    h = cpu_sample.hash_i32(k1[:, None], k2[:, None], torch.arange(vocab, dtype=torch.int32)[None, :])
+    cand = (z >= floor[:, None]) | ((h >> (32 - cpu_sample.TOP_BITS)) == -1)
+    want = torch.where(cand, cpu_sample._m_of(h) + 1, 0)
+    got = fused(z, k1, k2, floor)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+    top_level = int((got[2] > 0).sum())                     # the top-level tokens alone: ~1/64
+    assert top_level < vocab // 8 + 8 and (top_level > 0 or vocab < 1000)
+
+
+def test_auto_mode_compiles_only_after_enough_unfused_draws(monkeypatch):
+    """DIVGEN_CPU_SAMPLER=auto (the default): the first dense draws run the torch passes and count
+    their time; once it passes TIER_UP_S the process switches to the compiled pass (the same
+    tokens); ``unfused`` never compiles; a bad mode names the choices."""
+    if not any(cpu_sample.shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler on PATH: the fused draw cannot be built here")
+    rows, vocab = 8, 4096
+    logits = _model_like(rows, vocab, seed=4)
+    zeros, ones = torch.zeros(rows, dtype=torch.int64), torch.ones(rows)
+    monkeypatch.delenv("DIVGEN_CPU_SAMPLER", raising=False)
+    monkeypatch.setattr(cpu_sample, "_FUSED", None)
+    monkeypatch.setattr(cpu_sample, "_UNFUSED_S", 0.0)
+    monkeypatch.setattr(cpu_sample, "TIER_UP_S", 1e-9)
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: compiled.append(f) or real_compile(f, **kw))
+    for step in range(3):
+        args = (logits, None, torch.arange(rows), zeros + step, ones, torch.zeros(rows), zeros, ones)
+        assert torch.equal(cpu_sample.guided_sample_step(*args, any_top_k_top_p=False),
+                           reference.guided_sample_step(*args, any_top_k_top_p=False))
+        assert len(compiled) == (0 if step == 0 else 1), step      # the first draw counted, then compiled
+    assert cpu_sample._UNFUSED_S > 0 and cpu_sample._FUSED
+    monkeypatch.setattr(cpu_sample, "_FUSED", None)
+    monkeypatch.setenv("DIVGEN_CPU_SAMPLER", "unfused")
+    assert cpu_sample._fused_draw() is None and len(compiled) == 1
+    monkeypatch.setattr(cpu_sample, "_FUSED", None)
+    monkeypatch.setenv("DIVGEN_CPU_SAMPLER", "fast")
+    with pytest.raises(ValueError, match="auto or fused or unfused"):
+        cpu_sample._fused_draw()

@@ -41,9 +41,27 @@ injected and counter-based noise, so a change of the reference's rules shows up 
   max z is always among the candidates (the α-kept tokens, or for unguided rows the tokens
   within the noise's reach of the best, or on the dense path the tokens within
   reach of the best guided score), so it is the same value as the reference's.
+* The fused candidate pass: where torch's inductor can build C++ on this machine (a C++ compiler
+  on PATH), the dense draw's hash and candidate test run as ONE compiled loop over the row block
+  (``_candidate_m``: ~25 integer ops and two comparisons a token, written once as int32) instead
+  of ~25 torch passes over [R, V] int32 (16 rows x 49,152 at T = 1, one thread: 6.1 → 3.1 ms a
+  step; benchmarks/bench_cpu_sampler.py). It holds no floating-point arithmetic, only the
+  comparison of z with a bound, so it is exact by construction: the Gumbel logs of the
+  candidates stay torch's (MKL's) on the gathered list — inductor's own log rounds ~8 % of
+  values differently, so the whole draw is not compiled. Compiling costs 4-7 s once per process
+  (inductor caches the C++ on disk), ~2,000 steps' worth of what it saves at 16 rows, so by
+  default (``DIVGEN_CPU_SAMPLER=auto``) a process switches to it only after its unfused dense
+  draws have taken ``TIER_UP_S`` seconds: short runs never pay, long ones do after a few percent
+  of their time. ``fused`` compiles at the first dense draw (benchmarks), ``unfused`` never; a
+  compile failure prints one line and keeps the torch passes for the rest of the process.
 Under ``torch.compile`` (data-dependent sizes) and with ``return_logprobs`` the reference runs.
 """
 from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
 
 import torch
 
@@ -95,6 +113,8 @@ def _top_bound() -> float:
 G_TOP = _top_bound()
 # Rows × tokens hashed per pass of the dense draw: the int32 working set of a pass stays in cache.
 _DENSE_CHUNK = 1 << 19
+# ... and per call of the fused candidate pass (no intermediates: fewer, larger calls).
+_FUSED_CHUNK = 1 << 22
 # The dense draw runs when more than 1/_DENSE_SHARE of a step's logits are in reach (_mostly_in_reach).
 _DENSE_SHARE = 8
 
@@ -261,6 +281,67 @@ def _unguided_scores(x, row_limit, t_div):
     return block
 
 
+def _fmix32_wrapping(h: torch.Tensor) -> torch.Tensor:
+    """``reference._fmix32`` on int32 holding uint32 bits, out of place (for the compiled draw)."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _C1_32
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _C2_32
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def _candidate_m(z: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """The dense draw's step 4 test for every token of a row block, with its noise: [c, V] int32,
+    m + 1 (m = h >> 9, the uniform's 23 bits) where the token is a candidate (z ≥ floor[row], or its
+    hash has the top TOP_BITS bits set), 0 elsewhere, so ``nonzero`` reads the candidates off it
+    directly. Integer ops and comparisons only (written for ``torch.compile``: one loop, no [R, V]
+    intermediates); eager it is ``hash_i32``'s arithmetic."""
+    ids = torch.arange(z.shape[1], dtype=torch.int32, device=z.device)
+    h = _fmix32_wrapping(_fmix32_wrapping(ids[None, :] ^ k1[:, None]) ^ k2[:, None])
+    cand = (z >= floor[:, None]) | ((h >> (32 - TOP_BITS)) == -1)
+    return torch.where(cand, ((h >> 9) & _M23) + 1, 0)
+
+
+SAMPLER_MODES = ("auto", "fused", "unfused")
+_FUSED = None          # the compiled _candidate_m, False when it cannot run here (found once)
+TIER_UP_S = 20.0       # auto: seconds of unfused dense draws after which the process compiles
+_UNFUSED_S = 0.0       # seconds this process spent in unfused dense draws so far
+
+
+def sampler_mode() -> str:
+    """DIVGEN_CPU_SAMPLER: auto (default), fused or unfused (module docstring)."""
+    mode = os.environ.get("DIVGEN_CPU_SAMPLER", "") or "auto"
+    if mode not in SAMPLER_MODES:
+        from divgen.engine.errors import DivgenError      # a ValueError the CLI prints as one line
+
+        raise DivgenError(f"DIVGEN_CPU_SAMPLER={mode!r} is not a CPU sampler mode: use "
+                         f"{' or '.join(SAMPLER_MODES)}, or unset it")
+    return mode
+
+
+def _fused_draw():
+    """The compiled ``_candidate_m``, or None: not yet (auto, before ``TIER_UP_S`` seconds of
+    unfused draws), DIVGEN_CPU_SAMPLER=unfused, no C++ compiler on PATH (inductor's CPU code is
+    C++), or an earlier compile failed in this process."""
+    global _FUSED
+    if _FUSED is None:
+        mode = sampler_mode()
+        if mode == "auto" and _UNFUSED_S < TIER_UP_S:
+            return None
+        _FUSED = False
+        if mode != "unfused" and any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            _FUSED = torch.compile(_candidate_m, dynamic=True, fullgraph=True)
+    return _FUSED or None
+
+
+def _fused_failed(err: Exception) -> None:
+    global _FUSED
+    _FUSED = False
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    print(f"note: the CPU sampler's fused candidate pass could not be compiled ({first[:160]}); using the unfused "
+          "draw (same tokens, slower; DIVGEN_CPU_SAMPLER=unfused skips the attempt)", file=sys.stderr)
+
+
 def _dense_draw(z_rows, n_rows, vocab, greedy, seeds, step, min_p, device):
     """The tokens of rows whose candidates are most of the vocabulary (no α cut, no min-p: plain
     T = 1 sampling, unguided or guided), with the counter-based noise, a block of rows at a time:
@@ -273,12 +354,18 @@ def _dense_draw(z_rows, n_rows, vocab, greedy, seeds, step, min_p, device):
        and the 2^-TOP_BITS of tokens whose noise is at the top level get the exact Gumbel value
        (a margin covers rounding); the best wins, ties to the
        smallest id. Greedy rows take the argmax of z.
+
+    Steps 2 and 4's test are one compiled integer loop per row block where the fused pass is
+    available (``_candidate_m``; the same candidates, so the same tokens).
     """
     k1, k2 = reference.noise_keys(seeds, step)
     k1, k2 = _as_int32(k1), _as_int32(k2)
     ids = torch.arange(vocab, dtype=torch.int32, device=device)
+    global _UNFUSED_S
     tokens = torch.zeros(n_rows, dtype=torch.int64, device=device)
-    block = max(1, _DENSE_CHUNK // vocab)
+    fused = _fused_draw()
+    start = time.perf_counter()
+    block = max(1, (_DENSE_CHUNK if fused is None else _FUSED_CHUNK) // vocab)
     for r0 in range(0, n_rows, block):
         r1 = min(r0 + block, n_rows)
         z = z_rows(r0, r1)
@@ -290,21 +377,41 @@ def _dense_draw(z_rows, n_rows, vocab, greedy, seeds, step, min_p, device):
         sampled = (~greedy[r0:r1]) & torch.isfinite(best)
         if not bool(sampled.any()):
             continue
-        h = hash_i32(k1[r0:r1, None], k2[r0:r1, None], ids[None, :])           # [c, V] int32
-        b = best + _padded_gumbel(_uniform_from_m(_m_of(h.gather(1, arg[:, None])[:, 0])))
-        tol = (_MARGIN + b.abs() * 1e-6)[:, None]
-        b = torch.where(sampled, b, float("inf"))[:, None]                      # no candidates
+        kr1, kr2 = k1[r0:r1], k2[r0:r1]
+        b = best + _padded_gumbel(_uniform_from_m(_m_of(hash_i32(kr1, kr2, arg.to(torch.int32)))))
+        tol = _MARGIN + b.abs() * 1e-6
+        b = torch.where(sampled, b, float("inf"))                               # no candidates
         # near enough to reach b with any noise below the top level, or noise at the top level
         # (top bits all set: −1 after an arithmetic shift; its z may be −inf: it cannot win then)
-        cand = (z >= b - (G_TOP + tol)).logical_or_((h >> (32 - TOP_BITS)) == -1)
-        cand &= sampled[:, None]
-        rows, cols = cand.nonzero(as_tuple=True)                                # row-major, ids ascending
-        scores = z[rows, cols] + _padded_gumbel(_uniform_from_m(_m_of(h[rows, cols])))
+        floor = b - (G_TOP + tol)
+        m1 = None
+        if fused is not None:
+            try:
+                m1 = fused(z, kr1, kr2, floor)                                  # [c, V]: m + 1 or 0
+            except Exception as err:          # no working toolchain after all: the torch passes
+                _fused_failed(err)
+                fused = None
+        # flat indices (row-major, ids ascending) and 1-d gathers: 2-d advanced indexing costs ~5x
+        if m1 is not None:
+            flat = m1.view(-1).nonzero()[:, 0]
+            if not bool(sampled.all()):                                         # top-level noise of other rows
+                flat = flat[sampled[flat // vocab]]
+            m_cand = m1.view(-1).index_select(0, flat) - 1
+        else:
+            h = hash_i32(kr1[:, None], kr2[:, None], ids[None, :])               # [c, V] int32
+            cand = (z >= floor[:, None]).logical_or_((h >> (32 - TOP_BITS)) == -1)
+            cand &= sampled[:, None]
+            flat = cand.view(-1).nonzero()[:, 0]
+            m_cand = _m_of(h.view(-1).index_select(0, flat))
+        rows, cols = flat // vocab, flat % vocab
+        scores = z.reshape(-1).index_select(0, flat) + _padded_gumbel(_uniform_from_m(m_cand))
         top = _row_max(scores, rows, r1 - r0)
         winner = torch.where(scores == top[rows], cols, vocab)
         won = torch.full((r1 - r0,), vocab, dtype=torch.int64, device=device)
         won.scatter_reduce_(0, rows, winner, "amin")                            # ties: smallest id
         tokens[r0:r1] = torch.where(sampled, won, arg)
+    if fused is None:
+        _UNFUSED_S += time.perf_counter() - start
     return tokens
 
 
