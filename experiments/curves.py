@@ -69,6 +69,10 @@ VARIANTS = {   # name: synth flags (after `divgen synth ag_news --few-shot DATA`
     "m-corrsynth-fixed": ["--method", "m-corrsynth", "--gamma", "1.0", "--delta", "0.5", "--own-special",
                           "--copy-guard", "8"],
     "cfg-fixed": ["--method", "cfg", "--g", "1.5", "--own-special", "--copy-guard", "8"],
+    # only the intra-label term (γ = 0): rows of one label pushed apart, no contrast with the other
+    # labels (M-CorrSynth's δ is what the plain contrast lacks; is the cross-label term needed?)
+    "m-corrsynth-intra": ["--method", "m-corrsynth", "--gamma", "0", "--delta", "0.5", "--own-special",
+                          "--copy-guard", "8"],
 }
 # The packaged models: synth's extra flags, the task file, and the names of the raw-output folder and
 # the summary files. Gemma 3 270M is a base model: a completion-style task file (same labels).
@@ -78,9 +82,11 @@ MODELS = {
                     "task": str(ROOT / "experiments" / "tasks" / "ag_news_base.yaml"), "suffix": "gemma3-270m"},
 }
 MODEL = MODELS["smollm2"]          # main() sets the one --model names
-LOW_PRIORITY = ("corrsynth", "corrsynth-fixed-g1.25", "fewgen-guard", "m-corrsynth-fixed", "cfg-fixed")     # generated after every other variant's seeds
+LOW_PRIORITY = ("corrsynth", "corrsynth-fixed-g1.25", "fewgen-guard", "m-corrsynth-fixed", "cfg-fixed",
+                "m-corrsynth-intra")     # generated after every other variant's seeds
 COLORS = {"fewgen": "tab:blue", "corrsynth-fixed": "tab:red", "corrsynth": "tab:orange", "m-corrsynth-fixed": "tab:purple",
-          "cfg-fixed": "tab:green", "corrsynth-fixed-g1.25": "tab:pink", "fewgen-guard": "tab:cyan", "real": "black"}
+          "cfg-fixed": "tab:green", "corrsynth-fixed-g1.25": "tab:pink", "fewgen-guard": "tab:cyan",
+          "m-corrsynth-intra": "tab:brown", "real": "black"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 
