@@ -12,11 +12,11 @@ checkpoint or an HF model's ``state_dict()`` loads as is and multi-LoRA wrappers
 layer paths. The numerics follow the HF reference (fp32 RMSNorm, ``rotate_half`` RoPE with the
 same fp32 tables), so greedy tokens equal ``transformers.generate``.
 
-Gemma 3 (``gemma3_text``) is the same skeleton with five switches, all read from its config: the
-embeddings scaled by √hidden, RMSNorm weights applied as (1 + w) in fp32, RMSNorm on each head's
-queries and keys before RoPE, a norm after attention and after the MLP as well as before each
-("sandwich"), GeGLU (tanh GELU), an attention scale of ``query_pre_attn_scalar`` ** -0.5, and per
-layer either full attention (RoPE base ``rope_theta``) or a sliding window (its own RoPE base).
+Gemma 3 (``gemma3_text``) is the same skeleton with a few switches, all read from its config:
+the embeddings scaled by √hidden, RMSNorm weights applied as (1 + w) in fp32, RMSNorm on each
+head's queries and keys before RoPE, a norm after attention and after the MLP as well as before
+each ("sandwich"), GeGLU (tanh GELU), an attention scale of ``query_pre_attn_scalar`` ** -0.5, and
+per layer either full attention (RoPE base ``rope_theta``) or a sliding window (its own base).
 Every layer keeps the whole cache length; a sliding layer's mask reads only its window.
 
 Decode attention never copies the cache for GQA: the G = heads / kv_heads query heads of one KV
