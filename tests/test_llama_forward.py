@@ -25,17 +25,29 @@ CONFIGS = {
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
         head_dim=16, sliding_window=8, query_pre_attn_scalar=24, tie_word_embeddings=True,
         num_hidden_layers=4,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])),
 }
+
+
+def _gemma_rope_kwargs(config_cls) -> dict:
+    """The same RoPE in either config layout: transformers 5's ``rope_parameters`` per layer type,
+    or 4.x's ``rope_theta`` + ``rope_scaling`` (full layers) and ``rope_local_base_freq``."""
+    import inspect
+
+    if "rope_parameters" in inspect.signature(config_cls.__init__).parameters:
+        return dict(rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    return dict(rope_theta=100000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_local_base_freq=10000.0)
 
 
 def build(name):
     import transformers
 
     cfg_cls, model_cls, extra = CONFIGS[name]
-    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra})
+    config_cls = getattr(transformers, cfg_cls)
+    if name == "gemma3":
+        extra = {**extra, **_gemma_rope_kwargs(config_cls)}
+    cfg = config_cls(**{**COMMON, **extra})
     torch.manual_seed(0)
     hf = getattr(transformers, model_cls)(cfg).eval()
     if name == "qwen2-bias":  # random init leaves biases at 0: make them matter
