@@ -7,9 +7,10 @@
 
 For each (variant, seed) it generates ONE set with ``divgen synth ag_news`` (the embedded
 SmolLM2-135M-Instruct, few-shot prompts from the pool rows) into ``RUNS/<variant>_s<seed>.jsonl``;
-the smaller points are nested prefixes of it: the point N is the set's groups 0 .. N/4 − 1 (one
-example per label each), which is exactly what ``--per-label N/4`` generates (a row's seed is a
-hash of (seed, group, slot), so its text does not depend on how many groups the job has). Each
+the smaller points are nested prefixes of it: the point N is the set's first N rows in (group,
+slot) order (whole groups of one example per label each, two for M-CorrSynth; ``prefix``), which
+is what ``--per-label N/4`` generates (a row's seed is a hash of (seed, group, slot), so its text
+does not depend on how many groups the job has). Each
 prefix is written to ``RUNS/<variant>_s<seed>.n<N>.jsonl`` (with a copy of synth's sidecar, so
 ``divgen metrics`` finds the few-shot rows for the copy rate).
 
@@ -255,12 +256,19 @@ def gen_seconds(runs: Path, variant: str, seed: int) -> tuple[float, int]:
 # score
 # ----------------------------------------------------------------------------------------------
 def prefix(runs: Path, variant: str, seed: int, n: int) -> Path | None:
-    """The set's first N/4 groups in their own file (with synth's sidecar), or None when the set
-    does not hold them all yet."""
+    """The set's first N rows in (group, slot) order in their own file (with synth's sidecar), or
+    None when the set does not hold them all yet. A group has R slots (4: one per label; 8 for
+    M-CorrSynth: two per label) and slot s carries label (g·R + s) mod 4, so any N that is a
+    multiple of 4 takes N/4 rows of each label: whole groups, and the first slots of one more when
+    R does not divide N (those rows were decoded beside the group's other slots)."""
     src = set_path(runs, variant, seed)
-    records = sorted((r for r in read_complete(src) if r["group"] < n // LABELS), key=lambda r: (r["group"], r["slot"]))
+    records = sorted(read_complete(src), key=lambda r: (r["group"], r["slot"]))
     if len(records) < n:
         return None
+    width = 1 + max(r["slot"] for r in records)                                 # R
+    if any((r["group"], r["slot"]) != divmod(i, width) for i, r in enumerate(records[:n])):
+        return None                                                             # a group still in flight
+    records = records[:n]
     dest = runs / f"{variant}_s{seed}.n{n}.jsonl"
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if not dest.exists() or dest.read_text(encoding="utf-8") != body:
@@ -273,6 +281,8 @@ def prefix(runs: Path, variant: str, seed: int, n: int) -> Path | None:
 
 def score_file(path: Path, data: Path) -> dict:
     cache = path.with_suffix(".score.json")
+    if cache.exists() and json.loads(cache.read_text()).get("n") != len(read_complete(path)):
+        cache.unlink()                              # scored on other rows (an earlier prefix rule)
     if cache.exists():
         result = json.loads(cache.read_text())
         if "real_coverage" not in result:            # scored before the coverage columns existed
@@ -354,13 +364,15 @@ def score_real(runs: Path, data: Path, n: int, some_prefix: Path) -> dict:
 
 def finetune_file(path: Path, data: Path) -> dict:
     cache = path.with_suffix(".finetune.json")
+    if cache.exists() and json.loads(cache.read_text()).get("n", len(read_complete(path))) != len(read_complete(path)):
+        cache.unlink()                              # trained on other rows (an earlier prefix rule)
     if cache.exists():
         return json.loads(cache.read_text())
     ev = json.loads(run([*DIVGEN, "eval", str(path), "--real", str(data), "--task", MODEL["task"], "--student",
                          "finetune", "--seeds", "1", "--json"], capture=True))
     syn = ev["rows"][0]["students"]["finetune"]
     real = next(r for r in ev["rows"] if r.get("real"))
-    result = {"file": path.name, "accuracy": syn["accuracy"], "macro_f1": syn["macro_f1"],
+    result = {"file": path.name, "n": len(read_complete(path)), "accuracy": syn["accuracy"], "macro_f1": syn["macro_f1"],
               "real_n": real["n"], "real_accuracy": real["students"]["finetune"]["accuracy"],
               "test_rows": ev["settings"]["finetune_test_rows"], "seconds": ev["settings"]["wall_time_s"]}
     cache.write_text(json.dumps(result, indent=2) + "\n")
@@ -440,8 +452,8 @@ def summarise(runs: Path, variants, seeds, sizes) -> dict:
     return {
         "what": f"AG News learning curves (experiments/curves.py): {MODEL['title']} (embedded), few-shot "
                 "prompts (2 pool rows each), at most 48 new tokens, alpha (plausibility cutoff) 0.05, temperature "
-                "1. Point N of a (variant, seed) is the first N/4 groups (N/4 examples per label) of one generated "
-                "set. Student: linear probe on frozen all-MiniLM-L6-v2 embeddings (1 seed per set; mean ± std over "
+                "1. Point N of a (variant, seed) is the first N rows in (group, slot) order (N/4 examples per label) "
+                "of one generated set. Student: linear probe on frozen all-MiniLM-L6-v2 embeddings (1 seed per set; mean ± std over "
                 "generation seeds), tested on the 6840 held-out real rows. Fidelity: a probe trained on the 760 "
                 "real pool rows agrees with the label. Self-BLEU-4: per label on up to 200 texts (divgen metrics "
                 "default), averaged over the 4 labels. Real: the same probe on as many real pool rows per label as "
