@@ -67,18 +67,19 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip list 2>/dev/null | grep -i -E '^(transformers|kernels|tokenizers|huggingface.hub|torch|triton|safetensors|numpy) '
 	$(LATEST_VENV)/bin/python -m pytest -q tests
 
-# The demo: the same AG News prompts (3 per label) answered with FewGen and with CorrSynth, shown
-# side by side, then their diversity compared. Fresh outputs each time (~1 min on 2 CPU cores,
-# plus ~30 s on the very first run, which converts the embedded model once).
+# The demo: the same AG News prompts (3 per label) answered with FewGen and with M-CorrSynth (the
+# shipped task's default: the other row of the same label contrasted), shown side by side, then
+# their diversity compared. Fresh outputs each time (~1 min on 2 CPU cores, plus ~30 s on the very
+# first run, which converts the embedded model once).
 DEMO_SYNTH = $(VENV)/bin/divgen synth ag_news --per-label 3 --max-new-tokens 40 --no-progress
 demo: $(STAMP)
-	rm -f demo_fewgen.jsonl demo_corrsynth.jsonl .demo_fewgen.jsonl.task.json .demo_corrsynth.jsonl.task.json
+	rm -f demo_fewgen.jsonl demo_mcorrsynth.jsonl .demo_fewgen.jsonl.task.json .demo_mcorrsynth.jsonl.task.json
 	OMP_NUM_THREADS=1 $(DEMO_SYNTH) --method fewgen --out demo_fewgen.jsonl
-	OMP_NUM_THREADS=1 $(DEMO_SYNTH) --method corrsynth --out demo_corrsynth.jsonl
-	@echo; echo "== What divgen made: the same prompts, FewGen (independent samples: the recommended method on this model, it trains the better classifier) vs CorrSynth (contrasted, g = 1.5) =="
-	@$(VENV)/bin/divgen show demo_fewgen.jsonl demo_corrsynth.jsonl --per-label 3
+	OMP_NUM_THREADS=1 $(DEMO_SYNTH) --out demo_mcorrsynth.jsonl
+	@echo; echo "== What divgen made: the same prompts, FewGen (independent samples) vs M-CorrSynth (each row contrasted with the other row of its label: the recommended method on this model, it trains the better classifier) =="
+	@$(VENV)/bin/divgen show demo_fewgen.jsonl demo_mcorrsynth.jsonl --per-label 3
 	@echo; echo "== Diversity (lower Self-BLEU / cosine / dup and higher distinct-n = more diverse) =="
-	@$(VENV)/bin/divgen metrics demo_fewgen.jsonl demo_corrsynth.jsonl
+	@$(VENV)/bin/divgen metrics demo_fewgen.jsonl demo_mcorrsynth.jsonl
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
