@@ -199,11 +199,11 @@ def run_bench_command(args) -> int:
     import torch
 
     from divgen.bench import suite
+    from divgen.bench.common import device_name, plot_throughput, result_record
+    from divgen.engine.files import write_file_atomic
     from divgen.kernels import cpu_sample
 
     sampler_mode = cpu_sample.sampler_mode()
-    from divgen.bench.common import device_name, plot_throughput, result_record
-    from divgen.engine.files import write_file_atomic
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -44,8 +44,8 @@ injected and counter-based noise, so a change of the reference's rules shows up 
 * The fused candidate pass: where torch's inductor can build C++ on this machine (a C++ compiler
   on PATH), the dense draw's hash and candidate test run as ONE compiled loop over the row block
   (``_candidate_m``: ~25 integer ops and two comparisons a token, written once as int32) instead
-  of ~25 torch passes over [R, V] int32 (16 rows x 49,152 at T = 1, one thread: 6.1 → 3.1 ms a
-  step; benchmarks/bench_cpu_sampler.py). It holds no floating-point arithmetic, only the
+  of ~25 torch passes over [R, V] int32 (16 / 64 rows x 49,152 at T = 1, one thread, one A/B pair
+  of benchmarks/bench_cpu_sampler.py runs: 6.8 → 4.4 ms and 25.6 → 16.0 ms a step). It holds no floating-point arithmetic, only the
   comparison of z with a bound, so it is exact by construction: the Gumbel logs of the
   candidates stay torch's (MKL's) on the gathered list — inductor's own log rounds ~8 % of
   values differently, so the whole draw is not compiled. Compiling costs 4-7 s once per process

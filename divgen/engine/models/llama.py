@@ -79,6 +79,11 @@ class ModelArgs:
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_sliding and self.layer_sliding[layer] else None
 
+    @property
+    def windows(self) -> frozenset:
+        """The attention windows the layers use (None: full attention)."""
+        return frozenset(self.window(i) for i in range(self.n_layers))
+
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelArgs":
         reason = unsupported_reason(cfg)
@@ -347,7 +352,7 @@ class DecodeIndex:
     K/V goes, how many cache positions attention reads (``span``) and which of them (``masks``: one
     for the full layers, one for the sliding window when some layer has one)."""
 
-    def __init__(self, pos: torch.Tensor, kv_heads: int, max_len: int, window: int | None):
+    def __init__(self, pos: torch.Tensor, kv_heads: int, max_len: int, windows: frozenset):
         s = pos.shape[0]
         if torch.compiler.is_compiling():
             span = max_len                        # one fixed shape for a compiled step
@@ -356,9 +361,9 @@ class DecodeIndex:
         self.span = span
         idx = torch.arange(span, device=pos.device)
         causal = idx[None, :] <= pos[:, None]                                 # [S, span]
-        self.masks = {None: self._additive(causal)}
-        if window is not None:
-            self.masks[window] = self._additive(causal & (idx[None, :] > pos[:, None] - window))
+        # one mask per attention kind the layers use (None: full; Mistral builds only its window's)
+        self.masks = {w: self._additive(causal if w is None else causal & (idx[None, :] > pos[:, None] - w))
+                      for w in windows}
         heads = torch.arange(s * kv_heads, device=pos.device).view(s, kv_heads)
         self.flat = (heads * max_len + pos[:, None]).reshape(-1)              # [S·KVH] rows of the cache
         self.pos, self.rows = pos, torch.arange(s, device=pos.device)
@@ -433,6 +438,7 @@ class Transformer(nn.Module):
         self._rope_len = 0
         self.cos = self.sin = self.cos_local = self.sin_local = None
         self.embed_mult = None            # Gemma: √hidden rounded to the model dtype, as HF does
+        self._windows = args.windows      # the attention masks a decode step builds
         self._head = Gemm()
 
     @classmethod
@@ -511,7 +517,7 @@ class Transformer(nn.Module):
         pos = pos.clamp(max=max_len - 1)
         full = (self.cos[pos][:, None], self.sin[pos][:, None])              # [S, 1, hd]
         local = (self.cos_local[pos][:, None], self.sin_local[pos][:, None]) if self.args.local_rope_theta else full
-        step = DecodeIndex(pos, self.args.n_kv_heads, max_len, self.args.sliding_window)
+        step = DecodeIndex(pos, self.args.n_kv_heads, max_len, self._windows)
         h = self.embed(tokens)                                             # [S, dim]
         for i, layer in enumerate(self.model.layers):
             cos, sin = local if self._local_rope(i) else full
