@@ -74,6 +74,13 @@ VARIANTS = {   # name: synth flags (after `divgen synth ag_news --few-shot DATA`
     # labels (M-CorrSynth's δ is what the plain contrast lacks; is the cross-label term needed?)
     "m-corrsynth-intra": ["--method", "m-corrsynth", "--gamma", "0", "--delta", "0.5", "--own-special",
                           "--copy-guard", "8"],
+    # the intra-label term with 4 rows per label in a group (16 rows) instead of 2: each row pushed
+    # from the mean of three same-label peers, so the contrast reaches more of the label's texts
+    "m-corrsynth-intra-r16": ["--method", "m-corrsynth", "--gamma", "0", "--delta", "0.5", "--own-special",
+                              "--copy-guard", "8", "--rows-per-group", "16"],
+    # the intra-label term at twice the weight (2 rows per label)
+    "m-corrsynth-intra-d1": ["--method", "m-corrsynth", "--gamma", "0", "--delta", "1.0", "--own-special",
+                             "--copy-guard", "8"],
 }
 # The packaged models: synth's extra flags, the task file, and the names of the raw-output folder and
 # the summary files. Gemma 3 270M is a base model: a completion-style task file (same labels).
@@ -84,10 +91,11 @@ MODELS = {
 }
 MODEL = MODELS["smollm2"]          # main() sets the one --model names
 LOW_PRIORITY = ("corrsynth", "corrsynth-fixed-g1.25", "fewgen-guard", "m-corrsynth-fixed", "cfg-fixed",
-                "m-corrsynth-intra")     # generated after every other variant's seeds
+                "m-corrsynth-intra", "m-corrsynth-intra-r16", "m-corrsynth-intra-d1")     # generated after every other variant's seeds
 COLORS = {"fewgen": "tab:blue", "corrsynth-fixed": "tab:red", "corrsynth": "tab:orange", "m-corrsynth-fixed": "tab:purple",
           "cfg-fixed": "tab:green", "corrsynth-fixed-g1.25": "tab:pink", "fewgen-guard": "tab:cyan",
-          "m-corrsynth-intra": "tab:brown", "real": "black"}
+          "m-corrsynth-intra": "tab:brown", "m-corrsynth-intra-r16": "tab:olive",
+          "m-corrsynth-intra-d1": "tab:gray", "real": "black"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 

@@ -1,0 +1,100 @@
+"""experiments/curves.py's bookkeeping: which rows a learning-curve point trains on, and the order
+the sets grow in. The reference for the rows is synth's own plan (which label each (group, slot)
+carries), not the script's docstring."""
+from __future__ import annotations
+
+import importlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from divgen.engine.synth.plan import plan
+from divgen.engine.synth.task import load_task
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def curves(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    return importlib.import_module("curves")
+
+
+def write_set(path: Path, method: str, rows_per_group: int | None, per_label: int, order_seed: int) -> list[dict]:
+    """A finished synth output as synth writes it: one record per kept slot of the plan, in a
+    shuffled order (batches finish out of order)."""
+    overrides = {"method": method, "per_label": per_label}
+    if rows_per_group:
+        overrides["rows_per_group"] = rows_per_group
+    task = load_task("ag_news").with_overrides(**overrides)
+    records = [{"group": sl.group, "slot": sl.slot, "label": task.labels[sl.label].name, "text": f"{sl.group}/{sl.slot}"}
+               for slots in plan(task) for sl in slots if sl.keep]
+    random.Random(order_seed).shuffle(records)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return records
+
+
+@pytest.mark.parametrize("method,rows", [("fewgen", None), ("m-corrsynth", None), ("m-corrsynth", 16),
+                                          ("corrsynth", 6)])
+def test_a_point_is_the_first_n_rows_with_n_over_4_of_each_label(curves, tmp_path, method, rows):
+    records = write_set(tmp_path / "v_s0.jsonl", method, rows, per_label=100, order_seed=1)
+    width = 1 + max(r["slot"] for r in records)
+    ordered = sorted(records, key=lambda r: r["group"] * width + r["slot"])
+    for n in (4, 100, 200, 400):
+        path = curves.prefix(tmp_path, "v", 0, n)
+        got = curves.read_complete(path)
+        assert got == ordered[:n]
+        counts = {}
+        for r in got:
+            counts[r["label"]] = counts.get(r["label"], 0) + 1
+        assert sorted(counts.values()) == [n // 4] * 4, (n, counts)
+    assert curves.prefix(tmp_path, "v", 0, 404) is None                  # more rows than the set holds
+
+
+def test_a_group_still_in_flight_ends_the_prefix(curves, tmp_path):
+    records = write_set(tmp_path / "v_s0.jsonl", "m-corrsynth", None, per_label=100, order_seed=2)
+    missing = next(r for r in records if (r["group"], r["slot"]) == (3, 5))
+    kept = [r for r in records if r is not missing]
+    (tmp_path / "v_s0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"group": 9, "sl',
+                                         encoding="utf-8")                 # and a line still being written
+    assert curves.prefix(tmp_path, "v", 0, 24) is not None                # groups 0-2: whole
+    assert curves.prefix(tmp_path, "v", 0, 32) is None                    # needs group 3's slot 5
+
+
+def test_a_point_on_a_prefix_is_rewritten_only_when_its_rows_change(curves, tmp_path):
+    write_set(tmp_path / "v_s0.jsonl", "fewgen", None, per_label=25, order_seed=3)
+    path = curves.prefix(tmp_path, "v", 0, 40)
+    stamp = path.stat().st_mtime_ns
+    assert curves.prefix(tmp_path, "v", 0, 40).stat().st_mtime_ns == stamp
+    path.write_text("stale\n", encoding="utf-8")
+    assert curves.read_complete(curves.prefix(tmp_path, "v", 0, 40))[0]["text"] == "0/0"
+
+
+def test_schedule_answers_the_first_seed_at_the_largest_n_first(curves):
+    main, low = "fewgen", "m-corrsynth-intra"
+    assert main not in curves.LOW_PRIORITY and low in curves.LOW_PRIORITY
+    got = curves.schedule([low, main], [0, 1, 2], [100, 400, 1600], "breadth")
+    assert got == [(main, 0, 1600), (main, 1, 400), (main, 2, 400), (main, 1, 1600), (main, 2, 1600),
+                   (low, 0, 1600), (low, 1, 400), (low, 2, 400), (low, 1, 1600), (low, 2, 1600)]
+    assert curves.schedule([low, main], [0, 1], [100, 400], "depth") == [(main, 0, 400), (main, 1, 400),
+                                                                        (low, 0, 400), (low, 1, 400)]
+
+
+def test_every_variant_is_a_valid_synth_command_line(curves):
+    from divgen.bindings.cli import build_parser
+
+    parser = build_parser()
+    for name, flags in curves.VARIANTS.items():
+        args = parser.parse_args(["synth", "ag_news", "--out", "x.jsonl", *flags])
+        assert args.method in ("fewgen", "corrsynth", "m-corrsynth", "cfg"), name
+        assert name in curves.COLORS, f"{name} has no plot colour"
+
+
+def test_mean_std_over_seeds(curves):
+    import statistics
+
+    got = curves.mean_std([0.7, 0.8, 0.75])
+    assert got["mean"] == pytest.approx(0.75) and got["std"] == pytest.approx(statistics.stdev([0.7, 0.8, 0.75]))
+    assert curves.mean_std([0.5])["std"] is None
