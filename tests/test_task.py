@@ -119,7 +119,7 @@ def test_bad_override_names_the_flag(overrides, needle):
 def test_rows_per_group_per_method():
     task = load_task("ag_news")
     assert task.method == "m-corrsynth" and task.own_special and task.copy_guard == 8   # the measured defaults
-    assert task.params == {"gamma": 0.0, "delta": 0.5, "rows_per_group": 8} and task.group_rows == 8   # intra only
+    assert task.params == {"gamma": 0.0, "delta": 1.0, "rows_per_group": 8} and task.group_rows == 8   # intra only
     task = task.with_overrides(method="corrsynth")
     assert task.group_rows == 4 and task.params == {"g": 1.5}     # corrsynth: one row per label
     assert task.with_overrides(method="m-corrsynth").group_rows == 8
