@@ -90,8 +90,7 @@ MODELS = {
                     "task": str(ROOT / "experiments" / "tasks" / "ag_news_base.yaml"), "suffix": "gemma3-270m"},
 }
 MODEL = MODELS["smollm2"]          # main() sets the one --model names
-LOW_PRIORITY = ("corrsynth", "corrsynth-fixed-g1.25", "fewgen-guard", "m-corrsynth-fixed", "cfg-fixed",
-                "m-corrsynth-intra", "m-corrsynth-intra-r16", "m-corrsynth-intra-d1")     # generated after every other variant's seeds
+MAIN = ("fewgen", "corrsynth-fixed")      # generated before every other variant's seeds
 COLORS = {"fewgen": "tab:blue", "corrsynth-fixed": "tab:red", "corrsynth": "tab:orange", "m-corrsynth-fixed": "tab:purple",
           "cfg-fixed": "tab:green", "corrsynth-fixed-g1.25": "tab:pink", "fewgen-guard": "tab:cyan",
           "m-corrsynth-intra": "tab:brown", "m-corrsynth-intra-r16": "tab:olive",
@@ -131,7 +130,7 @@ def schedule(variants: list[str], seeds: list[int], sizes: list[int], order: str
     top = max(sizes)
     mid = sorted(sizes)[-2] if len(sizes) > 1 else top
     out = []
-    for group in ([v for v in variants if v not in LOW_PRIORITY], [v for v in variants if v in LOW_PRIORITY]):
+    for group in ([v for v in variants if v in MAIN], [v for v in variants if v not in MAIN]):
         if order == "depth":
             out += [(v, s, top) for s in seeds for v in group]
             continue

@@ -74,7 +74,7 @@ def test_a_point_on_a_prefix_is_rewritten_only_when_its_rows_change(curves, tmp_
 
 def test_schedule_answers_the_first_seed_at_the_largest_n_first(curves):
     main, low = "fewgen", "m-corrsynth-intra"
-    assert main not in curves.LOW_PRIORITY and low in curves.LOW_PRIORITY
+    assert main in curves.MAIN and low not in curves.MAIN
     got = curves.schedule([low, main], [0, 1, 2], [100, 400, 1600], "breadth")
     assert got == [(main, 0, 1600), (main, 1, 400), (main, 2, 400), (main, 1, 1600), (main, 2, 1600),
                    (low, 0, 1600), (low, 1, 400), (low, 2, 400), (low, 1, 1600), (low, 2, 1600)]
