@@ -98,6 +98,32 @@ def test_decode_reads_only_the_live_prefix_of_the_cache():
     torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_a_float64_softmax_over_each_rows_positions(dtype):
+    """The step's attention (both product orientations: fp32 keeps q kᵀ, bf16 reads K as it lies)
+    against softmax(q·k/√d) v in float64 over positions 0..pos of each row, grouped query heads;
+    positions past the longest row hold NaN and must not be read."""
+    from divgen.engine.models.llama import DecodeIndex
+
+    s, kv, g, hd, max_len = 5, 2, 3, 16, 24
+    gen = torch.Generator().manual_seed(7)
+    pos = torch.tensor([0, 6, 11, 3, 9])
+    k_cache = torch.randn(s, kv, max_len, hd, generator=gen).to(dtype)
+    v_cache = torch.randn(s, kv, max_len, hd, generator=gen).to(dtype)
+    k_cache[:, :, 12:] = float("nan")
+    v_cache[:, :, 12:] = float("nan")
+    q = torch.randn(s, kv, g, hd, generator=gen).to(dtype)
+    scale = hd ** -0.5
+    out = DecodeIndex(pos, kv, max_len, frozenset({None})).attend(q, k_cache, v_cache, scale)
+    assert out.shape == (s, kv, g, hd) and out.dtype == dtype
+    for row in range(s):
+        n = int(pos[row]) + 1
+        k, v = k_cache[row, :, :n].double(), v_cache[row, :, :n].double()          # [KVH, n, hd]
+        probs = torch.softmax(q[row].double() @ k.transpose(1, 2) * scale, dim=-1)   # [KVH, G, n]
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(out[row].double(), probs @ v, **tol)
+
+
 def test_step_gemm_flops_count_every_weight_product(embedded_lm):
     from divgen.bench import suite
 
