@@ -22,7 +22,9 @@ Every layer keeps the whole cache length; a sliding layer's mask reads only its 
 Decode attention never copies the cache for GQA: the G = heads / kv_heads query heads of one KV
 head are laid out as G query rows of that head, and two batched products over views of the
 cache (``DecodeIndex.attend``: scores, then values, over the first max(pos) + 1 positions, with a
-per-slot length mask) do the whole layer.
+per-slot length mask) do the whole layer. In fp32 they read the strided views directly; oneDNN's
+bf16 products take only dense batches, so they copy the live slice (scores run as k qᵀ there, which
+at least avoids a second copy of K's transpose).
 """
 from __future__ import annotations
 
@@ -378,7 +380,7 @@ class DecodeIndex:
                window: int | None = None) -> torch.Tensor:
         """softmax(q kᵀ · scale + mask) v over the first ``span`` positions: q [S, KVH, G, hd] against
         the cache [S, KVH, L, hd] -> [S, KVH, G, hd]. Two batched products on views of the cache
-        (no copy) and an fp32 softmax; measured 2x faster than SDPA's CPU kernel with a mask for
+        (no copy in fp32) and an fp32 softmax; measured 2x faster than SDPA's CPU kernel with a mask for
         decode shapes (3 query rows a KV head)."""
         s, kv, g, hd = q.shape
         k = k_cache[:, :, : self.span].reshape(s * kv, self.span, hd)
