@@ -98,9 +98,9 @@ def test_decode_reads_only_the_live_prefix_of_the_cache():
     torch.testing.assert_close(poisoned, clean, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decode_attention_matches_a_float64_softmax_over_each_rows_positions(dtype):
-    """The step's attention (both product orientations: fp32 keeps q kᵀ, bf16 reads K as it lies)
+    """The step's attention (both product orientations: fp32 runs q kᵀ, bf16/fp16 on CPU k qᵀ)
     against softmax(q·k/√d) v in float64 over positions 0..pos of each row, grouped query heads;
     positions past the longest row hold NaN and must not be read."""
     from divgen.engine.models.llama import DecodeIndex
