@@ -31,8 +31,10 @@ Stages:
   Self-BLEU-4, copy rate, mean words), the EOS rate (finish_reason), and ``divgen eval --json
   --seeds 1 --no-real`` (label fidelity, linear-probe accuracy); once per N, the real-data row
   (the same probe on as many real pool rows, 3 seeds). Results are cached per file as JSON.
-  ``--finetune`` also fine-tunes the MiniLM student on each seed's N = 400 prefix of every variant
-  (about 10 minutes a set on one core; the real pool rows' fine-tune comes with each).
+  ``--finetune`` also fine-tunes the MiniLM student on each seed's prefix of every variant at the
+  sizes ``--finetune-sizes`` names (default 400; about 7 minutes a set of 400 on one core, and
+  proportionally more for larger N: 3 epochs), and once per N the same fine-tune on as many real
+  pool rows (``RUNS/real.n<N>.finetune.json``).
 * ``summary``: ``experiments/results/curves_smollm2.json`` (per variant, N, seed; per variant, N:
   mean ± std over the seeds that exist), ``experiments/results/curves_smollm2.png`` (matplotlib,
   if installed) and a Markdown table.
@@ -369,24 +371,45 @@ def score_real(runs: Path, data: Path, n: int, some_prefix: Path) -> dict:
     return result
 
 
-def finetune_file(path: Path, data: Path) -> dict:
+def finetune_file(path: Path, data: Path, runs: Path, n: int) -> dict:
+    """The fine-tuned student on one prefix (1 seed, cached beside it); the real pool rows' fine-tune
+    at N comes with the first prefix of that size and is cached once (``real.n<N>.finetune.json``)."""
     cache = path.with_suffix(".finetune.json")
     if cache.exists() and json.loads(cache.read_text()).get("n", len(read_complete(path))) != len(read_complete(path)):
         cache.unlink()                              # trained on other rows (an earlier prefix rule)
     if cache.exists():
         return json.loads(cache.read_text())
+    real_cache = runs / f"real.n{n}.finetune.json"
     ev = json.loads(run([*DIVGEN, "eval", str(path), "--real", str(data), "--task", MODEL["task"], "--student",
-                         "finetune", "--seeds", "1", "--json"], capture=True))
+                         "finetune", "--seeds", "1", "--json", *(["--no-real"] if real_cache.exists() else [])],
+                        capture=True))
     syn = ev["rows"][0]["students"]["finetune"]
-    real = next(r for r in ev["rows"] if r.get("real"))
+    real = next((r for r in ev["rows"] if r.get("real")), None)
     result = {"file": path.name, "n": len(read_complete(path)), "accuracy": syn["accuracy"], "macro_f1": syn["macro_f1"],
-              "real_n": real["n"], "real_accuracy": real["students"]["finetune"]["accuracy"],
               "test_rows": ev["settings"]["finetune_test_rows"], "seconds": ev["settings"]["wall_time_s"]}
+    if real is not None:
+        result.update(real_n=real["n"], real_accuracy=real["students"]["finetune"]["accuracy"])
+        real_cache.write_text(json.dumps({"n_asked": real["asked"], "n_used": real["n"],
+                                          "accuracy": real["students"]["finetune"]["accuracy"],
+                                          "test_rows": result["test_rows"], "from": path.name}, indent=2) + "\n")
     cache.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def score_all(runs: Path, data: Path, variants, seeds, sizes, finetune: bool) -> None:
+def finetune_real(runs: Path, n: int) -> dict | None:
+    """The real pool rows' fine-tune at N: its own cache, else the one an older per-file cache kept."""
+    cache = runs / f"real.n{n}.finetune.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    for c in sorted(runs.glob(f"*.n{n}.finetune.json")):
+        r = json.loads(c.read_text())
+        if "real_accuracy" in r:
+            return {"n_asked": n, "n_used": r["real_n"], "accuracy": r["real_accuracy"], "test_rows": r["test_rows"],
+                    "from": r["file"]}
+    return None
+
+
+def score_all(runs: Path, data: Path, variants, seeds, sizes, finetune_sizes) -> None:
     for n in sizes:
         for v in variants:
             for s in seeds:
@@ -395,12 +418,12 @@ def score_all(runs: Path, data: Path, variants, seeds, sizes, finetune: bool) ->
                     continue
                 score_file(p, data)
                 score_real(runs, data, n, p)
-    if finetune:
+    for n in finetune_sizes:
         for s in seeds:
             for v in variants:
-                p = prefix(runs, v, s, 400)
+                p = prefix(runs, v, s, n)
                 if p is not None:
-                    finetune_file(p, data)
+                    finetune_file(p, data, runs, n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,7 +438,7 @@ def mean_std(values: list[float]) -> dict:
             "values": values}
 
 
-def summarise(runs: Path, variants, seeds, sizes) -> dict:
+def summarise(runs: Path, variants, seeds, sizes, finetune_sizes=(400,)) -> dict:
     per_seed, points, sets = {}, {}, {}
     for v in variants:
         for s in seeds:
@@ -446,16 +469,18 @@ def summarise(runs: Path, variants, seeds, sizes) -> dict:
         cache = runs / f"real.n{n}.score.json"
         if cache.exists():
             real[str(n)] = json.loads(cache.read_text())
-    finetune = {}
-    for v in variants:
-        got = {s: json.loads(c.read_text()) for s in seeds if (c := runs / f"{v}_s{s}.n400.finetune.json").exists()}
-        if got:
-            first = next(iter(got.values()))
-            finetune[v] = {"seeds": sorted(got), "accuracy": mean_std([r["accuracy"]["mean"] for r in got.values()]),
-                           "macro_f1": mean_std([r["macro_f1"]["mean"] for r in got.values()]),
-                           "real_n": first["real_n"],
-                           "real_accuracy": mean_std([r["real_accuracy"]["mean"] for r in got.values()]),
-                           "test_rows": first["test_rows"], "per_seed": {str(s): r for s, r in got.items()}}
+    finetune, finetune_reals = {}, {}
+    for n in sorted(set(finetune_sizes)):
+        for v in variants:
+            got = {s: json.loads(c.read_text()) for s in seeds if (c := runs / f"{v}_s{s}.n{n}.finetune.json").exists()}
+            if got:
+                first = next(iter(got.values()))
+                finetune.setdefault(v, {})[str(n)] = {
+                    "seeds": sorted(got), "accuracy": mean_std([r["accuracy"]["mean"] for r in got.values()]),
+                    "macro_f1": mean_std([r["macro_f1"]["mean"] for r in got.values()]),
+                    "test_rows": first["test_rows"], "per_seed": {str(s): r for s, r in got.items()}}
+        if (r := finetune_real(runs, n)) is not None:
+            finetune_reals[str(n)] = r
     return {
         "what": f"AG News learning curves (experiments/curves.py): {MODEL['title']} (embedded), few-shot "
                 "prompts (2 pool rows each), at most 48 new tokens, alpha (plausibility cutoff) 0.05, temperature "
@@ -471,7 +496,8 @@ def summarise(runs: Path, variants, seeds, sizes) -> dict:
         "points": points,
         "per_seed": per_seed,
         "real": real,
-        "finetune_n400": finetune,
+        "finetune": finetune,              # variant -> N -> the fine-tuned MiniLM over generation seeds
+        "finetune_real": finetune_reals,   # N -> the same fine-tune on as many real pool rows (1 seed)
     }
 
 
@@ -496,11 +522,16 @@ def table(summary: dict) -> str:
     for n, r in sorted(summary["real"].items(), key=lambda kv: int(kv[0])):
         used = r["n_used"] if r["n_used"] == r["n_asked"] else f"{r['n_used']} (of {r['n_asked']} asked)"
         lines.append(f"| real pool rows | {used} | 3 | {fmt(r['probe_accuracy'])} | | | | | | | | |")
-    ft = summary.get("finetune_n400") or {}
+    ft, ft_real = summary.get("finetune") or {}, summary.get("finetune_real") or {}
     if ft:
-        lines += ["", "| fine-tuned MiniLM at N = 400 | seeds | accuracy % | real pool rows' fine-tune % |", "|---|---:|---:|---:|"]
-        for v, r in ft.items():
-            lines.append(f"| {v} | {len(r['seeds'])} | {fmt(r['accuracy'])} | {fmt(r['real_accuracy'])} |")
+        lines += ["", "| fine-tuned MiniLM | N | seeds | accuracy % | real pool rows' fine-tune % |",
+                  "|---|---:|---:|---:|---:|"]
+        for v, per_n in ft.items():
+            for n, r in sorted(per_n.items(), key=lambda kv: int(kv[0])):
+                real = ft_real.get(n)
+                real_s = "–" if real is None else (fmt(real["accuracy"]) + (
+                    f" ({real['n_used']} rows)" if real["n_used"] != int(n) else ""))
+                lines.append(f"| {v} | {n} | {len(r['seeds'])} | {fmt(r['accuracy'])} | {real_s} |")
     return "\n".join(lines)
 
 
@@ -528,16 +559,17 @@ def plot(summary: dict, path: Path) -> bool:
         a.errorbar([r["n_used"] for r in rs], [100 * r["probe_accuracy"]["mean"] for r in rs],
                    yerr=[100 * r["probe_accuracy"]["std"] for r in rs], marker="s", capsize=3, color="black", ls="--",
                    label="real pool rows (at most 760)")
-    for v, ft in summary.get("finetune_n400", {}).items():           # the fine-tuned student at N = 400
-        a.errorbar([400], [100 * ft["accuracy"]["mean"]], yerr=[100 * (ft["accuracy"]["std"] or 0)], marker="D",
-                   ms=7, mfc="none", capsize=3, ls="none", color=COLORS.get(v),
-                   label=f"{v}, fine-tuned MiniLM ({len(ft['seeds'])} seed{'s' if len(ft['seeds']) > 1 else ''}, "
-                         f"{ft['test_rows']} test rows)")
-    if summary.get("finetune_n400"):
-        real_ft = next(iter(summary["finetune_n400"].values()))
-        a.errorbar([real_ft["real_n"]], [100 * real_ft["real_accuracy"]["mean"]],
-                   yerr=[100 * (real_ft["real_accuracy"]["std"] or 0)], marker="D", ms=7, mfc="none", capsize=3,
-                   ls="none", color="black", label="real pool rows, fine-tuned")
+    for v, per_n in summary.get("finetune", {}).items():            # the fine-tuned student (dotted)
+        ns = sorted(int(n) for n in per_n)
+        fts = [per_n[str(n)] for n in ns]
+        a.errorbar(ns, [100 * f["accuracy"]["mean"] for f in fts], yerr=[100 * (f["accuracy"]["std"] or 0) for f in fts],
+                   marker="D", ms=7, mfc="none", capsize=3, ls=":", color=COLORS.get(v),
+                   label=f"{v}, fine-tuned MiniLM (seeds: {', '.join(str(len(f['seeds'])) for f in fts)}; "
+                         f"{fts[0]['test_rows']} test rows)")
+    if summary.get("finetune_real"):
+        rs = [summary["finetune_real"][n] for n in sorted(summary["finetune_real"], key=int)]
+        a.errorbar([r["n_used"] for r in rs], [100 * r["accuracy"]["mean"] for r in rs], marker="D", ms=7,
+                   mfc="none", ls=":", color="black", label="real pool rows, fine-tuned (1 seed)")
     sizes = {int(n) for pts in summary["points"].values() for n in pts}
     for ax, ticks in ((a, sorted(sizes | {r["n_used"] for r in summary["real"].values()})), (b, sorted(sizes))):
         ax.set_xscale("log")
@@ -574,7 +606,10 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1,
                     help="gen: synth processes at once, one thread each (e.g. the machine's cores; never two on one set)")
     ap.add_argument("--finetune", action="store_true",
-                    help="score: also fine-tune the MiniLM student on each seed's N = 400 prefix (~10 min a set)")
+                    help="score: also fine-tune the MiniLM student on each seed's prefix at --finetune-sizes "
+                    "(~7 min a set of 400 on one core)")
+    ap.add_argument("--finetune-sizes", default="400",
+                    help="comma-separated N whose prefixes --finetune trains on (each one of --sizes; default 400)")
     ap.add_argument("--out", default=None,
                     help="summary path without suffix (.json and .png are written; default "
                     "experiments/results/curves_<model>)")
@@ -583,6 +618,11 @@ def main(argv=None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     sizes = sorted(int(n) for n in args.sizes.split(",") if n)
+    ft_sizes = sorted(int(n) for n in args.finetune_sizes.split(",") if n)
+    if args.finetune and any(n not in sizes for n in ft_sizes):
+        print(f"curves: --finetune-sizes {args.finetune_sizes} names an N that --sizes {args.sizes} does not",
+              file=sys.stderr)
+        return 2
     if unknown or not seeds or not sizes or any(n <= 0 or n % LABELS for n in sizes):
         print(f"curves: bad --variants/--seeds/--sizes (variants: {', '.join(VARIANTS)}; N a positive multiple "
               f"of {LABELS})", file=sys.stderr)
@@ -604,9 +644,9 @@ def main(argv=None) -> int:
             log("stopped: the partial set resumes on the next run")
             return 1
     if args.stage in ("score", "all"):
-        score_all(runs, data, variants, seeds, sizes, args.finetune)
+        score_all(runs, data, variants, seeds, sizes, ft_sizes if args.finetune else [])
     if args.stage in ("score", "summary", "all"):
-        summary = summarise(runs, variants, seeds, sizes)
+        summary = summarise(runs, variants, seeds, sizes, sizes)     # every fine-tune cached at these N
         out = Path(args.out or RESULTS / f"curves_{MODEL['suffix']}")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")

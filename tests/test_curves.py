@@ -98,3 +98,37 @@ def test_mean_std_over_seeds(curves):
     got = curves.mean_std([0.7, 0.8, 0.75])
     assert got["mean"] == pytest.approx(0.75) and got["std"] == pytest.approx(statistics.stdev([0.7, 0.8, 0.75]))
     assert curves.mean_std([0.5])["std"] is None
+
+
+def test_the_real_fine_tune_runs_once_per_n_and_each_sets_own_fine_tune_is_cached(curves, tmp_path, monkeypatch):
+    """The per-set fine-tune asks `divgen eval` for the real pool rows' fine-tune only until one is
+    cached for that N; the summary reports each N's sets over seeds and that N's real row."""
+    calls = []
+
+    def fake_run(cmd, capture=False):
+        calls.append(cmd)
+        path = Path(cmd[cmd.index("eval") + 1])
+        n = len(curves.read_complete(path))
+        rows = [{"students": {"finetune": {"accuracy": {"mean": 0.5 + n / 1e4}, "macro_f1": {"mean": 0.5}}}}]
+        if "--no-real" not in cmd:
+            rows.append({"real": True, "asked": n, "n": min(n, 760),
+                         "students": {"finetune": {"accuracy": {"mean": 0.9, "std": 0.0, "values": [0.9]}}}})
+        return json.dumps({"rows": rows, "settings": {"finetune_test_rows": 1000, "wall_time_s": 1.0}})
+
+    monkeypatch.setattr(curves, "run", fake_run)
+    for seed in (0, 1):
+        for n in (400, 1600):
+            p = tmp_path / f"fewgen_s{seed}.n{n}.jsonl"
+            p.write_text("".join(json.dumps({"text": str(i), "label": "world"}) + "\n" for i in range(n)))
+            curves.finetune_file(p, tmp_path, tmp_path, n)
+    assert len(calls) == 4
+    assert [("--no-real" in c) for c in calls] == [False, False, True, True]      # n400 s0, n1600 s0, then s1s
+    curves.finetune_file(tmp_path / "fewgen_s0.n400.jsonl", tmp_path, tmp_path, 400)
+    assert len(calls) == 4                                                        # cached
+    summary = curves.summarise(tmp_path, ["fewgen"], [0, 1], [400, 1600], [400, 1600])
+    assert summary["finetune"]["fewgen"]["1600"]["seeds"] == [0, 1]
+    assert summary["finetune"]["fewgen"]["1600"]["accuracy"]["mean"] == pytest.approx(0.66)
+    assert summary["finetune_real"]["1600"]["n_used"] == 760
+    table = curves.table(summary)
+    assert "| fewgen | 1600 | 2 | 66.0 ± 0.0 | 90.0 ± 0.0 (760 rows) |" in table
+    assert "| fewgen | 400 | 2 | 54.0 ± 0.0 | 90.0 ± 0.0 |" in table
