@@ -134,3 +134,13 @@ def tiny_dir(tmp_path_factory):
         if (source / name).exists():
             shutil.copy(source / name, d / name)
     return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_attention_built():
+    """The CPU decode-attention kernel is compiled (or found in torch's extensions folder) once,
+    before any test: its one-line build notice never lands inside a test that reads stderr."""
+    from divgen.engine.models import cpu_attention
+
+    if os.environ.get("DIVGEN_CPU_ATTENTION", "auto") != "torch":
+        cpu_attention.native_op()

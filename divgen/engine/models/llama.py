@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from divgen.engine.models import cpu_attention
 from divgen.engine.models.packed import Gemm, fused_linear
 
 # model_type -> attention biases on q/k/v (Qwen2 has them always; Llama/Mistral by config).
@@ -378,10 +379,14 @@ class DecodeIndex:
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
                window: int | None = None) -> torch.Tensor:
-        """softmax(q kᵀ · scale + mask) v over the first ``span`` positions: q [S, KVH, G, hd] against
-        the cache [S, KVH, L, hd] -> [S, KVH, G, hd]. Two batched products on views of the cache
-        (no copy in fp32) and an fp32 softmax; measured 2x faster than SDPA's CPU kernel with a mask for
-        decode shapes (3 query rows a KV head)."""
+        """softmax(q kᵀ · scale + mask) v over each slot's positions: q [S, KVH, G, hd] against the
+        cache [S, KVH, L, hd] -> [S, KVH, G, hd]. On CPU the native kernel (``cpu_attention``: each
+        slot's own positions, K and V read once, fp32 softmax); elsewhere, and where it is not built,
+        two batched products over the first ``span`` positions on views of the cache (no copy in
+        fp32) with the mask and an fp32 softmax (2x faster than SDPA's CPU kernel with a mask for
+        decode shapes, 3 query rows a KV head)."""
+        if cpu_attention.usable(q):
+            return cpu_attention.decode_attention(q, k_cache, v_cache, self.pos, window, scale)
         s, kv, g, hd = q.shape
         k = k_cache[:, :, : self.span].reshape(s * kv, self.span, hd)
         v = v_cache[:, :, : self.span].reshape(s * kv, self.span, hd)

@@ -1,0 +1,119 @@
+"""The CPU decode step's attention as one native kernel (``cpu_attention.cpp``), built on first use.
+
+A decode step's attention on CPU was two batched products per layer over a view of the cache
+(``DecodeIndex.attend``'s torch path): each (slot, KV head) is a [G × hd] · [hd × span] product
+(G = 3 query rows for SmolLM2), too thin for a GEMM micro-kernel, so K and V streamed at about a
+third of a plain read, and bf16's oneDNN products copied the live slice first. With few-shot
+prompts that was most of the step (~90 of ~143 ms at 32 slots × 400 positions, fp32). The kernel
+reads each slot's K and V rows once, only the positions that slot attends to (its own length, its
+sliding window), with the G query rows of a head sharing every row read, and keeps the softmax in
+fp32 (bf16 / fp16 caches are widened as they are read).
+
+It is compiled with the C++ compiler and ninja that ``torch.utils.cpp_extension`` uses (``-O3
+-march=native``; about half a minute, once per machine, source and torch version, cached in
+torch's extensions folder: ``build_dir``). Without them, or when the build fails, the step keeps the torch path and says so once on
+stderr. ``DIVGEN_CPU_ATTENTION=torch`` forces the torch path (A/B runs; no build);
+``DIVGEN_CPU_ATTENTION=native`` makes a failed build an error instead of a fallback.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+CHOICES = ("auto", "native", "torch")
+_LOCK = threading.Lock()
+_STATE: dict = {}                 # "op": the loaded op or None; "error": why it is None
+
+
+def choice() -> str:
+    value = os.environ.get("DIVGEN_CPU_ATTENTION", "auto") or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"DIVGEN_CPU_ATTENTION={value!r} is not one of {', '.join(CHOICES)}: unset it or pick one")
+    return value
+
+
+def _flags() -> list[str]:
+    # fp-contract: the ISO dialect torch builds in turns a*b+c -> FMA off; 512-bit vectors where the CPU
+    # has them (GCC prefers 256-bit ones on some AVX-512 parts)
+    flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags += ["-march=native", "-mprefer-vector-width=512"]
+    return flags
+
+
+def build_dir() -> Path:
+    """Where this source, these flags, this torch and this Python build to: one folder each under
+    torch's extensions folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so
+    virtual environments with other torch versions never load each other's builds."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *_flags(), torch.__version__, sys.version,
+                                     platform.machine()]).encode()).hexdigest()[:16]
+    return root / "divgen" / f"cpu_attention-{key}"
+
+
+def _build():
+    folder = build_dir()
+    done = folder / "built"                  # written after a whole build: never load a half-linked file
+    if done.exists():
+        torch.ops.load_library(str(folder / "divgen_cpu_attention.so"))
+    else:
+        from torch.utils import cpp_extension
+
+        print("divgen: compiling the CPU decode-attention kernel (once per machine and torch version, "
+              "about half a minute)", file=sys.stderr, flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name="divgen_cpu_attention", sources=[str(SOURCE)], extra_cflags=_flags(),
+                           extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False,
+                           verbose=False)
+        done.write_text("ok\n")
+    return torch.ops.divgen_cpu.decode_attention
+
+
+def native_op():
+    """The native kernel's op, building it on the first call; None where it cannot be had."""
+    if "op" in _STATE:
+        return _STATE["op"]
+    mode = choice()
+    with _LOCK:
+        if "op" in _STATE:
+            return _STATE["op"]
+        if mode == "torch":
+            _STATE.update(op=None, error="DIVGEN_CPU_ATTENTION=torch")
+            return None
+        try:
+            op = _build()
+        except Exception as e:               # noqa: BLE001 (no compiler, no ninja, a failed build)
+            if mode == "native":
+                raise RuntimeError(f"DIVGEN_CPU_ATTENTION=native but the CPU attention kernel did not build: {e}") from e
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            reason = next((ln.strip() for ln in lines if "error:" in ln), lines[-1])
+            print(f"divgen: the native CPU decode attention did not build ({reason[:200]}); using torch's batched "
+                  "products (slower with long prompts). Install g++ and ninja, or set DIVGEN_CPU_ATTENTION=torch "
+                  "to skip the build", file=sys.stderr)
+            _STATE.update(op=None, error=reason)
+            return None
+        _STATE.update(op=op, error=None)
+        return op
+
+
+def usable(q: torch.Tensor) -> bool:
+    """True when a decode step on ``q`` takes the native kernel (CPU, eager, a float dtype)."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if torch.compiler.is_compiling() or q.requires_grad and torch.is_grad_enabled():
+        return False
+    return native_op() is not None
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     window: int | None, scale: float) -> torch.Tensor:
+    """softmax(scale · q kᵀ) v over each slot's positions [lo, pos[s]] (lo = pos - window + 1 with a
+    sliding window, else 0): q [S, KVH, G, hd], k/v_cache [S, KVH, L, hd] -> [S, KVH, G, hd]."""
+    return native_op()(q, k_cache, v_cache, pos, int(window or 0), float(scale))
