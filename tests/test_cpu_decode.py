@@ -99,11 +99,15 @@ def test_decode_reads_only_the_live_prefix_of_the_cache():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_decode_attention_matches_a_float64_softmax_over_each_rows_positions(dtype):
-    """The step's attention (both product orientations: fp32 runs q kᵀ, bf16/fp16 on CPU k qᵀ)
-    against softmax(q·k/√d) v in float64 over positions 0..pos of each row, grouped query heads;
-    positions past the longest row hold NaN and must not be read."""
+def test_decode_attention_matches_a_float64_softmax_over_each_rows_positions(dtype, monkeypatch):
+    """The step's torch attention path (the fallback where the native kernel is not built, and the
+    compiled step's; both product orientations: fp32 runs q kᵀ, bf16/fp16 on CPU k qᵀ) against
+    softmax(q·k/√d) v in float64 over positions 0..pos of each row, grouped query heads; positions
+    past the longest row hold NaN and must not be read. The native kernel: test_cpu_attention.py."""
+    from divgen.engine.models import cpu_attention
     from divgen.engine.models.llama import DecodeIndex
+
+    monkeypatch.setattr(cpu_attention, "usable", lambda q: False)
 
     s, kv, g, hd, max_len = 5, 2, 3, 16, 24
     gen = torch.Generator().manual_seed(7)
