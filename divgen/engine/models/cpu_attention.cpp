@@ -229,7 +229,7 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at:
   const AttendOne<T> fast = pick<T>(hd, G);
 
   at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * hd), acc(G * hd), row(hd), scores;
+    std::vector<float> qf(G * hd), acc(G * hd), row(hd), inv(G), scores;   // per thread, reused by its tasks
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / KVH, h = task % KVH;
       const int64_t p = pp[s];
@@ -257,7 +257,6 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at:
           scores[g * n + j] = dot;
         }
       }
-      std::vector<float> inv(G);
       for (int64_t g = 0; g < G; ++g) inv[g] = softmax_row(scores.data() + g * n, n);
       // values: one pass, each V row added into every query row's accumulator with its weight
       std::fill(acc.begin(), acc.end(), 0.0f);
