@@ -138,9 +138,13 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_attention_built():
-    """The CPU decode-attention kernel is compiled (or found in torch's extensions folder) once,
-    before any test: its one-line build notice never lands inside a test that reads stderr."""
+    """The CPU decode-attention and GEMM kernels are compiled (or found in torch's extensions folder)
+    once, before any test: their one-line build notices never land inside a test that reads stderr."""
     from divgen.engine.models import cpu_attention
 
     if os.environ.get("DIVGEN_CPU_ATTENTION", "auto") != "torch":
         cpu_attention.native_op()
+    if os.environ.get("DIVGEN_GEMM", "") in ("", "native"):
+        from divgen.engine.models import cpu_gemm
+
+        cpu_gemm.ops()

@@ -11,20 +11,20 @@ fp32 (bf16 / fp16 caches are widened as they are read).
 
 It is compiled with the C++ compiler and ninja that ``torch.utils.cpp_extension`` uses (``-O3
 -march=native``; about half a minute, once per machine, source and torch version, cached in
-torch's extensions folder: ``build_dir``). Without them, or when the build fails, the step keeps the torch path and says so once on
+torch's extensions folder: ``native_build``). Without them, or when the build fails, the step keeps the torch path and says so once on
 stderr. ``DIVGEN_CPU_ATTENTION=torch`` forces the torch path (A/B runs; no build);
 ``DIVGEN_CPU_ATTENTION=native`` makes a failed build an error instead of a fallback.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import platform
 import sys
 import threading
 from pathlib import Path
 
 import torch
+
+from divgen.engine.models import native_build
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 CHOICES = ("auto", "native", "torch")
@@ -39,40 +39,13 @@ def choice() -> str:
     return value
 
 
-def _flags() -> list[str]:
-    # fp-contract: the ISO dialect torch builds in turns a*b+c -> FMA off; 512-bit vectors where the CPU
-    # has them (GCC prefers 256-bit ones on some AVX-512 parts)
-    flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags += ["-march=native", "-mprefer-vector-width=512"]
-    return flags
-
-
 def build_dir() -> Path:
-    """Where this source, these flags, this torch and this Python build to: one folder each under
-    torch's extensions folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), so
-    virtual environments with other torch versions never load each other's builds."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *_flags(), torch.__version__, sys.version,
-                                     platform.machine()]).encode()).hexdigest()[:16]
-    return root / "divgen" / f"cpu_attention-{key}"
+    """Where this source, these flags, this torch and this Python build to (``native_build``)."""
+    return native_build.build_dir("cpu_attention", SOURCE)
 
 
 def _build():
-    folder = build_dir()
-    done = folder / "built"                  # written after a whole build: never load a half-linked file
-    if done.exists():
-        torch.ops.load_library(str(folder / "divgen_cpu_attention.so"))
-    else:
-        from torch.utils import cpp_extension
-
-        print("divgen: compiling the CPU decode-attention kernel (once per machine and torch version, "
-              "about half a minute)", file=sys.stderr, flush=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name="divgen_cpu_attention", sources=[str(SOURCE)], extra_cflags=_flags(),
-                           extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False,
-                           verbose=False)
-        done.write_text("ok\n")
+    native_build.load("cpu_attention", SOURCE, "the CPU decode-attention kernel")
     return torch.ops.divgen_cpu.decode_attention
 
 
@@ -92,8 +65,7 @@ def native_op():
         except Exception as e:               # noqa: BLE001 (no compiler, no ninja, a failed build)
             if mode == "native":
                 raise RuntimeError(f"DIVGEN_CPU_ATTENTION=native but the CPU attention kernel did not build: {e}") from e
-            lines = str(e).strip().splitlines() or [type(e).__name__]
-            reason = next((ln.strip() for ln in lines if "error:" in ln), lines[-1])
+            reason = native_build.first_error_line(e)
             print(f"divgen: the native CPU decode attention did not build ({reason[:200]}); using torch's batched "
                   "products (slower with long prompts). Install g++ and ninja, or set DIVGEN_CPU_ATTENTION=torch "
                   "to skip the build", file=sys.stderr)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from divgen.engine.models import cpu_attention
+from divgen.engine.models import cpu_attention, cpu_gemm
 from divgen.engine.models.packed import Gemm, fused_linear
 
 # model_type -> attention biases on q/k/v (Qwen2 has them always; Llama/Mistral by config).
@@ -241,6 +241,8 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == x.dtype and cpu_gemm.norm_usable(x, self.weight):
+            return cpu_gemm.rms_norm(x, self.weight, self.eps, self.unit_offset)     # one pass, same math
         # HF's x * rsqrt(mean(x²) + eps) in fp32, as one kernel (the same bits on CPU in fp32)
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.unit_offset:              # Gemma: (x̂ · (1 + w)) in fp32, then the model dtype

@@ -1,9 +1,9 @@
-"""The CPU GEMM path of the decode step: weights prepacked once for oneDNN, dense in and out.
+"""The CPU decode step's GEMM path: weights packed once (own kernel or oneDNN), dense in and out.
 
 A decode step multiplies [S, hidden] activations (S = a few to a few dozen slots) by every weight
 matrix. Measured on this repository's machine kind (AMD EPYC with AVX-512 BF16, one thread,
-torch 2.13, SmolLM2-135M shapes, interleaved, best of 5; ``benchmarks/decode_throughput.py
---gemm`` reprints the table on any machine):
+torch 2.13, SmolLM2-135M shapes, interleaved, best of 5; ``benchmarks/bench_cpu_gemm.py``
+reprints the comparison on any machine):
 
 * fp32, 16 rows: oneDNN on a prepacked weight (``mkldnn._linear_pointwise``) beats ``F.linear``
   (MKL) on every shape but q|k|v, where they tie (lm_head 576 -> 49,152: 10.4 vs 44.9 ms;
@@ -14,9 +14,14 @@ torch 2.13, SmolLM2-135M shapes, interleaved, best of 5; ``benchmarks/decode_thr
 * The previous path (``to_mkldnn`` around every call, ``mkldnn_linear``) paid a layout
   conversion of the input and output per call and was slower than MKL on the narrow projections.
 
-So one path wins (or ties) nearly everywhere: ``Gemm`` keeps a weight packed once in oneDNN's
-blocked layout and calls ``_linear_pointwise`` on dense activations, with no per-call layout
-conversion. ``DIVGEN_GEMM=dense`` forces ``F.linear`` (A/B runs; read once at import).
+So one path won (or tied) nearly everywhere, and ``Gemm`` kept a weight packed once in oneDNN's
+blocked layout and called ``_linear_pointwise`` on dense activations, with no per-call layout
+conversion. That is also what vLLM's CPU backend does, and at 16 rows it reaches ~60 % of a core's
+FMA peak; divgen's own kernel (``cpu_gemm``: 8 × 32 register blocks over column panels, the weight
+stream prefetched into L2) measured 1.30–1.51× oneDNN at 16 rows and 0.99–1.11× at 64, and ties it
+at prefill sizes, so where it is built it serves fp32 and bf16 on every shape (``native``), and
+oneDNN serves the rest (``packed``). ``DIVGEN_GEMM=native|packed|dense`` forces a path (A/B runs;
+read once at import; ``native`` makes a failed build an error).
 
 The packed copy is derived from the dense weights (shared with the HF model, never replaced):
 ``Gemm`` repacks when a source weight is changed in place (a merged LoRA adapter bumps the
@@ -31,7 +36,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-GEMM_PATHS = ("packed", "dense")
+from divgen.engine.models import cpu_gemm
+
+GEMM_PATHS = ("native", "packed", "dense")
 # Row count oneDNN packs the weight for (its blocking hint; any row count runs on the packed weight).
 PACK_ROWS = 16
 
@@ -44,35 +51,39 @@ def _forced_path() -> str | None:
 
 
 FORCED = _forced_path()
-_PACKED_DTYPES: tuple | None = None        # dtypes the packed path serves on this CPU (found once)
+_PATHS: dict = {}                          # dtype -> the path serving it on this CPU (found once)
 
 
-def _packed_dtypes() -> tuple:
-    global _PACKED_DTYPES
-    if _PACKED_DTYPES is None:
-        dtypes = []
-        if FORCED != "dense" and torch.backends.mkldnn.is_available():
-            dtypes.append(torch.float32)
-            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                dtypes.append(torch.bfloat16)
-        _PACKED_DTYPES = tuple(dtypes)
-    return _PACKED_DTYPES
+def path_for(dtype: torch.dtype) -> str:
+    """Which path serves a CPU weight of ``dtype``: ``native`` (``cpu_gemm``), ``packed`` (oneDNN)
+    or ``dense`` (``F.linear``)."""
+    if dtype not in _PATHS:
+        path = "dense"
+        if FORCED != "dense" and dtype in (torch.float32, torch.bfloat16):
+            if FORCED in (None, "native") and cpu_gemm.supports(dtype, required=FORCED == "native"):
+                path = "native"
+            elif torch.backends.mkldnn.is_available() and (
+                    dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+                path = "packed"
+        _PATHS[dtype] = path
+    return _PATHS[dtype]
 
 
 def packing_available(weight: torch.Tensor) -> bool:
-    """True when ``weight``'s products run on the prepacked oneDNN path (never while compiling)."""
+    """True when ``weight``'s products run on a prepacked path (never while compiling)."""
     if torch.compiler.is_compiling() or weight.device.type != "cpu":
         return False
-    return weight.dtype in _packed_dtypes()
+    return path_for(weight.dtype) != "dense"
 
 
 class Gemm:
-    """``x @ cat(weights)ᵀ + cat(biases)`` on a oneDNN-packed copy of the weights, rebuilt when a
-    source weight changes. Not a module (nothing new in ``state_dict``); a deepcopy drops the
-    packed copy (oneDNN tensors are opaque) and repacks on first use."""
+    """``x @ cat(weights)ᵀ + cat(biases)`` on a packed copy of the weights (``path_for`` picks the
+    kernel), rebuilt when a source weight changes. Not a module (nothing new in ``state_dict``); a
+    deepcopy drops the packed copy (oneDNN tensors are opaque) and repacks on first use."""
 
     def __init__(self):
-        self._packed = self._bias = self._key = None
+        self._packed = self._bias = self._key = self._native = None
+        self._out = 0
 
     def __deepcopy__(self, memo):
         return Gemm()
@@ -87,15 +98,22 @@ class Gemm:
         if key != self._key:
             self._pack(weights, biases)
             self._key = key
+        if self._native:
+            return cpu_gemm.linear(x, self._packed, self._out, self._bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self._bias, "none", [], "")
 
     def _pack(self, weights, biases) -> None:
         with torch.no_grad():
             w = weights[0].detach() if len(weights) == 1 else torch.cat([t.detach() for t in weights])
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS)
+            self._native = path_for(w.dtype) == "native"
+            self._out = w.shape[0]
+            self._packed = (cpu_gemm.pack(w) if self._native
+                            else torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS))
             if any(b is not None for b in biases):
                 self._bias = torch.cat([b.detach() if b is not None else w.new_zeros(t.shape[0])
                                         for t, b in zip(weights, biases)])
+                if self._native:
+                    self._bias = self._bias.float()
             else:
                 self._bias = None
 
