@@ -400,3 +400,27 @@ def test_auto_mode_compiles_only_after_enough_unfused_draws(monkeypatch):
     monkeypatch.setenv("DIVGEN_CPU_SAMPLER", "fast")
     with pytest.raises(ValueError, match="auto or fused or unfused"):
         cpu_sample._fused_draw()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("any_cut", [False, True])
+def test_all_greedy_unguided_batch_takes_the_first_argmax_as_the_reference_does(seed, any_cut):
+    """A batch whose rows are all greedy and unguided takes the one-pass argmax path: ties at the max
+    (the smallest id), +inf logits (clamped, first of them), α, min-p and top-k on some rows; and a
+    row with NaN or with no finite logit sends the batch down the general path, with the same tokens."""
+    logits, _, seeds, step, _, alpha, top_k, top_p = _case(seed, 7, 300, None)
+    temperature = torch.tensor([0.0, 1e-7, 0.0, 0.0, 1e-9, 0.0, 0.0])
+    alpha = torch.tensor([1.0, 0.3, 1.0, 0.05, 1.0, 1.0, 0.9])
+    logits[1, 17] = logits[1, 40] = float("inf")
+    logits[2, :] = 1.5                                      # every token tied
+    logits[3, 250:260] = logits[3].max() + 1.0              # a tie between later ids
+    args = (logits, None, seeds, step, temperature, alpha, top_k, top_p)
+    ref, fast = _both(args, any_cut=any_cut, min_p=_peers_min_p(7, seed))
+    assert torch.equal(ref, fast)
+    assert fast[1] == 17 and fast[2] == 0 and fast[3] == 250
+    for bad in (float("nan"), float("-inf")):
+        odd = logits.clone()
+        odd[5, :] = float("-inf")
+        odd[6, 3] = bad
+        ref, fast = _both((odd, None, seeds, step, temperature, alpha, top_k, top_p), any_cut=any_cut)
+        assert torch.equal(ref, fast)

@@ -435,6 +435,10 @@ def guided_sample_step(logits: torch.Tensor, mix: torch.Tensor | None, seeds: to
         row_max = x.amax(dim=-1)
     row_limit = row_max + torch.log(alpha)                                    # [R]: max + log α
     greedy, t_div = sampling_temperature(temperature)
+    if mix is None and noise is None and bool(greedy.all()) and bool(torch.isfinite(row_max).all()):
+        # every row greedy and unguided, no NaN: the reference's token is the first argmax of the
+        # logits (the α cut, min-p, top-k and top-p all keep the max; T only divides): one pass
+        return _first_argmax(x)[0]
     # Candidates: the α-kept tokens; for unguided rows also only logits within the noise's reach
     # of the best (z = (l − c) / T, so a winner has l ≥ max l − T·gap; a margin covers rounding).
     top_k_on = any_top_k_top_p and bool((top_k > 0).any())
