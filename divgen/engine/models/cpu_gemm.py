@@ -5,8 +5,8 @@ prepacked weight (``mkldnn._linear_pointwise``, the path vLLM's CPU backend also
 60 % of a core's FMA peak at 16 rows; this kernel walks column panels of 32 outputs with an
 8-row × 32-column register block and prefetches the weight stream into L2, and on this
 repository's machine kind (AMD EPYC with AVX-512 BF16, one thread, SmolLM2-135M shapes) it
-measured 1.30–1.51× oneDNN at 16 rows in fp32 (1.18–1.46× in bf16), 0.99–1.11× at 64 rows, and
-ties it at prefill sizes (``benchmarks/bench_cpu_gemm.py`` reprints the table on any machine).
+measured 1.29–1.43× oneDNN at 16 rows in fp32 (1.13–1.59× in bf16), 0.99–1.12× at 64 rows, and
+ties it at prefill sizes (0.88–1.16× at 512) (``benchmarks/bench_cpu_gemm.py`` reprints the table on any machine).
 
 Kernels exist for fp32 (AVX-512F) and bf16 (AVX-512 BF16's VDPBF16PS); ``supports(dtype)`` says
 which this build has. It is compiled like the attention kernel (``native_build``); without a
