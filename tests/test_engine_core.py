@@ -3,6 +3,7 @@ method, batch invariance across admission time and slot reuse, the scheduler's Î
 the errors of requests that do not fit. Several EOS ids make rows finish at different steps so
 slots are freed and refilled while others decode."""
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from divgen.engine import limits
-from divgen.engine.decode import Engine, _StopChecker, generate
+from divgen.engine.decode import Engine, _StopChecker, distinct_prompts, generate
 from divgen.engine.errors import DivgenError
 from divgen.engine.guidance import Guidance, mix_from_gammas
 from divgen.engine.model import LoadedModel
@@ -203,11 +204,13 @@ def test_waiting_steps_cover_exactly_the_steps_before_the_last_admission(tiny_lm
 
 
 @pytest.mark.parametrize("listeners", [False, True])
+@pytest.mark.parametrize("repeats", [False, True])
 @torch.inference_mode()
-def test_admission_prefill_writes_the_cache_of_whole_prompt_prefills(tiny_lm, listeners):
-    """Admission (decode.Engine._prefill) computes the prompts' common prefix once, copies it and
-    prefills the rest in length batches; with multi-LoRA listeners it shares nothing. Either way
-    every slot's cache holds what prefilling each prompt whole, alone, writes."""
+def test_admission_prefill_writes_the_cache_of_whole_prompt_prefills(tiny_lm, listeners, repeats):
+    """Admission (decode.Engine._prefill) computes the prompts' common prefix once, copies it,
+    computes a prompt several rows share once and copies it, and prefills the rest in length
+    batches; with multi-LoRA listeners it shares nothing. Either way every slot's cache holds what
+    prefilling each prompt whole, alone, writes."""
     class Listener:
         def set_batch(self, rows):
             seen.append(rows.tolist())
@@ -215,6 +218,10 @@ def test_admission_prefill_writes_the_cache_of_whole_prompt_prefills(tiny_lm, li
     seen = []
     head = [13 + i % 80 for i in range(12)]
     ps = [head + p for p in prompts(7, seed=11)]
+    if repeats:     # row 3 repeats row 0; rows 5 and 6 repeat row 1 but for the last token (not prefilled)
+        ps[3] = list(ps[0])
+        ps[5] = ps[1][:-1] + [ps[1][-1] + 1]
+        ps[6] = list(ps[5])
     engine = Engine(tiny_lm, slots=8, max_len=64, compile=False)
     slots = [5, 0, 7, 2, 1, 3, 6]
     engine._prefill(ps, slots, list(range(7)), [Listener()] if listeners else [])
@@ -228,3 +235,28 @@ def test_admission_prefill_writes_the_cache_of_whole_prompt_prefills(tiny_lm, li
         torch.testing.assert_close(engine.cache.v[:, s, :, :n], v[:, 0, :, :n], atol=1e-5, rtol=1e-5)
     if listeners:       # each prefill batch told its rows
         assert sorted(r for rows in seen for r in rows) == list(range(7))
+
+
+def _distinct_reference(body, start, dedup):
+    todo, copies = [], {}
+    for i, b in enumerate(body):
+        if len(b) <= start:
+            continue
+        same = [j for j in range(i) if len(body[j]) > start and body[j][start:] == b[start:]] if dedup else []
+        if same:
+            copies.setdefault(same[0], []).append(i)
+        else:
+            todo.append(i)
+    return todo, copies
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_distinct_prompts_computes_each_distinct_tail_once(seed):
+    rng = random.Random(seed)
+    start = rng.randrange(3)
+    body = [[1] * start + [rng.randrange(2) for _ in range(rng.randrange(4))] for _ in range(rng.randrange(1, 12))]
+    for dedup in (True, False):
+        todo, copies = distinct_prompts(body, start, dedup)
+        assert (todo, copies) == _distinct_reference(body, start, dedup)
+        covered = todo + [i for d in copies.values() for i in d]
+        assert sorted(covered) == [i for i, b in enumerate(body) if len(b) > start]

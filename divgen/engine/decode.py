@@ -339,11 +339,12 @@ class Engine:
     def _prefill(self, prompts: list[list[int]], slots: list[int], rows: list[int], listeners) -> None:
         """Write all but the last token of each prompt into its slot.
 
-        Two savings, both exact in the math (the same positions attend to the same keys):
+        Three savings, all exact in the math (the same positions attend to the same keys):
         the prompts' longest common prefix (a chat template's system turn, a task's header) is
-        computed once, in the first slot, and copied to the others (not under multi-LoRA
-        listeners: an adapter changes the prefix's K/V); the rest goes in right-padded batches of
-        similar length (``prefill_batches``), so padding costs little."""
+        computed once, in the first slot, and copied to the others; a prompt that several rows
+        share (n samples of one prompt) is computed once and its K/V copied to the other rows'
+        slots (neither under multi-LoRA listeners: an adapter changes the K/V); the rest goes in
+        right-padded batches of similar length (``prefill_batches``), so padding costs little."""
         body = [p[:-1] for p in prompts]
         start = 0 if listeners or len(body) < 2 else common_prefix_len(body)
         if start < PREFIX_MIN:
@@ -355,8 +356,10 @@ class Engine:
             self.model.prefill(prefix.view(1, start), first_t, k, v)
             k[:, rest, :, :start] = k[:, first:first + 1, :, :start]
             v[:, rest, :, :start] = v[:, first:first + 1, :, :start]
+        todo, copies = distinct_prompts(body, start, dedup=not listeners)
         pad = self.lm.pad_token_id
-        for batch in prefill_batches([len(b) - start for b in body]):
+        for batch in prefill_batches([len(body[i]) - start for i in todo]):
+            batch = [todo[j] for j in batch]
             width = max(len(body[i]) for i in batch) - start
             tokens, batch_slots, batch_rows = stage(
                 [[t for i in batch for t in body[i][start:] + [pad] * (width - len(body[i]) + start)],
@@ -364,6 +367,29 @@ class Engine:
             for listener in listeners:
                 listener.set_batch(batch_rows)
             self.model.prefill(tokens.view(len(batch), width), batch_slots, k, v, start)
+        for src, dups in copies.items():
+            end, s = len(body[src]), slots[src]
+            (dst,) = stage([[slots[i] for i in dups]], torch.int64, dev)
+            k[:, dst, :, start:end] = k[:, s:s + 1, :, start:end]
+            v[:, dst, :, start:end] = v[:, s:s + 1, :, start:end]
+
+
+def distinct_prompts(body: list[list[int]], start: int, dedup: bool = True) -> tuple[list[int], dict[int, list[int]]]:
+    """(the rows whose tokens after ``start`` must be computed, {such a row: the later rows with
+    the same tokens, which take a copy of its K/V}). Rows with nothing after ``start`` need
+    neither. ``dedup`` False: every row is computed."""
+    first: dict[tuple, int] = {}
+    todo: list[int] = []
+    copies: dict[int, list[int]] = {}
+    for i, b in enumerate(body):
+        if len(b) <= start:
+            continue
+        j = first.setdefault(tuple(b[start:]), i) if dedup else i
+        if j == i:
+            todo.append(i)
+        else:
+            copies.setdefault(j, []).append(i)
+    return todo, copies
 
 
 PREFIX_MIN = 8          # a shorter common prefix is not worth its own pass
