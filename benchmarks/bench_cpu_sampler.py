@@ -31,9 +31,8 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The steady state: the compiled candidate pass from the first step (a long job switches to it by
-# itself after TIER_UP_S seconds of dense draws); DIVGEN_CPU_SAMPLER=unfused times the torch passes.
-os.environ.setdefault("DIVGEN_CPU_SAMPLER", "fused")
+# The steady state: the native candidate pass (or, where it did not build, the compiled one from the
+# first step: cpu_sample.prefer_steady_state); DIVGEN_CPU_SAMPLER=unfused times the torch passes.
 import torch
 
 from divgen.bench.common import default_results_path, result_record, write_json
@@ -104,7 +103,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     logits_all = model_logits(max(args.rows))
     out = []
-    mode_name = cpu_sample.sampler_mode()
+    cpu_sample.prefer_steady_state()
+    mode_name = cpu_sample.active_path()
     print(f"bench_cpu_sampler: SmolLM2-135M logits, V = {logits_all.shape[1]}, torch threads {args.threads}, "
           f"{args.repeats} interleaved rounds (medians), CPU sampler {mode_name}")
     print(f"{'mode':16s} {'rows':>4s} " + " ".join(f"{v:>12s}" for v in ("divgen", "reference", "hf", "exp-race"))

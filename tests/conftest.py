@@ -138,7 +138,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_attention_built():
-    """The CPU decode-attention and GEMM kernels are compiled (or found in torch's extensions folder)
+    """The CPU decode-attention, GEMM and sampler kernels are compiled (or found in torch's extensions folder)
     once, before any test: their one-line build notices never land inside a test that reads stderr."""
     from divgen.engine.models import cpu_attention
 
@@ -148,3 +148,7 @@ def cpu_attention_built():
         from divgen.engine.models import cpu_gemm
 
         cpu_gemm.ops()
+    if os.environ.get("DIVGEN_CPU_SAMPLER", "") in ("", "auto", "native"):
+        from divgen.kernels import cpu_sample
+
+        cpu_sample._NATIVE.get()

@@ -223,15 +223,32 @@ def _model_like(rows, vocab, seed):
     return logits
 
 
+def _native_ops():
+    ops = cpu_sample._NATIVE.get()
+    if ops is None:
+        pytest.skip(f"the CPU sampler's native pass did not build ({cpu_sample._NATIVE.state.get('error')})")
+    return ops
+
+
 def _draw_mode(mode, monkeypatch):
-    """Run the dense draw fused (compiled; skipped without a C++ compiler) or unfused; returns a
-    list that counts the compiled draw's calls."""
+    """Run the dense draw native (``cpu_sample.cpp``; skipped where it did not build), fused
+    (compiled; skipped without a C++ compiler) or unfused; returns a list that counts the native
+    or compiled pass's calls."""
     calls = []
+    monkeypatch.setenv("DIVGEN_CPU_SAMPLER", mode)
     if mode == "unfused":
         monkeypatch.setattr(cpu_sample, "_FUSED", False)
         return calls
+    if mode == "native":
+        ops = _native_ops()
+
+        class Counted:
+            def candidates(self, *a):
+                calls.append(1)
+                return ops.candidates(*a)
+        monkeypatch.setattr(cpu_sample._NATIVE, "get", lambda required=False: Counted())
+        return calls
     monkeypatch.setattr(cpu_sample, "_FUSED", None)
-    monkeypatch.setenv("DIVGEN_CPU_SAMPLER", "fused")
     fused = cpu_sample._fused_draw()
     if fused is None:
         pytest.skip("no C++ compiler on PATH: the fused draw cannot be built here")
@@ -239,7 +256,7 @@ def _draw_mode(mode, monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("mode", ["fused", "unfused"])
+@pytest.mark.parametrize("mode", ["native", "fused", "unfused"])
 @pytest.mark.parametrize("case", ["plain", "temperatures", "masks", "min_p", "odd_vocab", "tiny_vocab", "guided",
                                   "guided_min_p"])
 def test_dense_draw_equals_the_reference(case, mode, monkeypatch):
@@ -288,7 +305,7 @@ def test_dense_draw_equals_the_reference(case, mode, monkeypatch):
         fast = cpu_sample.guided_sample_step(logits, mix, seeds, st, temperature, alpha, zeros, ones, **kw)
         assert torch.equal(ref, fast), step
     assert len(drawn) == 4
-    assert (len(calls) > 0) == (mode == "fused")
+    assert (len(calls) > 0) == (mode in ("native", "fused"))
 
 
 def test_dense_draw_takes_exact_gumbel_values_for_few_tokens(monkeypatch):
@@ -381,6 +398,7 @@ def test_auto_mode_compiles_only_after_enough_unfused_draws(monkeypatch):
     logits = _model_like(rows, vocab, seed=4)
     zeros, ones = torch.zeros(rows, dtype=torch.int64), torch.ones(rows)
     monkeypatch.delenv("DIVGEN_CPU_SAMPLER", raising=False)
+    monkeypatch.setattr(cpu_sample._NATIVE, "state", {"ops": None, "error": "no build here"})   # as without a compiler
     monkeypatch.setattr(cpu_sample, "_FUSED", None)
     monkeypatch.setattr(cpu_sample, "_UNFUSED_S", 0.0)
     monkeypatch.setattr(cpu_sample, "TIER_UP_S", 1e-9)
@@ -398,7 +416,7 @@ def test_auto_mode_compiles_only_after_enough_unfused_draws(monkeypatch):
     assert cpu_sample._fused_draw() is None and len(compiled) == 1
     monkeypatch.setattr(cpu_sample, "_FUSED", None)
     monkeypatch.setenv("DIVGEN_CPU_SAMPLER", "fast")
-    with pytest.raises(ValueError, match="auto or fused or unfused"):
+    with pytest.raises(ValueError, match="auto or native or fused or unfused"):
         cpu_sample._fused_draw()
 
 
@@ -424,3 +442,67 @@ def test_all_greedy_unguided_batch_takes_the_first_argmax_as_the_reference_does(
         odd[6, 3] = bad
         ref, fast = _both((odd, None, seeds, step, temperature, alpha, top_k, top_p), any_cut=any_cut)
         assert torch.equal(ref, fast)
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 97, 1000, 4099, 49152])
+def test_native_candidate_pass_equals_the_torch_passes(vocab):
+    """The native candidate pass (``cpu_sample.cpp``) returns exactly the (row, token) pairs the
+    unfused test keeps, row-major with ids ascending, and each one's m = h >> 9 of the int32 hash,
+    bit for bit: tails of the 16-lane loop (vocabularies of 1, 15, 97 ...), extreme keys, a floor
+    that cuts about half of each row, −inf and NaN scores, a +inf floor (top-level noise only), and
+    rows that are not sampled (none of their tokens)."""
+    ops = _native_ops()
+    gen = torch.Generator().manual_seed(vocab)
+    rows = 9
+    k1 = torch.tensor([0, 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 5, 6, 7, 8], dtype=torch.int64)
+    k2 = torch.randint(0, 1 << 32, (rows,), generator=gen)
+    k1, k2 = cpu_sample._as_int32(k1), cpu_sample._as_int32(k2)
+    z = torch.randn(rows, vocab, generator=gen)
+    z[0, ::7] = float("-inf")
+    z[1, ::11] = float("nan")
+    floor = torch.zeros(rows)
+    floor[2] = float("inf")
+    sampled = torch.tensor([True, True, True, False, True, True, False, True, True])
+    h = cpu_sample.hash_i32(k1[:, None], k2[:, None], torch.arange(vocab, dtype=torch.int32)[None, :])
+    cand = ((z >= floor[:, None]) | ((h >> (32 - cpu_sample.TOP_BITS)) == -1)) & sampled[:, None]
+    want_flat = cand.view(-1).nonzero()[:, 0]
+    want_m = cpu_sample._m_of(h).view(-1)[want_flat]
+    flat, m = ops.candidates(z, k1, k2, floor, sampled, cpu_sample.TOP_BITS, reference._FMIX_C1, reference._FMIX_C2)
+    assert flat.dtype == torch.int64 and m.dtype == torch.int32
+    assert torch.equal(flat, want_flat) and torch.equal(m, want_m)
+    if vocab > 1000:                           # the +inf-floor row keeps its top-level tokens only: ~1/64
+        assert 0 < int((flat // vocab == 2).sum()) < vocab // 16
+    with pytest.raises(RuntimeError, match="fp32"):
+        ops.candidates(z.double(), k1, k2, floor, sampled, cpu_sample.TOP_BITS, reference._FMIX_C1,
+                       reference._FMIX_C2)
+
+
+def test_auto_mode_takes_the_native_pass_and_falls_back_when_it_did_not_build(monkeypatch, capsys):
+    """auto: the native pass where it built (no tier-up wait); where the build fails, one line on
+    stderr naming the fix, the torch passes with the same tokens, and no second attempt; native:
+    a failed build is an error."""
+    _native_ops()
+    monkeypatch.delenv("DIVGEN_CPU_SAMPLER", raising=False)
+    assert cpu_sample.active_path() == "native"
+    rows, vocab = 8, 4096
+    logits = _model_like(rows, vocab, seed=6)
+    zeros, ones = torch.zeros(rows, dtype=torch.int64), torch.ones(rows)
+    args = (logits, None, torch.arange(rows), zeros + 2, ones, torch.zeros(rows), zeros, ones)
+    want = reference.guided_sample_step(*args, any_top_k_top_p=False)
+    builds = []
+
+    def broken():
+        builds.append(1)
+        raise RuntimeError("x.cpp:1: error: no compiler here")
+    monkeypatch.setattr(cpu_sample._NATIVE, "state", {})
+    monkeypatch.setattr(cpu_sample._NATIVE, "build", broken)
+    monkeypatch.setattr(cpu_sample, "_FUSED", False)
+    assert torch.equal(cpu_sample.guided_sample_step(*args, any_top_k_top_p=False), want)
+    assert torch.equal(cpu_sample.guided_sample_step(*args, any_top_k_top_p=False), want)
+    err = capsys.readouterr().err
+    assert len(builds) == 1 and err.count("\n") == 1
+    assert "did not build (x.cpp:1: error: no compiler here)" in err and "DIVGEN_CPU_SAMPLER=unfused" in err
+    assert cpu_sample.active_path() == "unfused"
+    monkeypatch.setenv("DIVGEN_CPU_SAMPLER", "native")
+    with pytest.raises(RuntimeError, match="DIVGEN_CPU_SAMPLER=native but the CPU sampler's candidate pass did not"):
+        cpu_sample.guided_sample_step(*args, any_top_k_top_p=False)

@@ -193,9 +193,6 @@ def format_floor(rows: list[dict]) -> str:
 
 def run_bench_command(args) -> int:
     check_args(args)
-    # A benchmark times the steady state: the CPU sampler's compiled candidate pass from the first
-    # step (a long job switches to it by itself; kernels/cpu_sample.py), unless the caller chose.
-    os.environ.setdefault("DIVGEN_CPU_SAMPLER", "fused")
     import torch
 
     from divgen.bench import suite
@@ -203,7 +200,10 @@ def run_bench_command(args) -> int:
     from divgen.engine.files import write_file_atomic
     from divgen.kernels import cpu_sample
 
-    sampler_mode = cpu_sample.sampler_mode()
+    # A benchmark times the steady state: the CPU sampler's native (or else compiled) candidate pass
+    # from the first step (kernels/cpu_sample.py), unless the caller chose.
+    cpu_sample.prefer_steady_state()
+    sampler_mode = cpu_sample.active_path()
 
     if args.threads:
         torch.set_num_threads(args.threads)

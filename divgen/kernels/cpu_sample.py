@@ -41,19 +41,29 @@ injected and counter-based noise, so a change of the reference's rules shows up 
   max z is always among the candidates (the α-kept tokens, or for unguided rows the tokens
   within the noise's reach of the best, or on the dense path the tokens within
   reach of the best guided score), so it is the same value as the reference's.
-* The fused candidate pass: where torch's inductor can build C++ on this machine (a C++ compiler
-  on PATH), the dense draw's hash and candidate test run as ONE compiled loop over the row block
+* The native candidate pass (``cpu_sample.cpp``, built on first use like the engine's CPU kernels:
+  ``engine/models/native_build``): the dense draw's hash and candidate test in one AVX-512 loop
+  over each sampled row, 16 tokens a step, whose candidates are compressed in a register and
+  stored without a branch; it returns the candidates' flat indices and hash bits directly, so no
+  [R, V] intermediate is written or scanned (``nonzero`` over one was a third of the step). Integer
+  ops and one comparison only, so exact by construction; the Gumbel logs of the candidates stay
+  torch's (MKL's) on the gathered list. 16 / 64 rows x 49,152 at T = 1, one thread, the whole
+  sampling step: 2.8 → 1.8 ms and 10.7 → 6.0 ms against the compiled pass below
+  (benchmarks/bench_cpu_sampler.py). ``DIVGEN_CPU_SAMPLER=auto`` (default) takes it where it
+  built, ``native`` makes a failed build an error.
+* The fused candidate pass, where the native one did not build: torch's inductor builds the same
+  hash and test as ONE compiled loop over the row block
   (``_candidate_m``: ~25 integer ops and two comparisons a token, written once as int32) instead
   of ~25 torch passes over [R, V] int32 (16 / 64 rows x 49,152 at T = 1, one thread, one A/B pair
-  of benchmarks/bench_cpu_sampler.py runs: 6.8 → 4.4 ms and 25.6 → 16.0 ms a step). It holds no floating-point arithmetic, only the
-  comparison of z with a bound, so it is exact by construction: the Gumbel logs of the
-  candidates stay torch's (MKL's) on the gathered list — inductor's own log rounds ~8 % of
-  values differently, so the whole draw is not compiled. Compiling costs 4-7 s once per process
-  (inductor caches the C++ on disk), ~2,000 steps' worth of what it saves at 16 rows, so by
-  default (``DIVGEN_CPU_SAMPLER=auto``) a process switches to it only after its unfused dense
+  of benchmarks/bench_cpu_sampler.py runs: 6.8 → 4.4 ms and 25.6 → 16.0 ms a step), whose output
+  ``nonzero`` then scans. Inductor's own log rounds ~8 % of values differently, so the Gumbel
+  logs stay torch's here too. Compiling costs 4-7 s once per process
+  (inductor caches the C++ on disk), ~2,000 steps' worth of what it saves at 16 rows, so under
+  ``auto`` a process switches to it only after its unfused dense
   draws have taken ``TIER_UP_S`` seconds: short runs never pay, long ones do after a few percent
-  of their time. ``fused`` compiles at the first dense draw (benchmarks), ``unfused`` never; a
-  compile failure prints one line and keeps the torch passes for the rest of the process.
+  of their time. ``fused`` compiles at the first dense draw, ``unfused`` never (and skips the
+  native build); a compile failure prints one line and keeps the torch passes for the rest of
+  the process.
 Under ``torch.compile`` (data-dependent sizes) and with ``return_logprobs`` the reference runs.
 """
 from __future__ import annotations
@@ -62,8 +72,11 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+from divgen.engine.models import native_build
 
 from divgen.kernels import reference
 from divgen.kernels.reference import LOGIT_MAX, sampling_temperature
@@ -302,14 +315,21 @@ def _candidate_m(z: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, floor: tor
     return torch.where(cand, ((h >> 9) & _M23) + 1, 0)
 
 
-SAMPLER_MODES = ("auto", "fused", "unfused")
+SAMPLER_MODES = ("auto", "native", "fused", "unfused")
 _FUSED = None          # the compiled _candidate_m, False when it cannot run here (found once)
 TIER_UP_S = 20.0       # auto: seconds of unfused dense draws after which the process compiles
 _UNFUSED_S = 0.0       # seconds this process spent in unfused dense draws so far
 
 
+_NATIVE = native_build.Loader(
+    "sample", Path(__file__).with_name("cpu_sample.cpp"), "the CPU sampler's candidate pass",
+    fallback="the sampler keeps the torch passes (same tokens, slower). Install g++ and ninja, or set "
+             "DIVGEN_CPU_SAMPLER=unfused to skip the build",
+    required_by="DIVGEN_CPU_SAMPLER=native")
+
+
 def sampler_mode() -> str:
-    """DIVGEN_CPU_SAMPLER: auto (default), fused or unfused (module docstring)."""
+    """DIVGEN_CPU_SAMPLER: auto (default), native, fused or unfused (module docstring)."""
     mode = os.environ.get("DIVGEN_CPU_SAMPLER", "") or "auto"
     if mode not in SAMPLER_MODES:
         from divgen.engine.errors import DivgenError      # a ValueError the CLI prints as one line
@@ -317,6 +337,30 @@ def sampler_mode() -> str:
         raise DivgenError(f"DIVGEN_CPU_SAMPLER={mode!r} is not a CPU sampler mode: use "
                          f"{' or '.join(SAMPLER_MODES)}, or unset it")
     return mode
+
+
+def _native_draw():
+    """The native candidate pass's ops (``cpu_sample.cpp``), or None: DIVGEN_CPU_SAMPLER is fused or
+    unfused, or the library did not build (auto; native raises instead)."""
+    mode = sampler_mode()
+    if mode not in ("auto", "native"):
+        return None
+    return _NATIVE.get(required=mode == "native")
+
+
+def active_path() -> str:
+    """What the dense draw runs in this process now: native, fused or unfused."""
+    if _native_draw() is not None:
+        return "native"
+    return "fused" if _fused_draw() is not None else "unfused"
+
+
+def prefer_steady_state() -> None:
+    """For benchmarks, which time a long job's steady state: where the caller chose no mode and the
+    native pass did not build, compile the fused pass from the first draw instead of after
+    ``TIER_UP_S`` seconds."""
+    if not os.environ.get("DIVGEN_CPU_SAMPLER") and _native_draw() is None:
+        os.environ["DIVGEN_CPU_SAMPLER"] = "fused"
 
 
 def _fused_draw():
@@ -363,9 +407,10 @@ def _dense_draw(z_rows, n_rows, vocab, greedy, seeds, step, min_p, device):
     ids = torch.arange(vocab, dtype=torch.int32, device=device)
     global _UNFUSED_S
     tokens = torch.zeros(n_rows, dtype=torch.int64, device=device)
-    fused = _fused_draw()
+    native = _native_draw()
+    fused = None if native is not None else _fused_draw()
     start = time.perf_counter()
-    block = max(1, (_DENSE_CHUNK if fused is None else _FUSED_CHUNK) // vocab)
+    block = max(1, (_DENSE_CHUNK if fused is None and native is None else _FUSED_CHUNK) // vocab)
     for r0 in range(0, n_rows, block):
         r1 = min(r0 + block, n_rows)
         z = z_rows(r0, r1)
@@ -384,15 +429,21 @@ def _dense_draw(z_rows, n_rows, vocab, greedy, seeds, step, min_p, device):
         # near enough to reach b with any noise below the top level, or noise at the top level
         # (top bits all set: −1 after an arithmetic shift; its z may be −inf: it cannot win then)
         floor = b - (G_TOP + tol)
-        m1 = None
-        if fused is not None:
+        m1 = flat = None
+        if native is not None and z.dtype == torch.float32:
+            # the candidates (rows of sampled rows only) straight off one native loop
+            flat, m_cand = native.candidates(z.contiguous(), kr1.contiguous(), kr2.contiguous(), floor, sampled,
+                                             TOP_BITS, reference._FMIX_C1, reference._FMIX_C2)
+        elif fused is not None:
             try:
                 m1 = fused(z, kr1, kr2, floor)                                  # [c, V]: m + 1 or 0
             except Exception as err:          # no working toolchain after all: the torch passes
                 _fused_failed(err)
                 fused = None
         # flat indices (row-major, ids ascending) and 1-d gathers: 2-d advanced indexing costs ~5x
-        if m1 is not None:
+        if flat is not None:
+            pass
+        elif m1 is not None:
             flat = m1.view(-1).nonzero()[:, 0]
             if not bool(sampled.all()):                                         # top-level noise of other rows
                 flat = flat[sampled[flat // vocab]]
@@ -410,7 +461,7 @@ def _dense_draw(z_rows, n_rows, vocab, greedy, seeds, step, min_p, device):
         won = torch.full((r1 - r0,), vocab, dtype=torch.int64, device=device)
         won.scatter_reduce_(0, rows, winner, "amin")                            # ties: smallest id
         tokens[r0:r1] = torch.where(sampled, won, arg)
-    if fused is None:
+    if fused is None and native is None:
         _UNFUSED_S += time.perf_counter() - start
     return tokens
 

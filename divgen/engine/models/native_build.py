@@ -1,4 +1,5 @@
-"""Compiling the CPU kernels written in C++ (``cpu_attention.cpp``, ``cpu_gemm.cpp``) on first use.
+"""Compiling the CPU kernels written in C++ (``cpu_attention.cpp``, ``cpu_gemm.cpp``,
+``kernels/cpu_sample.cpp``) on first use.
 
 Each source is compiled with the C++ compiler and ninja that ``torch.utils.cpp_extension`` uses
 (``-O3 -march=native``: the kernels are written for the vector width of the machine they run on)
@@ -12,6 +13,7 @@ import hashlib
 import os
 import platform
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -57,3 +59,37 @@ def first_error_line(e: Exception) -> str:
     """The line of a failed build that says why (the compiler's ``error:`` line), else the last."""
     lines = str(e).strip().splitlines() or [type(e).__name__]
     return next((ln.strip() for ln in lines if "error:" in ln), lines[-1])
+
+
+class Loader:
+    """One native library, built on the first ``get`` and loaded once per process (thread-safe).
+
+    ``get()`` returns the library's ``torch.ops`` namespace, or None where it cannot be had: the
+    first failure prints one line on stderr (``what`` failed to build, ``fallback`` says what runs
+    instead) and is not retried. ``get(required=True)`` raises instead, naming ``required_by``."""
+
+    def __init__(self, name: str, source: Path, what: str, fallback: str, required_by: str):
+        self.name, self.source, self.what = name, source, what
+        self.fallback, self.required_by = fallback, required_by
+        self._lock = threading.Lock()
+        self.state: dict = {}             # "ops": the namespace or None; "error": why it is None
+
+    def build(self):
+        load(self.name, self.source, self.what)
+        return getattr(torch.ops, f"divgen_{self.name}")
+
+    def get(self, required: bool = False):
+        if "ops" in self.state and not (required and self.state["ops"] is None):
+            return self.state["ops"]
+        with self._lock:
+            if "ops" not in self.state:
+                try:
+                    self.state.update(ops=self.build(), error=None)
+                except Exception as e:       # noqa: BLE001 (no compiler, no ninja, a failed build)
+                    self.state.update(ops=None, error=first_error_line(e))
+                    if not required:
+                        print(f"divgen: {self.what} did not build ({self.state['error'][:200]}); {self.fallback}",
+                              file=sys.stderr)
+            if required and self.state["ops"] is None:
+                raise RuntimeError(f"{self.required_by} but {self.what} did not build: {self.state['error']}")
+            return self.state["ops"]
