@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if cpu_gemm.ops() is None:
-        raise SystemExit(f"bench_cpu_gemm: the native kernel is not available ({cpu_gemm._STATE.get('error')})")
+        raise SystemExit(f"bench_cpu_gemm: the native kernel is not available ({cpu_gemm.LIBRARY.state.get('error')})")
     table = shapes(args.model)
     results = []
     print(f"# torch threads {torch.get_num_threads()}; GF/s (2 flops a multiply-add), best of {args.repeats}")

@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if cpu_attention.native_op() is None:
-        raise SystemExit(f"cpu_attention_ab: the native kernel is not available ({cpu_attention._STATE.get('error')})")
+        raise SystemExit(f"cpu_attention_ab: the native kernel is not available ({cpu_attention.LIBRARY.state.get('error')})")
     native = cpu_attention.usable
     paths = (("torch", lambda q: False), ("native", native))
     lm = load_model(None, device="cpu", dtype=args.dtype)

@@ -9,7 +9,7 @@ import torch
 from divgen.engine.models import cpu_attention
 
 native = pytest.mark.skipif(cpu_attention.native_op() is None,
-                            reason=f"the CPU attention kernel did not build ({cpu_attention._STATE.get('error')})")
+                            reason=f"the CPU attention kernel did not build ({cpu_attention.LIBRARY.state.get('error')})")
 
 
 def reference(q, k_cache, v_cache, pos, window, scale):
@@ -132,8 +132,8 @@ def test_a_failed_build_falls_back_to_the_torch_path_with_one_line(monkeypatch, 
     def broken():
         raise RuntimeError("Error building extension\nfoo.cpp:1:1: error: no compiler here\nninja: build stopped")
 
-    monkeypatch.setattr(cpu_attention, "_STATE", {})
-    monkeypatch.setattr(cpu_attention, "_build", broken)
+    monkeypatch.setattr(cpu_attention.LIBRARY, "state", {})
+    monkeypatch.setattr(cpu_attention.LIBRARY, "build", broken)
     monkeypatch.delenv("DIVGEN_CPU_ATTENTION", raising=False)
     assert cpu_attention.native_op() is None
     assert cpu_attention.native_op() is None                     # said once, not tried again
@@ -141,16 +141,16 @@ def test_a_failed_build_falls_back_to_the_torch_path_with_one_line(monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error: no compiler here" in err[0] and "DIVGEN_CPU_ATTENTION=torch" in err[0]
 
-    monkeypatch.setattr(cpu_attention, "_STATE", {})
+    monkeypatch.setattr(cpu_attention.LIBRARY, "state", {})
     monkeypatch.setenv("DIVGEN_CPU_ATTENTION", "native")
     with pytest.raises(RuntimeError, match="DIVGEN_CPU_ATTENTION=native but"):
         cpu_attention.native_op()
 
-    monkeypatch.setattr(cpu_attention, "_STATE", {})
+    monkeypatch.setattr(cpu_attention.LIBRARY, "state", {})
     monkeypatch.setenv("DIVGEN_CPU_ATTENTION", "torch")
     assert cpu_attention.native_op() is None and capsys.readouterr().err == ""
 
-    monkeypatch.setattr(cpu_attention, "_STATE", {})
+    monkeypatch.setattr(cpu_attention.LIBRARY, "state", {})
     monkeypatch.setenv("DIVGEN_CPU_ATTENTION", "fast")
     with pytest.raises(ValueError, match="'fast' is not one of auto, native, torch"):
         cpu_attention.native_op()

@@ -10,7 +10,7 @@ import torch
 from divgen.engine.models import cpu_gemm, packed
 
 built = pytest.mark.skipif(cpu_gemm.ops() is None,
-                           reason=f"the CPU GEMM kernel did not build ({cpu_gemm._STATE.get('error')})")
+                           reason=f"the CPU GEMM kernel did not build ({cpu_gemm.LIBRARY.state.get('error')})")
 
 
 def need(dtype):
@@ -121,8 +121,8 @@ def test_a_failed_build_falls_back_to_onednn_with_one_line(monkeypatch, capsys):
     def broken():
         raise RuntimeError("Error building extension\nfoo.cpp:1:1: error: no compiler here\nninja: build stopped")
 
-    monkeypatch.setattr(cpu_gemm, "_STATE", {})
-    monkeypatch.setattr(cpu_gemm, "_build", broken)
+    monkeypatch.setattr(cpu_gemm.LIBRARY, "state", {})
+    monkeypatch.setattr(cpu_gemm.LIBRARY, "build", broken)
     monkeypatch.setattr(packed, "_PATHS", {})
     monkeypatch.setattr(packed, "FORCED", None)
     assert cpu_gemm.ops() is None and cpu_gemm.ops() is None          # said once, not tried again

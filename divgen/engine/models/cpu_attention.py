@@ -18,8 +18,6 @@ stderr. ``DIVGEN_CPU_ATTENTION=torch`` forces the torch path (A/B runs; no build
 from __future__ import annotations
 
 import os
-import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -28,8 +26,11 @@ from divgen.engine.models import native_build
 
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 CHOICES = ("auto", "native", "torch")
-_LOCK = threading.Lock()
-_STATE: dict = {}                 # "op": the loaded op or None; "error": why it is None
+LIBRARY = native_build.Loader(
+    "cpu_attention", SOURCE, "the CPU decode-attention kernel", namespace="divgen_cpu",
+    required_by="DIVGEN_CPU_ATTENTION=native",
+    fallback="using torch's batched products (slower with long prompts). Install g++ and ninja, or set "
+             "DIVGEN_CPU_ATTENTION=torch to skip the build")
 
 
 def choice() -> str:
@@ -39,40 +40,14 @@ def choice() -> str:
     return value
 
 
-def build_dir() -> Path:
-    """Where this source, these flags, this torch and this Python build to (``native_build``)."""
-    return native_build.build_dir("cpu_attention", SOURCE)
-
-
-def _build():
-    native_build.load("cpu_attention", SOURCE, "the CPU decode-attention kernel")
-    return torch.ops.divgen_cpu.decode_attention
-
-
 def native_op():
-    """The native kernel's op, building it on the first call; None where it cannot be had."""
-    if "op" in _STATE:
-        return _STATE["op"]
+    """The native kernel's op, building it on the first call; None where it cannot be had
+    (DIVGEN_CPU_ATTENTION=torch, or a failed build: one line on stderr; =native raises instead)."""
     mode = choice()
-    with _LOCK:
-        if "op" in _STATE:
-            return _STATE["op"]
-        if mode == "torch":
-            _STATE.update(op=None, error="DIVGEN_CPU_ATTENTION=torch")
-            return None
-        try:
-            op = _build()
-        except Exception as e:               # noqa: BLE001 (no compiler, no ninja, a failed build)
-            if mode == "native":
-                raise RuntimeError(f"DIVGEN_CPU_ATTENTION=native but the CPU attention kernel did not build: {e}") from e
-            reason = native_build.first_error_line(e)
-            print(f"divgen: the native CPU decode attention did not build ({reason[:200]}); using torch's batched "
-                  "products (slower with long prompts). Install g++ and ninja, or set DIVGEN_CPU_ATTENTION=torch "
-                  "to skip the build", file=sys.stderr)
-            _STATE.update(op=None, error=reason)
-            return None
-        _STATE.update(op=op, error=None)
-        return op
+    if mode == "torch":
+        return None
+    lib = LIBRARY.get(required=mode == "native")
+    return None if lib is None else lib.decode_attention
 
 
 def usable(q: torch.Tensor) -> bool:

@@ -15,8 +15,6 @@ compiler, or on a CPU without AVX-512, the step keeps oneDNN (``models.packed``)
 """
 from __future__ import annotations
 
-import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -24,33 +22,15 @@ import torch
 from divgen.engine.models import native_build
 
 SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
-_LOCK = threading.Lock()
-_STATE: dict = {}                 # "ops": torch.ops.divgen_gemm or None; "error": why it is None
-
-
-def _build():
-    native_build.load("cpu_gemm", SOURCE, "the CPU GEMM kernel")
-    return torch.ops.divgen_gemm
+LIBRARY = native_build.Loader(
+    "cpu_gemm", SOURCE, "the CPU GEMM kernel", namespace="divgen_gemm", required_by="DIVGEN_GEMM=native",
+    fallback="using oneDNN's. Install g++ and ninja, or set DIVGEN_GEMM=packed to skip the build")
 
 
 def ops(required: bool = False):
-    """The kernel's ops (``supports``, ``pack``, ``linear``), building them on the first call;
-    None where they cannot be had (one line on stderr), or an error when ``required``."""
-    if "ops" in _STATE and not (required and _STATE["ops"] is None):
-        return _STATE["ops"]
-    with _LOCK:
-        if "ops" not in _STATE:
-            try:
-                _STATE.update(ops=_build(), error=None)
-            except Exception as e:           # noqa: BLE001 (no compiler, no ninja, a failed build)
-                _STATE.update(ops=None, error=native_build.first_error_line(e))
-                if not required:
-                    print(f"divgen: the native CPU GEMM kernel did not build ({_STATE['error'][:200]}); using "
-                          "oneDNN's. Install g++ and ninja, or set DIVGEN_GEMM=packed to skip the build",
-                          file=sys.stderr)
-        if required and _STATE["ops"] is None:
-            raise RuntimeError(f"DIVGEN_GEMM=native but the CPU GEMM kernel did not build: {_STATE['error']}")
-        return _STATE["ops"]
+    """The kernel's ops (``supports``, ``pack``, ``linear``, ``rms_norm``), building them on the
+    first call; None where they cannot be had (one line on stderr), or an error when ``required``."""
+    return LIBRARY.get(required)
 
 
 def supports(dtype: torch.dtype, required: bool = False) -> bool:

@@ -62,21 +62,24 @@ def first_error_line(e: Exception) -> str:
 
 
 class Loader:
-    """One native library, built on the first ``get`` and loaded once per process (thread-safe).
+    """One native library (``cpu_gemm``, ``cpu_attention``, ``cpu_sample``), built on the first
+    ``get`` and loaded once per process (thread-safe).
 
     ``get()`` returns the library's ``torch.ops`` namespace, or None where it cannot be had: the
     first failure prints one line on stderr (``what`` failed to build, ``fallback`` says what runs
     instead) and is not retried. ``get(required=True)`` raises instead, naming ``required_by``."""
 
-    def __init__(self, name: str, source: Path, what: str, fallback: str, required_by: str):
+    def __init__(self, name: str, source: Path, what: str, fallback: str, required_by: str,
+                 namespace: str | None = None):
         self.name, self.source, self.what = name, source, what
+        self.namespace = namespace or f"divgen_{name}"          # the source's TORCH_LIBRARY name
         self.fallback, self.required_by = fallback, required_by
         self._lock = threading.Lock()
         self.state: dict = {}             # "ops": the namespace or None; "error": why it is None
 
     def build(self):
         load(self.name, self.source, self.what)
-        return getattr(torch.ops, f"divgen_{self.name}")
+        return getattr(torch.ops, self.namespace)
 
     def get(self, required: bool = False):
         if "ops" in self.state and not (required and self.state["ops"] is None):
