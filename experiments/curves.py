@@ -438,8 +438,46 @@ def mean_std(values: list[float]) -> dict:
             "values": values}
 
 
+RESTORED_SETS = "restored_sets.json"
+
+
+def restore(runs: Path, summary_path: Path) -> int:
+    """Seed ``runs`` with a committed summary's results where ``runs`` has none of its own: each
+    (variant, seed, N)'s scores, the real-data rows, the fine-tunes, and each set's size and
+    generation time (``RESTORED_SETS``; a set generated here reports its own). The raw sets are not
+    in the summary: a restored point is reported, not rescored. A set generated again here with the
+    same seed is a new draw of the same prompts and row seeds (its tokens can differ where a kernel
+    changed rounding since), so a size it is scored at reports that draw, the others the old one.
+    Returns the files written."""
+    summary = json.loads(summary_path.read_text())
+    wrote = 0
+
+    def put(path: Path, value) -> None:
+        nonlocal wrote
+        if not path.exists():
+            path.write_text(json.dumps(value, indent=2) + "\n")
+            wrote += 1
+    for v, per_n in summary.get("per_seed", {}).items():
+        for n, per_s in per_n.items():
+            for s, result in per_s.items():
+                put(runs / f"{v}_s{s}.n{n}.score.json", result)
+    for n, result in summary.get("real", {}).items():
+        put(runs / f"real.n{n}.score.json", result)
+    for v, per_n in summary.get("finetune", {}).items():
+        for n, r in per_n.items():
+            for s, result in r.get("per_seed", {}).items():
+                put(runs / f"{v}_s{s}.n{n}.finetune.json", result)
+    for n, result in summary.get("finetune_real", {}).items():
+        put(runs / f"real.n{n}.finetune.json", result)
+    old = runs / RESTORED_SETS
+    sets = {**(json.loads(old.read_text()) if old.exists() else {}), **summary.get("sets", {})}
+    old.write_text(json.dumps(sets, indent=2) + "\n")
+    return wrote
+
+
 def summarise(runs: Path, variants, seeds, sizes, finetune_sizes=(400,)) -> dict:
     per_seed, points, sets = {}, {}, {}
+    restored = json.loads((runs / RESTORED_SETS).read_text()) if (runs / RESTORED_SETS).exists() else {}
     for v in variants:
         for s in seeds:
             secs, rows = gen_seconds(runs, v, s)
@@ -447,6 +485,8 @@ def summarise(runs: Path, variants, seeds, sizes, finetune_sizes=(400,)) -> dict
                 have = len(read_complete(set_path(runs, v, s)))
                 sets[f"{v}_s{s}"] = {"rows": have, "generate_minutes": round(secs / 60, 1),
                                      "examples_per_s": round(rows / secs, 3) if secs else None}
+            elif f"{v}_s{s}" in restored:
+                sets[f"{v}_s{s}"] = restored[f"{v}_s{s}"]
         for n in sizes:
             got = {}
             for s in seeds:
@@ -610,6 +650,10 @@ def main(argv=None) -> int:
                     "(~7 min a set of 400 on one core)")
     ap.add_argument("--finetune-sizes", default="400",
                     help="comma-separated N whose prefixes --finetune trains on (each one of --sizes; default 400)")
+    ap.add_argument("--restore", default=None, metavar="SUMMARY_JSON",
+                    help="first seed the runs folder with a committed summary's scores where it has none "
+                    "(e.g. experiments/results/curves_<model>.json), so a fresh checkout extends the committed "
+                    "curves: restored points are reported as they were, not rescored")
     ap.add_argument("--out", default=None,
                     help="summary path without suffix (.json and .png are written; default "
                     "experiments/results/curves_<model>)")
@@ -637,6 +681,13 @@ def main(argv=None) -> int:
         gemma_gguf("curves")
     runs = Path(args.runs or ROOT / "runs" / ("curves" if args.model == "smollm2" else f"curves-{args.model}"))
     runs.mkdir(parents=True, exist_ok=True)
+    if args.restore:
+        src = Path(args.restore)
+        if not src.is_file():
+            print(f"curves: --restore {src} is not a file: pass a summary JSON such as "
+                  f"experiments/results/curves_{MODEL['suffix']}.json", file=sys.stderr)
+            return 2
+        log(f"restored {restore(runs, src)} result files from {src}")
     if args.stage in ("gen", "all"):
         try:
             generate_all(data, runs, schedule(variants, seeds, sizes, args.order), args.jobs)

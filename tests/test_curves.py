@@ -132,3 +132,25 @@ def test_the_real_fine_tune_runs_once_per_n_and_each_sets_own_fine_tune_is_cache
     table = curves.table(summary)
     assert "| fewgen | 1600 | 2 | 66.0 ± 0.0 | 90.0 ± 0.0 (760 rows) |" in table
     assert "| fewgen | 400 | 2 | 54.0 ± 0.0 | 90.0 ± 0.0 |" in table
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3-270m"])
+def test_restore_then_summarise_gives_back_the_committed_summary(curves, tmp_path, model):
+    """A fresh checkout has no runs folder: ``--restore`` seeds it from the committed summary, and
+    the summary of the restored folder is that summary again (points, per-seed scores, real rows,
+    fine-tunes, sets); a second restore overwrites nothing, and a result computed here wins."""
+    committed = json.loads((ROOT / "experiments" / "results" / f"curves_{model}.json").read_text())
+    variants, sizes = list(committed["variants"]), committed["sizes"]
+    seeds = sorted({int(k.rsplit("_s", 1)[1]) for k in committed["sets"]})
+    assert curves.restore(tmp_path, ROOT / "experiments" / "results" / f"curves_{model}.json") > 0
+    got = curves.summarise(tmp_path, variants, seeds, sizes, sizes)
+    for key in ("points", "per_seed", "real", "finetune", "finetune_real", "sets"):
+        assert got[key] == committed[key], key
+    first = next(iter(committed["per_seed"]))
+    n, s = next(iter(committed["per_seed"][first].items()))
+    seed = next(iter(s))
+    cache = tmp_path / f"{first}_s{seed}.n{n}.score.json"
+    mine = {**json.loads(cache.read_text()), "probe_accuracy": 0.123}
+    cache.write_text(json.dumps(mine))
+    assert curves.restore(tmp_path, ROOT / "experiments" / "results" / f"curves_{model}.json") == 0
+    assert json.loads(cache.read_text())["probe_accuracy"] == 0.123
