@@ -3,6 +3,7 @@ method, batch invariance across admission time and slot reuse, the scheduler's Î
 the errors of requests that do not fit. Several EOS ids make rows finish at different steps so
 slots are freed and refilled while others decode."""
 import dataclasses
+import os
 import random
 
 import pytest
@@ -260,3 +261,53 @@ def test_distinct_prompts_computes_each_distinct_tail_once(seed):
         assert (todo, copies) == _distinct_reference(body, start, dedup)
         covered = todo + [i for d in copies.values() for i in d]
         assert sorted(covered) == [i for i, b in enumerate(body) if len(b) > start]
+
+
+@torch.inference_mode()
+def test_admission_reuses_the_prompt_cache_and_writes_what_a_whole_prefill_writes(tiny_lm, monkeypatch):
+    """A second admission takes from the prompt cache the positions its prompts share with earlier
+    ones (the common header, a repeated prompt, a prompt that extends an earlier one) and computes
+    the rest from there: every slot holds what prefilling its prompt whole, alone, writes."""
+    monkeypatch.delenv("DIVGEN_PREFIX_CACHE_MB", raising=False)
+    tiny_lm.prefix_cache = None
+    head = [17 + i % 70 for i in range(10)]
+    first = [head + p for p in prompts(5, seed=21)]
+    second = [list(first[0]), first[1][:-1] + [40, 41, 42, 43], head + [55], head + [56, 57, 58], [90, 91, 92]]
+    engine = Engine(tiny_lm, slots=6, max_len=64, compile=False)
+    engine._prompts = engine._prompt_cache()
+    engine._prefill(first, list(range(5)), list(range(5)), [])
+    cache = tiny_lm.prefix_cache
+    assert cache.reused_tokens == 0 and len(cache.entries) == 6              # the header and 5 prompts
+    engine._prefill(second, [4, 2, 0, 5, 1], list(range(5)), [])
+    # no common prefix this time (the last prompt): each row takes the longest prefix it shares with
+    # anything computed before (the header, the first admission's prompts but their last tokens)
+    computed = [head] + [p[:-1] for p in first]
+    assert cache.reused_tokens == sum(max(len(os.path.commonprefix([p[:-1], c])) for c in computed) for p in second)
+    assert cache.reused_tokens >= len(first[0]) - 1 + len(first[1]) - 1 + 2 * len(head)
+    model = engine.model
+    for p, s in zip(second, [4, 2, 0, 5, 1]):
+        k = torch.zeros_like(engine.cache.k[:, :1])
+        v = torch.zeros_like(engine.cache.v[:, :1])
+        model.prefill(torch.tensor([p[:-1]]), torch.tensor([0]), k, v)
+        n = len(p) - 1
+        torch.testing.assert_close(engine.cache.k[:, s, :, :n], k[:, 0, :, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(engine.cache.v[:, s, :, :n], v[:, 0, :, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_gives_the_same_tokens_with_and_without_the_prompt_cache(tiny_lm, monkeypatch):
+    """Calls that repeat and extend earlier prompts decode the tokens they decode with the cache
+    off, greedy and sampled, and the second call takes positions from the cache; multi-LoRA
+    listeners never touch it (an adapter changes the K/V)."""
+    ps = prompts(6, seed=31)
+    ps = [[20, 21, 22, 23, 24, 25, 26, 27] + p for p in ps]
+    again = ps[:3] + [p + [33, 34] for p in ps[3:]]
+    monkeypatch.setenv("DIVGEN_PREFIX_CACHE_MB", "0")
+    tiny_lm.prefix_cache = None
+    want = [generate(tiny_lm, x, max_new_tokens=6, **kw)[0] for x in (ps, again)
+            for kw in (dict(temperature=0.0), SAMPLING)]
+    assert tiny_lm.prefix_cache is None
+    monkeypatch.setenv("DIVGEN_PREFIX_CACHE_MB", "64")
+    got = [generate(tiny_lm, x, max_new_tokens=6, **kw)[0] for x in (ps, again)
+           for kw in (dict(temperature=0.0), SAMPLING)]
+    assert [[r.token_ids for r in res] for res in got] == [[r.token_ids for r in res] for res in want]
+    assert tiny_lm.prefix_cache.reused_tokens > sum(len(p) - 1 for p in ps)

@@ -45,6 +45,7 @@ from divgen.engine.guidance import Guidance
 from divgen.engine.kv_cache import KVCache
 from divgen.engine.model import LoadedModel
 from divgen.engine.own_special import special_token_mask
+from divgen.engine.prefix_cache import PrefixCache, budget_bytes as prefix_cache_budget, weights_fingerprint
 from divgen.engine.sampling import SamplingParams, guided_sample_step
 from divgen.kernels import greedy_tokens
 from divgen.kernels.plan import build_group_plan, stage
@@ -309,6 +310,7 @@ class Engine:
         copy_guard, own: ``generate``'s copy guard and own-special mask ([V] bool), or None."""
         if listeners and self.compiled:
             raise DivgenError("multi-LoRA listeners need an eager step: pass compile=False")
+        self._prompts = None if listeners else self._prompt_cache()
         run = _Run(self, encoded, params, max_new_tokens, stopper, guidance, listeners, progress, on_result,
                    self.lag if lag is None else bool(lag), step_times, copy_guard, own)
         return run.loop()
@@ -336,42 +338,81 @@ class Engine:
             return host
         return rec
 
+    def _prompt_cache(self) -> PrefixCache | None:
+        """The model's prompt cache (made on first use), emptied if the weights changed since; None
+        when ``DIVGEN_PREFIX_CACHE_MB`` is 0."""
+        budget = prefix_cache_budget()
+        if budget <= 0:
+            return None
+        cache = self.lm.prefix_cache
+        if not isinstance(cache, PrefixCache):
+            cache = self.lm.prefix_cache = PrefixCache(budget)
+        cache.budget = budget
+        cache.validate(weights_fingerprint(self.model))
+        return cache
+
     def _prefill(self, prompts: list[list[int]], slots: list[int], rows: list[int], listeners) -> None:
         """Write all but the last token of each prompt into its slot.
 
-        Three savings, all exact in the math (the same positions attend to the same keys):
-        the prompts' longest common prefix (a chat template's system turn, a task's header) is
-        computed once, in the first slot, and copied to the others; a prompt that several rows
-        share (n samples of one prompt) is computed once and its K/V copied to the other rows'
-        slots (neither under multi-LoRA listeners: an adapter changes the K/V); the rest goes in
-        right-padded batches of similar length (``prefill_batches``), so padding costs little."""
+        Four savings, all exact in the math (the same positions attend to the same keys): the
+        positions a cached prompt shares with this one are copied from the prompt cache
+        (``prefix_cache``: earlier admissions and calls); the prompts' longest common prefix (a
+        chat template's system turn, a task's header) is computed once, in the first slot, and
+        copied to the others; a prompt that several rows share (n samples of one prompt) is
+        computed once and its K/V copied to the other rows' slots (none of these under multi-LoRA
+        listeners: an adapter changes the K/V); the rest goes in right-padded batches of similar
+        length and equal start (``prefill_batches``), so padding costs little."""
         body = [p[:-1] for p in prompts]
+        cache = None if listeners else getattr(self, "_prompts", None)
         start = 0 if listeners or len(body) < 2 else common_prefix_len(body)
         if start < PREFIX_MIN:
             start = 0
         k, v, dev = self.cache.k, self.cache.v, self.device
         if start:                       # host values of a batch change: one packed copy (``stage``)
             first = slots[0]
-            prefix, first_t, rest = stage([body[0][:start], [first], slots[1:]], torch.int64, dev)
-            self.model.prefill(prefix.view(1, start), first_t, k, v)
+            done = self._from_cache(cache, body[0][:start], first, 0)
+            prefix, first_t, rest = stage([body[0][done:start], [first], slots[1:]], torch.int64, dev)
+            if done < start:
+                self.model.prefill(prefix.view(1, start - done), first_t, k, v, done)
+                if cache is not None:
+                    cache.store(body[0][:start], k[:, first, :, :start], v[:, first, :, :start])
             k[:, rest, :, :start] = k[:, first:first + 1, :, :start]
             v[:, rest, :, :start] = v[:, first:first + 1, :, :start]
         todo, copies = distinct_prompts(body, start, dedup=not listeners)
+        begin = {i: self._from_cache(cache, body[i], slots[i], start) for i in todo}
         pad = self.lm.pad_token_id
-        for batch in prefill_batches([len(body[i]) - start for i in todo]):
-            batch = [todo[j] for j in batch]
-            width = max(len(body[i]) for i in batch) - start
-            tokens, batch_slots, batch_rows = stage(
-                [[t for i in batch for t in body[i][start:] + [pad] * (width - len(body[i]) + start)],
-                 [slots[i] for i in batch], [rows[i] for i in batch]], torch.int64, dev)
-            for listener in listeners:
-                listener.set_batch(batch_rows)
-            self.model.prefill(tokens.view(len(batch), width), batch_slots, k, v, start)
+        for b0 in sorted(set(begin.values())):          # rows that start at the same position
+            group = [i for i in todo if begin[i] == b0 and len(body[i]) > b0]
+            for batch in prefill_batches([len(body[i]) - b0 for i in group]):
+                batch = [group[j] for j in batch]
+                width = max(len(body[i]) for i in batch) - b0
+                tokens, batch_slots, batch_rows = stage(
+                    [[t for i in batch for t in body[i][b0:] + [pad] * (width - len(body[i]) + b0)],
+                     [slots[i] for i in batch], [rows[i] for i in batch]], torch.int64, dev)
+                for listener in listeners:
+                    listener.set_batch(batch_rows)
+                self.model.prefill(tokens.view(len(batch), width), batch_slots, k, v, b0)
+        if cache is not None:
+            for i in todo:
+                if begin[i] < len(body[i]):
+                    n, s = len(body[i]), slots[i]
+                    cache.store(body[i], k[:, s, :, :n], v[:, s, :, :n])
         for src, dups in copies.items():
             end, s = len(body[src]), slots[src]
             (dst,) = stage([[slots[i] for i in dups]], torch.int64, dev)
             k[:, dst, :, start:end] = k[:, s:s + 1, :, start:end]
             v[:, dst, :, start:end] = v[:, s:s + 1, :, start:end]
+
+
+    def _from_cache(self, cache: PrefixCache | None, tokens: list[int], slot: int, begin: int) -> int:
+        """Copy the cached positions [begin, m) of ``tokens`` into ``slot``; returns max(begin, m)."""
+        if cache is None or len(tokens) <= begin:
+            return begin
+        key, m = cache.match(tokens)
+        if m <= begin:
+            return begin
+        cache.load(key, m, self.cache.k, self.cache.v, slot, begin)
+        return m
 
 
 def distinct_prompts(body: list[list[int]], start: int, dedup: bool = True) -> tuple[list[int], dict[int, list[int]]]:

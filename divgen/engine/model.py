@@ -46,6 +46,7 @@ class LoadedModel:
     fast_path: bool = True          # decode on divgen's own forward where the architecture allows
     compile: bool | None = None     # torch.compile the decode step; None = where it pays (CUDA)
     engines: dict = field(default_factory=dict, repr=False)   # compiled decode engines by shape
+    prefix_cache: object = field(default=None, repr=False, compare=False)   # prompts' K/V (engine.prefix_cache)
 
     @property
     def fast(self) -> torch.nn.Module | None:
