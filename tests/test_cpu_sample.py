@@ -362,6 +362,21 @@ def test_a_too_tight_noise_bound_changes_the_tokens(monkeypatch):
 
 
 
+def _candidate_case(vocab):
+    """(k1, k2, z, floor) for 9 rows: extreme keys, a floor that cuts about half of each row, −inf
+    and NaN scores, and a +inf floor on row 2 (only top-level noise makes candidates there)."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows = 9
+    k1 = torch.tensor([0, 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 5, 6, 7, 8], dtype=torch.int64)
+    k2 = torch.randint(0, 1 << 32, (rows,), generator=gen)
+    z = torch.randn(rows, vocab, generator=gen)
+    z[0, ::7] = float("-inf")
+    z[1, ::11] = float("nan")
+    floor = torch.zeros(rows)
+    floor[2] = float("inf")
+    return cpu_sample._as_int32(k1), cpu_sample._as_int32(k2), z, floor
+
+
 @pytest.mark.parametrize("vocab", [97, 1000, 4099, 49152])
 def test_fused_candidate_pass_equals_the_torch_passes(vocab, monkeypatch):
     """The compiled candidate pass gives every token the int32 hash's m + 1 where the unfused test
@@ -369,16 +384,7 @@ def test_fused_candidate_pass_equals_the_torch_passes(vocab, monkeypatch):
     floor that cuts about half of each row, −inf and NaN scores."""
     _draw_mode("fused", monkeypatch)
     fused = cpu_sample._FUSED
-    gen = torch.Generator().manual_seed(vocab)
-    rows = 9
-    k1 = torch.tensor([0, 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 5, 6, 7, 8], dtype=torch.int64)
-    k2 = torch.randint(0, 1 << 32, (rows,), generator=gen)
-    k1, k2 = cpu_sample._as_int32(k1), cpu_sample._as_int32(k2)
-    z = torch.randn(rows, vocab, generator=gen)
-    z[0, ::7] = float("-inf")
-    z[1, ::11] = float("nan")
-    floor = torch.zeros(rows)
-    floor[2] = float("inf")                   # only top-level noise
+    k1, k2, z, floor = _candidate_case(vocab)
     h = cpu_sample.hash_i32(k1[:, None], k2[:, None], torch.arange(vocab, dtype=torch.int32)[None, :])
     cand = (z >= floor[:, None]) | ((h >> (32 - cpu_sample.TOP_BITS)) == -1)
     want = torch.where(cand, cpu_sample._m_of(h) + 1, 0)
@@ -452,16 +458,7 @@ def test_native_candidate_pass_equals_the_torch_passes(vocab):
     that cuts about half of each row, −inf and NaN scores, a +inf floor (top-level noise only), and
     rows that are not sampled (none of their tokens)."""
     ops = _native_ops()
-    gen = torch.Generator().manual_seed(vocab)
-    rows = 9
-    k1 = torch.tensor([0, 1, (1 << 31) - 1, 1 << 31, (1 << 32) - 1, 5, 6, 7, 8], dtype=torch.int64)
-    k2 = torch.randint(0, 1 << 32, (rows,), generator=gen)
-    k1, k2 = cpu_sample._as_int32(k1), cpu_sample._as_int32(k2)
-    z = torch.randn(rows, vocab, generator=gen)
-    z[0, ::7] = float("-inf")
-    z[1, ::11] = float("nan")
-    floor = torch.zeros(rows)
-    floor[2] = float("inf")
+    k1, k2, z, floor = _candidate_case(vocab)
     sampled = torch.tensor([True, True, True, False, True, True, False, True, True])
     h = cpu_sample.hash_i32(k1[:, None], k2[:, None], torch.arange(vocab, dtype=torch.int32)[None, :])
     cand = ((z >= floor[:, None]) | ((h >> (32 - cpu_sample.TOP_BITS)) == -1)) & sampled[:, None]
