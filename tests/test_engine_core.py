@@ -204,6 +204,17 @@ def test_waiting_steps_cover_exactly_the_steps_before_the_last_admission(tiny_lm
 
 
 
+def _assert_slots_hold_whole_prefills(engine, ps, slots):
+    """Each slot holds the K/V that prefilling its prompt (but the last token) whole, alone, writes."""
+    for p, s in zip(ps, slots):
+        k = torch.zeros_like(engine.cache.k[:, :1])
+        v = torch.zeros_like(engine.cache.v[:, :1])
+        engine.model.prefill(torch.tensor([p[:-1]]), torch.tensor([0]), k, v)
+        n = len(p) - 1
+        torch.testing.assert_close(engine.cache.k[:, s, :, :n], k[:, 0, :, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(engine.cache.v[:, s, :, :n], v[:, 0, :, :n], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("listeners", [False, True])
 @pytest.mark.parametrize("repeats", [False, True])
 @torch.inference_mode()
@@ -225,17 +236,13 @@ def test_admission_prefill_writes_the_cache_of_whole_prompt_prefills(tiny_lm, li
         ps[6] = list(ps[5])
     engine = Engine(tiny_lm, slots=8, max_len=64, compile=False)
     slots = [5, 0, 7, 2, 1, 3, 6]
+    engine._prompts = cache = engine._prompt_cache()
+    cache.clear()
     engine._prefill(ps, slots, list(range(7)), [Listener()] if listeners else [])
-    model = engine.model
-    for p, s in zip(ps, slots):
-        k = torch.zeros_like(engine.cache.k[:, :1])
-        v = torch.zeros_like(engine.cache.v[:, :1])
-        model.prefill(torch.tensor([p[:-1]]), torch.tensor([0]), k, v)
-        n = len(p) - 1
-        torch.testing.assert_close(engine.cache.k[:, s, :, :n], k[:, 0, :, :n], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(engine.cache.v[:, s, :, :n], v[:, 0, :, :n], atol=1e-5, rtol=1e-5)
-    if listeners:       # each prefill batch told its rows
+    _assert_slots_hold_whole_prefills(engine, ps, slots)
+    if listeners:       # each prefill batch told its rows; the prompt cache is not written
         assert sorted(r for rows in seen for r in rows) == list(range(7))
+    assert (len(cache.entries) == 0) == listeners
 
 
 def _distinct_reference(body, start, dedup):
@@ -284,20 +291,12 @@ def test_admission_reuses_the_prompt_cache_and_writes_what_a_whole_prefill_write
     computed = [head] + [p[:-1] for p in first]
     assert cache.reused_tokens == sum(max(len(os.path.commonprefix([p[:-1], c])) for c in computed) for p in second)
     assert cache.reused_tokens >= len(first[0]) - 1 + len(first[1]) - 1 + 2 * len(head)
-    model = engine.model
-    for p, s in zip(second, [4, 2, 0, 5, 1]):
-        k = torch.zeros_like(engine.cache.k[:, :1])
-        v = torch.zeros_like(engine.cache.v[:, :1])
-        model.prefill(torch.tensor([p[:-1]]), torch.tensor([0]), k, v)
-        n = len(p) - 1
-        torch.testing.assert_close(engine.cache.k[:, s, :, :n], k[:, 0, :, :n], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(engine.cache.v[:, s, :, :n], v[:, 0, :, :n], atol=1e-5, rtol=1e-5)
+    _assert_slots_hold_whole_prefills(engine, second, [4, 2, 0, 5, 1])
 
 
 def test_generate_gives_the_same_tokens_with_and_without_the_prompt_cache(tiny_lm, monkeypatch):
     """Calls that repeat and extend earlier prompts decode the tokens they decode with the cache
-    off, greedy and sampled, and the second call takes positions from the cache; multi-LoRA
-    listeners never touch it (an adapter changes the K/V)."""
+    off, greedy and sampled, and the second call takes positions from the cache."""
     ps = prompts(6, seed=31)
     ps = [[20, 21, 22, 23, 24, 25, 26, 27] + p for p in ps]
     again = ps[:3] + [p + [33, 34] for p in ps[3:]]

@@ -279,6 +279,7 @@ class Engine:
         self.slots, self.max_len, self.device = slots, max_len, lm.device
         self.cache = KVCache(a.n_layers, slots, a.n_kv_heads, max_len, a.head_dim, lm.dtype, lm.device)
         self.state = DecodeState(slots, lm.device)
+        self._prompts: PrefixCache | None = None      # the run's prompt cache (``run`` sets it)
         self.model.setup_rope(max_len)
         self.compiled = default_compile(lm.device) if compile is None else bool(compile)
         # Eager steps may run on the live prefix of the slots only (cheaper on CPU, where a step
@@ -363,7 +364,7 @@ class Engine:
         listeners: an adapter changes the K/V); the rest goes in right-padded batches of similar
         length and equal start (``prefill_batches``), so padding costs little."""
         body = [p[:-1] for p in prompts]
-        cache = None if listeners else getattr(self, "_prompts", None)
+        cache = None if listeners else self._prompts
         start = 0 if listeners or len(body) < 2 else common_prefix_len(body)
         if start < PREFIX_MIN:
             start = 0
@@ -402,7 +403,6 @@ class Engine:
             (dst,) = stage([[slots[i] for i in dups]], torch.int64, dev)
             k[:, dst, :, start:end] = k[:, s:s + 1, :, start:end]
             v[:, dst, :, start:end] = v[:, s:s + 1, :, start:end]
-
 
     def _from_cache(self, cache: PrefixCache | None, tokens: list[int], slot: int, begin: int) -> int:
         """Copy the cached positions [begin, m) of ``tokens`` into ``slot``; returns max(begin, m)."""

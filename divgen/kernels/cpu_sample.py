@@ -48,8 +48,8 @@ injected and counter-based noise, so a change of the reference's rules shows up 
   [R, V] intermediate is written or scanned (``nonzero`` over one was a third of the step). Integer
   ops and one comparison only, so exact by construction; the Gumbel logs of the candidates stay
   torch's (MKL's) on the gathered list. 16 / 64 rows x 49,152 at T = 1, one thread, the whole
-  sampling step: 2.8 → 1.8 ms and 10.7 → 6.0 ms against the compiled pass below
-  (benchmarks/bench_cpu_sampler.py). ``DIVGEN_CPU_SAMPLER=auto`` (default) takes it where it
+  sampling step: 2.4 / 6.0 ms, against 5.1 / 17.2 ms with the compiled pass below in the previous
+  run of benchmarks/bench_cpu_sampler.py (benchmarks/RESULTS.md). ``DIVGEN_CPU_SAMPLER=auto`` (default) takes it where it
   built, ``native`` makes a failed build an error.
 * The fused candidate pass, where the native one did not build: torch's inductor builds the same
   hash and test as ONE compiled loop over the row block
@@ -77,7 +77,6 @@ from pathlib import Path
 import torch
 
 from divgen.engine.models import native_build
-
 from divgen.kernels import reference
 from divgen.kernels.reference import LOGIT_MAX, sampling_temperature
 
@@ -429,31 +428,30 @@ def _dense_draw(z_rows, n_rows, vocab, greedy, seeds, step, min_p, device):
         # near enough to reach b with any noise below the top level, or noise at the top level
         # (top bits all set: −1 after an arithmetic shift; its z may be −inf: it cannot win then)
         floor = b - (G_TOP + tol)
-        m1 = flat = None
+        # flat indices (row-major, ids ascending) and 1-d gathers: 2-d advanced indexing costs ~5x
         if native is not None and z.dtype == torch.float32:
             # the candidates (rows of sampled rows only) straight off one native loop
             flat, m_cand = native.candidates(z.contiguous(), kr1.contiguous(), kr2.contiguous(), floor, sampled,
                                              TOP_BITS, reference._FMIX_C1, reference._FMIX_C2)
-        elif fused is not None:
-            try:
-                m1 = fused(z, kr1, kr2, floor)                                  # [c, V]: m + 1 or 0
-            except Exception as err:          # no working toolchain after all: the torch passes
-                _fused_failed(err)
-                fused = None
-        # flat indices (row-major, ids ascending) and 1-d gathers: 2-d advanced indexing costs ~5x
-        if flat is not None:
-            pass
-        elif m1 is not None:
-            flat = m1.view(-1).nonzero()[:, 0]
-            if not bool(sampled.all()):                                         # top-level noise of other rows
-                flat = flat[sampled[flat // vocab]]
-            m_cand = m1.view(-1).index_select(0, flat) - 1
         else:
-            h = hash_i32(kr1[:, None], kr2[:, None], ids[None, :])               # [c, V] int32
-            cand = (z >= floor[:, None]).logical_or_((h >> (32 - TOP_BITS)) == -1)
-            cand &= sampled[:, None]
-            flat = cand.view(-1).nonzero()[:, 0]
-            m_cand = _m_of(h.view(-1).index_select(0, flat))
+            m1 = None
+            if fused is not None:
+                try:
+                    m1 = fused(z, kr1, kr2, floor)                              # [c, V]: m + 1 or 0
+                except Exception as err:      # no working toolchain after all: the torch passes
+                    _fused_failed(err)
+                    fused = None
+            if m1 is not None:
+                flat = m1.view(-1).nonzero()[:, 0]
+                if not bool(sampled.all()):                                     # top-level noise of other rows
+                    flat = flat[sampled[flat // vocab]]
+                m_cand = m1.view(-1).index_select(0, flat) - 1
+            else:
+                h = hash_i32(kr1[:, None], kr2[:, None], ids[None, :])           # [c, V] int32
+                cand = (z >= floor[:, None]).logical_or_((h >> (32 - TOP_BITS)) == -1)
+                cand &= sampled[:, None]
+                flat = cand.view(-1).nonzero()[:, 0]
+                m_cand = _m_of(h.view(-1).index_select(0, flat))
         rows, cols = flat // vocab, flat % vocab
         scores = z.reshape(-1).index_select(0, flat) + _padded_gumbel(_uniform_from_m(m_cand))
         top = _row_max(scores, rows, r1 - r0)
