@@ -44,12 +44,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from divgen.bench.common import (
-    add_common_args, apply_common_args, bench, copy_bandwidth_gbs, default_results_path, result_record, write_json,
+    add_common_args, apply_common_args, bench, copy_bandwidth_gbs, default_results_path, device_profile, result_record,
+    sync, write_json,
 )
 from divgen.kernels import reference
 
@@ -122,6 +124,30 @@ def graphed(fn):
     return graph.replay
 
 
+def back_to_back_us(fn, repeats: int, device) -> float:
+    """µs a call of ``repeats`` calls launched back to back with one sync at the end: the device
+    time a step adds to a captured decode step, without ``bench``'s host round trip per call."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats * 1e6
+
+
+def where_the_time_goes(step_once, replay, device) -> dict:
+    """The step's kernels (µs a call, eager launches) and the device's busy time in a graph replay
+    against its wall time (``common.device_profile``); an error is recorded, never raised."""
+    try:
+        eager = device_profile(step_once, repeats=5, device=device, top=8)
+        graph = device_profile(replay, repeats=5, device=device, top=8)
+    except Exception as exc:                             # noqa: BLE001 — a profiler failure is a note, not a lost case
+        return {"profile_error": f"{type(exc).__name__}: {exc}"[-300:]}
+    return {"kernels_us": [[t["name"][:80], round(t["us"], 2), t["calls"]] for t in eager["top"]],
+            "eager_busy_us": eager["busy_us"], "graph_busy_us": graph["busy_us"], "graph_wall_us": graph["wall_us"]}
+
+
 def run_case(rows, vocab, group, mode_name, args, device, use_kernel, copy_gbs) -> dict:
     mode = MODES[mode_name]
     gen = torch.Generator().manual_seed(rows * 7 + vocab)
@@ -154,7 +180,10 @@ def run_case(rows, vocab, group, mode_name, args, device, use_kernel, copy_gbs) 
             return tokens
 
         result["kernel_us"] = bench(step_once, **timing)["median_s"] * 1e6
-        result["graph_us"] = bench(graphed(step_once), **timing)["median_s"] * 1e6
+        replay = graphed(step_once)
+        result["graph_us"] = bench(replay, **timing)["median_s"] * 1e6
+        result["graph_loop_us"] = back_to_back_us(replay, args.repeats, device)
+        result.update(where_the_time_goes(step_once, replay, device))
         result["wrapper_us"] = bench(lambda: gs.guided_sample(logits, mix, **kwargs), **timing)["median_s"] * 1e6
         passes = traced_passes(gs, logits, plan, seeds, per_row, group) if cut else BASIC_PASSES
         result["passes"] = passes
@@ -188,6 +217,21 @@ def print_table(results, use_kernel: bool) -> None:
         else:
             line += f" {r['hf_over_reference']:>7.2f}"
         print(line)
+
+
+def profile_lines(results) -> list[str]:
+    """Per case: graph replays back to back, the device's busy time in a replay, and the largest
+    kernels of an eager step (µs a call)."""
+    lines = []
+    for r in results:
+        if "graph_loop_us" not in r:
+            continue
+        tag = f"{r['mode']:>6} R={r['rows']} V={r['vocab']} K={r['group']}"
+        busy = r.get("graph_busy_us")
+        kernels = ", ".join(f"{name.split('(')[0][-28:]} {us:.1f}" for name, us, _ in r.get("kernels_us", [])[:4])
+        lines.append(f"{tag}: back-to-back {r['graph_loop_us']:.1f} µs, device busy "
+                     f"{'-' if busy is None else f'{busy:.1f}'} µs a replay; {kernels or r.get('profile_error', '')}")
+    return lines
 
 
 def check_targets(results) -> list[str]:
@@ -237,6 +281,8 @@ def main() -> None:
     print(f"device {device}, bf16 logits, K-CorrSynth g={GUIDANCE_SCALE}, T={TEMPERATURE}, modes {MODES}"
           + (f", device copy {copy_gbs:.0f} GB/s" if copy_gbs else ""))
     print_table(results, use_kernel)
+    for line in profile_lines(results):
+        print(line)
     for line in check_targets(results):
         print(line)
 

@@ -9,9 +9,10 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from divgen.bench import suite
-from divgen.bench.common import latency_summary, percentile
+from divgen.bench.common import device_profile, latency_summary, percentile
 from divgen.bindings.cli import main
 
 
@@ -21,6 +22,23 @@ def test_percentile_matches_numpy_linear(n):
     xs = [rng.expovariate(1.0) for _ in range(n)]
     for q in (0, 50, 90, 99, 100):
         assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU form of the profile")
+def test_device_profile_counts_each_op_once_a_call():
+    a = torch.randn(64, 64)
+
+    def fn():
+        for _ in range(3):
+            torch.mm(a, a)
+        torch.relu(a)
+
+    prof = device_profile(fn, repeats=4, device="cpu", top=50)
+    ops = {t["name"]: t for t in prof["top"]}
+    assert ops["aten::mm"]["calls"] == 3 and ops["aten::relu"]["calls"] == 1
+    assert [t["us"] for t in prof["top"]] == sorted((t["us"] for t in prof["top"]), reverse=True)
+    assert prof["busy_fraction"] is None and prof["wall_us"] > 0 and prof["events_per_call"] >= 4
+    assert len(device_profile(fn, repeats=1, device="cpu", top=2)["top"]) == 2
 
 
 def test_latency_summary_in_milliseconds():

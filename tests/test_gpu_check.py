@@ -36,6 +36,9 @@ def test_smoke_run_writes_a_record_of_the_schema(tmp_path):
     assert st["decode"]["status"] == "ok"
     rows = st["decode"]["result"]["rows"]
     assert [r["batch"] for r in rows] == [1, 4] and all(r["engine_eager_tok_s"] > 0 for r in rows)
+    for r in rows:      # one profiled call each: the CPU form (ops by self time, no busy share)
+        assert set(r["profiles"]) == {"engine_eager", "hf_generate"}
+        assert all(p["top_ms"] and p["busy_fraction"] is None for p in r["profiles"].values())
     assert st["graph"]["status"] == ("skipped" if not torch.cuda.is_available() else "ok")
     assert code == (1 if not torch.cuda.is_available() else 0)      # a skipped stage is not a pass
     assert any(line.startswith("decode ") for line in gpu_check.summary_lines(record))

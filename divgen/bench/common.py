@@ -62,6 +62,53 @@ def bench(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 10, devic
     }
 
 
+def device_profile(fn: Callable[[], object], *, repeats: int = 3, device=None, top: int = 12) -> dict:
+    """Where fn's time goes, from torch.profiler over ``repeats`` calls (after one untimed call).
+
+    On CUDA: the device's work (kernels, copies, memsets) by name, in µs a call, and the share of
+    the wall time the device was busy (the union of their intervals): a step whose busy share is
+    low is bound by the host (launches, syncs, a CUDA graph that is not replayed), not by its
+    kernels. On a CPU: the ops' self time by name, and no busy share. Returns {"wall_us",
+    "busy_us", "busy_fraction", "events_per_call", "top": [{"name", "calls", "us"}] (per call,
+    largest first)}."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            fn()
+        sync(device)
+    wall_us = (time.perf_counter() - t0) * 1e6
+    totals: dict[str, list] = {}
+    busy_us = None
+    if cuda:
+        spans = []
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                spans.append((e.time_range.start, e.time_range.end))
+                t = totals.setdefault(e.name, [0, 0.0])
+                t[0] += 1
+                t[1] += e.time_range.end - e.time_range.start
+        busy_us, end = 0.0, float("-inf")
+        for start, stop in sorted(spans):           # union of the intervals (streams may overlap)
+            busy_us += max(0.0, stop - max(start, end))
+            end = max(end, stop)
+    else:
+        for e in prof.key_averages():
+            totals[e.key] = [e.count, e.self_cpu_time_total]
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])
+    return {"wall_us": wall_us / repeats,
+            "busy_us": None if busy_us is None else busy_us / repeats,
+            "busy_fraction": None if busy_us is None else busy_us / wall_us,
+            "events_per_call": sum(c for c, _ in totals.values()) / repeats,
+            "top": [{"name": name[:120], "calls": c / repeats, "us": us / repeats} for name, (c, us) in ranked[:top]]}
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)

@@ -17,8 +17,11 @@ fails or runs out of time is recorded as such and the next one runs):
 * ``decode``  the engine (CUDA graphs, and eager) against ``transformers.generate`` on a random
               Llama-3-1B in bf16 at batch 1 and 64, sampled, EOS ignored, interleaved repeats,
               medians; at batch 1 the weight bytes a step reads over the step time, as a share
-              of the measured copy bandwidth;
-* ``sampler`` ``benchmarks/bench_guided_sample.py`` at V = 128,256 (µs, GB/s vs copy bandwidth);
+              of the measured copy bandwidth; one profiled call of the engine and of HF each:
+              the device's busy share of the wall time (low: bound by launches, syncs or a graph
+              that does not replay) and the largest kernels;
+* ``sampler`` ``benchmarks/bench_guided_sample.py`` at V = 128,256 (µs, GB/s vs copy bandwidth;
+              graph replays back to back, the device's busy time a replay, each kernel's µs);
 * ``lora``    ``benchmarks/bench_lora.py`` (multi-LoRA shrink/expand vs the per-adapter loop);
 * ``tests``   the kernel and engine test files on the GPU (the ``gpu``-marked tests included).
 
@@ -240,6 +243,7 @@ def stage_decode(args) -> dict:
         if best not in med:
             out["rows"].append(row)
             continue
+        row["profiles"] = _decode_profiles({best: variants[best], "hf_generate": variants["hf_generate"]}, cuda)
         step_s = med[best] / new                       # includes the prefill, so a lower bound
         row["engine_ms_per_token_step"] = 1e3 * step_s
         if args.copy_gbs:
@@ -247,6 +251,25 @@ def stage_decode(args) -> dict:
         out["rows"].append(row)
         if args.result:                                 # partial results survive a timeout
             Path(args.result).write_text(json.dumps(out))
+    return out
+
+
+def _decode_profiles(fns: dict, cuda: bool) -> dict:
+    """One profiled call of each: the device's busy share of the wall time (low = bound by the host:
+    launches, syncs, a graph not replayed) and the largest kernels (µs a call). A profiler failure
+    is recorded beside the figures, never raised."""
+    from divgen.bench.common import device_profile
+
+    out = {}
+    for name, fn in fns.items():
+        try:
+            p = device_profile(fn, repeats=1, device="cuda" if cuda else "cpu", top=10)
+        except Exception as exc:                        # noqa: BLE001
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[-300:]}
+            continue
+        out[name] = {"busy_fraction": p["busy_fraction"], "wall_ms": p["wall_us"] / 1e3,
+                     "events": p["events_per_call"],
+                     "top_ms": [[t["name"][:80], round(t["us"] / 1e3, 3), t["calls"]] for t in p["top"]]}
     return out
 
 
@@ -393,7 +416,10 @@ def summary_lines(record: dict) -> list[str]:
                 f"b{row['batch']}: engine {_fmt(row.get('engine_graphs_tok_s', row.get('engine_eager_tok_s')), '.0f')}"
                 f" tok/s = {_fmt(row.get('engine_graphs_over_hf', row.get('engine_eager_over_hf')), '.2f')}x HF"
                 + (f", {100 * row['weight_read_share_of_copy_bw']:.0f}% of copy BW"
-                   if "weight_read_share_of_copy_bw" in row else "") for row in r["rows"])
+                   if "weight_read_share_of_copy_bw" in row else "")
+                + "".join(f", {k.split('_')[0]} busy {100 * p['busy_fraction']:.0f}%"
+                          for k, p in row.get("profiles", {}).items() if p.get("busy_fraction") is not None)
+                for row in r["rows"])
         elif name == "sampler" and r:
             pick = [x for x in r.get("rows", []) if x.get("rows") == 64 and x.get("vocab") == 128256]
             fig = "; ".join(f"R64 {x.get('mode')}: graph {_fmt(x.get('graph_us'))} us, "
