@@ -68,6 +68,8 @@ VARIANTS = {   # name: synth flags (after `divgen synth ag_news --few-shot DATA`
     "fewgen-guard": ["--method", "fewgen", "--copy-guard", "8"],
     # weaker guidance with the same fixes (does the gap to FewGen close as g → 1?)
     "corrsynth-fixed-g1.25": ["--method", "corrsynth", "--g", "1.25", "--own-special", "--copy-guard", "8"],
+    # stronger guidance with the same fixes (Gemma: does more contrast buy diversity without fidelity?)
+    "corrsynth-fixed-g1.75": ["--method", "corrsynth", "--g", "1.75", "--own-special", "--copy-guard", "8"],
     # the other guided methods with the same fixes, at the smaller sizes (CFG runs K² rows: ~4x the cost)
     "m-corrsynth-fixed": ["--method", "m-corrsynth", "--gamma", "1.0", "--delta", "0.5", "--own-special",
                           "--copy-guard", "8"],
@@ -94,7 +96,8 @@ MODELS = {
 MODEL = MODELS["smollm2"]          # main() sets the one --model names
 MAIN = ("fewgen", "corrsynth-fixed")      # generated before every other variant's seeds
 COLORS = {"fewgen": "tab:blue", "corrsynth-fixed": "tab:red", "corrsynth": "tab:orange", "m-corrsynth-fixed": "tab:purple",
-          "cfg-fixed": "tab:green", "corrsynth-fixed-g1.25": "tab:pink", "fewgen-guard": "tab:cyan",
+          "cfg-fixed": "tab:green", "corrsynth-fixed-g1.25": "tab:pink", "corrsynth-fixed-g1.75": "darkred",
+          "fewgen-guard": "tab:cyan",
           "m-corrsynth-intra": "tab:brown", "m-corrsynth-intra-r16": "tab:olive",
           "m-corrsynth-intra-d1": "tab:gray", "real": "black"}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
