@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from divgen.bench.common import (
-    add_common_args, apply_common_args, bench, copy_bandwidth_gbs, default_results_path, device_profile, result_record,
+    add_common_args, apply_common_args, bench, copy_bandwidth_gbs, default_results_path, profile_or_error, result_record,
     sync, write_json,
 )
 from divgen.kernels import reference
@@ -138,14 +138,13 @@ def back_to_back_us(fn, repeats: int, device) -> float:
 
 def where_the_time_goes(step_once, replay, device) -> dict:
     """The step's kernels (µs a call, eager launches) and the device's busy time in a graph replay
-    against its wall time (``common.device_profile``); an error is recorded, never raised."""
-    try:
-        eager = device_profile(step_once, repeats=5, device=device, top=8)
-        graph = device_profile(replay, repeats=5, device=device, top=8)
-    except Exception as exc:                             # noqa: BLE001 — a profiler failure is a note, not a lost case
-        return {"profile_error": f"{type(exc).__name__}: {exc}"[-300:]}
+    (``common.device_profile``); a profiler failure is recorded, never raised."""
+    eager = profile_or_error(step_once, repeats=5, device=device, top=8)
+    graph = profile_or_error(replay, repeats=5, device=device, top=8)
+    if "error" in eager or "error" in graph:
+        return {"profile_error": eager.get("error") or graph["error"]}
     return {"kernels_us": [[t["name"][:80], round(t["us"], 2), t["calls"]] for t in eager["top"]],
-            "eager_busy_us": eager["busy_us"], "graph_busy_us": graph["busy_us"], "graph_wall_us": graph["wall_us"]}
+            "eager_busy_us": eager["busy_us"], "graph_busy_us": graph["busy_us"]}
 
 
 def run_case(rows, vocab, group, mode_name, args, device, use_kernel, copy_gbs) -> dict:

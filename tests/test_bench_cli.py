@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from divgen.bench import suite
-from divgen.bench.common import device_profile, latency_summary, percentile
+from divgen.bench.common import covered, device_profile, latency_summary, percentile, profile_or_error
 from divgen.bindings.cli import main
 
 
@@ -39,6 +39,24 @@ def test_device_profile_counts_each_op_once_a_call():
     assert [t["us"] for t in prof["top"]] == sorted((t["us"] for t in prof["top"]), reverse=True)
     assert prof["busy_fraction"] is None and prof["wall_us"] > 0 and prof["events_per_call"] >= 4
     assert len(device_profile(fn, repeats=1, device="cpu", top=2)["top"]) == 2
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_covered_is_the_length_of_the_union(seed):
+    """The device's busy time: the union of kernel intervals, against a unit grid marked by each."""
+    rng = random.Random(seed)
+    spans = [(a, a + rng.randint(0, 12)) for a in (rng.randint(0, 60) for _ in range(rng.randint(0, 12)))]
+    grid = [False] * 80
+    for a, b in spans:
+        grid[a:b] = [True] * (b - a)
+    assert covered(spans) == sum(grid)
+
+
+def test_profile_or_error_records_a_failure():
+    def broken():
+        raise RuntimeError("no profiler here")
+
+    assert profile_or_error(broken, repeats=1, device="cpu") == {"error": "RuntimeError: no profiler here"}
 
 
 def test_latency_summary_in_milliseconds():

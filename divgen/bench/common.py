@@ -94,10 +94,7 @@ def device_profile(fn: Callable[[], object], *, repeats: int = 3, device=None, t
                 t = totals.setdefault(e.name, [0, 0.0])
                 t[0] += 1
                 t[1] += e.time_range.end - e.time_range.start
-        busy_us, end = 0.0, float("-inf")
-        for start, stop in sorted(spans):           # union of the intervals (streams may overlap)
-            busy_us += max(0.0, stop - max(start, end))
-            end = max(end, stop)
+        busy_us = covered(spans)
     else:
         for e in prof.key_averages():
             totals[e.key] = [e.count, e.self_cpu_time_total]
@@ -107,6 +104,24 @@ def device_profile(fn: Callable[[], object], *, repeats: int = 3, device=None, t
             "busy_fraction": None if busy_us is None else busy_us / wall_us,
             "events_per_call": sum(c for c, _ in totals.values()) / repeats,
             "top": [{"name": name[:120], "calls": c / repeats, "us": us / repeats} for name, (c, us) in ranked[:top]]}
+
+
+def covered(spans) -> float:
+    """Length of the union of [start, end) intervals (kernels on several streams may overlap)."""
+    total, reach = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        total += max(0.0, stop - max(start, reach))
+        reach = max(reach, stop)
+    return total
+
+
+def profile_or_error(fn: Callable[[], object], **kwargs) -> dict:
+    """``device_profile(fn, **kwargs)``, or {"error": ...} where the profiler fails: a benchmark
+    records the failure beside its figures instead of losing them."""
+    try:
+        return device_profile(fn, **kwargs)
+    except Exception as exc:                     # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}"[-300:]}
 
 
 def device_name() -> str:

@@ -256,20 +256,16 @@ def stage_decode(args) -> dict:
 
 def _decode_profiles(fns: dict, cuda: bool) -> dict:
     """One profiled call of each: the device's busy share of the wall time (low = bound by the host:
-    launches, syncs, a graph not replayed) and the largest kernels (µs a call). A profiler failure
-    is recorded beside the figures, never raised."""
-    from divgen.bench.common import device_profile
+    launches, syncs, a graph not replayed) and the largest kernels (ms a call); a profiler failure
+    is recorded beside the figures."""
+    from divgen.bench.common import profile_or_error
 
     out = {}
     for name, fn in fns.items():
-        try:
-            p = device_profile(fn, repeats=1, device="cuda" if cuda else "cpu", top=10)
-        except Exception as exc:                        # noqa: BLE001
-            out[name] = {"error": f"{type(exc).__name__}: {exc}"[-300:]}
-            continue
-        out[name] = {"busy_fraction": p["busy_fraction"], "wall_ms": p["wall_us"] / 1e3,
-                     "events": p["events_per_call"],
-                     "top_ms": [[t["name"][:80], round(t["us"] / 1e3, 3), t["calls"]] for t in p["top"]]}
+        p = profile_or_error(fn, repeats=1, device="cuda" if cuda else "cpu", top=10)
+        out[name] = p if "error" in p else {
+            "busy_fraction": p["busy_fraction"], "wall_ms": p["wall_us"] / 1e3, "events": p["events_per_call"],
+            "top_ms": [[t["name"][:80], round(t["us"] / 1e3, 3), t["calls"]] for t in p["top"]]}
     return out
 
 
