@@ -485,12 +485,15 @@ def summarise(runs: Path, variants, seeds, sizes, finetune_sizes=(400,)) -> dict
     for v in variants:
         for s in seeds:
             secs, rows = gen_seconds(runs, v, s)
-            if rows:
-                have = len(read_complete(set_path(runs, v, s)))
+            have = len(read_complete(set_path(runs, v, s))) if rows else 0
+            kept = restored.get(f"{v}_s{s}")
+            # a set generated here describes the points only once it holds as many rows as the
+            # restored record did (regenerating a set's first 100 rows must not shrink a 4,000 set)
+            if rows and (kept is None or have >= kept["rows"]):
                 sets[f"{v}_s{s}"] = {"rows": have, "generate_minutes": round(secs / 60, 1),
                                      "examples_per_s": round(rows / secs, 3) if secs else None}
-            elif f"{v}_s{s}" in restored:
-                sets[f"{v}_s{s}"] = restored[f"{v}_s{s}"]
+            elif kept is not None:
+                sets[f"{v}_s{s}"] = kept
         for n in sizes:
             got = {}
             for s in seeds:

@@ -154,3 +154,23 @@ def test_restore_then_summarise_gives_back_the_committed_summary(curves, tmp_pat
     cache.write_text(json.dumps(mine))
     assert curves.restore(tmp_path, ROOT / "experiments" / "results" / f"curves_{model}.json") == 0
     assert json.loads(cache.read_text())["probe_accuracy"] == 0.123
+
+
+def test_a_set_regenerated_smaller_here_keeps_the_restored_sets_record(curves, tmp_path):
+    """Regenerating a restored set's first rows (to fine-tune a small point) must not make the
+    summary describe the 4,000-row set by those rows; once the set here holds as many rows as the
+    restored one, its own size and time are reported."""
+    committed = {"sets": {"fewgen_s0": {"rows": 400, "generate_minutes": 6.0, "examples_per_s": 1.111}}}
+    (tmp_path / "committed.json").write_text(json.dumps(committed))
+    curves.restore(tmp_path, tmp_path / "committed.json")
+    timing = tmp_path / "fewgen_s0.time.json"
+
+    def grown(per_label: int, segments: list[tuple[int, int, float]]) -> dict:
+        write_set(tmp_path / "fewgen_s0.jsonl", "fewgen", None, per_label=per_label, order_seed=3)
+        timing.write_text(json.dumps({"segments": [{"rows_before": a, "rows_after": b, "seconds": t, "target": b,
+                                                    "complete": True} for a, b, t in segments]}))
+        return curves.summarise(tmp_path, ["fewgen"], [0], [100])["sets"]["fewgen_s0"]
+
+    assert grown(25, [(0, 100, 90.0)]) == committed["sets"]["fewgen_s0"]
+    assert grown(100, [(0, 100, 90.0), (100, 400, 300.0)]) == {"rows": 400, "generate_minutes": 6.5,
+                                                               "examples_per_s": round(400 / 390.0, 3)}
