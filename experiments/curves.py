@@ -628,7 +628,9 @@ def plot(summary: dict, path: Path) -> bool:
     # the accuracy panel's legend goes below it: inside, it hid the fine-tuned markers
     a.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     b.legend(fontsize=8)
-    a.set_ylabel("student accuracy on 6840 real test rows, % (linear probe)")
+    tested = {f["test_rows"] for per_n in summary.get("finetune", {}).values() for f in per_n.values()}
+    a.set_ylabel("student accuracy on held-out real rows, %\nsolid: probe (6840 rows)"
+                 + (f"; dotted: fine-tuned ({', '.join(map(str, sorted(tested)))})" if tested else ""), fontsize=9)
     a.set_title(f"AG News, {MODEL['title']}: accuracy vs N")
     b.set_ylabel("per-label Self-BLEU-4 (lower = more diverse)")
     b.set_title("diversity vs N (Self-BLEU on ≤ 200 texts per label)")
